@@ -1,0 +1,139 @@
+//! The command line: parse, then hand each command to the module that owns it.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use bytesize::ByteSize;
+use clap::{Args, Parser, Subcommand};
+
+use crate::chunk::{self, ChunkParams, FileSource};
+use crate::manifest;
+
+/// ferry keeps virtual-machine images replicated across a wide-area network.
+///
+/// Images live on a ferry mount; ferry records which bytes change, re-chunks only those
+/// (FastCDC + BLAKE3) at each sync point, and ships only new content to the replicas.
+#[derive(Parser, Debug)]
+#[command(name = "ferry", version, about, long_about, max_term_width = 100)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Chunk a file and print its Merkle root, chunk count and chunk sizes.
+    ///
+    /// Reads FILE once (holes are skipped, not read), cuts it into content-defined chunks with
+    /// FastCDC, hashes each with BLAKE3, and records runs of zero bytes as zero extents. The
+    /// root identifies the content: two files with the same root hold the same bytes.
+    Manifest(ManifestArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ManifestArgs {
+    /// The file to chunk (any regular file: raw, qcow2, vmdk image...).
+    pub file: PathBuf,
+    /// Print one JSON object (root, chunks, size, ...) instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write the manifest to this file (atomically, with a checksum).
+    #[arg(long, value_name = "PATH")]
+    pub save: Option<PathBuf>,
+    #[command(flatten)]
+    pub chunking: ChunkingArgs,
+}
+
+/// Chunk size options; every node of a cluster must use the same values.
+#[derive(Args, Debug)]
+#[command(next_help_heading = "Chunking")]
+pub struct ChunkingArgs {
+    /// Smallest chunk, e.g. 16KiB.
+    #[arg(long = "chunk-min", value_name = "SIZE", default_value = "16KiB")]
+    pub min: ByteSize,
+    /// Average chunk.
+    #[arg(long = "chunk-avg", value_name = "SIZE", default_value = "64KiB")]
+    pub avg: ByteSize,
+    /// Largest chunk.
+    #[arg(long = "chunk-max", value_name = "SIZE", default_value = "256KiB")]
+    pub max: ByteSize,
+}
+
+impl ChunkingArgs {
+    pub fn params(&self) -> Result<ChunkParams> {
+        let small = |b: ByteSize, what: &str| {
+            u32::try_from(b.as_u64()).with_context(|| format!("chunk {what} size {b} is too large"))
+        };
+        Ok(ChunkParams::new(
+            small(self.min, "min")?,
+            small(self.avg, "avg")?,
+            small(self.max, "max")?,
+        )?)
+    }
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Manifest(a) => manifest_cmd(a),
+    }
+}
+
+fn manifest_cmd(a: ManifestArgs) -> Result<()> {
+    let params = a.chunking.params()?;
+    let src = FileSource::open(&a.file)
+        .with_context(|| format!("cannot open image {}", a.file.display()))?;
+    let t = Instant::now();
+    let (m, scan) = chunk::chunk_full(&src, params)
+        .with_context(|| format!("cannot chunk {}", a.file.display()))?;
+    let secs = t.elapsed().as_secs_f64();
+    if let Some(path) = &a.save {
+        manifest::save(path, &m)?;
+    }
+    let s = m.stats();
+    let rate = m.size() as f64 / secs.max(1e-9);
+    if a.json {
+        let v = serde_json::json!({
+            "file": a.file,
+            "root": m.root().to_hex().as_str(),
+            "size": m.size(),
+            "chunks": s.chunks,
+            "zero_extents": s.zero_extents,
+            "data_bytes": s.data_bytes,
+            "zero_bytes": s.zero_bytes,
+            "min_chunk": s.min_chunk,
+            "avg_chunk": s.avg_chunk,
+            "max_chunk": s.max_chunk,
+            "bytes_read": scan.bytes_read,
+            "seconds": secs,
+            "bytes_per_second": rate as u64,
+            "params": params,
+        });
+        println!("{v}");
+    } else {
+        let iec = |n: u64| ByteSize(n).display().iec().to_string();
+        println!("{}", a.file.display());
+        println!("  root     {}", m.root());
+        println!("  size     {} ({} bytes)", iec(m.size()), m.size());
+        println!(
+            "  chunks   {} data, {} ({} min, {} avg, {} max)",
+            s.chunks,
+            iec(s.data_bytes),
+            iec(s.min_chunk),
+            iec(s.avg_chunk),
+            iec(s.max_chunk)
+        );
+        println!(
+            "  zeros    {} zero extents, {}",
+            s.zero_extents,
+            iec(s.zero_bytes)
+        );
+        println!(
+            "  speed    {}/s ({secs:.2} s, {} read)",
+            iec(rate as u64),
+            iec(scan.bytes_read)
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,10 @@
+use clap::Parser;
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = ferry::cli::Cli::parse();
+    if let Err(e) = ferry::cli::run(cli) {
+        eprintln!("ferry: {e:#}");
+        std::process::exit(1);
+    }
+}
