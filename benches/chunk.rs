@@ -5,9 +5,11 @@
 
 use std::hint::black_box;
 use std::ops::Range;
+use std::os::unix::fs::FileExt;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use ferry::chunk::{ChunkParams, chunk_full, rechunk};
+use ferry::chunk::{ChunkParams, FileSource, Source, chunk_full, rechunk};
+use ferry::manifest::Manifest;
 
 fn random(len: usize, seed: u64) -> Vec<u8> {
     let mut v = vec![0; len];
@@ -60,42 +62,85 @@ fn chunk_and_hash(c: &mut Criterion) {
     g.finish();
 }
 
-/// The change the issue specifies: 2,000 scattered 4 KiB writes plus one 32 MiB run.
-fn change(img: &mut [u8]) -> Vec<Range<u64>> {
-    let size = img.len() as u64;
+/// The change the issue specifies: 2,000 scattered 4 KiB writes (aligned, spread at random
+/// over the image) plus one 32 MiB run a third of the way in.
+fn plan(size: u64) -> Vec<Range<u64>> {
     let mut dirty = Vec::new();
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    for i in 0..2000u64 {
+    for _ in 0..2000u64 {
         x = x
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         let off = (x >> 16) % (size - 4096) & !4095;
-        img[off as usize..off as usize + 4096].fill(i as u8 | 1);
         dirty.push(off..off + 4096);
     }
     let run = size / 3 & !4095;
-    img[run as usize..(run + (32 << 20)) as usize].fill(0x5A);
     dirty.push(run..run + (32 << 20));
     dirty
 }
 
+fn byte_for(i: usize, n: usize) -> u8 {
+    if i == n - 1 { 0x5A } else { i as u8 | 1 }
+}
+
+/// Incremental against full re-chunk of the same changed image. The image is 4 GiB of random
+/// bytes in memory (every write lands in data: the worst case), or, with
+/// `FERRY_BENCH_IMAGE=path`, a sparse copy of that image file with the change written into it.
 fn incremental(c: &mut Criterion) {
     let p = ChunkParams::default();
-    let old = random(4 << 30, 2);
-    let (stale, _) = chunk_full(&old, p).unwrap();
-    let mut new = old;
-    let dirty = change(&mut new);
-    let mut g = c.benchmark_group("rechunk 4 GiB random image");
+    match std::env::var_os("FERRY_BENCH_IMAGE") {
+        Some(path) => {
+            let copy = std::path::PathBuf::from(format!("{}.bench-copy", path.to_string_lossy()));
+            let st = std::process::Command::new("cp")
+                .arg("--sparse=always")
+                .arg(&path)
+                .arg(&copy)
+                .status()
+                .unwrap();
+            assert!(st.success(), "cp failed");
+            let (stale, _) = chunk_full(&FileSource::open(&copy).unwrap(), p).unwrap();
+            let dirty = plan(stale.size());
+            let f = std::fs::OpenOptions::new().write(true).open(&copy).unwrap();
+            for (i, r) in dirty.iter().enumerate() {
+                let buf = vec![byte_for(i, dirty.len()); (r.end - r.start) as usize];
+                f.write_all_at(&buf, r.start).unwrap();
+            }
+            f.sync_all().unwrap();
+            let name = format!("image file {}", path.to_string_lossy());
+            compare(c, &name, &stale, &FileSource::open(&copy).unwrap(), &dirty);
+            std::fs::remove_file(&copy).unwrap();
+        }
+        None => {
+            let mut img = random(4 << 30, 2);
+            let (stale, _) = chunk_full(&img, p).unwrap();
+            let dirty = plan(img.len() as u64);
+            for (i, r) in dirty.iter().enumerate() {
+                img[r.start as usize..r.end as usize].fill(byte_for(i, dirty.len()));
+            }
+            compare(c, "4 GiB random image", &stale, &img, &dirty);
+        }
+    }
+}
+
+fn compare(
+    c: &mut Criterion,
+    name: &str,
+    stale: &Manifest,
+    new: &dyn Source,
+    dirty: &[Range<u64>],
+) {
+    let p = stale.params();
+    let mut g = c.benchmark_group(format!("rechunk {name}"));
     g.sample_size(10);
     g.bench_function("full", |b| {
-        b.iter(|| black_box(chunk_full(&new, p).unwrap()))
+        b.iter(|| black_box(chunk_full(new, p).unwrap()))
     });
     g.bench_function("incremental (2000 x 4 KiB + 32 MiB)", |b| {
-        b.iter(|| black_box(rechunk(&stale, &new, &dirty).unwrap()))
+        b.iter(|| black_box(rechunk(stale, new, dirty).unwrap()))
     });
     g.finish();
-    let (inc, stats) = rechunk(&stale, &new, &dirty).unwrap();
-    assert_eq!(inc, chunk_full(&new, p).unwrap().0, "incremental != full");
+    let (inc, stats) = rechunk(stale, new, dirty).unwrap();
+    assert_eq!(inc, chunk_full(new, p).unwrap().0, "incremental != full");
     println!(
         "incremental re-chunk read {} MiB and hashed {} MiB for {} MiB dirty",
         stats.bytes_read >> 20,

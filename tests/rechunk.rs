@@ -6,7 +6,7 @@
 use std::io;
 use std::ops::Range;
 
-use ferry::chunk::{ChunkParams, Source, chunk_full, rechunk};
+use ferry::chunk::{ChunkParams, Source, Tuning, chunk_full, rechunk, rechunk_tuned};
 use ferry::manifest::Manifest;
 use proptest::prelude::*;
 
@@ -182,7 +182,7 @@ fn apply(img: &mut Vec<u8>, stale: &Manifest, ops: &[Op]) -> Vec<Range<u64>> {
     dirty
 }
 
-fn check(params: ChunkParams, parts: &[(u64, Fill)], ops: &[Op], holes: bool) {
+fn check(params: ChunkParams, parts: &[(u64, Fill)], ops: &[Op], holes: bool, tuning: Tuning) {
     let old = Image {
         bytes: build(parts),
         holes,
@@ -199,6 +199,24 @@ fn check(params: ChunkParams, parts: &[(u64, Fill)], ops: &[Op], holes: bool) {
         "incremental != full for dirty {dirty:?}"
     );
     assert_eq!(inc.root(), full.root());
+    // Split into small speculative pieces (joined, or rescanned where they do not meet), the
+    // result is the same.
+    let (inc, _) = rechunk_tuned(&stale, &new, &dirty, tuning).unwrap();
+    assert_eq!(
+        inc.entries(),
+        full.entries(),
+        "split incremental != full, {tuning:?}"
+    );
+    let (split_full, _) = rechunk_tuned(&Manifest::empty(params), &new, &[], tuning).unwrap();
+    assert_eq!(
+        split_full.entries(),
+        full.entries(),
+        "split full != full, {tuning:?}"
+    );
+}
+
+fn tuning_strategy() -> impl Strategy<Value = Tuning> {
+    (4096u64..40_000, 0u64..20_000).prop_map(|(split, overshoot)| Tuning { split, overshoot })
 }
 
 proptest! {
@@ -210,8 +228,9 @@ proptest! {
         ops in prop::collection::vec(op_strategy(), 0..8),
         zero_min in prop_oneof![Just(4096u32), Just(8192u32)],
         holes in any::<bool>(),
+        tuning in tuning_strategy(),
     ) {
-        check(small(zero_min), &parts, &ops, holes);
+        check(small(zero_min), &parts, &ops, holes, tuning);
     }
 }
 
@@ -223,8 +242,10 @@ proptest! {
         parts in prop::collection::vec(
             (prop_oneof![1u64..5000, 100_000u64..700_000], fill_strategy()), 1..10),
         ops in prop::collection::vec(op_strategy(), 0..6),
+        split in 100_000u64..400_000,
     ) {
-        check(ChunkParams::default(), &parts, &ops, true);
+        let tuning = Tuning { split, overshoot: 4 * 262_144 + 16_384 };
+        check(ChunkParams::default(), &parts, &ops, true, tuning);
     }
 }
 

@@ -11,7 +11,7 @@ mod rechunk;
 mod scan;
 mod source;
 
-pub use rechunk::{chunk_full, rechunk};
+pub use rechunk::{Tuning, chunk_full, rechunk, rechunk_tuned};
 pub use scan::ScanStats;
 pub use source::{FileSource, Source};
 

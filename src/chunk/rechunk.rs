@@ -19,7 +19,14 @@
 //! * **Parallel.** Runs whose restarts fall inside an earlier run are merged into one group up
 //!   front; groups are scanned in parallel. If a group's scan ends past the next group's restart
 //!   (its resync point lay beyond it), the next group's result is discarded and the scan simply
-//!   continues from where the earlier one stopped.
+//!   continues from where the earlier one stopped. A long group (a full chunk is one group from
+//!   0 to the end) is split into pieces scanned in parallel, each but the first started at an
+//!   arbitrary aligned offset; a piece scans on past the next one's start, and the two are
+//!   joined at the first entry boundary they share (from an entry start the scan depends only on
+//!   what follows). Inside a long zero run a piece stops at its limit, and the next piece, which
+//!   then starts with a zero extent, is joined by extending that extent back to the run's start.
+//!   Pieces that fail to meet are rescanned from the real scan's state, so the result never
+//!   depends on the split.
 //!
 //! Known-zero ranges (stale zero extents without dirty bytes, and holes in the file) are passed
 //! to the scan as a hint, so a re-chunk never reads a zero run it already knows.
@@ -30,9 +37,29 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::scan::{ScanStats, Scanner, Start};
+use super::scan::{End, ScanStats, Scanner, Start};
 use super::{ChunkParams, Source, align_down};
 use crate::manifest::{Entry, Kind, Manifest};
+
+/// How a re-chunk splits long stretches of work across cores.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug)]
+pub struct Tuning {
+    /// A group of dirty runs longer than twice this is scanned in pieces of this length, each
+    /// started speculatively and joined where its boundaries meet the previous piece's.
+    pub split: u64,
+    /// How far a piece scans past the start of the next one, to meet its boundaries.
+    pub overshoot: u64,
+}
+
+impl Tuning {
+    pub fn for_params(p: ChunkParams) -> Tuning {
+        Tuning {
+            split: 32 << 20,
+            overshoot: 4 * p.max_size as u64 + p.zero_min as u64,
+        }
+    }
+}
 
 /// Chunks the whole of `src`.
 pub fn chunk_full(src: &dyn Source, params: ChunkParams) -> io::Result<(Manifest, ScanStats)> {
@@ -47,6 +74,41 @@ pub fn rechunk(
     src: &dyn Source,
     dirty: &[Range<u64>],
 ) -> io::Result<(Manifest, ScanStats)> {
+    rechunk_tuned(stale, src, dirty, Tuning::for_params(stale.params()))
+}
+
+/// When a scan task stops.
+#[derive(Clone, Copy, Debug)]
+enum Stop {
+    /// At the first entry end `>= until` that is a stale entry start (the task's output meets
+    /// the stale manifest again).
+    Stale { until: u64 },
+    /// At the first entry end `>= limit`, or inside a zero run past `limit`.
+    Past { limit: u64 },
+}
+
+/// One piece of scanning. A speculative task starts at an offset that need not be an entry
+/// start of the real scan; its output is used from where it meets the real scan.
+#[derive(Clone, Copy, Debug)]
+struct Task {
+    start: Start,
+    speculative: bool,
+    stop: Stop,
+}
+
+struct Done {
+    entries: Vec<Entry>,
+    end: End,
+    stats: ScanStats,
+}
+
+#[doc(hidden)]
+pub fn rechunk_tuned(
+    stale: &Manifest,
+    src: &dyn Source,
+    dirty: &[Range<u64>],
+    tuning: Tuning,
+) -> io::Result<(Manifest, ScanStats)> {
     let p = stale.params();
     let new_size = src.size();
     let runs = normalize(dirty, stale.size(), new_size);
@@ -56,6 +118,7 @@ pub fn rechunk(
             .max(stale_zero_until(stale, &runs, q)))
     };
 
+    // Group runs whose restart falls before the end of the previous run.
     let mut groups: Vec<(Start, u64)> = Vec::new();
     for run in &runs {
         let start = restart(stale, src, run.start)?;
@@ -64,39 +127,98 @@ pub fn rechunk(
             _ => groups.push((start, run.end)),
         }
     }
-
-    let stop_at = |until: u64| move |e: u64| e >= until && stale.index_starting_at(e).is_some();
-    let scan = |start: Start, until: u64| -> io::Result<(Vec<Entry>, ScanStats)> {
-        let mut scanner = Scanner::new(src, &hint, p);
-        let mut out = Vec::new();
-        scanner.scan(start, &mut out, &mut stop_at(until))?;
-        Ok((out, scanner.stats))
-    };
-    let results: Vec<_> = groups
-        .par_iter()
-        .map(|&(start, until)| scan(start, until))
-        .collect();
-
-    let mut out: Vec<Entry> = Vec::with_capacity(stale.entries().len() + 16);
-    let mut covered = 0u64;
-    let mut stats = ScanStats::default();
-    for (&(start, until), result) in groups.iter().zip(results) {
-        let first = start.first_offset();
-        let (entries, st) = if first >= covered {
-            copy_stale(stale, covered..first, &mut out);
-            result?
-        } else {
-            // The previous group's scan ran past this group's restart: continue it instead.
-            scan(Start::Data(covered), until)?
-        };
-        stats += st;
-        if let Some(last) = entries.last() {
-            covered = last.end();
+    // Split long groups into speculative pieces.
+    let mut tasks = Vec::new();
+    for (start, until) in groups {
+        let mut from = start.first_offset();
+        let mut task_start = start;
+        let mut speculative = false;
+        while until.saturating_sub(from) > 2 * tuning.split {
+            let next = align_down(from + tuning.split);
+            tasks.push(Task {
+                start: task_start,
+                speculative,
+                stop: Stop::Past {
+                    limit: next + tuning.overshoot,
+                },
+            });
+            task_start = Start::Data(next);
+            speculative = true;
+            from = next;
         }
-        out.extend(entries);
+        tasks.push(Task {
+            start: task_start,
+            speculative,
+            stop: Stop::Stale { until },
+        });
     }
-    if covered < new_size {
-        copy_stale(stale, covered..new_size, &mut out);
+
+    let run = |start: Start, stop: Stop| -> io::Result<Done> {
+        let mut scanner = Scanner::new(src, &hint, p);
+        let mut entries = Vec::new();
+        let end = match stop {
+            Stop::Stale { until } => scanner.scan(
+                start,
+                &mut entries,
+                &mut |e| e >= until && stale.index_starting_at(e).is_some(),
+                u64::MAX,
+            )?,
+            Stop::Past { limit } => {
+                scanner.scan(start, &mut entries, &mut |e| e >= limit, limit)?
+            }
+        };
+        Ok(Done {
+            entries,
+            end,
+            stats: scanner.stats,
+        })
+    };
+    let results: Vec<io::Result<Done>> = tasks.par_iter().map(|t| run(t.start, t.stop)).collect();
+
+    // Join the pieces in order. `tail` is the real scan's state where `out` ends.
+    let mut out: Vec<Entry> = Vec::with_capacity(stale.entries().len() + 16);
+    let mut tail = Some(Start::Data(0));
+    let mut stats = ScanStats::default();
+    for (task, result) in tasks.iter().zip(results) {
+        let Some(state) = tail else { break };
+        let done = result?;
+        stats += done.stats;
+        let first = task.start.first_offset();
+        let joined = match (task.speculative, state) {
+            (false, Start::Data(c)) if first >= c => {
+                copy_stale(stale, c..first, &mut out);
+                Some(done)
+            }
+            (true, Start::Data(_)) => join_at_common_boundary(&mut out, first, done),
+            (true, Start::Zero { run_start, pos }) => {
+                join_in_zero_run(&mut out, run_start, pos, first, p.zero_min as u64, done)
+            }
+            _ => None,
+        };
+        let done = match joined {
+            Some(done) => done,
+            // The pieces did not meet: carry the real scan on over this task's stretch.
+            None => {
+                let d = run(state, task.stop)?;
+                stats += d.stats;
+                d
+            }
+        };
+        out.extend_from_slice(&done.entries);
+        tail = match done.end {
+            End::Eof => None,
+            End::Stopped => Some(Start::Data(out.last().map_or(0, Entry::end))),
+            End::Suspended { run_start, pos } => Some(Start::Zero { run_start, pos }),
+        };
+    }
+    match tail {
+        Some(Start::Data(c)) if c < new_size => copy_stale(stale, c..new_size, &mut out),
+        Some(z @ Start::Zero { .. }) => {
+            let d = run(z, Stop::Stale { until: new_size })?;
+            stats += d.stats;
+            out.extend_from_slice(&d.entries);
+        }
+        _ => {}
     }
     let m = Manifest::new(p, new_size, out).map_err(|e| {
         io::Error::other(format!(
@@ -104,6 +226,48 @@ pub fn rechunk(
         ))
     })?;
     Ok((m, stats))
+}
+
+/// Joins a speculative piece that started at `x` to the real scan in `out`, which ran past
+/// `x`: at the first real entry end after `x` that is also an entry start of the piece, the
+/// two scans are in the same state, so the piece's entries from there on are real. Returns
+/// the piece trimmed to those entries, or `None` if the scans did not meet.
+fn join_at_common_boundary(out: &mut Vec<Entry>, x: u64, mut done: Done) -> Option<Done> {
+    let from = out.partition_point(|e| e.end() < x);
+    for i in from..out.len() {
+        let e = out[i].end();
+        let j = done.entries.partition_point(|d| d.offset < e);
+        if done.entries.get(j).is_some_and(|d| d.offset == e) {
+            out.truncate(i + 1);
+            done.entries.drain(..j);
+            return Some(done);
+        }
+    }
+    None
+}
+
+/// Joins a speculative piece that started at aligned `x` to a real scan that was inside a zero
+/// run `[run_start, pos)` reaching at least `zero_min` past `x`: the piece then began with a zero
+/// extent from `x`, which ends where the real run ends.
+fn join_in_zero_run(
+    out: &mut Vec<Entry>,
+    run_start: u64,
+    pos: u64,
+    x: u64,
+    zero_min: u64,
+    mut done: Done,
+) -> Option<Done> {
+    let first = *done.entries.first()?;
+    if run_start > x || pos < x + zero_min || first.offset != x || !first.is_zero() {
+        return None;
+    }
+    out.push(Entry {
+        offset: run_start,
+        len: first.end() - run_start,
+        kind: Kind::Zero,
+    });
+    done.entries.remove(0);
+    Some(done)
 }
 
 /// Sorted, merged dirty runs within the larger of the two sizes, plus the size change.

@@ -12,6 +12,11 @@
 //!
 //! The scan carries no state from one entry to the next except its position, and inside a zero
 //! run the offset where the run began; `rechunk.rs` relies on exactly that.
+//!
+//! Reading is lazy: FastCDC's cut from a window of `R` bytes is final once it lies at least two
+//! bytes before the window's end (candidates are tested in byte pairs, and a longer window only
+//! adds candidates after it), and only aligned offsets up to one byte past the cut can move it.
+//! So a chunk needs its own bytes, two more, and `zero_min` beyond for the zero check.
 
 use std::io;
 use std::ops::Range;
@@ -41,6 +46,15 @@ impl Start {
     }
 }
 
+/// Where a scan ended: after an entry for which the stop rule held, at the end of the image,
+/// or inside a zero run that reached the zero limit (resume it with `Start::Zero`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum End {
+    Stopped,
+    Eof,
+    Suspended { run_start: u64, pos: u64 },
+}
+
 /// What a scan read and hashed, to show that a re-chunk costs what the dirty bytes cost.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ScanStats {
@@ -61,10 +75,12 @@ impl std::ops::AddAssign for ScanStats {
 /// itself when nothing is known).
 pub(crate) type ZeroHint<'a> = dyn Fn(u64) -> io::Result<u64> + Sync + 'a;
 
-const FIRST_READ: usize = 512 * 1024;
-const MAX_READ: usize = 8 * 1024 * 1024;
+/// First read of a scan, and after a jump; each read that continues the last doubles, up to
+/// `MAX_READ`.
+const FIRST_READ: u64 = 16 * 1024;
+const MAX_READ: u64 = 8 * 1024 * 1024;
 /// Pending hash work above which chunks are hashed on all cores.
-const PARALLEL_HASH: usize = 2 * 1024 * 1024;
+const PARALLEL_HASH: usize = 4 * 1024 * 1024;
 
 pub(crate) struct Scanner<'a> {
     src: &'a dyn Source,
@@ -73,10 +89,11 @@ pub(crate) struct Scanner<'a> {
     mask_s: u64,
     mask_l: u64,
     size: u64,
-    /// Bytes `[base, base + buf.len())` of the image.
+    /// `buf[..filled]` holds the image bytes `[base, base + filled)`.
     buf: Vec<u8>,
+    filled: usize,
     base: u64,
-    read_size: usize,
+    read_size: u64,
     /// Data chunks emitted but not yet hashed: (index in the output, range in `buf`).
     pending: Vec<(usize, Range<usize>)>,
     pending_bytes: usize,
@@ -94,8 +111,9 @@ impl<'a> Scanner<'a> {
             mask_l,
             size: src.size(),
             buf: Vec::new(),
+            filled: 0,
             base: 0,
-            read_size: FIRST_READ,
+            read_size: FIRST_READ / 2,
             pending: Vec::new(),
             pending_bytes: 0,
             stats: ScanStats::default(),
@@ -103,68 +121,115 @@ impl<'a> Scanner<'a> {
     }
 
     /// Scans from `start`, appending entries to `out`, until `stop(end)` returns true for the
-    /// end of an emitted entry, or the end of the image.
+    /// end of an emitted entry, a zero run reaches `zero_limit`, or the image ends.
     pub(crate) fn scan(
         &mut self,
         start: Start,
         out: &mut Vec<Entry>,
         stop: &mut dyn FnMut(u64) -> bool,
-    ) -> io::Result<()> {
+        zero_limit: u64,
+    ) -> io::Result<End> {
         let mut next = start;
-        loop {
-            let (entry, after) = match next {
-                Start::Data(pos) if pos >= self.size => break,
-                Start::Data(pos) => self.data_step(pos, out)?,
+        let end = loop {
+            let entry = match next {
+                Start::Data(pos) if pos >= self.size => break End::Eof,
+                Start::Data(pos) => match self.data_chunk(pos, out)? {
+                    Some(e) => e,
+                    None => {
+                        let z = self.p.zero_min as u64;
+                        next = Start::Zero {
+                            run_start: pos,
+                            pos: pos + z,
+                        };
+                        continue;
+                    }
+                },
                 Start::Zero { run_start, pos } => {
-                    let end = self.zero_run_end(pos, out)?;
-                    let e = Entry {
+                    let end = match self.zero_run_end(pos, zero_limit, out)? {
+                        Ok(end) => end,
+                        Err(pos) => break End::Suspended { run_start, pos },
+                    };
+                    Entry {
                         offset: run_start,
                         len: end - run_start,
                         kind: Kind::Zero,
-                    };
-                    (Some(e), Start::Data(end))
+                    }
                 }
             };
-            next = after;
-            if let Some(e) = entry {
-                let end = e.end();
-                out.push(e);
-                if stop(end) {
-                    break;
-                }
+            let end = entry.end();
+            next = Start::Data(end);
+            out.push(entry);
+            if stop(end) {
+                break End::Stopped;
             }
-        }
+        };
         self.flush_hashes(out);
-        Ok(())
+        Ok(end)
     }
 
-    /// One step at an entry start: either a data chunk (returned) or the start of a zero run
-    /// (nothing returned yet; the next step scans the run).
-    fn data_step(&mut self, pos: u64, out: &mut [Entry]) -> io::Result<(Option<Entry>, Start)> {
+    /// At an entry start: the data chunk starting there, or `None` when a zero extent starts.
+    fn data_chunk(&mut self, pos: u64, out: &mut [Entry]) -> io::Result<Option<Entry>> {
         let z = self.p.zero_min as u64;
-        let max = self.p.max_size as u64;
-        self.ensure(pos, max + z + ZERO_BLOCK, out)?;
-        if pos % ZERO_BLOCK == 0 && self.zero_run_at(pos) {
-            return Ok((
-                None,
-                Start::Zero {
-                    run_start: pos,
-                    pos: pos + z,
-                },
-            ));
-        }
-        let limit = (pos + max).min(self.size);
-        let mut seg_end = limit;
-        let mut q = align_down(pos) + ZERO_BLOCK;
-        while q < limit {
-            if self.zero_run_at(q) {
-                seg_end = q;
-                break;
+        let limit = (pos + self.p.max_size as u64).min(self.size);
+        if pos % ZERO_BLOCK == 0 {
+            self.ensure(pos, z, out)?;
+            if self.zero_run_at(pos) {
+                return Ok(None);
             }
-            q += ZERO_BLOCK;
         }
+        // Grow the window until the cut is final: no zero extent can start at an aligned offset
+        // up to one byte past it (that would end the segment before it), and the window reaches
+        // two bytes past it or the segment's limit. A first small window finds the common short
+        // chunk between zero runs (a write into a hole) without reading a whole average chunk.
+        let mut want = (2 * ZERO_BLOCK).min(limit - pos) + z;
+        let mut q = align_down(pos) + ZERO_BLOCK; // next aligned offset to check for zeros
+        let len = loop {
+            self.ensure(pos, want, out)?;
+            let buf_end = self.base + self.filled as u64;
+            // Aligned offsets below `checked` are known not to start a zero extent.
+            let checked = if buf_end == self.size {
+                limit
+            } else {
+                limit.min((buf_end + 1).saturating_sub(z))
+            };
+            while q < checked {
+                if self.zero_run_at(q) {
+                    return Ok(Some(self.data_entry(pos, self.cut(pos, q), out)));
+                }
+                q += ZERO_BLOCK;
+            }
+            let avail = buf_end.min(limit) - pos;
+            if avail < self.p.min_size as u64 + 2 && pos + avail < limit {
+                want = (self.p.avg_size as u64 + z).min(limit - pos + z);
+                continue;
+            }
+            let len = self.cut(pos, pos + avail);
+            let final_in_window = len + 2 <= avail || pos + avail == limit;
+            if final_in_window && (pos + len + 2).min(limit) <= q.min(limit) {
+                break len;
+            }
+            want = (want * 2).min(limit - pos + z);
+        };
+        Ok(Some(self.data_entry(pos, len, out)))
+    }
+
+    /// Records a data chunk for hashing at the next flush and returns its entry; the caller
+    /// pushes it right away, so it will be `out[out.len()]`.
+    fn data_entry(&mut self, pos: u64, len: u64, out: &[Entry]) -> Entry {
         let from = (pos - self.base) as usize;
-        let to = (seg_end - self.base) as usize;
+        self.pending.push((out.len(), from..from + len as usize));
+        self.pending_bytes += len as usize;
+        Entry {
+            offset: pos,
+            len,
+            kind: Kind::Data(blake3::Hash::from_bytes([0; 32])),
+        }
+    }
+
+    /// FastCDC's cut for a chunk starting at `pos` in a segment ending at `end` (buffered).
+    fn cut(&self, pos: u64, end: u64) -> u64 {
+        let from = (pos - self.base) as usize;
+        let to = (end - self.base) as usize;
         let (_, len) = v2020::cut(
             &self.buf[from..to],
             self.p.min_size as usize,
@@ -175,18 +240,11 @@ impl<'a> Scanner<'a> {
             self.mask_s << 1,
             self.mask_l << 1,
         );
-        self.pending.push((out.len(), from..from + len));
-        self.pending_bytes += len;
-        let e = Entry {
-            offset: pos,
-            len: len as u64,
-            kind: Kind::Data(blake3::Hash::from_bytes([0; 32])),
-        };
-        Ok((Some(e), Start::Data(pos + len as u64)))
+        len as u64
     }
 
     /// True when a zero extent may start at aligned `q`: `zero_min` zero bytes within the image.
-    /// The bytes must be in the buffer.
+    /// The bytes must be buffered.
     fn zero_run_at(&self, q: u64) -> bool {
         let z = self.p.zero_min as u64;
         if q + z > self.size {
@@ -196,70 +254,82 @@ impl<'a> Scanner<'a> {
         is_zero(&self.buf[from..from + z as usize])
     }
 
-    /// The end of the zero run that covers `[.., q)`: the aligned offset of the first block at or
-    /// after `q` holding a non-zero byte, or the end of the image.
-    fn zero_run_end(&mut self, mut q: u64, out: &mut [Entry]) -> io::Result<u64> {
+    /// The end of the zero run that covers `[.., q)`: `Ok` with the aligned offset of the first
+    /// block at or after `q` holding a non-zero byte (or the end of the image), or `Err` with
+    /// the aligned offset the run had reached when it passed `limit`.
+    fn zero_run_end(
+        &mut self,
+        mut q: u64,
+        limit: u64,
+        out: &mut [Entry],
+    ) -> io::Result<Result<u64, u64>> {
         let mut hinted_at = None;
         loop {
             if q >= self.size {
-                return Ok(self.size);
+                return Ok(Ok(self.size));
             }
             if hinted_at != Some(q) {
                 let h = (self.hint)(q)?.min(self.size);
                 if h >= self.size {
-                    return Ok(self.size);
+                    return Ok(Ok(self.size));
                 }
                 q = q.max(align_down(h));
                 hinted_at = Some(q);
             }
+            if q >= limit {
+                return Ok(Err(q));
+            }
             self.ensure(q, ZERO_BLOCK, out)?;
+            let buf_end = self.base + self.filled as u64;
             while q < self.size {
                 let end = (q + ZERO_BLOCK).min(self.size);
-                if end > self.base + self.buf.len() as u64 {
+                if end > buf_end {
                     break;
                 }
                 let block = &self.buf[(q - self.base) as usize..(end - self.base) as usize];
                 if !is_zero(block) {
-                    return Ok(q);
+                    return Ok(Ok(q));
                 }
                 q = end;
             }
         }
     }
 
-    /// Makes `[pos, pos + need)` (clipped to the image) available in the buffer, hashing what is
-    /// pending first if the buffer must move.
+    /// Makes `[pos, pos + need)` (clipped to the image) buffered, hashing what is pending first
+    /// if the buffer must move.
     fn ensure(&mut self, pos: u64, need: u64, out: &mut [Entry]) -> io::Result<()> {
         let want_end = (pos + need).min(self.size);
-        if pos >= self.base && want_end <= self.base + self.buf.len() as u64 {
+        if pos >= self.base && want_end <= self.base + self.filled as u64 {
             return Ok(());
         }
         self.flush_hashes(out);
-        self.refill(pos, need)
-    }
-
-    /// Moves the buffer to start at `pos` and fills at least `need` bytes (clipped to the image),
-    /// keeping bytes already read. Pending hashes must have been flushed.
-    fn refill(&mut self, pos: u64, need: u64) -> io::Result<()> {
-        debug_assert!(self.pending.is_empty());
-        let end = (pos + need.max(self.read_size as u64)).min(self.size);
-        let old_end = self.base + self.buf.len() as u64;
+        // Keep what is buffered from `pos` on, and read on from there. Reads grow while the scan
+        // streams on and start small again after a jump (over a hole, to another run).
+        let old_end = self.base + self.filled as u64;
+        if pos >= self.base && pos <= old_end {
+            self.read_size = (self.read_size * 2).min(MAX_READ);
+        } else {
+            self.read_size = FIRST_READ;
+        }
+        let end = (pos + need.max(self.read_size)).min(self.size);
         let keep = if pos >= self.base && pos < old_end {
             let from = (pos - self.base) as usize;
-            self.buf.drain(..from);
-            self.buf.len()
+            self.buf.copy_within(from..self.filled, 0);
+            self.filled - from
         } else {
-            self.buf.clear();
             0
         };
         self.base = pos;
         let want = (end - pos) as usize;
-        if want > keep {
+        if self.buf.len() < want {
             self.buf.resize(want, 0);
-            self.src.read_at(&mut self.buf[keep..], pos + keep as u64)?;
+        }
+        if want > keep {
+            self.src
+                .read_at(&mut self.buf[keep..want], pos + keep as u64)?;
             self.stats.bytes_read += (want - keep) as u64;
         }
-        self.read_size = (self.read_size * 2).min(MAX_READ);
+        self.filled = want.max(keep);
         Ok(())
     }
 
