@@ -71,10 +71,10 @@ fn plan(size: u64) -> Vec<Range<u64>> {
         x = x
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
-        let off = (x >> 16) % (size - 4096) & !4095;
+        let off = ((x >> 16) % (size - 4096)) & !4095;
         dirty.push(off..off + 4096);
     }
-    let run = size / 3 & !4095;
+    let run = (size / 3) & !4095;
     dirty.push(run..run + (32 << 20));
     dirty
 }
