@@ -69,11 +69,11 @@ fn change(img: &mut [u8]) -> Vec<Range<u64>> {
         x = x
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
-        let off = (x >> 16) % (size - 4096) & !4095;
+        let off = ((x >> 16) % (size - 4096)) & !4095;
         img[off as usize..off as usize + 4096].fill(i as u8 | 1);
         dirty.push(off..off + 4096);
     }
-    let run = size / 3 & !4095;
+    let run = (size / 3) & !4095;
     img[run as usize..(run + (32 << 20)) as usize].fill(0x5A);
     dirty.push(run..run + (32 << 20));
     dirty
