@@ -278,9 +278,17 @@ impl Pins {
 }
 
 /// The reason a peer certificate was refused, as rustls and quinn report it.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[error("certificate fingerprint {0} is not pinned")]
 struct Unpinned(Fingerprint);
+
+// rustls shows this error with `{:?}` (inside the connection error a refused peer gets), so
+// Debug reads as the message too.
+impl std::fmt::Debug for Unpinned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
 
 /// A replica's check of connecting clients.
 #[derive(Debug)]
