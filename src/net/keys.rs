@@ -7,7 +7,7 @@
 
 use std::fmt;
 use std::fs;
-use std::io;
+use std::io::{self, Read};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -189,7 +189,9 @@ impl Identity {
     pub fn load(dir: &Path) -> Result<Identity, KeyError> {
         let key_path = dir.join(KEY_FILE);
         let cert_path = dir.join(CERT_FILE);
-        let meta = fs::metadata(&key_path).map_err(|e| read_error(&key_path, dir, e))?;
+        // Check the mode of the file we read, not of whatever the path names a moment later.
+        let mut file = fs::File::open(&key_path).map_err(|e| read_error(&key_path, dir, e))?;
+        let meta = file.metadata().map_err(|e| read_error(&key_path, dir, e))?;
         let mode = meta.permissions().mode() & 0o7777;
         if mode & 0o077 != 0 {
             return Err(KeyError::Permissions {
@@ -197,7 +199,9 @@ impl Identity {
                 mode,
             });
         }
-        let key_pem = fs::read(&key_path).map_err(|e| read_error(&key_path, dir, e))?;
+        let mut key_pem = Vec::new();
+        file.read_to_end(&mut key_pem)
+            .map_err(|e| read_error(&key_path, dir, e))?;
         let cert = read_cert(&cert_path, dir)?;
         let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| KeyError::BadKey {
             path: key_path.clone(),
