@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::chunk::{self, ChunkParams, FileSource};
 use crate::manifest;
+use crate::net;
 
 /// ferry keeps virtual-machine images replicated across a wide-area network.
 ///
@@ -29,6 +30,38 @@ pub enum Command {
     /// FastCDC, hashes each with BLAKE3, and records runs of zero bytes as zero extents. The
     /// root identifies the content: two files with the same root hold the same bytes.
     Manifest(ManifestArgs),
+    /// Create this node's identity: a private key and a self-signed certificate.
+    ///
+    /// Writes DIR/node.key (mode 0600) and DIR/node.crt, creating DIR (mode 0700) if needed,
+    /// and prints the certificate's fingerprint (SHA-256, 64 hex digits). Nodes trust each
+    /// other only by fingerprint: put this one into the config of every node that must talk to
+    /// this one (a replica's `[replica] primaries`, a primary's `[[peer]] fingerprint`). Never
+    /// overwrites an existing key: a new key is a new identity that every peer would refuse.
+    Keygen(KeygenArgs),
+    /// Print this node's fingerprint again, to put into the other nodes' configs.
+    ///
+    /// Reads only DIR/node.crt (public), so it works without access to the private key.
+    Id(IdArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct KeygenArgs {
+    /// Directory for node.key and node.crt, e.g. /etc/ferry/keys (the config's `key_dir`).
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Print one JSON object: {"fingerprint", "key", "cert"}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct IdArgs {
+    /// Directory holding node.crt (the config's `key_dir`).
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Print one JSON object: {"fingerprint", "cert"}.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -77,7 +110,38 @@ impl ChunkingArgs {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Manifest(a) => manifest_cmd(a),
+        Command::Keygen(a) => keygen_cmd(a),
+        Command::Id(a) => id_cmd(a),
     }
+}
+
+fn keygen_cmd(a: KeygenArgs) -> Result<()> {
+    let fp = net::keygen(&a.dir)?;
+    if a.json {
+        let v = serde_json::json!({
+            "fingerprint": fp,
+            "key": a.dir.join(net::KEY_FILE),
+            "cert": a.dir.join(net::CERT_FILE),
+        });
+        println!("{v}");
+    } else {
+        println!("{fp}");
+    }
+    Ok(())
+}
+
+fn id_cmd(a: IdArgs) -> Result<()> {
+    let fp = net::fingerprint_in(&a.dir)?;
+    if a.json {
+        let v = serde_json::json!({
+            "fingerprint": fp,
+            "cert": a.dir.join(net::CERT_FILE),
+        });
+        println!("{v}");
+    } else {
+        println!("{fp}");
+    }
+    Ok(())
 }
 
 fn manifest_cmd(a: ManifestArgs) -> Result<()> {

@@ -1,22 +1,16 @@
 //! Durable file updates: write a temporary file, fsync it, rename it over the target, fsync the
 //! directory. After a crash the target holds either its old content or the new content.
+//! [`write_new`] creates a file that must not exist yet (keys), linking instead of renaming.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Replaces `path` with `data` atomically and durably.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     let dir = parent(path);
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp.{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    let tmp = temp_path(path)?;
     let result = (|| {
         let mut f = OpenOptions::new()
             .write(true)
@@ -35,14 +29,92 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     result
 }
 
+/// Creates `path` holding `data`, with permission bits `mode`, atomically and durably; fails with
+/// [`io::ErrorKind::AlreadyExists`] if `path` exists, and never replaces it.
+///
+/// The data goes to a temporary file created with `mode` (so it is never more open than that,
+/// even briefly), which is fsynced and then hard-linked to `path`: the link is the atomic
+/// no-replace step. After a crash `path` is either absent or complete.
+pub fn write_new(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    let dir = parent(path);
+    let tmp = temp_path(path)?;
+    // A temporary file left by a crashed run with the same pid may have other permissions:
+    // remove it rather than reuse it.
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        fs::hard_link(&tmp, path)
+    })();
+    let _ = fs::remove_file(&tmp);
+    result?;
+    fsync_dir(dir)
+}
+
 /// Makes a directory's entries (creations, renames, removals) durable.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+/// The temporary file beside `path` that this process writes before the final step.
+fn temp_path(path: &Path) -> io::Result<PathBuf> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    Ok(parent(path).join(format!(
+        ".{}.tmp.{}",
+        name.to_string_lossy(),
+        std::process::id()
+    )))
 }
 
 fn parent(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn write_new_creates_with_the_mode_and_never_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        write_new(&path, b"one", 0o600).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"one");
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+
+        let e = write_new(&path, b"two", 0o600).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(fs::read(&path).unwrap(), b"one");
+        // No temporary file is left beside it, after success or refusal.
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn write_new_ignores_a_stale_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        let tmp = temp_path(&path).unwrap();
+        fs::write(&tmp, b"stale").unwrap();
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o666)).unwrap();
+        write_new(&path, b"new", 0o600).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"new");
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(!tmp.exists());
     }
 }

@@ -6,3 +6,4 @@ pub mod chunk;
 pub mod cli;
 pub mod durable;
 pub mod manifest;
+pub mod net;
