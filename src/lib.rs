@@ -4,5 +4,6 @@
 
 pub mod chunk;
 pub mod cli;
+pub mod dirty;
 pub mod durable;
 pub mod manifest;
