@@ -1,10 +1,14 @@
 //! Dirty tracking: the set of byte ranges written since the last sync point ([`RangeSet`]), and
 //! the crash-persistent intent log that says, after an unclean stop, which extents may hold
-//! changes the replicas have not seen (`IntentLog`, next).
+//! changes the replicas have not seen ([`IntentLog`]).
 //!
-//! The filesystem core calls both on every write: `IntentLog::mark` before the bytes reach the
+//! The filesystem core calls both on every write: [`IntentLog::mark`] before the bytes reach the
 //! backing file (a lock and a lookup unless the extent is newly dirty), then
 //! [`RangeSet::insert`] once they have.
+
+mod intent;
+
+pub use intent::{DEFAULT_EXTENT_SIZE, FILE_NAME, IntentError, IntentLog, Recovery, SyncToken};
 
 use std::collections::BTreeMap;
 use std::ops::Range;
