@@ -4,6 +4,7 @@
 
 pub mod chunk;
 pub mod cli;
+pub mod dirty;
 pub mod durable;
 pub mod manifest;
 pub mod net;
