@@ -24,6 +24,19 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Mount a backing directory of images as a ferry filesystem.
+    ///
+    /// Every write through MOUNTPOINT lands in the file of the same name under SOURCE, and
+    /// ferry records which bytes changed (durably, in an intent log under the state
+    /// directory), so each sync ships only those. Without -f the command returns once the
+    /// mount is live and the daemon logs to STATE_DIR/mounts/<source>/ferry.log. `umount
+    /// MOUNTPOINT` or SIGTERM unmounts cleanly.
+    ///
+    /// The same command runs as a mount helper: `mount -t fuse.ferry SOURCE MOUNTPOINT -o
+    /// config=FILE`, or an fstab line `SOURCE MOUNTPOINT fuse.ferry config=FILE,allow_other 0 0`.
+    Mount(MountArgs),
+    /// Show what a mount tracks: per image, the bytes changed since the last sync.
+    Status(StatusArgs),
     /// Chunk a file and print its Merkle root, chunk count and chunk sizes.
     ///
     /// Reads FILE once (holes are skipped, not read), cuts it into content-defined chunks with
@@ -62,6 +75,35 @@ pub struct IdArgs {
     /// Print one JSON object: {"fingerprint", "cert"}.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    /// The backing directory that holds the images.
+    pub source: PathBuf,
+    /// Where to mount it (an existing empty directory).
+    pub mountpoint: PathBuf,
+    /// Mount options, comma separated: config=FILE (the node's config), allow_other,
+    /// allow_root, default_permissions, ro, fsname=NAME, threads=N (FUSE workers, default 4),
+    /// and the usual dev/nodev, suid/nosuid, exec/noexec, atime/noatime. fstab-only options
+    /// (noauto, _netdev, nofail, x-*) are accepted and ignored.
+    #[arg(short = 'o', value_name = "OPTS")]
+    pub options: Vec<String>,
+    /// Stay in the foreground (for systemd and debugging); log to stderr.
+    #[arg(short = 'f', long)]
+    pub foreground: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// The mountpoint of a running `ferry mount`.
+    pub mountpoint: PathBuf,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Include every dirty byte range, not only the totals.
+    #[arg(long)]
+    pub ranges: bool,
 }
 
 #[derive(Args, Debug)]
@@ -106,9 +148,32 @@ impl ChunkingArgs {
     }
 }
 
+/// Rewrites the mount-helper form `ferry SOURCE MOUNTPOINT [-o OPTS]` (how `mount.fuse3` and
+/// fstab call a FUSE filesystem) into `ferry mount SOURCE MOUNTPOINT ...`.
+pub fn helper_args(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    use clap::CommandFactory;
+    let first = args.get(1).map(|a| a.to_string_lossy().into_owned());
+    if let Some(first) = first {
+        let known = Cli::command()
+            .get_subcommands()
+            .any(|c| c.get_name() == first || c.get_all_aliases().any(|a| a == first));
+        if !known && first != "help" && !first.starts_with('-') && args.len() >= 3 {
+            args.insert(1, "mount".into());
+        }
+    }
+    args
+}
+
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Mount(a) => crate::mount::run(crate::mount::MountRequest {
+            options: crate::mount::MountOptions::parse(&a.options)?,
+            source: a.source,
+            mountpoint: a.mountpoint,
+            foreground: a.foreground,
+        }),
+        Command::Status(a) => status_cmd(a),
         Command::Manifest(a) => manifest_cmd(a),
         Command::Keygen(a) => keygen_cmd(a),
         Command::Id(a) => id_cmd(a),
@@ -198,6 +263,40 @@ fn manifest_cmd(a: ManifestArgs) -> Result<()> {
             iec(rate as u64),
             iec(scan.bytes_read)
         );
+    }
+    Ok(())
+}
+
+fn status_cmd(a: StatusArgs) -> Result<()> {
+    let socket = crate::control::socket_of(&a.mountpoint)?;
+    let v = crate::control::request(
+        &socket,
+        &serde_json::json!({"cmd": "status", "ranges": a.ranges}),
+        Some(std::time::Duration::from_secs(30)),
+    )?;
+    if a.json {
+        println!("{v}");
+        return Ok(());
+    }
+    let iec = |n: u64| ByteSize(n).display().iec().to_string();
+    println!(
+        "{} on {}",
+        v["source"].as_str().unwrap_or("?"),
+        v["mountpoint"].as_str().unwrap_or("?")
+    );
+    if v["tracking"] == false {
+        println!("  tracking OFF (mounted with notrack): changes are not replicated");
+    }
+    println!("  unsynced {}", iec(v["dirty_bytes"].as_u64().unwrap_or(0)));
+    for img in v["images"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<40} {} unsynced",
+            img["path"].as_str().unwrap_or("?"),
+            iec(img["dirty_bytes"].as_u64().unwrap_or(0))
+        );
+        for r in img["dirty"].as_array().into_iter().flatten() {
+            println!("      {}..{}", r[0], r[1]);
+        }
     }
     Ok(())
 }

@@ -4,7 +4,11 @@
 
 pub mod chunk;
 pub mod cli;
+pub mod config;
+pub mod control;
 pub mod dirty;
 pub mod durable;
+pub mod fs;
 pub mod manifest;
+pub mod mount;
 pub mod net;

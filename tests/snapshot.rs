@@ -47,7 +47,11 @@ fn check(name: &str, m: &Manifest) {
         std::fs::write(&path, summary(m)).unwrap();
     }
     let expected = std::fs::read_to_string(&path).unwrap();
-    assert_eq!(summary(m), expected, "chunking of the fixed image changed ({path})");
+    assert_eq!(
+        summary(m),
+        expected,
+        "chunking of the fixed image changed ({path})"
+    );
 }
 
 #[test]

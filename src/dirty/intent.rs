@@ -396,7 +396,7 @@ impl IntentLog {
         let mut moved = Marks::new();
         for marks in std::iter::once(&st.current).chain(st.syncs.values()) {
             for (image, set) in marks {
-                if let Some(new) = renamed(image, from, to) {
+                if let Some(new) = super::rebase(image, from, to) {
                     moved.entry(new).or_insert_with(exact_set).extend_from(set);
                 }
             }
@@ -803,24 +803,14 @@ fn live(st: &State, extra: Option<&Marks>) -> Marks {
     all
 }
 
-/// The new name of `image` when `from` (an image or a directory) becomes `to`.
-fn renamed(image: &Path, from: &Path, to: &Path) -> Option<PathBuf> {
-    let rest = image.strip_prefix(from).ok()?;
-    Some(if rest.as_os_str().is_empty() {
-        to.to_path_buf()
-    } else {
-        to.join(rest)
-    })
-}
-
 fn rename_in(marks: &mut Marks, from: &Path, to: &Path) {
     let names: Vec<PathBuf> = marks
         .keys()
-        .filter(|k| renamed(k, from, to).is_some())
+        .filter(|k| super::rebase(k, from, to).is_some())
         .cloned()
         .collect();
     for old in names {
-        if let (Some(set), Some(new)) = (marks.remove(&old), renamed(&old, from, to)) {
+        if let (Some(set), Some(new)) = (marks.remove(&old), super::rebase(&old, from, to)) {
             marks.entry(new).or_insert_with(exact_set).extend_from(&set);
         }
     }

@@ -217,6 +217,21 @@ impl FromIterator<Range<u64>> for RangeSet {
     }
 }
 
+/// The new name of `path` when `from` (an image or a directory) becomes `to`; `None` when
+/// `path` is not `from` or below it.
+pub fn rebase(
+    path: &std::path::Path,
+    from: &std::path::Path,
+    to: &std::path::Path,
+) -> Option<std::path::PathBuf> {
+    let rest = path.strip_prefix(from).ok()?;
+    Some(if rest.as_os_str().is_empty() {
+        to.to_path_buf()
+    } else {
+        to.join(rest)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,353 @@
+//! The node's config file (TOML, one per node; see DESIGN.md). Loading checks everything it can
+//! up front (durations, sizes, fingerprints, addresses) and names the file and the key in every
+//! error, so a bad config fails at start-up, not at the first sync.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::chunk::ChunkParams;
+use crate::net::Fingerprint;
+
+/// A config file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path} is invalid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub node: Node,
+    #[serde(default)]
+    pub primary: Primary,
+    #[serde(default, rename = "peer")]
+    pub peers: Vec<Peer>,
+    pub replica: Option<Replica>,
+    #[serde(default)]
+    pub chunking: Chunking,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    #[serde(default = "default_name")]
+    pub name: String,
+    #[serde(default = "default_key_dir")]
+    pub key_dir: PathBuf,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Primary {
+    /// RPO target: a sync point at least this often (none when absent).
+    #[serde(default, deserialize_with = "duration_opt")]
+    pub sync_interval: Option<Duration>,
+    #[serde(default)]
+    pub sync_on_fsync: bool,
+    /// How many peers must commit a generation.
+    #[serde(default = "one")]
+    pub replicas: usize,
+    /// Bytes per second, all peers together (none when absent).
+    #[serde(default, deserialize_with = "rate_opt")]
+    pub bandwidth_limit: Option<u64>,
+    /// Granularity of the intent log.
+    #[serde(default = "default_intent_extent", deserialize_with = "size")]
+    pub intent_extent: u64,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub fingerprint: Fingerprint,
+    #[serde(default)]
+    pub zone: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Replica {
+    pub listen: SocketAddr,
+    pub store: PathBuf,
+    pub primaries: Vec<Fingerprint>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Chunking {
+    #[serde(default = "default_min", deserialize_with = "size")]
+    pub min: u64,
+    #[serde(default = "default_avg", deserialize_with = "size")]
+    pub avg: u64,
+    #[serde(default = "default_max", deserialize_with = "size")]
+    pub max: u64,
+}
+
+fn default_name() -> String {
+    let mut buf = [0u8; 256];
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let n = buf.iter().position(|&b| b == 0).unwrap_or(0);
+    if r == 0 && n > 0 {
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    } else {
+        "ferry".into()
+    }
+}
+fn default_key_dir() -> PathBuf {
+    PathBuf::from("/etc/ferry/keys")
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/ferry")
+}
+fn one() -> usize {
+    1
+}
+fn default_intent_extent() -> u64 {
+    4 << 20
+}
+fn default_min() -> u64 {
+    ChunkParams::default().min_size as u64
+}
+fn default_avg() -> u64 {
+    ChunkParams::default().avg_size as u64
+}
+fn default_max() -> u64 {
+    ChunkParams::default().max_size as u64
+}
+
+impl Default for Node {
+    fn default() -> Self {
+        Node {
+            name: default_name(),
+            key_dir: default_key_dir(),
+            state_dir: default_state_dir(),
+        }
+    }
+}
+
+impl Default for Primary {
+    fn default() -> Self {
+        Primary {
+            sync_interval: None,
+            sync_on_fsync: false,
+            replicas: 1,
+            bandwidth_limit: None,
+            intent_extent: default_intent_extent(),
+        }
+    }
+}
+
+impl Default for Chunking {
+    fn default() -> Self {
+        Chunking {
+            min: default_min(),
+            avg: default_avg(),
+            max: default_max(),
+        }
+    }
+}
+
+fn duration_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s)
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("bad duration {s:?} ({e}); e.g. \"30s\"")))
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("bad size {s:?} ({e}); e.g. \"64KiB\""))
+}
+
+fn size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Int(u64),
+        Text(String),
+    }
+    match Size::deserialize(d)? {
+        Size::Int(n) => Ok(n),
+        Size::Text(s) => parse_size(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+fn rate_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let s = String::deserialize(d)?;
+    let body = s.trim().strip_suffix("/s").ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "bad rate {s:?}: write it as a size per second, e.g. \"100MiB/s\""
+        ))
+    })?;
+    parse_size(body).map(Some).map_err(serde::de::Error::custom)
+}
+
+impl Config {
+    /// Reads and checks the config at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Parses and checks config text; `path` names it in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        c.check().map_err(|message| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        Ok(c)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        self.chunk_params()?;
+        if self.primary.intent_extent < 4096 || !self.primary.intent_extent.is_power_of_two() {
+            return Err(format!(
+                "primary.intent_extent {} must be a power of two of at least 4 KiB",
+                self.primary.intent_extent
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for p in &self.peers {
+            if !names.insert(&p.name) {
+                return Err(format!(
+                    "two peers are named {:?}; peer names must be unique",
+                    p.name
+                ));
+            }
+        }
+        if self.primary.replicas > self.peers.len() && !self.peers.is_empty() {
+            return Err(format!(
+                "primary.replicas = {} but only {} peer(s) are configured: add peers or lower \
+                 replicas",
+                self.primary.replicas,
+                self.peers.len()
+            ));
+        }
+        if let Some(r) = &self.replica {
+            if r.primaries.is_empty() {
+                return Err(
+                    "replica.primaries is empty: list the fingerprints (ferry id) of \
+                            the primaries allowed to send to this replica"
+                        .into(),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The chunk parameters, validated.
+    pub fn chunk_params(&self) -> Result<ChunkParams, String> {
+        let c = &self.chunking;
+        let small = |v: u64, what: &str| {
+            u32::try_from(v).map_err(|_| format!("chunking.{what} {v} is too large"))
+        };
+        ChunkParams::new(
+            small(c.min, "min")?,
+            small(c.avg, "avg")?,
+            small(c.max, "max")?,
+        )
+        .map_err(|e| format!("chunking: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FP: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/ferry/ferry.toml"), text)
+    }
+
+    #[test]
+    fn the_design_example_parses() {
+        let c = parse(&format!(
+            r#"
+[node]
+name = "site-a"
+key_dir = "/etc/ferry/keys"
+state_dir = "/var/lib/ferry"
+
+[primary]
+sync_interval = "30s"
+sync_on_fsync = false
+replicas = 1
+bandwidth_limit = "100MiB/s"
+
+[[peer]]
+name = "site-b"
+addr = "192.0.2.10:7443"
+fingerprint = "{FP}"
+zone = "eu-west"
+
+[replica]
+listen = "0.0.0.0:7443"
+store = "/var/lib/ferry/replica"
+primaries = ["{FP}"]
+"#
+        ))
+        .unwrap();
+        assert_eq!(c.node.name, "site-a");
+        assert_eq!(c.primary.sync_interval, Some(Duration::from_secs(30)));
+        assert_eq!(c.primary.bandwidth_limit, Some(100 << 20));
+        assert_eq!(c.peers[0].addr, "192.0.2.10:7443".parse().unwrap());
+        assert_eq!(c.peers[0].zone.as_deref(), Some("eu-west"));
+        assert_eq!(c.replica.unwrap().primaries.len(), 1);
+        assert_eq!(parse("").unwrap().primary.replicas, 1);
+    }
+
+    #[test]
+    fn bad_values_name_the_file_and_the_key() {
+        let cases = [
+            ("[primary]\nsync_interval = \"soon\"", "sync_interval"),
+            ("[primary]\nbandwidth_limit = \"100MiB\"", "bandwidth_limit"),
+            (
+                "[[peer]]\nname = \"b\"\naddr = \"nowhere\"\nfingerprint = \"00\"",
+                "addr",
+            ),
+            (
+                "[[peer]]\nname = \"b\"\naddr = \"10.0.0.1:7443\"\nfingerprint = \"xyz\"",
+                "fingerprint",
+            ),
+            ("[node]\nnmae = \"a\"", "nmae"),
+            (
+                "[chunking]\nmin = \"64KiB\"\navg = \"16KiB\"",
+                "min < avg < max",
+            ),
+            (
+                "[primary]\nreplicas = 3\n[[peer]]\nname = \"b\"\naddr = \"10.0.0.1:1\"\nfingerprint = \"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\"",
+                "replicas",
+            ),
+        ];
+        for (text, word) in cases {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains("/etc/ferry/ferry.toml"), "{e}");
+            assert!(e.contains(word), "expected {word:?} in: {e}");
+        }
+    }
+}

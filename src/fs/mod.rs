@@ -1,0 +1,771 @@
+//! The filesystem core: a passthrough filesystem over a backing directory that reports every
+//! change to the [`Tracker`]. It knows nothing of FUSE: `fuse.rs` is a thin adapter that calls
+//! these methods and turns [`FsError`] into an errno, so the core can be tested without a
+//! kernel in the loop.
+//!
+//! Data path for a write: the handle's file is the backing file, opened when the guest opened
+//! the image; the range is first made durable in the intent log (if newly dirty), then written
+//! with `pwrite`, then added to the image's dirty set. Reads are `pread`s. `fsync` is `fsync` of
+//! the backing file. O_DIRECT opens are honoured by the kernel (FUSE direct I/O); the backing
+//! file is opened without it, so unaligned requests work.
+
+mod error;
+pub mod fuse;
+mod inode;
+mod track;
+
+pub use error::{FsError, Result};
+pub use inode::{Ino, ROOT};
+pub use track::{Frozen, NsEvent, Tracker};
+
+use std::collections::HashMap;
+use std::ffi::{CString, OsStr, OsString};
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::ops::Range;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirEntryExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Mutex, RwLock};
+
+use inode::Inodes;
+
+/// The kind of a file, as the core reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
+}
+
+/// Attributes of a file, with the mount's inode number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: Ino,
+    pub size: u64,
+    pub blocks: u64,
+    pub atime: SystemTime,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+    pub kind: FileKind,
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+    pub blksize: u32,
+}
+
+/// A time to set: now, or a given instant.
+#[derive(Clone, Copy, Debug)]
+pub enum SetTime {
+    Now,
+    At(SystemTime),
+}
+
+/// Attribute changes requested by `setattr`; `None` leaves an attribute alone.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+}
+
+/// One directory entry for `readdir`.
+#[derive(Clone, Debug)]
+pub struct DirEntry {
+    pub ino: u64,
+    pub kind: FileKind,
+    pub name: OsString,
+}
+
+/// Who is asking: new files belong to them.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// `statfs` figures of the backing filesystem.
+#[derive(Clone, Copy, Debug)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+    pub frsize: u32,
+}
+
+/// `fallocate` modes the core understands (Linux FALLOC_FL_* bits).
+pub mod falloc {
+    pub const KEEP_SIZE: i32 = libc::FALLOC_FL_KEEP_SIZE;
+    pub const PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE;
+    pub const ZERO_RANGE: i32 = libc::FALLOC_FL_ZERO_RANGE;
+}
+
+/// An open file: the backing file and the inode it belongs to.
+struct Handle {
+    ino: Ino,
+    file: File,
+}
+
+/// The filesystem core over one backing directory.
+pub struct Fs {
+    root: PathBuf,
+    read_only: bool,
+    inodes: RwLock<Inodes>,
+    handles: RwLock<HashMap<u64, Arc<Handle>>>,
+    dirs: Mutex<HashMap<u64, Vec<DirEntry>>>,
+    next_fh: AtomicU64,
+    tracker: Arc<Tracker>,
+}
+
+fn kind_of(ft: fs::FileType) -> FileKind {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_dir() {
+        FileKind::Dir
+    } else if ft.is_symlink() {
+        FileKind::Symlink
+    } else if ft.is_fifo() {
+        FileKind::Fifo
+    } else if ft.is_socket() {
+        FileKind::Socket
+    } else if ft.is_char_device() {
+        FileKind::CharDevice
+    } else if ft.is_block_device() {
+        FileKind::BlockDevice
+    } else {
+        FileKind::File
+    }
+}
+
+fn time(secs: i64, nsecs: i64) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::new(secs as u64, nsecs as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + Duration::from_nanos(nsecs as u64)
+    }
+}
+
+fn attr_of(ino: Ino, m: &fs::Metadata) -> Attr {
+    Attr {
+        ino,
+        size: m.size(),
+        blocks: m.blocks(),
+        atime: time(m.atime(), m.atime_nsec()),
+        mtime: time(m.mtime(), m.mtime_nsec()),
+        ctime: time(m.ctime(), m.ctime_nsec()),
+        kind: kind_of(m.file_type()),
+        perm: (m.mode() & 0o7777) as u16,
+        nlink: m.nlink() as u32,
+        uid: m.uid(),
+        gid: m.gid(),
+        rdev: m.rdev() as u32,
+        blksize: m.blksize() as u32,
+    }
+}
+
+fn cstr(p: &Path) -> io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn check(r: libc::c_int) -> io::Result<()> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn timespec(t: Option<SetTime>) -> libc::timespec {
+    match t {
+        None => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        Some(SetTime::Now) => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        Some(SetTime::At(t)) => {
+            let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+            libc::timespec {
+                tv_sec: d.as_secs() as libc::time_t,
+                tv_nsec: d.subsec_nanos() as libc::c_long,
+            }
+        }
+    }
+}
+
+/// Names the kernel may pass that must never reach the backing directory.
+fn valid_name(name: &OsStr) -> Result<()> {
+    let b = name.as_bytes();
+    if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') {
+        return Err(FsError::Invalid("file name"));
+    }
+    Ok(())
+}
+
+impl Fs {
+    /// A core over the backing directory `root`.
+    pub fn new(root: &Path, read_only: bool, tracker: Arc<Tracker>) -> io::Result<Fs> {
+        let root = root.canonicalize()?;
+        let m = fs::metadata(&root)?;
+        if !m.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotADirectory,
+                format!("{} is not a directory", root.display()),
+            ));
+        }
+        Ok(Fs {
+            inodes: RwLock::new(Inodes::new((m.dev(), m.ino()))),
+            root,
+            read_only,
+            handles: RwLock::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            tracker,
+        })
+    }
+
+    pub fn backing_root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn tracker(&self) -> &Arc<Tracker> {
+        &self.tracker
+    }
+
+    /// Path of `ino` relative to the mount.
+    fn rel(&self, ino: Ino) -> Result<PathBuf> {
+        self.inodes.read().path(ino).ok_or(FsError::Stale {
+            what: "inode",
+            id: ino,
+        })
+    }
+
+    fn backing(&self, rel: &Path) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    fn child_rel(&self, parent: Ino, name: &OsStr) -> Result<PathBuf> {
+        valid_name(name)?;
+        Ok(self.rel(parent)?.join(name))
+    }
+
+    fn handle(&self, fh: u64) -> Result<Arc<Handle>> {
+        self.handles.read().get(&fh).cloned().ok_or(FsError::Stale {
+            what: "file handle",
+            id: fh,
+        })
+    }
+
+    fn writable(&self) -> Result<()> {
+        if self.read_only {
+            Err(FsError::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Registers one kernel lookup of `rel` (named `name` in `parent`) and returns its attributes.
+    fn remember(&self, parent: Ino, name: &OsStr, rel: &Path) -> Result<Attr> {
+        let m = fs::symlink_metadata(self.backing(rel)).map_err(|e| FsError::io("stat", rel, e))?;
+        let ino = self
+            .inodes
+            .write()
+            .remember(parent, name, (m.dev(), m.ino()));
+        Ok(attr_of(ino, &m))
+    }
+
+    pub fn lookup(&self, parent: Ino, name: &OsStr) -> Result<Attr> {
+        let rel = self.child_rel(parent, name)?;
+        self.remember(parent, name, &rel)
+    }
+
+    pub fn forget(&self, ino: Ino, n: u64) {
+        self.inodes.write().forget(ino, n);
+    }
+
+    pub fn getattr(&self, ino: Ino, fh: Option<u64>) -> Result<Attr> {
+        if let Some(h) = fh.and_then(|fh| self.handle(fh).ok()) {
+            let m = h.file.metadata().map_err(|e| FsError::io("fstat", "", e))?;
+            return Ok(attr_of(ino, &m));
+        }
+        let rel = self.rel(ino)?;
+        let m =
+            fs::symlink_metadata(self.backing(&rel)).map_err(|e| FsError::io("stat", &rel, e))?;
+        Ok(attr_of(ino, &m))
+    }
+
+    pub fn setattr(&self, ino: Ino, fh: Option<u64>, set: SetAttr) -> Result<Attr> {
+        self.writable()?;
+        let rel = self.rel(ino)?;
+        let path = self.backing(&rel);
+        let c = cstr(&path).map_err(|e| FsError::io("setattr", &rel, e))?;
+        if let Some(mode) = set.mode {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode & 0o7777))
+                .map_err(|e| FsError::io("chmod", &rel, e))?;
+        }
+        if set.uid.is_some() || set.gid.is_some() {
+            let uid = set.uid.unwrap_or(u32::MAX);
+            let gid = set.gid.unwrap_or(u32::MAX);
+            check(unsafe { libc::lchown(c.as_ptr(), uid, gid) })
+                .map_err(|e| FsError::io("chown", &rel, e))?;
+        }
+        if let Some(size) = set.size {
+            match fh.and_then(|fh| self.handle(fh).ok()) {
+                Some(h) => self.truncate(&rel, &h.file, size)?,
+                None => {
+                    let f = OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .map_err(|e| FsError::io("open", &rel, e))?;
+                    self.truncate(&rel, &f, size)?;
+                }
+            }
+        }
+        if set.atime.is_some() || set.mtime.is_some() {
+            let ts = [timespec(set.atime), timespec(set.mtime)];
+            check(unsafe {
+                libc::utimensat(
+                    libc::AT_FDCWD,
+                    c.as_ptr(),
+                    ts.as_ptr(),
+                    libc::AT_SYMLINK_NOFOLLOW,
+                )
+            })
+            .map_err(|e| FsError::io("utimensat", &rel, e))?;
+        }
+        self.getattr(ino, fh)
+    }
+
+    /// Sets the size of an image, recording the bytes that appear or disappear.
+    fn truncate(&self, rel: &Path, file: &File, size: u64) -> Result<()> {
+        let old = file
+            .metadata()
+            .map_err(|e| FsError::io("fstat", rel, e))?
+            .len();
+        self.tracked(
+            rel,
+            old.min(size)..old.max(size),
+            || file.set_len(size),
+            "truncate",
+        )
+    }
+
+    /// Runs `op`, which changes bytes `range` of image `rel`, under the tracker.
+    fn tracked<T>(
+        &self,
+        rel: &Path,
+        range: Range<u64>,
+        op: impl FnOnce() -> io::Result<T>,
+        what: &'static str,
+    ) -> Result<T> {
+        self.writable()?;
+        self.tracker
+            .change(rel, range, op)
+            .map_err(|source| FsError::Intent {
+                path: rel.to_path_buf(),
+                source,
+            })?
+            .map_err(|e| FsError::io(what, rel, e))
+    }
+
+    pub fn opendir(&self, ino: Ino) -> Result<u64> {
+        let rel = self.rel(ino)?;
+        let mut entries = vec![
+            DirEntry {
+                ino,
+                kind: FileKind::Dir,
+                name: ".".into(),
+            },
+            DirEntry {
+                ino: ROOT,
+                kind: FileKind::Dir,
+                name: "..".into(),
+            },
+        ];
+        let rd = fs::read_dir(self.backing(&rel)).map_err(|e| FsError::io("opendir", &rel, e))?;
+        for ent in rd {
+            let ent = ent.map_err(|e| FsError::io("readdir", &rel, e))?;
+            let ft = ent
+                .file_type()
+                .map_err(|e| FsError::io("readdir", &rel, e))?;
+            entries.push(DirEntry {
+                // Only a hint to the kernel: it looks each name up before using it.
+                ino: ent.ino(),
+                kind: kind_of(ft),
+                name: ent.file_name(),
+            });
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.dirs.lock().insert(fh, entries);
+        Ok(fh)
+    }
+
+    /// Entries of an open directory from position `offset` on; each has position index + 1.
+    pub fn readdir(
+        &self,
+        fh: u64,
+        offset: u64,
+        mut add: impl FnMut(u64, &DirEntry) -> bool,
+    ) -> Result<()> {
+        let dirs = self.dirs.lock();
+        let entries = dirs.get(&fh).ok_or(FsError::Stale {
+            what: "directory handle",
+            id: fh,
+        })?;
+        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+            if add(i as u64 + 1, e) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.dirs.lock().remove(&fh);
+    }
+
+    fn own(&self, path: &Path, rel: &Path, who: Caller) -> Result<()> {
+        let c = cstr(path).map_err(|e| FsError::io("chown", rel, e))?;
+        check(unsafe { libc::lchown(c.as_ptr(), who.uid, who.gid) })
+            .map_err(|e| FsError::io("chown", rel, e))
+    }
+
+    pub fn mkdir(&self, parent: Ino, name: &OsStr, mode: u32, who: Caller) -> Result<Attr> {
+        self.writable()?;
+        let rel = self.child_rel(parent, name)?;
+        let path = self.backing(&rel);
+        fs::create_dir(&path).map_err(|e| FsError::io("mkdir", &rel, e))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode & 0o7777))
+            .map_err(|e| FsError::io("chmod", &rel, e))?;
+        self.own(&path, &rel, who)?;
+        self.remember(parent, name, &rel)
+    }
+
+    pub fn create(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+        who: Caller,
+    ) -> Result<(Attr, u64)> {
+        self.writable()?;
+        let rel = self.child_rel(parent, name)?;
+        let path = self.backing(&rel);
+        let file = self.open_backing(&path, &rel, flags | libc::O_CREAT, mode)?;
+        self.own(&path, &rel, who)?;
+        let attr = self.remember(parent, name, &rel)?;
+        if flags & libc::O_TRUNC != 0 {
+            self.truncate(&rel, &file, 0)?;
+        }
+        let fh = self.add_handle(attr.ino, file);
+        Ok((attr, fh))
+    }
+
+    fn open_backing(&self, path: &Path, rel: &Path, flags: i32, mode: u32) -> Result<File> {
+        let acc = flags & libc::O_ACCMODE;
+        if acc != libc::O_RDONLY {
+            self.writable()?;
+        }
+        // O_DIRECT is the kernel's business (FUSE direct I/O); O_TRUNC is done by `truncate`
+        // so the bytes it drops are recorded; O_APPEND is handled by the kernel's offsets.
+        let keep = libc::O_SYNC | libc::O_DSYNC | libc::O_CREAT | libc::O_EXCL | libc::O_NOATIME;
+        OpenOptions::new()
+            .read(true)
+            .write(acc != libc::O_RDONLY)
+            .custom_flags(flags & keep & !libc::O_CREAT & !libc::O_EXCL | libc::O_NOFOLLOW)
+            .create(flags & libc::O_CREAT != 0)
+            .create_new(flags & libc::O_EXCL != 0)
+            .mode(mode & 0o7777)
+            .open(path)
+            .or_else(|e| {
+                // O_NOATIME is only allowed to the file's owner (or root).
+                if e.raw_os_error() == Some(libc::EPERM) && flags & libc::O_NOATIME != 0 {
+                    self.open_backing(path, rel, flags & !libc::O_NOATIME, mode)
+                        .map_err(|_| FsError::io("open", rel, e))
+                } else {
+                    Err(FsError::io("open", rel, e))
+                }
+            })
+    }
+
+    fn add_handle(&self, ino: Ino, file: File) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles
+            .write()
+            .insert(fh, Arc::new(Handle { ino, file }));
+        fh
+    }
+
+    pub fn open(&self, ino: Ino, flags: i32) -> Result<u64> {
+        let rel = self.rel(ino)?;
+        let file = self.open_backing(&self.backing(&rel), &rel, flags & !libc::O_CREAT, 0)?;
+        if flags & libc::O_TRUNC != 0 {
+            self.truncate(&rel, &file, 0)?;
+        }
+        Ok(self.add_handle(ino, file))
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.handles.write().remove(&fh);
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let h = self.handle(fh)?;
+        let mut buf = vec![0u8; size as usize];
+        let mut n = 0;
+        while n < buf.len() {
+            match h.file.read_at(&mut buf[n..], offset + n as u64) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(FsError::io("read", self.rel(h.ino).unwrap_or_default(), e)),
+            }
+        }
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// Runs `op`, which changes bytes `range` of the image behind `h`, under the tracker.
+    fn change<T>(
+        &self,
+        h: &Handle,
+        range: Range<u64>,
+        op: impl FnOnce() -> io::Result<T>,
+        what: &'static str,
+    ) -> Result<T> {
+        self.tracked(&self.rel(h.ino)?, range, op, what)
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        let h = self.handle(fh)?;
+        let range = offset..offset + data.len() as u64;
+        self.change(&h, range, || h.file.write_all_at(data, offset), "write")?;
+        Ok(data.len() as u32)
+    }
+
+    pub fn flush(&self, fh: u64) -> Result<()> {
+        self.handle(fh).map(|_| ())
+    }
+
+    /// Makes the image's data (and with `datasync = false` its metadata) durable.
+    pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
+        let h = self.handle(fh)?;
+        let r = if datasync {
+            h.file.sync_data()
+        } else {
+            h.file.sync_all()
+        };
+        r.map_err(|e| FsError::io("fsync", self.rel(h.ino).unwrap_or_default(), e))
+    }
+
+    pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
+        let h = self.handle(fh)?;
+        let supported = falloc::KEEP_SIZE | falloc::PUNCH_HOLE | falloc::ZERO_RANGE;
+        if mode & !supported != 0 {
+            return Err(FsError::Unsupported("this fallocate mode"));
+        }
+        let end = offset
+            .checked_add(len)
+            .ok_or(FsError::Invalid("fallocate range"))?;
+        let size = h
+            .file
+            .metadata()
+            .map_err(|e| FsError::io("fstat", self.rel(h.ino).unwrap_or_default(), e))?
+            .len();
+        // Content changes inside the file, and the size growth unless KEEP_SIZE.
+        let mut changed = if mode & (falloc::PUNCH_HOLE | falloc::ZERO_RANGE) != 0 {
+            offset.min(size)..end.min(size)
+        } else {
+            size..size
+        };
+        if mode & falloc::KEEP_SIZE == 0 && end > size {
+            changed = changed.start.min(size)..end;
+        }
+        let fd = h.file.as_raw_fd();
+        let op = || check(unsafe { libc::fallocate(fd, mode, offset as i64, len as i64) });
+        if changed.is_empty() {
+            self.writable()?;
+            return op()
+                .map_err(|e| FsError::io("fallocate", self.rel(h.ino).unwrap_or_default(), e));
+        }
+        self.change(&h, changed, op, "fallocate")
+    }
+
+    /// SEEK_DATA / SEEK_HOLE (and SEEK_SET/CUR/END) on the backing file.
+    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64> {
+        let h = self.handle(fh)?;
+        let r = unsafe { libc::lseek(h.file.as_raw_fd(), offset, whence) };
+        if r < 0 {
+            return Err(FsError::io(
+                "lseek",
+                self.rel(h.ino).unwrap_or_default(),
+                io::Error::last_os_error(),
+            ));
+        }
+        Ok(r)
+    }
+
+    /// Copies between two open images in the backing filesystem (reflinks where it can).
+    pub fn copy_file_range(
+        &self,
+        fh_in: u64,
+        off_in: u64,
+        fh_out: u64,
+        off_out: u64,
+        len: u64,
+    ) -> Result<u64> {
+        let hi = self.handle(fh_in)?;
+        let ho = self.handle(fh_out)?;
+        let range = off_out..off_out.saturating_add(len);
+        self.change(
+            &ho,
+            range,
+            || {
+                let (mut i, mut o) = (off_in as i64, off_out as i64);
+                let n = unsafe {
+                    libc::copy_file_range(
+                        hi.file.as_raw_fd(),
+                        &mut i,
+                        ho.file.as_raw_fd(),
+                        &mut o,
+                        len as usize,
+                        0,
+                    )
+                };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as u64)
+                }
+            },
+            "copy_file_range",
+        )
+    }
+
+    pub fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
+        let rel = self.rel(ino)?;
+        fs::read_link(self.backing(&rel))
+            .map(|t| t.into_os_string().into_encoded_bytes())
+            .map_err(|e| FsError::io("readlink", &rel, e))
+    }
+
+    pub fn symlink(&self, parent: Ino, name: &OsStr, target: &Path, who: Caller) -> Result<Attr> {
+        self.writable()?;
+        let rel = self.child_rel(parent, name)?;
+        let path = self.backing(&rel);
+        std::os::unix::fs::symlink(target, &path).map_err(|e| FsError::io("symlink", &rel, e))?;
+        self.own(&path, &rel, who)?;
+        self.remember(parent, name, &rel)
+    }
+
+    pub fn unlink(&self, parent: Ino, name: &OsStr) -> Result<()> {
+        self.writable()?;
+        let rel = self.child_rel(parent, name)?;
+        fs::remove_file(self.backing(&rel)).map_err(|e| FsError::io("unlink", &rel, e))?;
+        let mut inodes = self.inodes.write();
+        if let Some(ino) = inodes.child(parent, name) {
+            inodes.unlink(ino);
+        }
+        drop(inodes);
+        self.tracker.removed(&rel);
+        Ok(())
+    }
+
+    pub fn rmdir(&self, parent: Ino, name: &OsStr) -> Result<()> {
+        self.writable()?;
+        let rel = self.child_rel(parent, name)?;
+        fs::remove_dir(self.backing(&rel)).map_err(|e| FsError::io("rmdir", &rel, e))?;
+        let mut inodes = self.inodes.write();
+        if let Some(ino) = inodes.child(parent, name) {
+            inodes.unlink(ino);
+        }
+        drop(inodes);
+        self.tracker.removed(&rel);
+        Ok(())
+    }
+
+    /// Renames; `flags` are renameat2 flags (RENAME_NOREPLACE, RENAME_EXCHANGE).
+    pub fn rename(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        newparent: Ino,
+        newname: &OsStr,
+        flags: u32,
+    ) -> Result<()> {
+        self.writable()?;
+        if flags & libc::RENAME_EXCHANGE != 0 {
+            return Err(FsError::Unsupported("RENAME_EXCHANGE"));
+        }
+        let from = self.child_rel(parent, name)?;
+        let to = self.child_rel(newparent, newname)?;
+        let (cf, ct) = (
+            cstr(&self.backing(&from)).map_err(|e| FsError::io("rename", &from, e))?,
+            cstr(&self.backing(&to)).map_err(|e| FsError::io("rename", &to, e))?,
+        );
+        let replaced = fs::symlink_metadata(self.backing(&to)).is_ok();
+        let op = || {
+            check(unsafe {
+                libc::renameat2(
+                    libc::AT_FDCWD,
+                    cf.as_ptr(),
+                    libc::AT_FDCWD,
+                    ct.as_ptr(),
+                    flags,
+                )
+            })
+        };
+        self.tracker
+            .rename(&from, &to, replaced, op)
+            .map_err(|source| FsError::Intent {
+                path: to.clone(),
+                source,
+            })?
+            .map_err(|e| FsError::io("rename", &from, e))?;
+        let mut inodes = self.inodes.write();
+        if let Some(old) = inodes.child(newparent, newname) {
+            inodes.unlink(old);
+        }
+        if let Some(ino) = inodes.child(parent, name) {
+            inodes.rename(ino, newparent, newname);
+        }
+        Ok(())
+    }
+
+    pub fn statfs(&self) -> Result<StatFs> {
+        let c = cstr(&self.root).map_err(|e| FsError::io("statfs", "", e))?;
+        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        check(unsafe { libc::statvfs(c.as_ptr(), &mut s) })
+            .map_err(|e| FsError::io("statfs", "", e))?;
+        Ok(StatFs {
+            blocks: s.f_blocks,
+            bfree: s.f_bfree,
+            bavail: s.f_bavail,
+            files: s.f_files,
+            ffree: s.f_ffree,
+            bsize: s.f_bsize as u32,
+            namelen: s.f_namemax as u32,
+            frsize: s.f_frsize as u32,
+        })
+    }
+}

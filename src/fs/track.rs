@@ -1,0 +1,237 @@
+//! Change tracking for one mount: which bytes of which image changed since the last sync point,
+//! which images were renamed or removed, and the intent log that makes the former survive a
+//! crash. The filesystem core reports every change here; the sync engine freezes it at a sync
+//! point.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::dirty::{IntentError, IntentLog, RangeSet, SyncToken, rebase};
+
+/// A change to the set of images (not to their bytes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NsEvent {
+    Renamed { from: PathBuf, to: PathBuf },
+    Removed { path: PathBuf },
+}
+
+#[derive(Default)]
+struct State {
+    dirty: BTreeMap<PathBuf, RangeSet>,
+    events: Vec<NsEvent>,
+}
+
+/// What a sync point took: the dirty ranges and namespace events up to the freeze.
+pub struct Frozen {
+    pub dirty: BTreeMap<PathBuf, RangeSet>,
+    pub events: Vec<NsEvent>,
+    token: Option<SyncToken>,
+}
+
+/// Per-mount change tracking. Without an intent log (benchmarks only) nothing is recorded.
+///
+/// The gate orders changes against sync points and renames: a change holds it shared from
+/// its intent-log mark to its dirty-set insert, so a freeze (which holds it exclusively) never
+/// falls between the two; that is what lets a committed sync drop the marks it covered. A
+/// rename holds it exclusively, so no change is marked under a name that is going away.
+pub struct Tracker {
+    log: Option<IntentLog>,
+    gate: RwLock<()>,
+    state: Mutex<State>,
+}
+
+impl Tracker {
+    /// Tracking backed by `log`, starting from the ranges recovered from it.
+    pub fn new(log: IntentLog, recovered: BTreeMap<PathBuf, RangeSet>) -> Tracker {
+        Tracker {
+            log: Some(log),
+            gate: RwLock::new(()),
+            state: Mutex::new(State {
+                dirty: recovered,
+                events: Vec::new(),
+            }),
+        }
+    }
+
+    /// No tracking and no intent log: the baseline the tracking overhead is measured against.
+    pub fn disabled() -> Tracker {
+        Tracker {
+            log: None,
+            gate: RwLock::new(()),
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.log.is_some()
+    }
+
+    /// Runs `op`, which changes bytes `range` of `image`: the range is made durable in the
+    /// intent log first (`op` does not run if that fails), and added to the dirty set after
+    /// `op`, whether or not `op` succeeded (a failed write may have changed some bytes).
+    pub fn change<T>(
+        &self,
+        image: &Path,
+        range: Range<u64>,
+        op: impl FnOnce() -> io::Result<T>,
+    ) -> Result<io::Result<T>, IntentError> {
+        let Some(log) = &self.log else {
+            return Ok(op());
+        };
+        if range.start >= range.end {
+            return Ok(op());
+        }
+        let _gate = self.gate.read();
+        log.mark(image, range.clone())?;
+        let r = op();
+        let mut s = self.state.lock();
+        match s.dirty.get_mut(image) {
+            Some(set) => set.insert(range),
+            None => {
+                let mut set = RangeSet::new();
+                set.insert(range);
+                s.dirty.insert(image.to_path_buf(), set);
+            }
+        }
+        Ok(r)
+    }
+
+    /// Runs `op`, which renames `from` (an image, or a directory holding images) to `to`, with
+    /// no change in flight; the dirty ranges and intent-log marks follow the new names.
+    /// `replaces` says an existing `to` is replaced (and so removed).
+    pub fn rename<T>(
+        &self,
+        from: &Path,
+        to: &Path,
+        replaces: bool,
+        op: impl FnOnce() -> io::Result<T>,
+    ) -> Result<io::Result<T>, IntentError> {
+        let Some(log) = &self.log else {
+            return Ok(op());
+        };
+        let _gate = self.gate.write();
+        let mut s = self.state.lock();
+        let moved: Vec<PathBuf> = s
+            .dirty
+            .keys()
+            .filter(|p| p.starts_with(from))
+            .cloned()
+            .collect();
+        // Marks go to the new names first: if the rename fails they are merely extra.
+        for old in &moved {
+            log.rename(old, &rebase(old, from, to).expect("filtered by prefix"))?;
+        }
+        let r = op();
+        if r.is_err() {
+            return Ok(r);
+        }
+        if replaces {
+            s.dirty.retain(|p, _| !p.starts_with(to));
+            s.events.push(NsEvent::Removed {
+                path: to.to_path_buf(),
+            });
+        }
+        for old in moved {
+            let set = s.dirty.remove(&old).expect("key listed above");
+            s.dirty
+                .insert(rebase(&old, from, to).expect("filtered by prefix"), set);
+        }
+        s.events.push(NsEvent::Renamed {
+            from: from.to_path_buf(),
+            to: to.to_path_buf(),
+        });
+        Ok(r)
+    }
+
+    /// `path` (an image or a directory) was removed.
+    pub fn removed(&self, path: &Path) {
+        if self.log.is_none() {
+            return;
+        }
+        let mut s = self.state.lock();
+        s.dirty.retain(|p, _| !p.starts_with(path));
+        s.events.push(NsEvent::Removed {
+            path: path.to_path_buf(),
+        });
+    }
+
+    /// The dirty ranges now, per image (for status and tests).
+    pub fn dirty(&self) -> BTreeMap<PathBuf, Vec<Range<u64>>> {
+        let s = self.state.lock();
+        s.dirty
+            .iter()
+            .map(|(p, r)| (p.clone(), r.to_vec()))
+            .collect()
+    }
+
+    /// Dirty bytes now, over all images.
+    pub fn dirty_bytes(&self) -> u64 {
+        let s = self.state.lock();
+        s.dirty.values().map(|r| r.covered_bytes()).sum()
+    }
+
+    /// A sync point: takes the dirty ranges and events so far; later changes start afresh.
+    pub fn freeze(&self) -> Frozen {
+        let _gate = self.gate.write();
+        let mut s = self.state.lock();
+        let token = self.log.as_ref().map(|l| l.begin_sync());
+        Frozen {
+            dirty: std::mem::take(&mut s.dirty),
+            events: std::mem::take(&mut s.events),
+            token,
+        }
+    }
+
+    /// The frozen changes reached every replica the policy requires: forget them (the intent
+    /// log compacts lazily).
+    pub fn commit(&self, f: Frozen) -> Result<(), IntentError> {
+        match (&self.log, f.token) {
+            (Some(log), Some(t)) => log.commit_sync(t),
+            _ => Ok(()),
+        }
+    }
+
+    /// The sync failed: the frozen changes are dirty again.
+    pub fn abort(&self, f: Frozen) {
+        if let (Some(log), Some(t)) = (&self.log, f.token) {
+            log.abort_sync(t);
+        }
+        let mut s = self.state.lock();
+        let mut frozen = f.dirty;
+        // Names changed since the freeze apply to the frozen ranges too.
+        for ev in &s.events {
+            match ev {
+                NsEvent::Renamed { from, to } => {
+                    let moved: Vec<PathBuf> = frozen
+                        .keys()
+                        .filter(|p| p.starts_with(from))
+                        .cloned()
+                        .collect();
+                    for old in moved {
+                        let set = frozen.remove(&old).expect("key listed above");
+                        frozen.insert(rebase(&old, from, to).expect("filtered by prefix"), set);
+                    }
+                }
+                NsEvent::Removed { path } => frozen.retain(|p, _| !p.starts_with(path)),
+            }
+        }
+        for (path, set) in frozen {
+            s.dirty.entry(path).or_default().extend_from(&set);
+        }
+        let later = std::mem::take(&mut s.events);
+        s.events = f.events;
+        s.events.extend(later);
+    }
+
+    /// Clean unmount: the intent log keeps the exact unsynced ranges for the next mount.
+    pub fn close_clean(&self) -> Result<(), IntentError> {
+        match &self.log {
+            Some(log) => log.close_clean(&self.state.lock().dirty),
+            None => Ok(()),
+        }
+    }
+}

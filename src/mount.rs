@@ -1,0 +1,446 @@
+//! `ferry mount`: option parsing, the per-mount state directory, daemonising, and the FUSE
+//! session's life from mount to clean unmount.
+//!
+//! Without `-f` the command forks before any thread exists; the child mounts and reports
+//! through a pipe, and the parent exits 0 only once the mount is live (what `mount(8)` and
+//! fstab expect), or prints the child's error. SIGTERM, SIGINT and `umount` end the session
+//! cleanly: the intent log is closed with the exact unsynced ranges.
+
+use std::io::{Read, Write};
+use std::os::unix::io::FromRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow, bail};
+use fuser::{MountOption, SessionACL};
+
+use crate::config::Config;
+use crate::dirty::IntentLog;
+use crate::fs::fuse::FerryFuse;
+use crate::fs::{Fs, Tracker};
+
+/// Parsed `-o` options.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MountOptions {
+    pub config: Option<PathBuf>,
+    pub read_only: bool,
+    pub allow_other: bool,
+    pub allow_root: bool,
+    pub fsname: Option<String>,
+    /// Options passed on to the kernel.
+    pub kernel: Vec<MountOption>,
+    /// FUSE worker threads.
+    pub threads: usize,
+    /// No dirty tracking and no intent log (only to measure their cost).
+    pub notrack: bool,
+}
+
+const ACCEPTED: &str = "config=FILE, allow_other, allow_root, default_permissions, ro, rw, \
+    fsname=NAME, threads=N, dev, nodev, suid, nosuid, exec, noexec, atime, noatime, sync, \
+    async, dirsync, and fstab-only options (defaults, auto, noauto, user, users, _netdev, \
+    nofail, x-*)";
+
+impl MountOptions {
+    /// Parses comma-separated option lists as given with `-o` (several `-o` allowed).
+    pub fn parse(lists: &[String]) -> Result<MountOptions> {
+        let mut o = MountOptions {
+            threads: 4,
+            ..MountOptions::default()
+        };
+        for opt in lists
+            .iter()
+            .flat_map(|l| l.split(','))
+            .filter(|s| !s.is_empty())
+        {
+            let (key, value) = match opt.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (opt, None),
+            };
+            match (key, value) {
+                ("config", Some(v)) => o.config = Some(PathBuf::from(v)),
+                ("ro", None) => o.read_only = true,
+                ("rw", None) => o.read_only = false,
+                ("allow_other", None) => o.allow_other = true,
+                ("allow_root", None) => o.allow_root = true,
+                ("default_permissions", None) => o.kernel.push(MountOption::DefaultPermissions),
+                ("fsname", Some(v)) => o.fsname = Some(v.to_string()),
+                ("subtype", Some(_)) => {}
+                ("threads", Some(v)) => {
+                    o.threads = v
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=64).contains(n))
+                        .ok_or_else(|| anyhow!("mount option threads={v}: give 1 to 64"))?
+                }
+                ("notrack", None) => o.notrack = true,
+                ("dev", None) => o.kernel.push(MountOption::Dev),
+                ("nodev", None) => o.kernel.push(MountOption::NoDev),
+                ("suid", None) => o.kernel.push(MountOption::Suid),
+                ("nosuid", None) => o.kernel.push(MountOption::NoSuid),
+                ("exec", None) => o.kernel.push(MountOption::Exec),
+                ("noexec", None) => o.kernel.push(MountOption::NoExec),
+                ("atime", None) => o.kernel.push(MountOption::Atime),
+                ("noatime", None) => o.kernel.push(MountOption::NoAtime),
+                ("sync", None) => o.kernel.push(MountOption::Sync),
+                ("async", None) => o.kernel.push(MountOption::Async),
+                ("dirsync", None) => o.kernel.push(MountOption::DirSync),
+                // fstab and mount(8) bookkeeping, meaningless to the filesystem.
+                (
+                    "defaults" | "auto" | "noauto" | "user" | "users" | "nouser" | "_netdev"
+                    | "nofail" | "relatime" | "norelatime" | "strictatime",
+                    None,
+                ) => {}
+                (k, _) if k.starts_with("x-") || k == "comment" => {}
+                _ => bail!("unknown mount option {opt:?}; ferry accepts {ACCEPTED}"),
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// The directory holding one mount's state (intent log, control socket, log, manifests),
+/// named after its backing directory.
+pub fn state_dir(config: &Config, source: &Path) -> PathBuf {
+    let readable: String = source
+        .to_string_lossy()
+        .trim_matches('/')
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    let id = blake3::hash(source.as_os_str().as_encoded_bytes()).to_hex();
+    config
+        .node
+        .state_dir
+        .join("mounts")
+        .join(format!("{readable}-{}", &id[..12]))
+}
+
+/// What `ferry mount` was asked to do.
+pub struct MountRequest {
+    pub source: PathBuf,
+    pub mountpoint: PathBuf,
+    pub options: MountOptions,
+    pub foreground: bool,
+}
+
+/// Runs `ferry mount`: returns once the mount is live (daemon) or when it ends (`-f`).
+pub fn run(req: MountRequest) -> Result<()> {
+    let config = match &req.options.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    let source = req
+        .source
+        .canonicalize()
+        .with_context(|| format!("backing directory {} not found", req.source.display()))?;
+    if !source.is_dir() {
+        bail!(
+            "{} is not a directory: SOURCE must be the backing directory holding the images",
+            source.display()
+        );
+    }
+    let mountpoint = req.mountpoint.canonicalize().with_context(|| {
+        format!(
+            "mountpoint {} not found: create it first",
+            req.mountpoint.display()
+        )
+    })?;
+    if !mountpoint.is_dir() {
+        bail!("mountpoint {} is not a directory", mountpoint.display());
+    }
+    if mountpoint.starts_with(&source) {
+        bail!(
+            "mountpoint {} lies inside the backing directory {}: pick a mountpoint outside it",
+            mountpoint.display(),
+            source.display()
+        );
+    }
+    if let Some(m) = mounted_at(&mountpoint) {
+        bail!(
+            "{} is already a mountpoint ({m}): unmount it first",
+            mountpoint.display()
+        );
+    }
+    if !Path::new("/dev/fuse").exists() {
+        bail!("/dev/fuse is missing: load the fuse kernel module (modprobe fuse)");
+    }
+    let state = state_dir(&config, &source);
+    std::fs::create_dir_all(&state)
+        .with_context(|| format!("cannot create state directory {}", state.display()))?;
+
+    if req.foreground {
+        return serve(&config, &source, &mountpoint, &state, &req.options, None);
+    }
+    let log = state.join("ferry.log");
+    daemonize(&log, |ready| {
+        serve(
+            &config,
+            &source,
+            &mountpoint,
+            &state,
+            &req.options,
+            Some(ready),
+        )
+    })
+}
+
+/// The filesystem type mounted at `path`, if something is.
+fn mounted_at(path: &Path) -> Option<String> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut f = l.split(' ');
+        let (_, at, ty) = (f.next()?, f.next()?, f.next()?);
+        (Path::new(&at.replace("\\040", " ")) == path).then(|| ty.to_string())
+    })
+}
+
+/// Forks; the child runs `serve` with a readiness callback, the parent waits for it.
+fn daemonize(log: &Path, serve: impl FnOnce(Box<dyn FnOnce()>) -> Result<()>) -> Result<()> {
+    let mut fds = [0; 2];
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        bail!("pipe: {}", std::io::Error::last_os_error());
+    }
+    let (mut rx, tx) = unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
+    match unsafe { libc::fork() } {
+        -1 => bail!("fork: {}", std::io::Error::last_os_error()),
+        0 => {
+            drop(rx);
+            unsafe { libc::setsid() };
+            let _ = std::env::set_current_dir("/");
+            redirect_stdio(log);
+            let tx = Arc::new(parking_lot::Mutex::new(Some(tx)));
+            let tx2 = tx.clone();
+            let ready: Box<dyn FnOnce()> = Box::new(move || {
+                if let Some(mut t) = tx2.lock().take() {
+                    let _ = t.write_all(b"OK\n");
+                }
+            });
+            let r = serve(ready);
+            if let Err(e) = &r {
+                log::error!("{e:#}");
+                if let Some(mut t) = tx.lock().take() {
+                    let _ = writeln!(t, "{e:#}");
+                }
+            }
+            std::process::exit(if r.is_ok() { 0 } else { 1 });
+        }
+        _ => {
+            drop(tx);
+            let mut msg = String::new();
+            let _ = rx.read_to_string(&mut msg);
+            match msg.trim_end() {
+                "OK" => Ok(()),
+                "" => bail!(
+                    "the mount daemon exited before mounting; see {}",
+                    log.display()
+                ),
+                m => Err(anyhow!("{m}")),
+            }
+        }
+    }
+}
+
+fn redirect_stdio(log: &Path) {
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null");
+    let logf = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log);
+    use std::os::unix::io::AsRawFd;
+    if let Ok(n) = &null {
+        unsafe {
+            libc::dup2(n.as_raw_fd(), 0);
+            libc::dup2(n.as_raw_fd(), 1);
+        }
+    }
+    if let Ok(l) = &logf {
+        unsafe { libc::dup2(l.as_raw_fd(), 2) };
+    }
+}
+
+/// Mounts and serves until unmounted.
+fn serve(
+    config: &Config,
+    source: &Path,
+    mountpoint: &Path,
+    state: &Path,
+    opts: &MountOptions,
+    ready: Option<Box<dyn FnOnce()>>,
+) -> Result<()> {
+    let tracker = if opts.notrack {
+        log::warn!("mounted with notrack: changes are NOT tracked and will not be replicated");
+        Tracker::disabled()
+    } else {
+        let path = state.join("intent.log");
+        let (log, recovery) = IntentLog::open(&path, config.primary.intent_extent)?;
+        let bytes: u64 = recovery.dirty.values().map(|r| r.covered_bytes()).sum();
+        if recovery.clean {
+            log::info!(
+                "{}: clean start, {bytes} unsynced bytes carried over",
+                source.display()
+            );
+        } else {
+            log::warn!(
+                "{}: unclean stop detected; {} images, {bytes} bytes of logged extents treated as dirty",
+                source.display(),
+                recovery.dirty.len()
+            );
+        }
+        Tracker::new(log, recovery.dirty)
+    };
+    let tracker = Arc::new(tracker);
+    let fs = Arc::new(Fs::new(source, opts.read_only, tracker.clone())?);
+    let closing = tracker.clone();
+    let label = source.display().to_string();
+    let on_destroy = Box::new(move || match closing.close_clean() {
+        Ok(()) => log::info!("{label}: unmounted cleanly"),
+        Err(e) => log::error!("{label}: could not close the intent log cleanly: {e}"),
+    });
+    let socket = state.join("control.sock");
+    crate::control::serve(
+        &socket,
+        control_handler(source, mountpoint, tracker.clone()),
+    )?;
+    let adapter = FerryFuse::new(fs, Some(socket), on_destroy);
+
+    let mut cfg = fuser::Config::default();
+    cfg.mount_options = vec![
+        MountOption::FSName(
+            opts.fsname
+                .clone()
+                .unwrap_or_else(|| source.display().to_string()),
+        ),
+        MountOption::Subtype("ferry".into()),
+    ];
+    cfg.mount_options.push(if opts.read_only {
+        MountOption::RO
+    } else {
+        MountOption::RW
+    });
+    // The daemon runs as root: let the kernel check permissions against each caller.
+    cfg.mount_options.push(MountOption::DefaultPermissions);
+    cfg.mount_options.extend(
+        opts.kernel
+            .iter()
+            .filter(|o| **o != MountOption::DefaultPermissions)
+            .cloned(),
+    );
+    cfg.acl = if opts.allow_other {
+        SessionACL::All
+    } else if opts.allow_root {
+        SessionACL::RootAndOwner
+    } else {
+        SessionACL::Owner
+    };
+    cfg.n_threads = Some(opts.threads);
+    cfg.clone_fd = true;
+    let mut session = fuser::Session::new(adapter, mountpoint, &cfg).with_context(|| {
+        format!(
+            "cannot mount {} on {}",
+            source.display(),
+            mountpoint.display()
+        )
+    })?;
+    log::info!(
+        "mounted {} on {} ({} threads)",
+        source.display(),
+        mountpoint.display(),
+        opts.threads
+    );
+
+    let mut unmounter = session.unmount_callable();
+    let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT])?;
+    let mp = mountpoint.to_path_buf();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                log::info!("signal {sig}: unmounting {}", mp.display());
+                if let Err(e) = unmounter.unmount() {
+                    log::error!("unmount {} failed: {e}", mp.display());
+                }
+            }
+        })?;
+    if let Some(ready) = ready {
+        ready();
+    }
+    session.run().context("FUSE session failed")?;
+    Ok(())
+}
+
+/// Answers control requests for this mount.
+fn control_handler(
+    source: &Path,
+    mountpoint: &Path,
+    tracker: Arc<Tracker>,
+) -> Arc<crate::control::Handler> {
+    let (source, mountpoint) = (source.to_path_buf(), mountpoint.to_path_buf());
+    Arc::new(move |req: &serde_json::Value| match req["cmd"].as_str() {
+        Some("status") => {
+            let ranges = req["ranges"].as_bool().unwrap_or(false);
+            let images: Vec<serde_json::Value> = tracker
+                .dirty()
+                .into_iter()
+                .map(|(path, dirty)| {
+                    let bytes: u64 = dirty.iter().map(|r| r.end - r.start).sum();
+                    let mut v = serde_json::json!({"path": path, "dirty_bytes": bytes});
+                    if ranges {
+                        v["dirty"] = dirty
+                            .iter()
+                            .map(|r| serde_json::json!([r.start, r.end]))
+                            .collect();
+                    }
+                    v
+                })
+                .collect();
+            Ok(serde_json::json!({
+                "pid": std::process::id(),
+                "source": source,
+                "mountpoint": mountpoint,
+                "tracking": tracker.enabled(),
+                "dirty_bytes": tracker.dirty_bytes(),
+                "images": images,
+            }))
+        }
+        other => bail!("unknown control command {other:?}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<MountOptions> {
+        MountOptions::parse(&[s.to_string()])
+    }
+
+    #[test]
+    fn fstab_options_are_accepted_and_unknown_ones_named() {
+        let o = parse("config=/etc/ferry/ferry.toml,allow_other,noauto,_netdev,x-systemd.requires=network-online.target,nodev").unwrap();
+        assert_eq!(o.config, Some(PathBuf::from("/etc/ferry/ferry.toml")));
+        assert!(o.allow_other);
+        assert_eq!(o.kernel, vec![MountOption::NoDev]);
+        let e = parse("allow_other,frobnicate").unwrap_err().to_string();
+        assert!(
+            e.contains("\"frobnicate\"") && e.contains("config=FILE"),
+            "{e}"
+        );
+        assert!(parse("threads=0").is_err());
+        assert!(parse("ro").unwrap().read_only);
+    }
+}
