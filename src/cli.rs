@@ -35,8 +35,24 @@ pub enum Command {
     /// The same command runs as a mount helper: `mount -t fuse.ferry SOURCE MOUNTPOINT -o
     /// config=FILE`, or an fstab line `SOURCE MOUNTPOINT fuse.ferry config=FILE,allow_other 0 0`.
     Mount(MountArgs),
-    /// Show what a mount tracks: per image, the bytes changed since the last sync.
+    /// Make a sync point now and wait until the replicas have committed it.
+    ///
+    /// Freezes the changes of every image on the mount (or only the IMAGEs named), re-chunks
+    /// just the changed regions, and ships the new generation to the configured peers. Waits
+    /// until as many replicas as `[primary] replicas` have committed it, then prints a summary
+    /// (`--json`: root, dirty_bytes, bytes_sent, chunks_sent, patches_sent, duration_ms and per
+    /// replica its name, state and committed root). Exits non-zero if they did not commit.
+    Sync(SyncArgs),
+    /// Show what a mount tracks: unsynced bytes per image, the generation, each replica's
+    /// state and lag.
     Status(StatusArgs),
+    /// Run the replica daemon (foreground, systemd style).
+    ///
+    /// Listens on `[replica] listen` for the primaries pinned in `[replica] primaries`, keeps
+    /// each image under `[replica] store` at the same relative path as on the primary, and
+    /// applies every generation atomically: a crash at any point leaves the last committed
+    /// generation, or the new one after restart.
+    Replica(ReplicaArgs),
     /// Chunk a file and print its Merkle root, chunk count and chunk sizes.
     ///
     /// Reads FILE once (holes are skipped, not read), cuts it into content-defined chunks with
@@ -92,6 +108,27 @@ pub struct MountArgs {
     /// Stay in the foreground (for systemd and debugging); log to stderr.
     #[arg(short = 'f', long)]
     pub foreground: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SyncArgs {
+    /// The mountpoint of a running `ferry mount`.
+    pub mountpoint: PathBuf,
+    /// Images (paths relative to the mount) to cut; default: all.
+    pub images: Vec<String>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Give up waiting for the replicas after this many seconds.
+    #[arg(long, value_name = "S", default_value_t = 3600.0)]
+    pub timeout: f64,
+}
+
+#[derive(Args, Debug)]
+pub struct ReplicaArgs {
+    /// The node's config file (with a [replica] section).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -173,7 +210,9 @@ pub fn run(cli: Cli) -> Result<()> {
             mountpoint: a.mountpoint,
             foreground: a.foreground,
         }),
+        Command::Sync(a) => sync_cmd(a),
         Command::Status(a) => status_cmd(a),
+        Command::Replica(a) => crate::replica::daemon::run(&a.config),
         Command::Manifest(a) => manifest_cmd(a),
         Command::Keygen(a) => keygen_cmd(a),
         Command::Id(a) => id_cmd(a),
@@ -297,6 +336,60 @@ fn status_cmd(a: StatusArgs) -> Result<()> {
         for r in img["dirty"].as_array().into_iter().flatten() {
             println!("      {}..{}", r[0], r[1]);
         }
+    }
+    Ok(())
+}
+
+fn sync_cmd(a: SyncArgs) -> Result<()> {
+    let socket = crate::control::socket_of(&a.mountpoint)?;
+    let bar = (!a.json && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
+        let b = indicatif::ProgressBar::new_spinner();
+        b.set_message(format!("syncing {}", a.mountpoint.display()));
+        b.enable_steady_tick(std::time::Duration::from_millis(120));
+        b
+    });
+    let v = crate::control::request(
+        &socket,
+        &serde_json::json!({"cmd": "sync", "images": a.images, "timeout": a.timeout}),
+        Some(std::time::Duration::from_secs_f64(a.timeout + 30.0)),
+    );
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let mut v = v?;
+    if let Some(o) = v.as_object_mut() {
+        o.remove("ok");
+    }
+    let committed = v["committed"].as_u64().unwrap_or(0);
+    let required = v["required"].as_u64().unwrap_or(0);
+    if a.json {
+        println!("{v}");
+    } else {
+        let iec = |n: u64| ByteSize(n).display().iec().to_string();
+        println!(
+            "generation {} root {}",
+            v["generation"],
+            v["root"].as_str().unwrap_or("?")
+        );
+        println!(
+            "  {} dirty, {} sent in {} chunks and {} patches, {} ms",
+            iec(v["dirty_bytes"].as_u64().unwrap_or(0)),
+            iec(v["bytes_sent"].as_u64().unwrap_or(0)),
+            v["chunks_sent"],
+            v["patches_sent"],
+            v["duration_ms"]
+        );
+        for r in v["replicas"].as_array().into_iter().flatten() {
+            println!(
+                "  {:<16} {:<10} {}",
+                r["name"].as_str().unwrap_or("?"),
+                r["state"].as_str().unwrap_or("?"),
+                r["error"].as_str().or(r["root"].as_str()).unwrap_or("")
+            );
+        }
+    }
+    if committed < required {
+        anyhow::bail!("only {committed} of the {required} required replicas committed");
     }
     Ok(())
 }

@@ -12,3 +12,6 @@ pub mod fs;
 pub mod manifest;
 pub mod mount;
 pub mod net;
+pub mod replica;
+pub mod sync;
+pub mod wire;

@@ -311,10 +311,16 @@ fn serve(
         Ok(()) => log::info!("{label}: unmounted cleanly"),
         Err(e) => log::error!("{label}: could not close the intent log cleanly: {e}"),
     });
+    let engine = Arc::new(crate::sync::Engine::open(
+        config,
+        source,
+        state,
+        tracker.clone(),
+    )?);
     let socket = state.join("control.sock");
     crate::control::serve(
         &socket,
-        control_handler(source, mountpoint, tracker.clone()),
+        control_handler(source, mountpoint, tracker.clone(), engine),
     )?;
     let adapter = FerryFuse::new(fs, Some(socket), on_destroy);
 
@@ -388,9 +394,24 @@ fn control_handler(
     source: &Path,
     mountpoint: &Path,
     tracker: Arc<Tracker>,
+    engine: Arc<crate::sync::Engine>,
 ) -> Arc<crate::control::Handler> {
     let (source, mountpoint) = (source.to_path_buf(), mountpoint.to_path_buf());
     Arc::new(move |req: &serde_json::Value| match req["cmd"].as_str() {
+        Some("sync") => {
+            let images: Vec<String> = req["images"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let timeout =
+                std::time::Duration::from_secs_f64(req["timeout"].as_f64().unwrap_or(3600.0));
+            let report = engine.sync(&images, timeout)?;
+            Ok(serde_json::to_value(report)?)
+        }
         Some("status") => {
             let ranges = req["ranges"].as_bool().unwrap_or(false);
             let images: Vec<serde_json::Value> = tracker
@@ -415,6 +436,7 @@ fn control_handler(
                 "tracking": tracker.enabled(),
                 "dirty_bytes": tracker.dirty_bytes(),
                 "images": images,
+                "sync": engine.status(),
             }))
         }
         other => bail!("unknown control command {other:?}"),

@@ -3,7 +3,7 @@
 //! crash. The filesystem core reports every change here; the sync engine freezes it at a sync
 //! point.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::io;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -176,11 +176,36 @@ impl Tracker {
 
     /// A sync point: takes the dirty ranges and events so far; later changes start afresh.
     pub fn freeze(&self) -> Frozen {
+        self.freeze_only(None)
+    }
+
+    /// A sync point for some images only (all when `only` is `None`): the others keep their
+    /// dirty ranges, marked again in the intent log's new epoch so committing this sync does
+    /// not forget them.
+    pub fn freeze_only(&self, only: Option<&HashSet<PathBuf>>) -> Frozen {
         let _gate = self.gate.write();
         let mut s = self.state.lock();
         let token = self.log.as_ref().map(|l| l.begin_sync());
+        let all = std::mem::take(&mut s.dirty);
+        let (dirty, keep): (BTreeMap<_, _>, BTreeMap<_, _>) = match only {
+            None => (all, BTreeMap::new()),
+            Some(set) => all.into_iter().partition(|(p, _)| set.contains(p)),
+        };
+        if let Some(log) = &self.log {
+            for (path, set) in &keep {
+                for r in set.iter() {
+                    if let Err(e) = log.mark(path, r) {
+                        log::error!(
+                            "cannot mark {} again in the intent log: {e}",
+                            path.display()
+                        );
+                    }
+                }
+            }
+        }
+        s.dirty = keep;
         Frozen {
-            dirty: std::mem::take(&mut s.dirty),
+            dirty,
             events: std::mem::take(&mut s.events),
             token,
         }

@@ -8,7 +8,7 @@ mod merkle;
 
 pub use diff::{Change, ChangeKind, Diff, diff};
 pub use file::{FORMAT_VERSION, ManifestFileError, load, save};
-pub use merkle::{FANOUT, LEAF_SPAN, Tree};
+pub use merkle::{FANOUT, LEAF_SPAN, Tree, leaf_count};
 
 use crate::chunk::ChunkParams;
 use blake3::Hash;

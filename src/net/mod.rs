@@ -5,6 +5,7 @@
 
 pub mod keys;
 pub mod tls;
+pub mod transport;
 
 pub use keys::{
     CERT_FILE, CERT_NAME, Fingerprint, Identity, KEY_FILE, KeyError, ParseFingerprintError,

@@ -1,0 +1,458 @@
+//! The replica's store: each image at the same relative path as on the primary, and under
+//! `.ferry/` the committed manifests, the generation record, and the staging area.
+//!
+//! A generation is made durable and applied in this order, which is what keeps invariant 2
+//! (the images always equal a committed generation, after any crash):
+//! 1. every chunk of the generation is in the staging journal (received and verified, or copied
+//!    from where the store already holds it and verified), and the journal is fsynced;
+//! 2. the new manifests are written under `.ferry/staging/manifests/`;
+//! 3. the commit record `.ferry/staging/commit` is written atomically: the generation is
+//!    committed;
+//! 4. the images are changed in place from the journal (data written, zero extents punched as
+//!    holes, sizes set) and fsynced;
+//! 5. the manifests replace the committed ones, then the generation record is replaced;
+//! 6. the staging area is emptied.
+//!
+//! On start, a commit record newer than the generation record is replayed from step 4 (writing
+//! the same bytes again is harmless); a staging journal without a commit record is kept, so an
+//! interrupted transfer resumes without sending those chunks again.
+
+pub mod daemon;
+mod journal;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::chunk::{ChunkParams, FileSource, chunk_full};
+use crate::durable;
+use crate::manifest::{self, Entry, Kind, Manifest};
+use crate::wire::frame::{Hash, ImageState, NsChange};
+use crate::wire::replica::{Generation, ReplicaStore};
+
+pub use journal::Journal;
+
+/// The store's metadata directory (an image path may not start with it).
+pub const META_DIR: &str = ".ferry";
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+struct GenerationRecord {
+    generation: u64,
+    group_root: String,
+    epoch: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct CommitRecord {
+    generation: u64,
+    group_root: String,
+    changes: Vec<NsChange>,
+    images: Vec<String>,
+}
+
+/// A replica's store.
+pub struct Store {
+    root: PathBuf,
+    params: ChunkParams,
+    record: GenerationRecord,
+    manifests: BTreeMap<String, Manifest>,
+    /// Where each chunk of the committed images lives: (image, offset, length).
+    index: HashMap<Hash, (String, u64, u64)>,
+    journal: Journal,
+}
+
+fn hash_hex(h: &Hash) -> String {
+    blake3::Hash::from_bytes(*h).to_hex().to_string()
+}
+
+fn hash_from_hex(s: &str) -> Result<Hash> {
+    if s.is_empty() {
+        return Ok([0; 32]);
+    }
+    Ok(*blake3::Hash::from_hex(s)
+        .map_err(|e| anyhow::anyhow!("bad hash {s:?}: {e}"))?
+        .as_bytes())
+}
+
+impl Store {
+    /// Opens the store at `root`, replaying a committed but unapplied generation and indexing
+    /// every image (images without a manifest, e.g. seeded by hand, are chunked now).
+    pub fn open(root: &Path, params: ChunkParams) -> Result<Store> {
+        fs::create_dir_all(root.join(META_DIR).join("manifests"))
+            .with_context(|| format!("cannot create store {}", root.display()))?;
+        fs::create_dir_all(root.join(META_DIR).join("staging").join("manifests"))?;
+        let root = root.canonicalize()?;
+        let record_path = root.join(META_DIR).join("generation");
+        let record: GenerationRecord = match fs::read(&record_path) {
+            Ok(b) => serde_json::from_slice(&b).with_context(|| {
+                format!(
+                    "generation record {} is corrupt; restore it from a backup or move the \
+                     store aside and resync",
+                    record_path.display()
+                )
+            })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => GenerationRecord::default(),
+            Err(e) => return Err(e).context(format!("cannot read {}", record_path.display())),
+        };
+        let journal = Journal::open(
+            &root.join(META_DIR).join("staging").join("journal"),
+            params.max_size,
+        )?;
+        let mut store = Store {
+            root,
+            params,
+            record,
+            manifests: BTreeMap::new(),
+            index: HashMap::new(),
+            journal,
+        };
+        store.replay()?;
+        store.load_manifests()?;
+        log::info!(
+            "store {}: generation {}, {} images, {} chunks staged",
+            store.root.display(),
+            store.record.generation,
+            store.manifests.len(),
+            store.journal.len()
+        );
+        Ok(store)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn meta(&self) -> PathBuf {
+        self.root.join(META_DIR)
+    }
+
+    fn manifest_path(&self, dir: &str, image: &str) -> PathBuf {
+        self.meta().join(dir).join(format!("{image}.manifest"))
+    }
+
+    /// Every regular file under the store, as a relative path.
+    fn image_paths(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        let mut stack = vec![self.root.clone()];
+        while let Some(dir) = stack.pop() {
+            for ent in fs::read_dir(&dir)? {
+                let ent = ent?;
+                let p = ent.path();
+                let rel = p.strip_prefix(&self.root).expect("under root");
+                if rel.starts_with(META_DIR) {
+                    continue;
+                }
+                let ft = ent.file_type()?;
+                if ft.is_dir() {
+                    stack.push(p);
+                } else if ft.is_file() {
+                    out.push(rel.to_string_lossy().into_owned());
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn load_manifests(&mut self) -> Result<()> {
+        for path in self.image_paths()? {
+            let file = self.root.join(&path);
+            let size = fs::metadata(&file)?.len();
+            let mp = self.manifest_path("manifests", &path);
+            let m = match manifest::load(&mp) {
+                Ok(m) if m.size() == size && m.params() == self.params => m,
+                other => {
+                    if let Err(e) = other {
+                        log::info!("{path}: no usable manifest ({e}); chunking the image");
+                    } else {
+                        log::warn!("{path}: manifest does not fit the image; chunking it again");
+                    }
+                    let (m, _) = chunk_full(&FileSource::open(&file)?, self.params)?;
+                    self.save_manifest("manifests", &path, &m)?;
+                    m
+                }
+            };
+            self.manifests.insert(path, m);
+        }
+        self.rebuild_index();
+        Ok(())
+    }
+
+    fn rebuild_index(&mut self) {
+        self.index.clear();
+        for (path, m) in &self.manifests {
+            for e in m.entries() {
+                if let Kind::Data(h) = e.kind {
+                    self.index
+                        .entry(*h.as_bytes())
+                        .or_insert_with(|| (path.clone(), e.offset, e.len));
+                }
+            }
+        }
+    }
+
+    fn save_manifest(&self, dir: &str, image: &str, m: &Manifest) -> Result<()> {
+        let p = self.manifest_path(dir, image);
+        fs::create_dir_all(p.parent().expect("has a parent"))?;
+        manifest::save(&p, m)?;
+        Ok(())
+    }
+
+    /// Reads bytes of a committed image, zeros past its end.
+    fn read_image(&self, image: &str, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+        let f = File::open(self.root.join(image))?;
+        let size = f.metadata()?.len();
+        let mut buf = vec![0u8; len as usize];
+        let avail = size.saturating_sub(offset).min(len) as usize;
+        f.read_exact_at(&mut buf[..avail], offset)?;
+        Ok(buf)
+    }
+
+    /// Applies a committed generation (steps 4 to 6 of the module comment).
+    fn apply(&mut self, commit: &CommitRecord, new: &BTreeMap<String, Manifest>) -> Result<()> {
+        for c in &commit.changes {
+            if let NsChange::Remove { path } = c {
+                let p = self.root.join(path);
+                match fs::remove_file(&p) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e).context(format!("cannot remove {}", p.display())),
+                }
+                let _ = fs::remove_file(self.manifest_path("manifests", path));
+                self.manifests.remove(path);
+            }
+        }
+        let empty = Manifest::empty(self.params);
+        for (path, m) in new {
+            let file_path = self.root.join(path);
+            if let Some(dir) = file_path.parent() {
+                fs::create_dir_all(dir)?;
+            }
+            let f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&file_path)
+                .with_context(|| format!("cannot open {}", file_path.display()))?;
+            let old = self.manifests.get(path).unwrap_or(&empty);
+            write_changes(&f, old, m, &self.journal)
+                .with_context(|| format!("cannot apply generation to {}", file_path.display()))?;
+            f.set_len(m.size())?;
+            f.sync_all()?;
+        }
+        durable::fsync_dir(&self.root)?;
+        for (path, m) in new {
+            self.save_manifest("manifests", path, m)?;
+            self.manifests.insert(path.clone(), m.clone());
+        }
+        self.record = GenerationRecord {
+            generation: commit.generation,
+            group_root: commit.group_root.clone(),
+            epoch: self.record.epoch,
+        };
+        durable::write_atomic(
+            &self.meta().join("generation"),
+            &serde_json::to_vec(&self.record)?,
+        )?;
+        // Staging is done with: commit record first, then the journal and staged manifests.
+        let staging = self.meta().join("staging");
+        let _ = fs::remove_file(staging.join("commit"));
+        durable::fsync_dir(&staging)?;
+        self.journal.clear()?;
+        let _ = fs::remove_dir_all(staging.join("manifests"));
+        fs::create_dir_all(staging.join("manifests"))?;
+        self.rebuild_index();
+        Ok(())
+    }
+
+    /// Replays a committed but not yet applied generation.
+    fn replay(&mut self) -> Result<()> {
+        let p = self.meta().join("staging").join("commit");
+        let commit: CommitRecord = match fs::read(&p) {
+            Ok(b) => serde_json::from_slice(&b)
+                .with_context(|| format!("commit record {} is corrupt", p.display()))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        if commit.generation <= self.record.generation {
+            // Applied; only the clean-up was interrupted.
+            let _ = fs::remove_file(&p);
+            self.journal.clear()?;
+            return Ok(());
+        }
+        log::warn!(
+            "store {}: generation {} was committed but not fully applied; applying it again",
+            self.root.display(),
+            commit.generation
+        );
+        // The committed manifests as they were before (or already after) this generation.
+        for path in &commit.images {
+            if let Ok(m) = manifest::load(&self.manifest_path("manifests", path)) {
+                self.manifests.insert(path.clone(), m);
+            }
+        }
+        let mut new = BTreeMap::new();
+        for path in &commit.images {
+            new.insert(
+                path.clone(),
+                manifest::load(&self.manifest_path("staging/manifests", path))?,
+            );
+        }
+        self.apply(&commit, &new)
+    }
+}
+
+/// Writes the entries of `new` that are not identical in `old` into `f`, from the journal.
+fn write_changes(f: &File, old: &Manifest, new: &Manifest, journal: &Journal) -> Result<()> {
+    let o = old.entries();
+    let mut i = 0;
+    for e in new.entries() {
+        while i < o.len() && o[i].offset < e.offset {
+            i += 1;
+        }
+        if o.get(i) == Some(e) {
+            continue;
+        }
+        write_entry(f, e, journal)?;
+    }
+    Ok(())
+}
+
+fn write_entry(f: &File, e: &Entry, journal: &Journal) -> Result<()> {
+    match e.kind {
+        Kind::Data(h) => {
+            let data = journal
+                .get(h.as_bytes())?
+                .with_context(|| format!("chunk {} at {} is not staged", h, e.offset))?;
+            f.write_all_at(&data, e.offset)?;
+        }
+        Kind::Zero => {
+            let r = unsafe {
+                libc::fallocate(
+                    f.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    e.offset as i64,
+                    e.len as i64,
+                )
+            };
+            if r != 0 {
+                // No hole punching here: write the zeros.
+                let zeros = vec![0u8; 1 << 20];
+                let mut off = e.offset;
+                while off < e.end() {
+                    let n = (e.end() - off).min(zeros.len() as u64) as usize;
+                    f.write_all_at(&zeros[..n], off)?;
+                    off += n as u64;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+impl ReplicaStore for Store {
+    fn params(&self) -> ChunkParams {
+        self.params
+    }
+
+    fn epoch(&self) -> u64 {
+        self.record.epoch
+    }
+
+    fn generation(&self) -> (u64, Hash) {
+        (
+            self.record.generation,
+            hash_from_hex(&self.record.group_root).unwrap_or([0; 32]),
+        )
+    }
+
+    fn images(&self) -> Vec<ImageState> {
+        self.manifests
+            .iter()
+            .map(|(path, m)| ImageState {
+                path: path.clone(),
+                size: m.size(),
+                root: *m.root().as_bytes(),
+            })
+            .collect()
+    }
+
+    fn manifest(&self, path: &str) -> Option<&Manifest> {
+        self.manifests.get(path)
+    }
+
+    fn have(&self, hash: &Hash) -> bool {
+        self.journal.contains(hash) || self.index.contains_key(hash)
+    }
+
+    fn base_bytes(&self, path: &str, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+        if !self.manifests.contains_key(path) {
+            return Err(io::Error::new(io::ErrorKind::NotFound, "no such image"));
+        }
+        self.read_image(path, offset, len)
+    }
+
+    fn stage(&mut self, hash: &Hash, data: &[u8]) -> io::Result<()> {
+        self.journal.append(hash, data)
+    }
+
+    fn commit(&mut self, g: &Generation) -> Result<()> {
+        // 1. Chunks the store holds elsewhere are copied into the journal (and verified), so
+        //    applying never reads from an image it is changing.
+        for m in g.images.values() {
+            for e in m.entries() {
+                let Some(h) = e.hash() else { continue };
+                let h = *h.as_bytes();
+                if self.journal.contains(&h) {
+                    continue;
+                }
+                let Some((src, off, len)) = self.index.get(&h).cloned() else {
+                    bail!(
+                        "chunk {} of the generation is neither staged nor stored",
+                        hash_hex(&h)
+                    );
+                };
+                let data = self.read_image(&src, off, len)?;
+                if *blake3::hash(&data).as_bytes() != h {
+                    bail!(
+                        "stored chunk {} in {src} at {off} does not match its hash: the \
+                         store is damaged; run `ferry verify --deep`",
+                        hash_hex(&h)
+                    );
+                }
+                self.journal.append(&h, &data)?;
+            }
+        }
+        self.journal.sync()?;
+        // 2. Staged manifests.
+        for (path, m) in &g.images {
+            self.save_manifest("staging/manifests", path, m)?;
+        }
+        // 3. The commit record.
+        let commit = CommitRecord {
+            generation: g.number,
+            group_root: hash_hex(&g.group_root),
+            changes: g.changes.clone(),
+            images: g.images.keys().cloned().collect(),
+        };
+        durable::write_atomic(
+            &self.meta().join("staging").join("commit"),
+            &serde_json::to_vec(&commit)?,
+        )?;
+        // 4-6.
+        self.apply(&commit, &g.images)?;
+        log::info!(
+            "store {}: generation {} committed ({} images changed)",
+            self.root.display(),
+            g.number,
+            g.images.len()
+        );
+        Ok(())
+    }
+}

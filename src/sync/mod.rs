@@ -1,0 +1,595 @@
+//! Sync points on the primary: freeze the dirty set, re-chunk only the dirty regions into the
+//! active manifests, and ship the new generation to the replicas.
+//!
+//! State kept under the mount's state directory, so a restarted primary neither re-reads its
+//! images nor resends what a replica holds:
+//! * `active/generation.json` and `active/manifests/<image>.manifest`: the last generation the
+//!   primary cut (the "stale" side of the next re-chunk);
+//! * `peers/<name>/generation.json` and `peers/<name>/manifests/<image>.manifest`: what each
+//!   replica acknowledged (the base of its next plan).
+//!
+//! The tracker's freeze is committed (the intent log forgets its marks) once the new active
+//! manifests are on disk: from then on they, not the marks, say what each replica still lacks.
+
+pub mod ship;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs;
+use std::net::SocketAddr;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result, anyhow};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::chunk::{ChunkParams, FileSource, Source, chunk_full, rechunk};
+use crate::config::Config;
+use crate::dirty::RangeSet;
+use crate::durable;
+use crate::fs::{Frozen, NsEvent, Tracker};
+use crate::manifest::{self, Manifest};
+use crate::net::{Fingerprint, Identity, transport};
+use crate::wire::primary::{ChunkSource, Generation, PeerKnowledge, PrimarySession, group_root};
+
+use ship::{ShipStats, ship};
+
+/// One replica the primary ships to.
+struct Peer {
+    name: String,
+    addr: SocketAddr,
+    known: PeerKnowledge,
+    /// Last outcome, for status.
+    last: Option<PeerOutcome>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PeerOutcome {
+    pub name: String,
+    /// "committed" or "failed".
+    pub state: String,
+    pub generation: u64,
+    /// The group root the replica committed (hex), if it did.
+    pub root: Option<String>,
+    pub error: Option<String>,
+    pub bytes_sent: u64,
+    pub chunks_sent: u64,
+    pub patches_sent: u64,
+    pub wire_bytes: u64,
+    pub duration_ms: u64,
+    #[serde(skip)]
+    pub at: Option<SystemTime>,
+}
+
+#[derive(Default, Serialize, Deserialize)]
+struct GenRecord {
+    generation: u64,
+    group_root: String,
+}
+
+struct Inner {
+    generation: u64,
+    group_root: [u8; 32],
+    images: BTreeMap<String, Arc<Manifest>>,
+    peers: Vec<Peer>,
+    last_sync: Option<Value>,
+}
+
+/// The sync engine of one mount.
+pub struct Engine {
+    root: PathBuf,
+    state: PathBuf,
+    node: String,
+    params: ChunkParams,
+    required: usize,
+    tracker: Arc<Tracker>,
+    rt: tokio::runtime::Runtime,
+    endpoint: Option<quinn::Endpoint>,
+    inner: parking_lot::Mutex<Inner>,
+}
+
+/// A sync's result, as `ferry sync --json` prints it.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub generation: u64,
+    /// The group root (hex).
+    pub root: String,
+    pub images: usize,
+    pub dirty_bytes: u64,
+    pub bytes_sent: u64,
+    pub chunks_sent: u64,
+    pub patches_sent: u64,
+    pub wire_bytes: u64,
+    pub duration_ms: u64,
+    pub rechunk_ms: u64,
+    /// Replicas that committed, out of `required`.
+    pub committed: usize,
+    pub required: usize,
+    pub replicas: Vec<PeerOutcome>,
+}
+
+/// Reads images from the backing directory for data frames.
+struct Backing(PathBuf);
+
+impl ChunkSource for Backing {
+    fn read(&self, path: &str, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+        let f = fs::File::open(self.0.join(path))?;
+        let mut buf = vec![0u8; len as usize];
+        let size = f.metadata()?.len();
+        let avail = size.saturating_sub(offset).min(len) as usize;
+        f.read_exact_at(&mut buf[..avail], offset)?;
+        Ok(buf)
+    }
+}
+
+fn hex(h: &[u8; 32]) -> String {
+    blake3::Hash::from_bytes(*h).to_hex().to_string()
+}
+
+fn read_gen(path: &Path) -> Result<GenRecord> {
+    match fs::read(path) {
+        Ok(b) => {
+            serde_json::from_slice(&b).with_context(|| format!("{} is corrupt", path.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(GenRecord::default()),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// Loads `<dir>/<image>.manifest` for every image listed.
+fn load_manifests(dir: &Path, params: ChunkParams) -> BTreeMap<String, Arc<Manifest>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for ent in rd.flatten() {
+            let p = ent.path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            let Some(rel) = p
+                .strip_prefix(dir)
+                .ok()
+                .and_then(|r| r.to_str())
+                .and_then(|r| r.strip_suffix(".manifest"))
+            else {
+                continue;
+            };
+            match manifest::load(&p) {
+                Ok(m) if m.params() == params => {
+                    out.insert(rel.to_string(), Arc::new(m));
+                }
+                Ok(_) => log::warn!("{}: other chunk parameters; ignored", p.display()),
+                Err(e) => log::warn!("{e}; ignored (the image will be chunked in full)"),
+            }
+        }
+    }
+    out
+}
+
+fn save_manifest(dir: &Path, image: &str, m: &Manifest) -> Result<()> {
+    let p = dir.join(format!("{image}.manifest"));
+    fs::create_dir_all(p.parent().expect("has a parent"))?;
+    manifest::save(&p, m)?;
+    Ok(())
+}
+
+fn remove_manifest(dir: &Path, image: &str) {
+    let _ = fs::remove_file(dir.join(format!("{image}.manifest")));
+}
+
+/// Regular files under `root`, as UTF-8 relative paths (others are skipped with a warning).
+fn list_images(root: &Path) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for ent in fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
+            let ent = ent?;
+            let ft = ent.file_type()?;
+            let p = ent.path();
+            if ft.is_dir() {
+                stack.push(p);
+            } else if ft.is_file() {
+                let rel = p.strip_prefix(root).expect("under root");
+                match rel.to_str() {
+                    Some(s) if crate::wire::replica::valid_path(s) => out.push(s.to_string()),
+                    _ => log::warn!("{}: name cannot be replicated; skipped", rel.display()),
+                }
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+impl Engine {
+    /// The engine of the mount of `root` (the backing directory) whose state lives in `state`.
+    pub fn open(
+        config: &Config,
+        root: &Path,
+        state: &Path,
+        tracker: Arc<Tracker>,
+    ) -> Result<Engine> {
+        let params = config.chunk_params().map_err(|e| anyhow!("{e}"))?;
+        let active_dir = state.join("active");
+        fs::create_dir_all(active_dir.join("manifests"))?;
+        let rec = read_gen(&active_dir.join("generation.json"))?;
+        let images = load_manifests(&active_dir.join("manifests"), params);
+        let mut peers = Vec::new();
+        for p in &config.peers {
+            let dir = state.join("peers").join(&p.name);
+            let rec = read_gen(&dir.join("generation.json"))?;
+            peers.push(Peer {
+                name: p.name.clone(),
+                addr: p.addr,
+                known: PeerKnowledge {
+                    generation: rec.generation,
+                    manifests: load_manifests(&dir.join("manifests"), params),
+                    dirty: BTreeMap::new(),
+                },
+                last: None,
+            });
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("ferry-net")
+            .enable_all()
+            .build()?;
+        let endpoint = if config.peers.is_empty() {
+            None
+        } else {
+            let id = Identity::load(&config.node.key_dir)?;
+            let pinned: Vec<Fingerprint> = config.peers.iter().map(|p| p.fingerprint).collect();
+            let _guard = rt.enter();
+            Some(transport::client(
+                &id,
+                &pinned,
+                "0.0.0.0:0".parse().expect("an address"),
+            )?)
+        };
+        let group = if rec.group_root.is_empty() {
+            [0; 32]
+        } else {
+            *blake3::Hash::from_hex(&rec.group_root)
+                .map_err(|e| anyhow!("active generation record: {e}"))?
+                .as_bytes()
+        };
+        Ok(Engine {
+            root: root.to_path_buf(),
+            state: state.to_path_buf(),
+            node: config.node.name.clone(),
+            params,
+            required: config.primary.replicas.min(config.peers.len()),
+            tracker,
+            rt,
+            endpoint,
+            inner: parking_lot::Mutex::new(Inner {
+                generation: rec.generation,
+                group_root: group,
+                images,
+                peers,
+                last_sync: None,
+            }),
+        })
+    }
+
+    /// Makes a sync point now and ships it; waits for the replicas the policy requires, at most
+    /// `timeout`. `only` restricts the sync point to some images (the others keep their
+    /// unsynced changes for the next one).
+    pub fn sync(&self, only: &[String], timeout: Duration) -> Result<Report> {
+        let t0 = Instant::now();
+        let mut inner = self.inner.lock();
+        let only: Option<HashSet<PathBuf>> =
+            (!only.is_empty()).then(|| only.iter().map(PathBuf::from).collect());
+        let frozen = self.tracker.freeze_only(only.as_ref());
+        let dirty_bytes: u64 = frozen.dirty.values().map(|r| r.covered_bytes()).sum();
+        let cut = match self.cut(&mut inner, &frozen, only.as_ref()) {
+            Ok(c) => c,
+            Err(e) => {
+                self.tracker.abort(frozen);
+                return Err(e);
+            }
+        };
+        // The active manifests now cover the frozen changes: the intent log may forget them.
+        let frozen_dirty = frozen.dirty.clone();
+        if let Err(e) = self.tracker.commit(frozen) {
+            log::warn!("intent log compaction failed (the marks stay): {e}");
+        }
+        for p in &mut inner.peers {
+            for (path, set) in &frozen_dirty {
+                if let Some(s) = path.to_str() {
+                    p.known
+                        .dirty
+                        .entry(s.to_string())
+                        .or_insert_with(RangeSet::new)
+                        .extend_from(set);
+                }
+            }
+        }
+        let rechunk_ms = t0.elapsed().as_millis() as u64;
+        let generation = Arc::new(Generation {
+            number: inner.generation,
+            group_root: inner.group_root,
+            images: inner.images.clone(),
+        });
+        log::info!(
+            "sync point: generation {} ({} images, {} dirty bytes, {} changed) cut in {rechunk_ms} ms",
+            generation.number,
+            generation.images.len(),
+            dirty_bytes,
+            cut
+        );
+        let outcomes = self.ship_all(&mut inner, &generation, timeout);
+        let committed = outcomes.iter().filter(|o| o.state == "committed").count();
+        let sum = |f: fn(&PeerOutcome) -> u64| outcomes.iter().map(f).sum::<u64>();
+        let report = Report {
+            generation: generation.number,
+            root: hex(&generation.group_root),
+            images: generation.images.len(),
+            dirty_bytes,
+            bytes_sent: sum(|o| o.bytes_sent),
+            chunks_sent: sum(|o| o.chunks_sent),
+            patches_sent: sum(|o| o.patches_sent),
+            wire_bytes: sum(|o| o.wire_bytes),
+            duration_ms: t0.elapsed().as_millis() as u64,
+            rechunk_ms,
+            committed,
+            required: self.required,
+            replicas: outcomes,
+        };
+        inner.last_sync = Some(serde_json::to_value(&report)?);
+        Ok(report)
+    }
+
+    /// Cuts a new generation: applies namespace events, re-chunks what changed, saves the
+    /// active manifests. Returns how many images changed.
+    fn cut(
+        &self,
+        inner: &mut Inner,
+        frozen: &Frozen,
+        only: Option<&HashSet<PathBuf>>,
+    ) -> Result<usize> {
+        let active_dir = self.state.join("active");
+        let mdir = active_dir.join("manifests");
+        for ev in &frozen.events {
+            match ev {
+                NsEvent::Renamed { from, to } => {
+                    let (Some(from), Some(to)) = (from.to_str(), to.to_str()) else {
+                        continue;
+                    };
+                    let moved: Vec<String> = inner
+                        .images
+                        .keys()
+                        .filter(|k| Path::new(k).starts_with(from))
+                        .cloned()
+                        .collect();
+                    for old in moved {
+                        let new =
+                            crate::dirty::rebase(Path::new(&old), Path::new(from), Path::new(to))
+                                .expect("filtered by prefix");
+                        let m = inner.images.remove(&old).expect("listed");
+                        remove_manifest(&mdir, &old);
+                        inner.images.insert(new.to_string_lossy().into_owned(), m);
+                    }
+                }
+                NsEvent::Removed { path } => {
+                    let Some(p) = path.to_str() else { continue };
+                    inner.images.retain(|k, _| !Path::new(k).starts_with(p));
+                }
+            }
+        }
+        let present = list_images(&self.root)?;
+        let present_set: HashSet<&String> = present.iter().collect();
+        inner.images.retain(|k, _| present_set.contains(k));
+        let mut changed = 0;
+        for path in &present {
+            if only.is_some_and(|o| !o.contains(Path::new(path))) && inner.images.contains_key(path)
+            {
+                continue;
+            }
+            let file = self.root.join(path);
+            let src = FileSource::open(&file)
+                .with_context(|| format!("cannot read image {}", file.display()))?;
+            let dirty: Vec<std::ops::Range<u64>> = frozen
+                .dirty
+                .get(Path::new(path))
+                .map(|r| r.to_vec())
+                .unwrap_or_default();
+            let new = match inner.images.get(path) {
+                Some(stale) if dirty.is_empty() && stale.size() == src.size() => continue,
+                Some(stale) => rechunk(stale, &src, &dirty)?.0,
+                None => chunk_full(&src, self.params)?.0,
+            };
+            if inner
+                .images
+                .get(path)
+                .is_some_and(|s| s.root() == new.root())
+            {
+                continue;
+            }
+            save_manifest(&mdir, path, &new)?;
+            inner.images.insert(path.clone(), Arc::new(new));
+            changed += 1;
+        }
+        // Manifests of images that are gone.
+        for m in load_manifests(&mdir, self.params).keys() {
+            if !inner.images.contains_key(m) {
+                remove_manifest(&mdir, m);
+            }
+        }
+        inner.generation += 1;
+        inner.group_root = group_root(&inner.images);
+        let rec = GenRecord {
+            generation: inner.generation,
+            group_root: hex(&inner.group_root),
+        };
+        durable::write_atomic(
+            &active_dir.join("generation.json"),
+            &serde_json::to_vec(&rec)?,
+        )?;
+        Ok(changed)
+    }
+
+    /// Ships a generation to every peer at once; returns their outcomes.
+    fn ship_all(
+        &self,
+        inner: &mut Inner,
+        g: &Arc<Generation>,
+        timeout: Duration,
+    ) -> Vec<PeerOutcome> {
+        let Some(ep) = &self.endpoint else {
+            return vec![];
+        };
+        let src: Arc<dyn ChunkSource + Send + Sync> = Arc::new(Backing(self.root.clone()));
+        let jobs: Vec<_> = inner
+            .peers
+            .iter()
+            .map(|p| {
+                let (session, hello) =
+                    PrimarySession::new(&self.node, 0, self.params, g.clone(), p.known.clone());
+                (p.name.clone(), p.addr, session, hello)
+            })
+            .collect();
+        let results = self.rt.block_on(async {
+            let futs = jobs.into_iter().map(|(name, addr, session, hello)| {
+                let src = src.clone();
+                let ep = ep.clone();
+                async move {
+                    let stats = Arc::new(ShipStats::default());
+                    let t = Instant::now();
+                    let r = tokio::time::timeout(
+                        timeout,
+                        ship(&ep, addr, session, hello, src, stats.clone()),
+                    )
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(anyhow!("no acknowledgement within {} s", timeout.as_secs()))
+                    });
+                    (name, r, stats, t.elapsed())
+                }
+            });
+            futures_join_all(futs).await
+        });
+        let mut out = Vec::new();
+        for (name, r, stats, took) in results {
+            let peer = inner
+                .peers
+                .iter_mut()
+                .find(|p| p.name == name)
+                .expect("a peer");
+            let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+            let mut o = PeerOutcome {
+                name: name.clone(),
+                state: "committed".into(),
+                generation: g.number,
+                root: None,
+                error: None,
+                bytes_sent: n(&stats.bytes_sent),
+                chunks_sent: n(&stats.chunks_sent),
+                patches_sent: n(&stats.patches_sent),
+                wire_bytes: n(&stats.wire_bytes),
+                duration_ms: took.as_millis() as u64,
+                at: Some(SystemTime::now()),
+            };
+            match r {
+                Ok(acked) => {
+                    o.root = Some(hex(&acked.group_root));
+                    if let Err(e) = self.remember(peer, g) {
+                        log::warn!("{name}: acknowledged, but its state could not be saved: {e:#}");
+                    }
+                    log::info!(
+                        "{name}: committed generation {} ({} bytes in {} chunks and {} patches, {} ms)",
+                        g.number,
+                        o.bytes_sent,
+                        o.chunks_sent,
+                        o.patches_sent,
+                        o.duration_ms
+                    );
+                }
+                Err(e) => {
+                    log::warn!("{name}: generation {} not committed: {e:#}", g.number);
+                    o.state = "failed".into();
+                    o.error = Some(format!("{e:#}"));
+                }
+            }
+            peer.last = Some(o.clone());
+            out.push(o);
+        }
+        out
+    }
+
+    /// A replica acknowledged `g`: it is that replica's new base.
+    fn remember(&self, peer: &mut Peer, g: &Generation) -> Result<()> {
+        let dir = self.state.join("peers").join(&peer.name);
+        let mdir = dir.join("manifests");
+        for (path, m) in &g.images {
+            if peer
+                .known
+                .manifests
+                .get(path)
+                .is_none_or(|k| k.root() != m.root())
+            {
+                save_manifest(&mdir, path, m)?;
+            }
+        }
+        for old in peer.known.manifests.keys() {
+            if !g.images.contains_key(old) {
+                remove_manifest(&mdir, old);
+            }
+        }
+        let rec = GenRecord {
+            generation: g.number,
+            group_root: hex(&g.group_root),
+        };
+        durable::write_atomic(&dir.join("generation.json"), &serde_json::to_vec(&rec)?)?;
+        peer.known = PeerKnowledge {
+            generation: g.number,
+            manifests: g.images.clone(),
+            dirty: BTreeMap::new(),
+        };
+        Ok(())
+    }
+
+    /// Status for `ferry status`.
+    pub fn status(&self) -> Value {
+        let inner = self.inner.lock();
+        let peers: Vec<Value> = inner
+            .peers
+            .iter()
+            .map(|p| {
+                json!({
+                    "name": p.name,
+                    "addr": p.addr.to_string(),
+                    "generation": p.known.generation,
+                    "lag_generations": inner.generation.saturating_sub(p.known.generation),
+                    "last": p.last,
+                })
+            })
+            .collect();
+        json!({
+            "generation": inner.generation,
+            "root": hex(&inner.group_root),
+            "required": self.required,
+            "replicas": peers,
+            "last_sync": inner.last_sync,
+        })
+    }
+}
+
+/// Runs futures concurrently and collects their outputs in order.
+async fn futures_join_all<F>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futs.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.expect("a shipping task panicked"));
+    }
+    out
+}

@@ -1,0 +1,332 @@
+//! Frames: the messages of protocol `ferry/1` and their encoding.
+//!
+//! On every QUIC stream a frame is a 4-byte little-endian length followed by that many bytes of
+//! a postcard-encoded [`Frame`]. The length is checked against [`MAX_FRAME`] before anything is
+//! allocated, and decoding never trusts a count inside the frame beyond the bytes present, so
+//! a malformed or hostile frame costs at most one bounded buffer and a clear error.
+
+use serde::{Deserialize, Serialize};
+
+use crate::chunk::ChunkParams;
+
+/// Protocol version carried in the hello; a peer with another version is refused.
+pub const VERSION: u16 = 1;
+
+/// Largest encoded frame: the largest chunk FastCDC allows (16 MiB) plus room for its header.
+pub const MAX_FRAME: usize = (16 << 20) + (64 << 10);
+
+/// Plan entries per [`Frame::Plan`] frame, and hashes per [`Frame::Want`] frame, so control
+/// frames stay small (about 2 MiB at most).
+pub const MAX_ITEMS: usize = 32 * 1024;
+
+/// A BLAKE3 hash on the wire.
+pub type Hash = [u8; 32];
+
+/// A manifest entry on the wire (its offset is implied by the entries before it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireEntry {
+    Data { len: u64, hash: Hash },
+    Zero { len: u64 },
+}
+
+/// One image as a replica holds it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageState {
+    pub path: String,
+    pub size: u64,
+    pub root: Hash,
+}
+
+/// A change to an image's manifest: the entries covering `[start, old_end)` of the base are
+/// replaced by `entries` (which may cover a different length only at the end of the image).
+/// Offsets are in the base manifest's coordinates; splices come in offset order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Splice {
+    pub start: u64,
+    pub old_end: u64,
+    pub entries: Vec<WireEntry>,
+}
+
+/// A namespace change, applied before the image plans of its generation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NsChange {
+    Rename { from: String, to: String },
+    Remove { path: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Frame {
+    /// Primary → replica, first frame of a connection.
+    Hello {
+        version: u16,
+        epoch: u64,
+        node: String,
+        params: ChunkParams,
+    },
+    /// Replica → primary: accepted; what it holds.
+    Welcome {
+        version: u16,
+        epoch: u64,
+        generation: u64,
+        group_root: Hash,
+        images: Vec<ImageState>,
+    },
+    /// Either side: the session cannot go on, and why.
+    Refuse { reason: String },
+
+    /// Primary → replica: the hashes of `count` tree nodes of an image from index `first` at
+    /// `level` (0 = leaves). Used to find the replica's base when the primary does not know it.
+    TreeQuery {
+        path: String,
+        level: u8,
+        first: u32,
+        count: u32,
+    },
+    TreeNodes {
+        path: String,
+        level: u8,
+        first: u32,
+        hashes: Vec<Hash>,
+    },
+    /// Primary → replica: the entries of these leaves.
+    LeafQuery { path: String, leaves: Vec<u32> },
+    Leaves {
+        path: String,
+        leaves: Vec<(u32, Vec<(u64, WireEntry)>)>,
+    },
+
+    /// Primary → replica: generation `generation` follows, built on the replica's
+    /// `base_generation`, with these namespace changes and `images` image plans.
+    Begin {
+        generation: u64,
+        base_generation: u64,
+        group_root: Hash,
+        changes: Vec<NsChange>,
+        images: u32,
+    },
+    /// Part of one image's plan; `last` ends that image's plan.
+    Plan {
+        generation: u64,
+        path: String,
+        base_root: Hash,
+        new_size: u64,
+        new_root: Hash,
+        splices: Vec<Splice>,
+        last: bool,
+    },
+    /// Replica → primary: the chunks it lacks (neither stored nor staged); `last` ends the list.
+    Want {
+        generation: u64,
+        hashes: Vec<Hash>,
+        last: bool,
+    },
+    /// Primary → replica, on a data stream: a chunk, maybe zstd-compressed.
+    Chunk {
+        hash: Hash,
+        zstd: bool,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// Primary → replica, on a data stream: the chunk `hash` is the replica's bytes
+    /// `[offset, offset + len)` of `path` (zeros past its end), whose hash is `base` if known,
+    /// with these byte ranges replaced.
+    Patch {
+        hash: Hash,
+        path: String,
+        offset: u64,
+        len: u64,
+        base: Option<Hash>,
+        ranges: Vec<(u64, serde_bytes::ByteBuf)>,
+    },
+    /// Replica → primary: a patch did not apply (or verify); send the whole chunk.
+    NeedFull { generation: u64, hash: Hash },
+    /// Primary → replica: all wanted data is sent; commit when it has arrived.
+    Commit { generation: u64 },
+    /// Replica → primary: generation committed and applied, with its roots.
+    Ack {
+        generation: u64,
+        group_root: Hash,
+        images: Vec<ImageState>,
+    },
+}
+
+/// A frame that cannot be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("frame of {len} bytes exceeds the limit of {MAX_FRAME}")]
+    TooLarge { len: usize },
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+/// Encodes a frame with its length prefix.
+pub fn encode(f: &Frame) -> Vec<u8> {
+    let body = postcard::to_stdvec(f).expect("frames always serialise");
+    debug_assert!(body.len() <= MAX_FRAME, "an oversized frame was built");
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Checks a length prefix before the body is read.
+pub fn check_len(prefix: [u8; 4]) -> Result<usize, FrameError> {
+    let len = u32::from_le_bytes(prefix) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge { len });
+    }
+    Ok(len)
+}
+
+/// Decodes a frame body (without its length prefix). Trailing bytes are an error.
+pub fn decode(body: &[u8]) -> Result<Frame, FrameError> {
+    if body.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge { len: body.len() });
+    }
+    let (f, rest) = postcard::take_from_bytes::<Frame>(body)
+        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(FrameError::Malformed(format!(
+            "{} trailing bytes",
+            rest.len()
+        )));
+    }
+    Ok(f)
+}
+
+/// Splits a byte stream into frames: feed bytes in, take frames out (for tests and fuzzing;
+/// the QUIC transport reads prefix and body directly).
+#[derive(Default)]
+pub struct Decoder {
+    buf: Vec<u8>,
+}
+
+impl Decoder {
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete frame, if one has arrived.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        if self.buf.len() < 4 {
+            return Ok(None);
+        }
+        let len = check_len(self.buf[..4].try_into().expect("4 bytes"))?;
+        if self.buf.len() < 4 + len {
+            return Ok(None);
+        }
+        let f = decode(&self.buf[4..4 + len]);
+        self.buf.drain(..4 + len);
+        f.map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn samples() -> Vec<Frame> {
+        vec![
+            Frame::Hello {
+                version: VERSION,
+                epoch: 3,
+                node: "site-a".into(),
+                params: ChunkParams::default(),
+            },
+            Frame::Plan {
+                generation: 9,
+                path: "vms/a.qcow2".into(),
+                base_root: [1; 32],
+                new_size: 1 << 30,
+                new_root: [2; 32],
+                splices: vec![Splice {
+                    start: 65536,
+                    old_end: 131072,
+                    entries: vec![
+                        WireEntry::Data {
+                            len: 30000,
+                            hash: [3; 32],
+                        },
+                        WireEntry::Zero { len: 35536 },
+                    ],
+                }],
+                last: true,
+            },
+            Frame::Chunk {
+                hash: [4; 32],
+                zstd: false,
+                data: vec![5; 70000],
+            },
+            Frame::Patch {
+                hash: [6; 32],
+                path: "x".into(),
+                offset: 4096,
+                len: 65536,
+                base: Some([7; 32]),
+                ranges: vec![(100, serde_bytes::ByteBuf::from(vec![8; 4096]))],
+            },
+            Frame::Ack {
+                generation: 9,
+                group_root: [9; 32],
+                images: vec![ImageState {
+                    path: "x".into(),
+                    size: 5,
+                    root: [10; 32],
+                }],
+            },
+        ]
+    }
+
+    #[test]
+    fn frames_round_trip_through_a_byte_stream() {
+        let mut d = Decoder::default();
+        let all: Vec<u8> = samples().iter().flat_map(encode).collect();
+        // Byte by byte: a frame appears only once it is complete.
+        let mut out = Vec::new();
+        for b in &all {
+            d.push(std::slice::from_ref(b));
+            while let Some(f) = d.next_frame().unwrap() {
+                out.push(f);
+            }
+        }
+        assert_eq!(out, samples());
+    }
+
+    #[test]
+    fn an_oversized_length_is_refused_before_allocating() {
+        let mut d = Decoder::default();
+        d.push(&u32::MAX.to_le_bytes());
+        assert!(matches!(d.next_frame(), Err(FrameError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn trailing_bytes_and_unknown_variants_are_malformed() {
+        let mut b = encode(&samples()[0]);
+        b.push(0);
+        assert!(decode(&b[4..]).is_err());
+        assert!(decode(&[200, 1, 2]).is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        /// The decoder never panics and never allocates beyond the frame on arbitrary bytes.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..4096)) {
+            let _ = decode(&bytes);
+            let mut d = Decoder::default();
+            d.push(&bytes);
+            while let Ok(Some(_)) = d.next_frame() {}
+        }
+
+        /// Mutated valid frames decode to an error or to some frame, never a panic.
+        #[test]
+        fn mutated_frames_never_panic(i in 0usize..5, pos in any::<usize>(), byte in any::<u8>()) {
+            let mut b = encode(&samples()[i]);
+            let p = 4 + pos % (b.len() - 4);
+            b[p] = byte;
+            let _ = decode(&b[4..]);
+        }
+    }
+}

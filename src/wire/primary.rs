@@ -1,0 +1,743 @@
+//! The primary's side of a session with one replica, sans I/O: frames in; control frames and
+//! data jobs out. Turning a job into a data frame (reading the image, verifying, compressing)
+//! is [`make_frame`], which the transport runs on worker threads.
+//!
+//! The session finds the replica's base for each image: the manifest the primary saved at the
+//! replica's last acknowledgement when the replica reports that root; otherwise (a replica
+//! seeded from elsewhere, a primary that lost its state) it descends the replica's Merkle tree,
+//! querying only the children of nodes that differ from its own, fetches the entries of the
+//! differing leaves, and rebuilds the replica's manifest from them and its own, checking the
+//! rebuilt root against the replica's.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::Range;
+use std::sync::Arc;
+
+use super::frame::{Frame, Hash, ImageState, MAX_ITEMS, NsChange, Splice, VERSION};
+use super::plan::{self, from_wire};
+use crate::chunk::ChunkParams;
+use crate::dirty::RangeSet;
+use crate::manifest::{Entry, FANOUT, Manifest};
+
+/// One consistency group's generation, as the primary built it.
+#[derive(Clone, Debug)]
+pub struct Generation {
+    pub number: u64,
+    pub group_root: Hash,
+    pub images: BTreeMap<String, Arc<Manifest>>,
+}
+
+/// The group root: BLAKE3 over the sorted (path, size, root) of every image.
+pub fn group_root(images: &BTreeMap<String, Arc<Manifest>>) -> Hash {
+    let mut h = blake3::Hasher::new_derive_key("ferry 2026 group root v1");
+    for (path, m) in images {
+        h.update(&(path.len() as u64).to_le_bytes());
+        h.update(path.as_bytes());
+        h.update(&m.size().to_le_bytes());
+        h.update(m.root().as_bytes());
+    }
+    *h.finalize().as_bytes()
+}
+
+/// What the primary knows of a replica from its last acknowledgement.
+#[derive(Clone, Debug, Default)]
+pub struct PeerKnowledge {
+    pub generation: u64,
+    pub manifests: BTreeMap<String, Arc<Manifest>>,
+    /// Bytes changed on the primary since the replica's generation, per image (for patches).
+    /// Absent for an image: unknown, no patches.
+    pub dirty: BTreeMap<String, RangeSet>,
+}
+
+/// A data frame to produce.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Job {
+    Chunk {
+        hash: Hash,
+        path: String,
+        offset: u64,
+        len: u64,
+    },
+    Patch {
+        hash: Hash,
+        path: String,
+        offset: u64,
+        len: u64,
+        base: Option<Hash>,
+        ranges: Vec<Range<u64>>,
+    },
+}
+
+/// What the session asks the transport to do.
+#[derive(Debug)]
+pub enum Out {
+    /// Send on the control stream.
+    Send(Frame),
+    /// Data jobs became available ([`PrimarySession::next_job`]).
+    Jobs,
+    /// The session ended: the replica acknowledged the generation, or it failed.
+    Done(Result<Acked, String>),
+}
+
+/// A successful acknowledgement.
+#[derive(Clone, Debug)]
+pub struct Acked {
+    pub generation: u64,
+    pub group_root: Hash,
+    /// The replica's base for each image, as found (for the caller to learn from).
+    pub images: Vec<ImageState>,
+}
+
+/// Reads image bytes for data frames.
+pub trait ChunkSource: Sync {
+    fn read(&self, path: &str, offset: u64, len: u64) -> std::io::Result<Vec<u8>>;
+}
+
+enum Phase {
+    Hello,
+    /// Finding bases: images still waiting for tree or leaf answers.
+    Bases,
+    Wants,
+    Data,
+    Done,
+}
+
+struct Recon {
+    peer_size: u64,
+    peer_root: Hash,
+    /// Differing nodes at the level being queried.
+    level: usize,
+    pending: usize,
+    differing: Vec<usize>,
+    leaves: BTreeMap<u32, Vec<Entry>>,
+}
+
+pub struct PrimarySession {
+    node: String,
+    epoch: u64,
+    params: ChunkParams,
+    generation: Arc<Generation>,
+    peer: PeerKnowledge,
+    phase: Phase,
+    peer_generation: u64,
+    bases: BTreeMap<String, Arc<Manifest>>,
+    peer_images: BTreeMap<String, ImageState>,
+    recon: BTreeMap<String, Recon>,
+    wanted: Vec<Hash>,
+    jobs: VecDeque<Job>,
+    locations: HashMap<Hash, (String, u64, u64)>,
+    /// Images whose base was found by reconciliation (their dirty ranges are unknown).
+    pub reconciled: Vec<String>,
+}
+
+impl PrimarySession {
+    /// A session to ship `generation` to a replica the primary knows as `peer`. Returns the
+    /// session and its first frame.
+    pub fn new(
+        node: &str,
+        epoch: u64,
+        params: ChunkParams,
+        generation: Arc<Generation>,
+        peer: PeerKnowledge,
+    ) -> (PrimarySession, Frame) {
+        let hello = Frame::Hello {
+            version: VERSION,
+            epoch,
+            node: node.to_string(),
+            params,
+        };
+        let s = PrimarySession {
+            node: node.to_string(),
+            epoch,
+            params,
+            generation,
+            peer,
+            phase: Phase::Hello,
+            peer_generation: 0,
+            bases: BTreeMap::new(),
+            peer_images: BTreeMap::new(),
+            recon: BTreeMap::new(),
+            wanted: Vec::new(),
+            jobs: VecDeque::new(),
+            locations: HashMap::new(),
+            reconciled: Vec::new(),
+        };
+        (s, hello)
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The next data frame to produce, if any.
+    pub fn next_job(&mut self) -> Option<Job> {
+        self.jobs.pop_front()
+    }
+
+    /// Called by the transport once every job so far has been turned into a frame and sent.
+    pub fn data_sent(&mut self) -> Option<Frame> {
+        if matches!(self.phase, Phase::Data) && self.jobs.is_empty() {
+            self.phase = Phase::Done;
+            return Some(Frame::Commit {
+                generation: self.generation.number,
+            });
+        }
+        None
+    }
+
+    /// The replica's base manifests, once known (to remember after an acknowledgement).
+    pub fn bases(&self) -> &BTreeMap<String, Arc<Manifest>> {
+        &self.bases
+    }
+
+    /// Handles one frame from the replica.
+    pub fn handle(&mut self, f: Frame) -> Vec<Out> {
+        match self.step(f) {
+            Ok(out) => out,
+            Err(e) => {
+                self.phase = Phase::Done;
+                vec![Out::Done(Err(e))]
+            }
+        }
+    }
+
+    fn step(&mut self, f: Frame) -> Result<Vec<Out>, String> {
+        match (&self.phase, f) {
+            (_, Frame::Refuse { reason }) => Err(format!("replica refused: {reason}")),
+            (
+                Phase::Hello,
+                Frame::Welcome {
+                    version,
+                    epoch,
+                    generation,
+                    group_root: _,
+                    images,
+                },
+            ) => {
+                if version != VERSION {
+                    return Err(format!(
+                        "replica speaks protocol version {version}, not {VERSION}"
+                    ));
+                }
+                if epoch > self.epoch {
+                    return Err(format!(
+                        "replica is at epoch {epoch}, newer than ours ({}): this primary was fenced by a promotion",
+                        self.epoch
+                    ));
+                }
+                self.peer_generation = generation;
+                self.peer_images = images.into_iter().map(|i| (i.path.clone(), i)).collect();
+                self.phase = Phase::Bases;
+                let mut out = Vec::new();
+                let paths: Vec<String> = self.generation.images.keys().cloned().collect();
+                for path in paths {
+                    out.extend(self.find_base(&path));
+                }
+                out.extend(self.maybe_plan()?);
+                Ok(out)
+            }
+            (
+                Phase::Bases,
+                Frame::TreeNodes {
+                    path,
+                    level,
+                    first,
+                    hashes,
+                },
+            ) => self.on_tree_nodes(path, level as usize, first as usize, hashes),
+            (Phase::Bases, Frame::Leaves { path, leaves }) => self.on_leaves(path, leaves),
+            (
+                Phase::Wants,
+                Frame::Want {
+                    generation,
+                    hashes,
+                    last,
+                },
+            ) => {
+                if generation != self.generation.number {
+                    return Err(format!("want for generation {generation}"));
+                }
+                self.wanted.extend(hashes);
+                if !last {
+                    return Ok(vec![]);
+                }
+                self.make_jobs()?;
+                self.phase = Phase::Data;
+                Ok(vec![Out::Jobs])
+            }
+            (Phase::Data | Phase::Done, Frame::NeedFull { generation, hash }) => {
+                if generation != self.generation.number {
+                    return Err(format!("need-full for generation {generation}"));
+                }
+                let (path, offset, len) = self
+                    .locations
+                    .get(&hash)
+                    .cloned()
+                    .ok_or("replica asked for a chunk that is not in the generation")?;
+                self.jobs.push_back(Job::Chunk {
+                    hash,
+                    path,
+                    offset,
+                    len,
+                });
+                self.phase = Phase::Data;
+                Ok(vec![Out::Jobs])
+            }
+            (
+                Phase::Done,
+                Frame::Ack {
+                    generation,
+                    group_root,
+                    images,
+                },
+            ) => {
+                let g = &self.generation;
+                if generation != g.number || group_root != g.group_root {
+                    return Err(format!(
+                        "replica acknowledged generation {generation} with another root than the one sent: it will be resynced"
+                    ));
+                }
+                for (path, m) in &g.images {
+                    let ok = images.iter().any(|i| {
+                        &i.path == path && i.root == *m.root().as_bytes() && i.size == m.size()
+                    });
+                    if !ok {
+                        return Err(format!(
+                            "replica acknowledged {path} with another root than the one sent: it will be resynced"
+                        ));
+                    }
+                }
+                Ok(vec![Out::Done(Ok(Acked {
+                    generation,
+                    group_root,
+                    images,
+                }))])
+            }
+            (_, other) => Err(format!(
+                "unexpected {} from the replica",
+                super::replica::frame_name(&other)
+            )),
+        }
+    }
+
+    /// Decides the base of one image, or starts reconciling it.
+    fn find_base(&mut self, path: &str) -> Vec<Out> {
+        let active = &self.generation.images[path];
+        let Some(theirs) = self.peer_images.get(path).cloned() else {
+            self.bases
+                .insert(path.to_string(), Arc::new(Manifest::empty(self.params)));
+            return vec![];
+        };
+        if let Some(known) = self.peer.manifests.get(path)
+            && *known.root().as_bytes() == theirs.root
+        {
+            self.bases.insert(path.to_string(), known.clone());
+            return vec![];
+        }
+        if *active.root().as_bytes() == theirs.root {
+            self.bases.insert(path.to_string(), active.clone());
+            return vec![];
+        }
+        // Unknown base: descend the replica's tree. With the same size the trees have the same
+        // shape and we compare node by node from the top; otherwise start from the leaves.
+        log::info!(
+            "{}: replica's base of {path} is unknown to this primary; reconciling by Merkle tree",
+            self.node
+        );
+        self.reconciled.push(path.to_string());
+        let depth = tree_depth(theirs.size);
+        let (level, nodes) = if theirs.size == active.size() && depth > 1 {
+            (
+                depth - 2,
+                (0..active.tree().level(depth - 2).len()).collect(),
+            )
+        } else {
+            (
+                0,
+                (0..crate::manifest::leaf_count(theirs.size)).collect::<Vec<_>>(),
+            )
+        };
+        let mut r = Recon {
+            peer_size: theirs.size,
+            peer_root: theirs.root,
+            level,
+            pending: 0,
+            differing: Vec::new(),
+            leaves: BTreeMap::new(),
+        };
+        let out = query_nodes(path, level, &nodes, &mut r);
+        self.recon.insert(path.to_string(), r);
+        out
+    }
+
+    fn on_tree_nodes(
+        &mut self,
+        path: String,
+        level: usize,
+        first: usize,
+        hashes: Vec<Hash>,
+    ) -> Result<Vec<Out>, String> {
+        let r = self
+            .recon
+            .get_mut(&path)
+            .ok_or("tree nodes for an image not queried")?;
+        if level != r.level || r.pending == 0 {
+            return Err("tree nodes not asked for".into());
+        }
+        r.pending -= 1;
+        let ours = self.generation.images[&path].tree().clone();
+        for (k, h) in hashes.iter().enumerate() {
+            let idx = first + k;
+            let same_shape = tree_depth(r.peer_size) == ours.depth();
+            let mine = same_shape.then(|| ours.level(level).get(idx)).flatten();
+            if mine.is_none_or(|m| m.as_bytes() != h) {
+                r.differing.push(idx);
+            }
+        }
+        if r.pending > 0 {
+            return Ok(vec![]);
+        }
+        let differing = std::mem::take(&mut r.differing);
+        if level == 0 {
+            // Fetch the entries of the differing leaves.
+            let mut out = Vec::new();
+            for part in differing.chunks(1024) {
+                r.pending += 1;
+                out.push(Out::Send(Frame::LeafQuery {
+                    path: path.clone(),
+                    leaves: part.iter().map(|&l| l as u32).collect(),
+                }));
+            }
+            r.level = usize::MAX; // now waiting for leaves
+            if out.is_empty() {
+                return self.finish_recon(&path);
+            }
+            return Ok(out);
+        }
+        let below: Vec<usize> = differing
+            .iter()
+            .flat_map(|&n| ours.children(level, n))
+            .collect();
+        if below.is_empty() {
+            return self.finish_recon(&path);
+        }
+        r.level = level - 1;
+        Ok(query_nodes(&path, level - 1, &below, r))
+    }
+
+    fn on_leaves(
+        &mut self,
+        path: String,
+        leaves: Vec<(u32, Vec<(u64, super::frame::WireEntry)>)>,
+    ) -> Result<Vec<Out>, String> {
+        let r = self
+            .recon
+            .get_mut(&path)
+            .ok_or("leaves for an image not queried")?;
+        if r.level != usize::MAX || r.pending == 0 {
+            return Err("leaves not asked for".into());
+        }
+        r.pending -= 1;
+        for (leaf, entries) in leaves {
+            r.leaves.insert(
+                leaf,
+                entries.iter().map(|(off, w)| from_wire(*off, w)).collect(),
+            );
+        }
+        if r.pending > 0 {
+            return Ok(vec![]);
+        }
+        self.finish_recon(&path)
+    }
+
+    /// Rebuilds the replica's manifest from its differing leaves and our own identical ones.
+    fn finish_recon(&mut self, path: &str) -> Result<Vec<Out>, String> {
+        let r = self.recon.remove(path).expect("reconciling");
+        let ours = &self.generation.images[path];
+        let span = crate::manifest::LEAF_SPAN;
+        let mut entries: Vec<Entry> = Vec::new();
+        for leaf in 0..crate::manifest::leaf_count(r.peer_size) as u64 {
+            match r.leaves.get(&(leaf as u32)) {
+                Some(es) => entries.extend_from_slice(es),
+                None => {
+                    let es = ours.entries();
+                    let i = es.partition_point(|e| e.offset < leaf * span);
+                    let j = es.partition_point(|e| e.offset < (leaf + 1) * span);
+                    entries.extend_from_slice(&es[i..j]);
+                }
+            }
+        }
+        let m = Manifest::new(self.params, r.peer_size, entries)
+            .map_err(|e| format!("replica's manifest of {path} could not be rebuilt: {e}"))?;
+        if *m.root().as_bytes() != r.peer_root {
+            return Err(format!(
+                "replica's manifest of {path} rebuilt from its tree does not match its root"
+            ));
+        }
+        self.bases.insert(path.to_string(), Arc::new(m));
+        self.maybe_plan()
+    }
+
+    /// Once every base is known: the generation's namespace changes and image plans.
+    fn maybe_plan(&mut self) -> Result<Vec<Out>, String> {
+        if !self.recon.is_empty() || self.bases.len() < self.generation.images.len() {
+            return Ok(vec![]);
+        }
+        let g = self.generation.clone();
+        let changes: Vec<NsChange> = self
+            .peer_images
+            .keys()
+            .filter(|p| !g.images.contains_key(*p))
+            .map(|p| NsChange::Remove { path: p.clone() })
+            .collect();
+        let mut plans = Vec::new();
+        for (path, active) in &g.images {
+            let base = &self.bases[path];
+            if base.root() == active.root() {
+                continue;
+            }
+            let splices = plan::splices(base, active);
+            plans.extend(plan_frames(g.number, path, base, active, splices));
+        }
+        let images = g
+            .images
+            .iter()
+            .filter(|(p, m)| self.bases[*p].root() != m.root())
+            .count() as u32;
+        let mut out = vec![Out::Send(Frame::Begin {
+            generation: g.number,
+            base_generation: self.peer_generation,
+            group_root: g.group_root,
+            changes,
+            images,
+        })];
+        out.extend(plans.into_iter().map(Out::Send));
+        self.phase = Phase::Wants;
+        Ok(out)
+    }
+
+    /// Turns the wanted hashes into jobs: a patch where the replica's base of the chunk's span
+    /// is known and few of its bytes changed, else the whole chunk.
+    fn make_jobs(&mut self) -> Result<(), String> {
+        for (path, m) in &self.generation.images {
+            for e in m.entries() {
+                if let Some(h) = e.hash() {
+                    self.locations
+                        .entry(*h.as_bytes())
+                        .or_insert_with(|| (path.clone(), e.offset, e.len));
+                }
+            }
+        }
+        let wanted = std::mem::take(&mut self.wanted);
+        for hash in wanted {
+            let (path, offset, len) = self
+                .locations
+                .get(&hash)
+                .cloned()
+                .ok_or("replica wants a chunk that is not in the generation")?;
+            let job = self
+                .patch_for(&path, offset, len, hash)
+                .unwrap_or(Job::Chunk {
+                    hash,
+                    path,
+                    offset,
+                    len,
+                });
+            self.jobs.push_back(job);
+        }
+        Ok(())
+    }
+
+    fn patch_for(&self, path: &str, offset: u64, len: u64, hash: Hash) -> Option<Job> {
+        if self.reconciled.iter().any(|p| p == path) {
+            return None;
+        }
+        let base = self.bases.get(path)?;
+        if base.size() == 0 {
+            return None;
+        }
+        let dirty = self.peer.dirty.get(path)?;
+        let ranges: Vec<Range<u64>> = dirty
+            .overlapping(offset..offset + len)
+            .map(|r| r.start - offset..r.end - offset)
+            .collect();
+        let changed: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+        // Bytes past the base's end are zeros there; a patch only pays for sparse changes.
+        if changed * 2 > len || ranges.len() > 64 {
+            return None;
+        }
+        let base_hash = base
+            .index_starting_at(offset)
+            .map(|i| base.entries()[i])
+            .filter(|e| e.len == len)
+            .and_then(|e| e.hash())
+            .map(|h| *h.as_bytes());
+        Some(Job::Patch {
+            hash,
+            path: path.to_string(),
+            offset,
+            len,
+            base: base_hash,
+            ranges,
+        })
+    }
+}
+
+fn tree_depth(size: u64) -> usize {
+    let mut n = crate::manifest::leaf_count(size);
+    let mut d = 1;
+    while n > 1 {
+        n = n.div_ceil(FANOUT);
+        d += 1;
+    }
+    d
+}
+
+fn query_nodes(path: &str, level: usize, nodes: &[usize], r: &mut Recon) -> Vec<Out> {
+    // Contiguous runs of node indices become one query each.
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < nodes.len() {
+        let mut j = i + 1;
+        while j < nodes.len() && nodes[j] == nodes[j - 1] + 1 && j - i < MAX_ITEMS {
+            j += 1;
+        }
+        r.pending += 1;
+        out.push(Out::Send(Frame::TreeQuery {
+            path: path.to_string(),
+            level: level as u8,
+            first: nodes[i] as u32,
+            count: (j - i) as u32,
+        }));
+        i = j;
+    }
+    out
+}
+
+/// One image's plan as frames of at most [`MAX_ITEMS`] entries.
+fn plan_frames(
+    number: u64,
+    path: &str,
+    base: &Manifest,
+    active: &Manifest,
+    splices: Vec<Splice>,
+) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    let mut batch: Vec<Splice> = Vec::new();
+    let mut items = 0;
+    let frame = |splices: Vec<Splice>, last: bool| Frame::Plan {
+        generation: number,
+        path: path.to_string(),
+        base_root: *base.root().as_bytes(),
+        new_size: active.size(),
+        new_root: *active.root().as_bytes(),
+        splices,
+        last,
+    };
+    for s in splices {
+        // A splice longer than a frame is cut at an entry boundary of both manifests only if it
+        // can be; the simple bound here keeps each frame under the limit by entries.
+        for part in split_splice(s, base) {
+            if items + part.entries.len() > MAX_ITEMS && !batch.is_empty() {
+                frames.push(frame(std::mem::take(&mut batch), false));
+                items = 0;
+            }
+            items += part.entries.len();
+            batch.push(part);
+        }
+    }
+    frames.push(frame(batch, true));
+    frames
+}
+
+/// Splits a splice with more than [`MAX_ITEMS`] entries into consecutive splices; only the
+/// first replaces base entries (the rest insert at its end).
+fn split_splice(s: Splice, _base: &Manifest) -> Vec<Splice> {
+    if s.entries.len() <= MAX_ITEMS {
+        return vec![s];
+    }
+    // The first part replaces the whole old range; the following parts are pure insertions at
+    // the old end, which `plan::apply` shifts into place.
+    let mut parts = Vec::new();
+    let mut chunks = s.entries.chunks(MAX_ITEMS);
+    parts.push(Splice {
+        start: s.start,
+        old_end: s.old_end,
+        entries: chunks.next().expect("non-empty").to_vec(),
+    });
+    for c in chunks {
+        parts.push(Splice {
+            start: s.old_end,
+            old_end: s.old_end,
+            entries: c.to_vec(),
+        });
+    }
+    parts
+}
+
+/// Produces the data frame for a job: reads the image, checks the bytes still hash to the
+/// chunk id (the image must not have changed since the sync point), and compresses where it
+/// saves. Returns the frame and its payload size on the wire.
+pub fn make_frame(job: &Job, src: &dyn ChunkSource) -> Result<(Frame, u64), String> {
+    match job {
+        Job::Chunk {
+            hash,
+            path,
+            offset,
+            len,
+        } => {
+            let data = src
+                .read(path, *offset, *len)
+                .map_err(|e| format!("reading {path} at {offset}: {e}"))?;
+            if blake3::hash(&data).as_bytes() != hash {
+                return Err(format!(
+                    "{path} changed at {offset} since the sync point: sync again"
+                ));
+            }
+            let packed = zstd::bulk::compress(&data, 1).unwrap_or_default();
+            let (zstd, data) = if !packed.is_empty() && packed.len() * 10 < data.len() * 9 {
+                (true, packed)
+            } else {
+                (false, data)
+            };
+            let n = data.len() as u64;
+            Ok((
+                Frame::Chunk {
+                    hash: *hash,
+                    zstd,
+                    data,
+                },
+                n,
+            ))
+        }
+        Job::Patch {
+            hash,
+            path,
+            offset,
+            len,
+            base,
+            ranges,
+        } => {
+            let mut out = Vec::with_capacity(ranges.len());
+            let mut n = 0;
+            for r in ranges {
+                let bytes = src
+                    .read(path, offset + r.start, r.end - r.start)
+                    .map_err(|e| format!("reading {path} at {}: {e}", offset + r.start))?;
+                n += bytes.len() as u64;
+                out.push((r.start, serde_bytes::ByteBuf::from(bytes)));
+            }
+            Ok((
+                Frame::Patch {
+                    hash: *hash,
+                    path: path.clone(),
+                    offset: *offset,
+                    len: *len,
+                    base: *base,
+                    ranges: out,
+                },
+                n,
+            ))
+        }
+    }
+}

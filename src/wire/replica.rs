@@ -1,0 +1,474 @@
+//! The replica's side of a session, sans I/O: frames in, frames out, the store behind a trait.
+//!
+//! Order of a generation: `Hello` → `Welcome`; optional tree and leaf queries; `Begin`, the
+//! image `Plan`s (each checked against the base manifest the store holds: every splice
+//! boundary and the resulting root); `Want` (the chunks neither stored nor staged); `Chunk` and
+//! `Patch` frames (each hash verified before it is staged); `Commit` → the store commits and
+//! applies the generation → `Ack` with the roots. Any violation ends the session with `Refuse`
+//! and leaves the last committed generation untouched.
+
+use std::collections::{BTreeMap, HashSet};
+
+use super::frame::{Frame, Hash, ImageState, MAX_ITEMS, NsChange, Splice, VERSION};
+use super::plan;
+use crate::chunk::ChunkParams;
+use crate::manifest::{LEAF_SPAN, Manifest};
+
+/// What the replica's store does for a session. The real store is `replica::Store`; tests use
+/// an in-memory one.
+pub trait ReplicaStore {
+    fn params(&self) -> ChunkParams;
+    fn epoch(&self) -> u64;
+    /// Last committed generation and its group root.
+    fn generation(&self) -> (u64, Hash);
+    fn images(&self) -> Vec<ImageState>;
+    /// The committed manifest of an image.
+    fn manifest(&self, path: &str) -> Option<&Manifest>;
+    /// True when the chunk is stored in some image or already staged.
+    fn have(&self, hash: &Hash) -> bool;
+    /// Bytes `[offset, offset + len)` of the committed image (zeros past its end).
+    fn base_bytes(&self, path: &str, offset: u64, len: u64) -> std::io::Result<Vec<u8>>;
+    /// Stages a verified chunk.
+    fn stage(&mut self, hash: &Hash, data: &[u8]) -> std::io::Result<()>;
+    /// Commits and applies a generation whose chunks are all stored or staged.
+    fn commit(&mut self, g: &Generation) -> anyhow::Result<()>;
+}
+
+/// A generation as the replica received it.
+#[derive(Clone, Debug)]
+pub struct Generation {
+    pub number: u64,
+    pub group_root: Hash,
+    pub changes: Vec<NsChange>,
+    /// New manifests of the images that changed.
+    pub images: BTreeMap<String, Manifest>,
+}
+
+/// Whether an image path from a primary may be used under the store: relative, no `..`, not
+/// the store's own metadata directory.
+pub fn valid_path(p: &str) -> bool {
+    let path = std::path::Path::new(p);
+    !p.is_empty()
+        && p.len() <= 4096
+        && !p.contains('\0')
+        && path.is_relative()
+        && path
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+        && path
+            .components()
+            .next()
+            .is_some_and(|c| c.as_os_str() != crate::replica::META_DIR)
+}
+
+struct Pending {
+    number: u64,
+    group_root: Hash,
+    changes: Vec<NsChange>,
+    images_expected: u32,
+    images: BTreeMap<String, Manifest>,
+    /// The plan of the image being received: (path, base root, new size, new root, splices).
+    partial: Option<(String, Hash, u64, Hash, Vec<Splice>)>,
+    outstanding: HashSet<Hash>,
+    commit_asked: bool,
+}
+
+enum State {
+    AwaitHello,
+    Ready,
+    Receiving(Box<Pending>),
+    Closed,
+}
+
+pub struct ReplicaSession {
+    state: State,
+    /// Chunks received but not needed (already staged or never wanted): counted for tests.
+    pub duplicates: u64,
+}
+
+impl Default for ReplicaSession {
+    fn default() -> Self {
+        ReplicaSession {
+            state: State::AwaitHello,
+            duplicates: 0,
+        }
+    }
+}
+
+fn refuse(reason: impl Into<String>) -> Frame {
+    Frame::Refuse {
+        reason: reason.into(),
+    }
+}
+
+impl ReplicaSession {
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed)
+    }
+
+    /// Handles one frame from the primary; returns the frames to send back. A `Refuse` in the
+    /// output closes the session.
+    pub fn handle(&mut self, store: &mut dyn ReplicaStore, f: Frame) -> Vec<Frame> {
+        match self.step(store, f) {
+            Ok(out) => out,
+            Err(reason) => {
+                log::warn!("session refused: {reason}");
+                self.state = State::Closed;
+                vec![refuse(reason)]
+            }
+        }
+    }
+
+    fn step(&mut self, store: &mut dyn ReplicaStore, f: Frame) -> Result<Vec<Frame>, String> {
+        match (&mut self.state, f) {
+            (State::Closed, _) => Err("session already closed".into()),
+            (
+                State::AwaitHello,
+                Frame::Hello {
+                    version,
+                    epoch,
+                    node,
+                    params,
+                },
+            ) => {
+                if version != VERSION {
+                    return Err(format!(
+                        "protocol version {version} is not supported (this replica speaks {VERSION}); run the same ferry version on both hosts"
+                    ));
+                }
+                if epoch < store.epoch() {
+                    return Err(format!(
+                        "primary {node} has epoch {epoch}, older than this replica's {}: it was fenced by a promotion",
+                        store.epoch()
+                    ));
+                }
+                if params != store.params() {
+                    return Err(format!(
+                        "chunk parameters differ (primary {params:?}, replica {:?}): use the same [chunking] on both",
+                        store.params()
+                    ));
+                }
+                log::info!("primary {node} connected (epoch {epoch})");
+                self.state = State::Ready;
+                let (generation, group_root) = store.generation();
+                Ok(vec![Frame::Welcome {
+                    version: VERSION,
+                    epoch: store.epoch(),
+                    generation,
+                    group_root,
+                    images: store.images(),
+                }])
+            }
+            (State::AwaitHello, _) => Err("expected Hello first".into()),
+            (
+                State::Ready | State::Receiving(_),
+                Frame::TreeQuery {
+                    path,
+                    level,
+                    first,
+                    count,
+                },
+            ) => {
+                let m = store
+                    .manifest(&path)
+                    .ok_or_else(|| format!("tree query for unknown image {path:?}"))?;
+                let t = m.tree();
+                if level as usize >= t.depth() {
+                    return Err(format!("tree query below the tree of {path:?}"));
+                }
+                let lv = t.level(level as usize);
+                let from = (first as usize).min(lv.len());
+                let to = from.saturating_add(count as usize).min(lv.len()).min(from + MAX_ITEMS);
+                let hashes = lv[from..to].iter().map(|h| *h.as_bytes()).collect();
+                Ok(vec![Frame::TreeNodes {
+                    path,
+                    level,
+                    first,
+                    hashes,
+                }])
+            }
+            (State::Ready | State::Receiving(_), Frame::LeafQuery { path, leaves }) => {
+                let m = store
+                    .manifest(&path)
+                    .ok_or_else(|| format!("leaf query for unknown image {path:?}"))?;
+                if leaves.len() > MAX_ITEMS {
+                    return Err("leaf query too long".into());
+                }
+                let mut out = Vec::new();
+                let mut items = 0;
+                for leaf in leaves {
+                    let lo = leaf as u64 * LEAF_SPAN;
+                    let es = m.entries();
+                    let i = es.partition_point(|e| e.offset < lo);
+                    let j = es.partition_point(|e| e.offset < lo + LEAF_SPAN);
+                    items += j - i;
+                    out.push((
+                        leaf,
+                        es[i..j].iter().map(|e| (e.offset, plan::to_wire(e))).collect(),
+                    ));
+                }
+                if items > 4 * MAX_ITEMS {
+                    return Err("leaf query asks for too many entries at once".into());
+                }
+                Ok(vec![Frame::Leaves { path, leaves: out }])
+            }
+            (
+                State::Ready,
+                Frame::Begin {
+                    generation,
+                    base_generation,
+                    group_root,
+                    changes,
+                    images,
+                },
+            ) => {
+                let (current, _) = store.generation();
+                if base_generation != current {
+                    return Err(format!(
+                        "generation {generation} is built on {base_generation}, but this replica holds {current}"
+                    ));
+                }
+                if generation <= current {
+                    return Err(format!(
+                        "generation {generation} is not newer than the committed {current}"
+                    ));
+                }
+                for c in &changes {
+                    let (NsChange::Remove { path } | NsChange::Rename { from: path, .. }) = c;
+                    if !valid_path(path) {
+                        return Err(format!("invalid image path {path:?}"));
+                    }
+                    if let NsChange::Rename { to, .. } = c
+                        && !valid_path(to)
+                    {
+                        return Err(format!("invalid image path {to:?}"));
+                    }
+                }
+                self.state = State::Receiving(Box::new(Pending {
+                    number: generation,
+                    group_root,
+                    changes,
+                    images_expected: images,
+                    images: BTreeMap::new(),
+                    partial: None,
+                    outstanding: HashSet::new(),
+                    commit_asked: false,
+                }));
+                if images == 0 {
+                    // Only namespace changes: nothing to want.
+                    return Ok(vec![Frame::Want {
+                        generation,
+                        hashes: vec![],
+                        last: true,
+                    }]);
+                }
+                Ok(vec![])
+            }
+            (
+                State::Receiving(p),
+                Frame::Plan {
+                    generation,
+                    path,
+                    base_root,
+                    new_size,
+                    new_root,
+                    splices,
+                    last,
+                },
+            ) => {
+                if generation != p.number {
+                    return Err(format!("plan for generation {generation} inside {}", p.number));
+                }
+                if !valid_path(&path) {
+                    return Err(format!("invalid image path {path:?}"));
+                }
+                if p.images.len() as u32 >= p.images_expected || p.images.contains_key(&path) {
+                    return Err(format!("unexpected plan for {path:?}"));
+                }
+                match &mut p.partial {
+                    Some((pp, _, _, _, acc)) if *pp == path => acc.extend(splices),
+                    Some((pp, ..)) => {
+                        return Err(format!("plan for {path:?} interleaved with {pp:?}"));
+                    }
+                    None => p.partial = Some((path.clone(), base_root, new_size, new_root, splices)),
+                }
+                if !last {
+                    return Ok(vec![]);
+                }
+                let (path, base_root, new_size, new_root, splices) =
+                    p.partial.take().expect("set above");
+                let empty = Manifest::empty(store.params());
+                let base = store.manifest(&path).unwrap_or(&empty);
+                if *base.root().as_bytes() != base_root {
+                    return Err(format!(
+                        "plan for {path:?} is built on a base this replica does not hold"
+                    ));
+                }
+                let m = plan::apply(
+                    base,
+                    store.params(),
+                    &splices,
+                    new_size,
+                    &blake3::Hash::from_bytes(new_root),
+                )
+                .map_err(|e| format!("plan for {path:?}: {e}"))?;
+                for e in m.entries() {
+                    if let Some(h) = e.hash()
+                        && !store.have(h.as_bytes())
+                    {
+                        p.outstanding.insert(*h.as_bytes());
+                    }
+                }
+                p.images.insert(path, m);
+                if p.images.len() as u32 == p.images_expected {
+                    let want: Vec<Hash> = p.outstanding.iter().copied().collect();
+                    let mut frames: Vec<Frame> = want
+                        .chunks(MAX_ITEMS)
+                        .map(|c| Frame::Want {
+                            generation: p.number,
+                            hashes: c.to_vec(),
+                            last: false,
+                        })
+                        .collect();
+                    frames.push(Frame::Want {
+                        generation: p.number,
+                        hashes: vec![],
+                        last: true,
+                    });
+                    return Ok(frames);
+                }
+                Ok(vec![])
+            }
+            (State::Receiving(p), Frame::Chunk { hash, zstd, data }) => {
+                if !p.outstanding.contains(&hash) {
+                    self.duplicates += 1;
+                    return Ok(vec![]);
+                }
+                let raw = if zstd {
+                    let max = store.params().max_size as usize;
+                    zstd::bulk::decompress(&data, max)
+                        .map_err(|e| format!("chunk {} does not decompress: {e}", hex(&hash)))?
+                } else {
+                    data
+                };
+                if *blake3::hash(&raw).as_bytes() != hash {
+                    return Err(format!(
+                        "chunk {} does not match its hash: corrupt data refused",
+                        hex(&hash)
+                    ));
+                }
+                store
+                    .stage(&hash, &raw)
+                    .map_err(|e| format!("cannot stage chunk {}: {e}", hex(&hash)))?;
+                p.outstanding.remove(&hash);
+                Self::maybe_commit(p, store)
+            }
+            (
+                State::Receiving(p),
+                Frame::Patch {
+                    hash,
+                    path,
+                    offset,
+                    len,
+                    base,
+                    ranges,
+                },
+            ) => {
+                if !p.outstanding.contains(&hash) {
+                    self.duplicates += 1;
+                    return Ok(vec![]);
+                }
+                let need_full = || {
+                    Ok(vec![Frame::NeedFull {
+                        generation: p.number,
+                        hash,
+                    }])
+                };
+                if !valid_path(&path) || len > store.params().max_size as u64 {
+                    return need_full();
+                }
+                let Ok(mut bytes) = store.base_bytes(&path, offset, len) else {
+                    return need_full();
+                };
+                if base.is_some_and(|b| *blake3::hash(&bytes).as_bytes() != b) {
+                    return need_full();
+                }
+                for (off, data) in &ranges {
+                    let end = off.checked_add(data.len() as u64);
+                    match end {
+                        Some(end) if end <= len => {
+                            bytes[*off as usize..end as usize].copy_from_slice(data)
+                        }
+                        _ => return Err("patch range outside its chunk".into()),
+                    }
+                }
+                if *blake3::hash(&bytes).as_bytes() != hash {
+                    return need_full();
+                }
+                store
+                    .stage(&hash, &bytes)
+                    .map_err(|e| format!("cannot stage chunk {}: {e}", hex(&hash)))?;
+                p.outstanding.remove(&hash);
+                Self::maybe_commit(p, store)
+            }
+            (State::Receiving(p), Frame::Commit { generation }) => {
+                if generation != p.number || (p.images.len() as u32) < p.images_expected {
+                    return Err(format!("commit of generation {generation} before its plan"));
+                }
+                p.commit_asked = true;
+                Self::maybe_commit(p, store)
+            }
+            (_, other) => Err(format!("unexpected {}", frame_name(&other))),
+        }
+        .inspect(|out| {
+            if out.iter().any(|f| matches!(f, Frame::Ack { .. })) {
+                self.state = State::Ready;
+            }
+        })
+    }
+
+    fn maybe_commit(p: &mut Pending, store: &mut dyn ReplicaStore) -> Result<Vec<Frame>, String> {
+        if !p.commit_asked || !p.outstanding.is_empty() {
+            return Ok(vec![]);
+        }
+        let g = Generation {
+            number: p.number,
+            group_root: p.group_root,
+            changes: std::mem::take(&mut p.changes),
+            images: std::mem::take(&mut p.images),
+        };
+        store
+            .commit(&g)
+            .map_err(|e| format!("cannot commit generation {}: {e:#}", g.number))?;
+        let (generation, group_root) = store.generation();
+        Ok(vec![Frame::Ack {
+            generation,
+            group_root,
+            images: store.images(),
+        }])
+    }
+}
+
+pub fn hex(h: &Hash) -> String {
+    blake3::Hash::from_bytes(*h).to_hex()[..16].to_string()
+}
+
+pub fn frame_name(f: &Frame) -> &'static str {
+    match f {
+        Frame::Hello { .. } => "Hello",
+        Frame::Welcome { .. } => "Welcome",
+        Frame::Refuse { .. } => "Refuse",
+        Frame::TreeQuery { .. } => "TreeQuery",
+        Frame::TreeNodes { .. } => "TreeNodes",
+        Frame::LeafQuery { .. } => "LeafQuery",
+        Frame::Leaves { .. } => "Leaves",
+        Frame::Begin { .. } => "Begin",
+        Frame::Plan { .. } => "Plan",
+        Frame::Want { .. } => "Want",
+        Frame::Chunk { .. } => "Chunk",
+        Frame::Patch { .. } => "Patch",
+        Frame::NeedFull { .. } => "NeedFull",
+        Frame::Commit { .. } => "Commit",
+        Frame::Ack { .. } => "Ack",
+    }
+}
