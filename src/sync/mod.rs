@@ -35,7 +35,7 @@ use crate::manifest::{self, Manifest};
 use crate::net::{Fingerprint, Identity, transport};
 use crate::wire::primary::{ChunkSource, Generation, PeerKnowledge, PrimarySession, group_root};
 
-use ship::{ShipStats, ship};
+use ship::{ShipError, ShipStats, ship};
 
 /// One replica the primary ships to.
 struct Peer {
@@ -60,6 +60,11 @@ pub struct PeerOutcome {
     pub patches_sent: u64,
     pub wire_bytes: u64,
     pub duration_ms: u64,
+    /// Connections it took (a lost connection is retried with backoff; staged chunks are not
+    /// sent again).
+    pub attempts: u32,
+    /// Payload bytes of the last attempt alone.
+    pub last_attempt_bytes: u64,
     #[serde(skip)]
     pub at: Option<SystemTime>,
 }
@@ -325,9 +330,24 @@ impl Engine {
         );
         let outcomes = self.ship_all(&mut inner, &generation, timeout);
         let committed = outcomes.iter().filter(|o| o.state == "committed").count();
+        // A replica numbered this generation higher (this primary had lost count): go on from
+        // there.
+        if let Some(n) = outcomes.iter().map(|o| o.generation).max()
+            && n > inner.generation
+        {
+            inner.generation = n;
+            let rec = GenRecord {
+                generation: n,
+                group_root: hex(&inner.group_root),
+            };
+            durable::write_atomic(
+                &self.state.join("active").join("generation.json"),
+                &serde_json::to_vec(&rec)?,
+            )?;
+        }
         let sum = |f: fn(&PeerOutcome) -> u64| outcomes.iter().map(f).sum::<u64>();
         let report = Report {
-            generation: generation.number,
+            generation: inner.generation,
             root: hex(&generation.group_root),
             images: generation.images.len(),
             dirty_bytes,
@@ -448,34 +468,61 @@ impl Engine {
         let jobs: Vec<_> = inner
             .peers
             .iter()
-            .map(|p| {
-                let (session, hello) =
-                    PrimarySession::new(&self.node, 0, self.params, g.clone(), p.known.clone());
-                (p.name.clone(), p.addr, session, hello)
-            })
+            .map(|p| (p.name.clone(), p.addr, p.known.clone()))
             .collect();
+        let (node, params) = (self.node.clone(), self.params);
         let results = self.rt.block_on(async {
-            let futs = jobs.into_iter().map(|(name, addr, session, hello)| {
+            let futs = jobs.into_iter().map(|(name, addr, known)| {
                 let src = src.clone();
                 let ep = ep.clone();
+                let g = g.clone();
+                let node = node.clone();
                 async move {
-                    let stats = Arc::new(ShipStats::default());
                     let t = Instant::now();
-                    let r = tokio::time::timeout(
-                        timeout,
-                        ship(&ep, addr, session, hello, src, stats.clone()),
-                    )
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(anyhow!("no acknowledgement within {} s", timeout.as_secs()))
-                    });
-                    (name, r, stats, t.elapsed())
+                    let deadline = tokio::time::Instant::now() + timeout;
+                    let mut backoff = Duration::from_millis(200);
+                    let mut attempts = 0u32;
+                    let total = ShipStats::default();
+                    loop {
+                        attempts += 1;
+                        let stats = Arc::new(ShipStats::default());
+                        let (session, hello) =
+                            PrimarySession::new(&node, 0, params, g.clone(), known.clone());
+                        let r = tokio::time::timeout_at(
+                            deadline,
+                            ship(&ep, addr, session, hello, src.clone(), stats.clone()),
+                        )
+                        .await;
+                        total.add(&stats);
+                        let err = match r {
+                            Ok(Ok(acked)) => {
+                                break (name, Ok(acked), total, stats, attempts, t.elapsed());
+                            }
+                            Ok(Err(ShipError::Transport(e))) => e,
+                            Ok(Err(e)) => {
+                                break (name, Err(anyhow!(e)), total, stats, attempts, t.elapsed());
+                            }
+                            Err(_) => {
+                                let e =
+                                    anyhow!("no acknowledgement within {} s", timeout.as_secs());
+                                break (name, Err(e), total, stats, attempts, t.elapsed());
+                            }
+                        };
+                        if tokio::time::Instant::now() + backoff >= deadline {
+                            break (name, Err(err), total, stats, attempts, t.elapsed());
+                        }
+                        log::warn!(
+                            "{name}: attempt {attempts} failed ({err:#}); retrying in {backoff:?}"
+                        );
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
                 }
             });
             futures_join_all(futs).await
         });
         let mut out = Vec::new();
-        for (name, r, stats, took) in results {
+        for (name, r, stats, last, attempts, took) in results {
             let peer = inner
                 .peers
                 .iter_mut()
@@ -493,12 +540,15 @@ impl Engine {
                 patches_sent: n(&stats.patches_sent),
                 wire_bytes: n(&stats.wire_bytes),
                 duration_ms: took.as_millis() as u64,
+                attempts,
+                last_attempt_bytes: n(&last.bytes_sent),
                 at: Some(SystemTime::now()),
             };
             match r {
                 Ok(acked) => {
                     o.root = Some(hex(&acked.group_root));
-                    if let Err(e) = self.remember(peer, g) {
+                    o.generation = acked.generation;
+                    if let Err(e) = self.remember(peer, g, acked.generation) {
                         log::warn!("{name}: acknowledged, but its state could not be saved: {e:#}");
                     }
                     log::info!(
@@ -523,7 +573,7 @@ impl Engine {
     }
 
     /// A replica acknowledged `g`: it is that replica's new base.
-    fn remember(&self, peer: &mut Peer, g: &Generation) -> Result<()> {
+    fn remember(&self, peer: &mut Peer, g: &Generation, number: u64) -> Result<()> {
         let dir = self.state.join("peers").join(&peer.name);
         let mdir = dir.join("manifests");
         for (path, m) in &g.images {
@@ -542,12 +592,12 @@ impl Engine {
             }
         }
         let rec = GenRecord {
-            generation: g.number,
+            generation: number,
             group_root: hex(&g.group_root),
         };
         durable::write_atomic(&dir.join("generation.json"), &serde_json::to_vec(&rec)?)?;
         peer.known = PeerKnowledge {
-            generation: g.number,
+            generation: number,
             manifests: g.images.clone(),
             dirty: BTreeMap::new(),
         };

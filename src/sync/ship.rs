@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::anyhow;
 
 use crate::net::transport::{connect, read_frame, write_frame};
 use crate::wire::frame::Frame;
@@ -26,7 +26,32 @@ pub struct ShipStats {
     pub wire_bytes: AtomicU64,
 }
 
+impl ShipStats {
+    /// Adds another attempt's figures to these.
+    pub fn add(&self, o: &ShipStats) {
+        for (a, b) in [
+            (&self.bytes_sent, &o.bytes_sent),
+            (&self.chunks_sent, &o.chunks_sent),
+            (&self.patches_sent, &o.patches_sent),
+            (&self.wire_bytes, &o.wire_bytes),
+        ] {
+            a.fetch_add(b.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+}
+
 type Session = Arc<parking_lot::Mutex<PrimarySession>>;
+
+/// Why a shipment failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ShipError {
+    /// The connection failed or was lost: worth retrying.
+    #[error("{0:#}")]
+    Transport(anyhow::Error),
+    /// The replica refused or the session broke its rules: retrying would not help.
+    #[error("{0}")]
+    Session(String),
+}
 
 /// Runs a session to completion against the replica at `addr`.
 pub async fn ship(
@@ -36,8 +61,8 @@ pub async fn ship(
     hello: Frame,
     src: Arc<dyn ChunkSource + Send + Sync>,
     stats: Arc<ShipStats>,
-) -> Result<Acked> {
-    let conn = connect(ep, addr).await?;
+) -> Result<Acked, ShipError> {
+    let conn = connect(ep, addr).await.map_err(ShipError::Transport)?;
     let r = run(&conn, session, hello, src, &stats).await;
     stats
         .wire_bytes
@@ -46,33 +71,48 @@ pub async fn ship(
     r
 }
 
+/// Test hook: `FERRY_FAULT=corrupt-chunk` in the primary's environment flips one byte of the
+/// first chunk it sends (after hashing), to prove the replica refuses it.
+fn corrupt_once() -> bool {
+    static ARMED: std::sync::OnceLock<std::sync::atomic::AtomicBool> = std::sync::OnceLock::new();
+    ARMED
+        .get_or_init(|| {
+            std::sync::atomic::AtomicBool::new(
+                std::env::var("FERRY_FAULT").as_deref() == Ok("corrupt-chunk"),
+            )
+        })
+        .swap(false, Ordering::Relaxed)
+}
+
 async fn run(
     conn: &quinn::Connection,
     session: PrimarySession,
     hello: Frame,
     src: Arc<dyn ChunkSource + Send + Sync>,
     stats: &Arc<ShipStats>,
-) -> Result<Acked> {
-    let (mut send, mut recv) = conn.open_bi().await?;
-    write_frame(&mut send, &hello).await?;
+) -> Result<Acked, ShipError> {
+    let t = ShipError::Transport;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| t(e.into()))?;
+    write_frame(&mut send, &hello).await.map_err(t)?;
     let session: Session = Arc::new(parking_lot::Mutex::new(session));
     loop {
         let f = read_frame(&mut recv)
-            .await?
-            .ok_or_else(|| anyhow!("replica closed the session"))?;
+            .await
+            .map_err(t)?
+            .ok_or_else(|| t(anyhow!("replica closed the session")))?;
         let outs = session.lock().handle(f);
         for o in outs {
             match o {
-                Out::Send(f) => write_frame(&mut send, &f).await?,
+                Out::Send(f) => write_frame(&mut send, &f).await.map_err(t)?,
                 Out::Jobs => {
                     send_data(conn, &session, &src, stats).await?;
                     let commit = session.lock().data_sent();
                     if let Some(c) = commit {
-                        write_frame(&mut send, &c).await?;
+                        write_frame(&mut send, &c).await.map_err(t)?;
                     }
                 }
                 Out::Done(Ok(acked)) => return Ok(acked),
-                Out::Done(Err(e)) => bail!(e),
+                Out::Done(Err(e)) => return Err(ShipError::Session(e)),
             }
         }
     }
@@ -84,10 +124,13 @@ async fn send_data(
     session: &Session,
     src: &Arc<dyn ChunkSource + Send + Sync>,
     stats: &Arc<ShipStats>,
-) -> Result<()> {
+) -> Result<(), ShipError> {
     let mut tasks = Vec::new();
     for _ in 0..STREAMS {
-        let mut uni = conn.open_uni().await?;
+        let mut uni = conn
+            .open_uni()
+            .await
+            .map_err(|e| ShipError::Transport(e.into()))?;
         let session = session.clone();
         let src = src.clone();
         let stats = stats.clone();
@@ -97,10 +140,20 @@ async fn send_data(
                 let Some(job) = job else { break };
                 let src = src.clone();
                 let is_patch = matches!(job, Job::Patch { .. });
-                let (frame, n) = tokio::task::spawn_blocking(move || make_frame(&job, &*src))
-                    .await?
-                    .map_err(|e| anyhow!(e))?;
-                write_frame(&mut uni, &frame).await?;
+                let (mut frame, n) = tokio::task::spawn_blocking(move || make_frame(&job, &*src))
+                    .await
+                    .map_err(|e| ShipError::Session(e.to_string()))?
+                    .map_err(ShipError::Session)?;
+                if let Frame::Chunk { data, .. } = &mut frame
+                    && !data.is_empty()
+                    && corrupt_once()
+                {
+                    log::warn!("FERRY_FAULT: corrupting a chunk on purpose");
+                    data[0] ^= 0xFF;
+                }
+                write_frame(&mut uni, &frame)
+                    .await
+                    .map_err(ShipError::Transport)?;
                 stats.bytes_sent.fetch_add(n, Ordering::Relaxed);
                 let counter = if is_patch {
                     &stats.patches_sent
@@ -109,12 +162,12 @@ async fn send_data(
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
             }
-            uni.finish()?;
-            anyhow::Ok(())
+            uni.finish().map_err(|e| ShipError::Transport(e.into()))?;
+            Ok::<(), ShipError>(())
         }));
     }
     for t in tasks {
-        t.await??;
+        t.await.map_err(|e| ShipError::Session(e.to_string()))??;
     }
     Ok(())
 }

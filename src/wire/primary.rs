@@ -120,6 +120,9 @@ pub struct PrimarySession {
     peer: PeerKnowledge,
     phase: Phase,
     peer_generation: u64,
+    /// The number this generation carries to this replica: the primary's, or one past the
+    /// replica's if the primary lost count (its state was lost or restored from a backup).
+    number: u64,
     bases: BTreeMap<String, Arc<Manifest>>,
     peer_images: BTreeMap<String, ImageState>,
     recon: BTreeMap<String, Recon>,
@@ -154,6 +157,7 @@ impl PrimarySession {
             peer,
             phase: Phase::Hello,
             peer_generation: 0,
+            number: 0,
             bases: BTreeMap::new(),
             peer_images: BTreeMap::new(),
             recon: BTreeMap::new(),
@@ -179,7 +183,7 @@ impl PrimarySession {
         if matches!(self.phase, Phase::Data) && self.jobs.is_empty() {
             self.phase = Phase::Done;
             return Some(Frame::Commit {
-                generation: self.generation.number,
+                generation: self.number,
             });
         }
         None
@@ -226,6 +230,7 @@ impl PrimarySession {
                     ));
                 }
                 self.peer_generation = generation;
+                self.number = self.generation.number.max(generation + 1);
                 self.peer_images = images.into_iter().map(|i| (i.path.clone(), i)).collect();
                 self.phase = Phase::Bases;
                 let mut out = Vec::new();
@@ -254,7 +259,7 @@ impl PrimarySession {
                     last,
                 },
             ) => {
-                if generation != self.generation.number {
+                if generation != self.number {
                     return Err(format!("want for generation {generation}"));
                 }
                 self.wanted.extend(hashes);
@@ -266,7 +271,7 @@ impl PrimarySession {
                 Ok(vec![Out::Jobs])
             }
             (Phase::Data | Phase::Done, Frame::NeedFull { generation, hash }) => {
-                if generation != self.generation.number {
+                if generation != self.number {
                     return Err(format!("need-full for generation {generation}"));
                 }
                 let (path, offset, len) = self
@@ -292,7 +297,7 @@ impl PrimarySession {
                 },
             ) => {
                 let g = &self.generation;
-                if generation != g.number || group_root != g.group_root {
+                if generation != self.number || group_root != g.group_root {
                     return Err(format!(
                         "replica acknowledged generation {generation} with another root than the one sent: it will be resynced"
                     ));
@@ -497,7 +502,7 @@ impl PrimarySession {
                 continue;
             }
             let splices = plan::splices(base, active);
-            plans.extend(plan_frames(g.number, path, base, active, splices));
+            plans.extend(plan_frames(self.number, path, base, active, splices));
         }
         let images = g
             .images
@@ -505,7 +510,7 @@ impl PrimarySession {
             .filter(|(p, m)| self.bases[*p].root() != m.root())
             .count() as u32;
         let mut out = vec![Out::Send(Frame::Begin {
-            generation: g.number,
+            generation: self.number,
             base_generation: self.peer_generation,
             group_root: g.group_root,
             changes,

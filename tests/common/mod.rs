@@ -71,6 +71,11 @@ impl Mount {
 
     /// Directories and config, not mounted yet.
     pub fn prepare(extra: &str) -> Mount {
+        Mount::prepare_with(extra, "")
+    }
+
+    /// Like [`Mount::prepare`], with more TOML appended to the config (after `[node]`).
+    pub fn prepare_with(extra: &str, toml: &str) -> Mount {
         require_root();
         require("fusermount3", "fuse3");
         let dir = tempfile::tempdir().unwrap();
@@ -84,8 +89,9 @@ impl Mount {
         std::fs::write(
             &config,
             format!(
-                "[node]\nname = \"test\"\nstate_dir = \"{}\"\n",
-                state.display()
+                "[node]\nname = \"test\"\nstate_dir = \"{}\"\nkey_dir = \"{}\"\n{toml}",
+                state.display(),
+                dir.path().join("keys").display()
             ),
         )
         .unwrap();
@@ -135,6 +141,17 @@ impl Mount {
             .args(["status", "--json", "--ranges"])
             .arg(&self.mnt));
         serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// The mount daemon's log.
+    pub fn log_text(&self) -> String {
+        let mut out = String::new();
+        if let Ok(rd) = std::fs::read_dir(self.state.join("mounts")) {
+            for d in rd.flatten() {
+                out += &std::fs::read_to_string(d.path().join("ferry.log")).unwrap_or_default();
+            }
+        }
+        out
     }
 
     pub fn pid(&self) -> i32 {
@@ -204,4 +221,177 @@ pub fn covers(have: &[Range<u64>], need: &Range<u64>) -> bool {
 
 pub fn cmp(a: &Path, b: &Path) {
     run(Command::new("cmp").arg(a).arg(b));
+}
+
+/// A free UDP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `ferry keygen --dir DIR`; returns the fingerprint.
+pub fn keygen(dir: &Path) -> String {
+    let out = run(Command::new(FERRY).args(["keygen", "--dir"]).arg(dir));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// A replica daemon (`ferry replica --config`) run as a child process.
+pub struct Replica {
+    pub dir: tempfile::TempDir,
+    pub store: PathBuf,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    pub port: u16,
+    pub fingerprint: String,
+    child: Option<std::process::Child>,
+}
+
+impl Replica {
+    /// A replica that trusts the primaries with these fingerprints.
+    pub fn new(primaries: &[&str]) -> Replica {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        let fingerprint = keygen(&dir.path().join("keys"));
+        let port = free_port();
+        let config = dir.path().join("replica.toml");
+        let list: Vec<String> = primaries.iter().map(|p| format!("\"{p}\"")).collect();
+        std::fs::write(
+            &config,
+            format!(
+                "[node]\nname = \"replica\"\nkey_dir = \"{}\"\nstate_dir = \"{}\"\n\
+                 [replica]\nlisten = \"127.0.0.1:{port}\"\nstore = \"{}\"\nprimaries = [{}]\n",
+                dir.path().join("keys").display(),
+                dir.path().join("state").display(),
+                store.display(),
+                list.join(", ")
+            ),
+        )
+        .unwrap();
+        let log = dir.path().join("replica.log");
+        let mut r = Replica {
+            dir,
+            store,
+            config,
+            log,
+            port,
+            fingerprint,
+            child: None,
+        };
+        r.start();
+        r
+    }
+
+    pub fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(FERRY)
+            .args(["replica", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        // Ready when it logs that it listens.
+        let t = Instant::now();
+        while !self.log_text().contains("replica listening") {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "replica did not start:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The `[[peer]]` section a primary needs to ship to this replica.
+    pub fn peer_toml(&self) -> String {
+        format!(
+            "[[peer]]\nname = \"site-b\"\naddr = \"127.0.0.1:{}\"\nfingerprint = \"{}\"\n",
+            self.port, self.fingerprint
+        )
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A primary mount shipping to one replica.
+pub struct Pair {
+    pub replica: Replica,
+    pub primary: Mount,
+}
+
+impl Pair {
+    pub fn new() -> Pair {
+        Pair::with_env(&[])
+    }
+
+    /// A pair whose mount daemon runs with these environment variables.
+    pub fn with_env(env: &[(&str, &str)]) -> Pair {
+        let primary = Mount::prepare("");
+        let fp = keygen(&primary.dir.path().join("keys"));
+        let replica = Replica::new(&[&fp]);
+        let config = std::fs::read_to_string(&primary.config).unwrap() + &replica.peer_toml();
+        std::fs::write(&primary.config, config).unwrap();
+        let mut cmd = Command::new(FERRY);
+        cmd.arg("mount")
+            .arg(&primary.source)
+            .arg(&primary.mnt)
+            .arg("-o")
+            .arg(&primary.options);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        run(&mut cmd);
+        Pair { replica, primary }
+    }
+
+    /// `ferry sync --json`; returns the report and whether the command succeeded.
+    pub fn sync(&self) -> (Value, bool) {
+        let out = Command::new(FERRY)
+            .args(["sync", "--json", "--timeout", "60"])
+            .arg(&self.primary.mnt)
+            .output()
+            .unwrap();
+        let v = serde_json::from_slice(&out.stdout).unwrap_or_else(
+            |_| serde_json::json!({"stderr": String::from_utf8_lossy(&out.stderr)}),
+        );
+        (v, out.status.success())
+    }
+
+    /// A sync that must commit.
+    pub fn sync_ok(&self) -> Value {
+        let (v, ok) = self.sync();
+        assert!(
+            ok,
+            "sync failed: {v}\nreplica log:\n{}",
+            self.replica.log_text()
+        );
+        v
+    }
+
+    pub fn replica_path(&self, name: &str) -> PathBuf {
+        self.replica.store.join(name)
+    }
 }

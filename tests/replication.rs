@@ -1,0 +1,324 @@
+//! Replication end to end: a real mount, a real replica daemon, real QUIC on loopback, real
+//! qemu tools.
+
+mod common;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Pair, Replica, keygen, require, run};
+
+fn random(len: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    blake3::Hasher::new()
+        .update(&seed.to_le_bytes())
+        .finalize_xof()
+        .fill(&mut v);
+    v
+}
+
+fn identical(p: &Pair, name: &str) {
+    common::cmp(&p.primary.backing(name), &p.replica_path(name));
+}
+
+#[test]
+fn qemu_images_replicate_byte_identical_and_a_second_sync_ships_the_dirty_bytes() {
+    require("qemu-img", "qemu-utils");
+    require("qemu-io", "qemu-utils");
+    let p = Pair::new();
+    let qcow = p.primary.path("vm.qcow2");
+    let raw = p.primary.path("disk.raw");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&qcow)
+        .arg("2G"));
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "raw"])
+        .arg(&raw)
+        .arg("256M"));
+    // Real content: random bytes written by qemu into both images.
+    let blob = p.primary.dir.path().join("blob");
+    fs::write(&blob, random(8 << 20, 1)).unwrap();
+    for (img, fmt) in [(&qcow, "qcow2"), (&raw, "raw")] {
+        run(Command::new("qemu-io")
+            .args(["-f", fmt, "-t", "none"])
+            .args(["-c", &format!("write -s {} 0 8M", blob.display())])
+            .args(["-c", &format!("write -s {} 100M 8M", blob.display())])
+            .args(["-c", "write -P 0x5a 200M 1M"])
+            .arg(img));
+    }
+    let r = p.sync_ok();
+    assert_eq!(r["committed"], 1);
+    assert_eq!(r["replicas"][0]["state"], "committed");
+    assert_eq!(r["replicas"][0]["root"], r["root"]);
+    for name in ["vm.qcow2", "disk.raw"] {
+        identical(&p, name);
+        run(Command::new("qemu-img")
+            .args(["compare", "-q"])
+            .arg(p.primary.backing(name))
+            .arg(p.replica_path(name)));
+    }
+    run(Command::new("qemu-img")
+        .arg("check")
+        .arg(p.replica_path("vm.qcow2")));
+    // The replica's image is its own manifest's content: the roots agree.
+    let root = |path: &std::path::Path| {
+        let out = run(Command::new(common::FERRY)
+            .args(["manifest", "--json"])
+            .arg(path));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["root"].clone()
+    };
+    assert_eq!(
+        root(&p.primary.backing("disk.raw")),
+        root(&p.replica_path("disk.raw"))
+    );
+
+    // Scattered 4 KiB writes of random bytes into data the replica holds: patches.
+    let f = OpenOptions::new().write(true).open(&raw).unwrap();
+    for i in 0..64u64 {
+        let off = (i * 104_729 * 4096) % (8 << 20) + (100 << 20);
+        f.write_all_at(&random(4096, 100 + i), off & !4095).unwrap();
+    }
+    drop(f);
+    let r = p.sync_ok();
+    let dirty = r["dirty_bytes"].as_u64().unwrap();
+    let sent = r["bytes_sent"].as_u64().unwrap();
+    assert_eq!(dirty, 64 * 4096);
+    assert!(
+        sent as f64 <= 1.2 * dirty as f64,
+        "sent {sent} bytes for {dirty} dirty: {r}"
+    );
+    assert!(r["patches_sent"].as_u64().unwrap() > 0, "{r}");
+    identical(&p, "disk.raw");
+    identical(&p, "vm.qcow2");
+}
+
+#[test]
+fn an_unpinned_primary_is_refused_and_nothing_of_its_lands() {
+    let p = Pair::new();
+    fs::write(p.primary.path("a.img"), random(1 << 20, 2)).unwrap();
+    // A replica that pins someone else.
+    let other = tempfile::tempdir().unwrap();
+    let stranger = keygen(&other.path().join("keys"));
+    let mut r2 = Replica::new(&[&stranger]);
+    let config = fs::read_to_string(&p.primary.config).unwrap();
+    let config = config.replace(
+        &format!("127.0.0.1:{}", p.replica.port),
+        &format!("127.0.0.1:{}", r2.port),
+    );
+    let config = config.replace(&p.replica.fingerprint, &r2.fingerprint);
+    fs::write(&p.primary.config, config).unwrap();
+    p.primary.unmount();
+    p.primary.mount();
+    let (v, ok) = p.sync();
+    assert!(!ok, "an unpinned primary must not commit: {v}");
+    assert_eq!(v["replicas"][0]["state"], "failed", "{v}");
+    let t = Instant::now();
+    while !r2
+        .log_text()
+        .contains("refused peer with unpinned certificate")
+    {
+        assert!(t.elapsed() < Duration::from_secs(10), "{}", r2.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let primary_fp = fs::read_to_string(p.primary.dir.path().join("keys/node.crt")).unwrap();
+    assert!(!primary_fp.is_empty());
+    assert!(!r2.store.join("a.img").exists());
+    r2.kill9();
+}
+
+#[test]
+fn a_corrupted_chunk_is_caught_and_nothing_is_applied() {
+    let p = Pair::with_env(&[("FERRY_FAULT", "corrupt-chunk")]);
+    fs::write(p.primary.path("a.img"), random(2 << 20, 3)).unwrap();
+    let (v, ok) = p.sync();
+    assert!(!ok, "a corrupt chunk must not commit: {v}");
+    let err = v["replicas"][0]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(err.contains("does not match its hash"), "{v}");
+    assert!(!p.replica_path("a.img").exists(), "nothing applied");
+    // The hook fires once: the next sync ships the same generation's data intact.
+    let v = p.sync_ok();
+    assert_eq!(v["committed"], 1);
+    identical(&p, "a.img");
+}
+
+#[test]
+fn a_replica_killed_mid_transfer_resumes_without_resending_what_it_staged() {
+    let mut p = Pair::new();
+    let size = 384usize << 20;
+    let mut f = File::create(p.primary.path("big.img")).unwrap();
+    for i in 0..(size >> 20) {
+        f.write_all(&random(1 << 20, 1000 + i as u64)).unwrap();
+    }
+    drop(f);
+    let mnt = p.primary.mnt.clone();
+    let sync = std::thread::spawn(move || {
+        Command::new(common::FERRY)
+            .args(["sync", "--json", "--timeout", "120"])
+            .arg(&mnt)
+            .output()
+            .unwrap()
+    });
+    // Kill the replica once a good part of the image is staged.
+    let journal = p.replica.store.join(".ferry/staging/journal");
+    let t = Instant::now();
+    loop {
+        let staged = fs::metadata(&journal).map(|m| m.len()).unwrap_or(0);
+        if staged > (size as u64) / 4 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "transfer did not start"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    p.replica.kill9();
+    let arrived = fs::metadata(&journal).unwrap().len();
+    std::thread::sleep(Duration::from_millis(500));
+    p.replica.start();
+    let out = sync.join().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    assert!(out.status.success(), "{v}\n{}", p.replica.log_text());
+    let r = &v["replicas"][0];
+    assert!(r["attempts"].as_u64().unwrap() >= 2, "{v}");
+    identical(&p, "big.img");
+    // The resumed attempt sent what had not arrived, and at most 10% of what had.
+    let last = r["last_attempt_bytes"].as_u64().unwrap();
+    let missing = (size as u64).saturating_sub(arrived);
+    let resent = last.saturating_sub(missing);
+    assert!(
+        resent * 10 <= arrived,
+        "resent {resent} of {arrived} staged bytes (last attempt {last}, missing {missing})"
+    );
+}
+
+#[test]
+fn a_primary_that_lost_its_state_reconciles_by_merkle_tree() {
+    let p = Pair::new();
+    let size = 48 << 20;
+    fs::write(p.primary.path("vm.img"), random(size, 4)).unwrap();
+    p.sync_ok();
+    p.primary.unmount();
+    // The primary forgets what the replica holds (and its own manifests).
+    for d in fs::read_dir(p.primary.state.join("mounts")).unwrap() {
+        let d = d.unwrap().path();
+        fs::remove_dir_all(d.join("peers")).unwrap();
+        fs::remove_dir_all(d.join("active")).unwrap();
+    }
+    p.primary.mount();
+    let f = OpenOptions::new()
+        .write(true)
+        .open(p.primary.path("vm.img"))
+        .unwrap();
+    f.write_all_at(&random(4096, 5), 7 << 20).unwrap();
+    drop(f);
+    let v = p.sync_ok();
+    let sent = v["bytes_sent"].as_u64().unwrap();
+    assert!(
+        sent < 1 << 20,
+        "reconciliation should ship about one chunk, sent {sent}: {v}"
+    );
+    assert!(p.primary.log_text().contains("reconciling by Merkle tree"));
+    identical(&p, "vm.img");
+}
+
+#[test]
+fn a_replica_seeded_from_elsewhere_and_a_template_clone_ship_almost_nothing() {
+    let mut p = Pair::new();
+    let base = random(32 << 20, 6);
+    // Seed the replica by hand (as with a disk shipped by courier) while it is stopped; it
+    // indexes the image when it starts.
+    p.replica.kill9();
+    fs::create_dir_all(&p.replica.store).unwrap();
+    fs::write(p.replica_path("golden.img"), &base).unwrap();
+    p.replica.start();
+    fs::write(p.primary.path("golden.img"), &base).unwrap();
+    let v = p.sync_ok();
+    assert!(v["bytes_sent"].as_u64().unwrap() < 1 << 20, "{v}");
+    identical(&p, "golden.img");
+    // A VM cloned from the template: its chunks are all on the replica already.
+    fs::copy(p.primary.path("golden.img"), p.primary.path("clone.img")).unwrap();
+    let v = p.sync_ok();
+    assert!(v["bytes_sent"].as_u64().unwrap() < 1 << 20, "{v}");
+    identical(&p, "clone.img");
+}
+
+#[test]
+fn zero_extents_stay_holes_and_removals_and_renames_follow() {
+    let p = Pair::new();
+    let f = File::create(p.primary.path("sparse.img")).unwrap();
+    f.set_len(4 << 30).unwrap();
+    f.write_all_at(&random(1 << 20, 7), 1 << 30).unwrap();
+    drop(f);
+    fs::write(p.primary.path("gone.img"), random(1 << 20, 8)).unwrap();
+    p.sync_ok();
+    identical(&p, "sparse.img");
+    let blocks = fs::metadata(p.replica_path("sparse.img")).unwrap().blocks();
+    assert!(
+        blocks * 512 < 16 << 20,
+        "replica allocated {} bytes",
+        blocks * 512
+    );
+    fs::remove_file(p.primary.path("gone.img")).unwrap();
+    fs::create_dir(p.primary.path("vms")).unwrap();
+    fs::rename(
+        p.primary.path("sparse.img"),
+        p.primary.path("vms/sparse.img"),
+    )
+    .unwrap();
+    let v = p.sync_ok();
+    assert!(!p.replica_path("gone.img").exists());
+    assert!(!p.replica_path("sparse.img").exists());
+    identical(&p, "vms/sparse.img");
+    assert!(
+        v["bytes_sent"].as_u64().unwrap() < 1 << 20,
+        "a rename ships no data: {v}"
+    );
+}
+
+#[test]
+fn a_full_replica_disk_refuses_the_generation_and_keeps_the_last_one() {
+    common::require_root();
+    let p = Pair::new();
+    fs::write(p.primary.path("a.img"), random(1 << 20, 9)).unwrap();
+    p.sync_ok();
+    // Move the replica's store onto a tiny filesystem holding what it has.
+    let mut p = p;
+    p.replica.kill9();
+    let store = p.replica.store.clone();
+    let saved = p.replica.dir.path().join("saved");
+    run(Command::new("cp").arg("-a").arg(&store).arg(&saved));
+    run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=6m", "tmpfs"])
+        .arg(&store));
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).output();
+        }
+    }
+    let _u = Unmount(store.clone());
+    run(Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", saved.display()))
+        .arg(&store));
+    p.replica.start();
+    fs::write(p.primary.path("b.img"), random(16 << 20, 10)).unwrap();
+    let (v, ok) = p.sync();
+    assert!(!ok, "a generation that does not fit must not commit: {v}");
+    let err = v["replicas"][0]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(err.contains("No space left"), "{v}");
+    identical(&p, "a.img");
+    assert!(!p.replica_path("b.img").exists());
+}
