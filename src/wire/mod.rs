@@ -9,3 +9,6 @@ pub mod primary;
 pub mod replica;
 
 pub use frame::{Frame, FrameError, MAX_FRAME, VERSION};
+
+#[cfg(test)]
+mod sim;
