@@ -122,6 +122,9 @@ pub struct SyncArgs {
     /// Give up waiting for the replicas after this many seconds.
     #[arg(long, value_name = "S", default_value_t = 3600.0)]
     pub timeout: f64,
+    /// Only ask for a sync point and return at once (it is merged with one already pending).
+    #[arg(long)]
+    pub no_wait: bool,
 }
 
 #[derive(Args, Debug)]
@@ -350,7 +353,12 @@ fn sync_cmd(a: SyncArgs) -> Result<()> {
     });
     let v = crate::control::request(
         &socket,
-        &serde_json::json!({"cmd": "sync", "images": a.images, "timeout": a.timeout}),
+        &serde_json::json!({
+            "cmd": "sync",
+            "images": a.images,
+            "timeout": a.timeout,
+            "no_wait": a.no_wait,
+        }),
         Some(std::time::Duration::from_secs_f64(a.timeout + 30.0)),
     );
     if let Some(b) = bar {
@@ -360,6 +368,15 @@ fn sync_cmd(a: SyncArgs) -> Result<()> {
     if let Some(o) = v.as_object_mut() {
         o.remove("ok");
     }
+    if a.no_wait {
+        if a.json {
+            println!("{v}");
+        } else {
+            println!("sync point requested");
+        }
+        return Ok(());
+    }
+
     let committed = v["committed"].as_u64().unwrap_or(0);
     let required = v["required"].as_u64().unwrap_or(0);
     if a.json {

@@ -67,6 +67,9 @@ pub struct Primary {
     /// Granularity of the intent log.
     #[serde(default = "default_intent_extent", deserialize_with = "size")]
     pub intent_extent: u64,
+    /// How long a scheduled sync point waits for the replicas before it counts as failed.
+    #[serde(default = "default_sync_timeout", deserialize_with = "duration")]
+    pub sync_timeout: Duration,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -117,6 +120,9 @@ fn default_state_dir() -> PathBuf {
 fn one() -> usize {
     1
 }
+fn default_sync_timeout() -> Duration {
+    Duration::from_secs(3600)
+}
 fn default_intent_extent() -> u64 {
     4 << 20
 }
@@ -148,6 +154,7 @@ impl Default for Primary {
             replicas: 1,
             bandwidth_limit: None,
             intent_extent: default_intent_extent(),
+            sync_timeout: default_sync_timeout(),
         }
     }
 }
@@ -167,6 +174,10 @@ fn duration_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::
     humantime::parse_duration(&s)
         .map(Some)
         .map_err(|e| serde::de::Error::custom(format!("bad duration {s:?} ({e}); e.g. \"30s\"")))
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    duration_opt(d).map(|o| o.expect("duration_opt returns Some"))
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {

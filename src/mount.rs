@@ -317,10 +317,21 @@ fn serve(
         state,
         tracker.clone(),
     )?);
+    let scheduler = crate::sync::trigger::Scheduler::start(
+        engine.clone(),
+        config.primary.sync_interval,
+        config.primary.sync_timeout,
+    )?;
+    if config.primary.sync_on_fsync {
+        let s = scheduler.clone();
+        tracker.set_on_fsync(Box::new(move || {
+            s.request();
+        }));
+    }
     let socket = state.join("control.sock");
     crate::control::serve(
         &socket,
-        control_handler(source, mountpoint, tracker.clone(), engine),
+        control_handler(source, mountpoint, tracker.clone(), engine, scheduler),
     )?;
     let adapter = FerryFuse::new(fs, Some(socket), on_destroy);
 
@@ -395,6 +406,7 @@ fn control_handler(
     mountpoint: &Path,
     tracker: Arc<Tracker>,
     engine: Arc<crate::sync::Engine>,
+    scheduler: Arc<crate::sync::trigger::Scheduler>,
 ) -> Arc<crate::control::Handler> {
     let (source, mountpoint) = (source.to_path_buf(), mountpoint.to_path_buf());
     Arc::new(move |req: &serde_json::Value| match req["cmd"].as_str() {
@@ -409,8 +421,14 @@ fn control_handler(
                 .unwrap_or_default();
             let timeout =
                 std::time::Duration::from_secs_f64(req["timeout"].as_f64().unwrap_or(3600.0));
-            let report = engine.sync(&images, timeout)?;
-            Ok(serde_json::to_value(report)?)
+            if !images.is_empty() {
+                return Ok(serde_json::to_value(engine.sync(&images, timeout)?)?);
+            }
+            let ticket = scheduler.request();
+            if req["no_wait"].as_bool().unwrap_or(false) {
+                return Ok(serde_json::json!({"queued": true}));
+            }
+            scheduler.wait(ticket, timeout).map_err(|e| anyhow!(e))
         }
         Some("status") => {
             let ranges = req["ranges"].as_bool().unwrap_or(false);

@@ -575,7 +575,9 @@ impl Fs {
         } else {
             h.file.sync_all()
         };
-        r.map_err(|e| FsError::io("fsync", self.rel(h.ino).unwrap_or_default(), e))
+        r.map_err(|e| FsError::io("fsync", self.rel(h.ino).unwrap_or_default(), e))?;
+        self.tracker.fsynced();
+        Ok(())
     }
 
     pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> Result<()> {

@@ -42,6 +42,7 @@ pub struct Tracker {
     log: Option<IntentLog>,
     gate: RwLock<()>,
     state: Mutex<State>,
+    on_fsync: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
 }
 
 impl Tracker {
@@ -49,6 +50,7 @@ impl Tracker {
     pub fn new(log: IntentLog, recovered: BTreeMap<PathBuf, RangeSet>) -> Tracker {
         Tracker {
             log: Some(log),
+            on_fsync: Mutex::new(None),
             gate: RwLock::new(()),
             state: Mutex::new(State {
                 dirty: recovered,
@@ -61,6 +63,7 @@ impl Tracker {
     pub fn disabled() -> Tracker {
         Tracker {
             log: None,
+            on_fsync: Mutex::new(None),
             gate: RwLock::new(()),
             state: Mutex::new(State::default()),
         }
@@ -68,6 +71,18 @@ impl Tracker {
 
     pub fn enabled(&self) -> bool {
         self.log.is_some()
+    }
+
+    /// Runs `f` after every successful fsync through the mount (`sync_on_fsync`).
+    pub fn set_on_fsync(&self, f: Box<dyn Fn() + Send + Sync>) {
+        *self.on_fsync.lock() = Some(f);
+    }
+
+    /// An image was fsynced through the mount.
+    pub fn fsynced(&self) {
+        if let Some(f) = &*self.on_fsync.lock() {
+            f();
+        }
     }
 
     /// Runs `op`, which changes bytes `range` of `image`: the range is made durable in the

@@ -12,6 +12,7 @@
 //! manifests are on disk: from then on they, not the marks, say what each replica still lacks.
 
 pub mod ship;
+pub mod trigger;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;

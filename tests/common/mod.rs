@@ -349,7 +349,14 @@ impl Pair {
 
     /// A pair whose mount daemon runs with these environment variables.
     pub fn with_env(env: &[(&str, &str)]) -> Pair {
-        let primary = Mount::prepare("");
+        Pair::with(env, "")
+    }
+
+    /// A pair with environment variables for the mount daemon and more primary config (e.g. a
+    /// `[primary]` section).
+    pub fn with(env: &[(&str, &str)], toml: &str) -> Pair {
+        let primary = Mount::prepare_with("", toml);
+
         let fp = keygen(&primary.dir.path().join("keys"));
         let replica = Replica::new(&[&fp]);
         let config = std::fs::read_to_string(&primary.config).unwrap() + &replica.peer_toml();
