@@ -54,14 +54,77 @@ pub fn server(
         .with_context(|| format!("cannot listen on {listen}"))
 }
 
+/// Why a connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The peer's certificate (or ours, to the peer) is not pinned, or TLS failed: retrying
+    /// cannot help until a config changes.
+    #[error("TLS handshake with {addr} refused ({source}): check the pinned fingerprints")]
+    Trust {
+        addr: SocketAddr,
+        source: quinn::ConnectionError,
+    },
+    /// Unreachable, timed out, reset: worth retrying.
+    #[error("cannot connect to {addr}: {source:#}")]
+    Network {
+        addr: SocketAddr,
+        source: anyhow::Error,
+    },
+}
+
+/// True when an error (anywhere in its chain) is a refusal by the TLS layer: the peer refused
+/// our certificate after the handshake looked complete (TLS 1.3 checks the client last).
+pub fn refused_by_tls(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        let conn = c
+            .downcast_ref::<quinn::ConnectionError>()
+            .or_else(|| match c.downcast_ref::<quinn::ReadExactError>() {
+                Some(quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(e))) => {
+                    Some(e)
+                }
+                _ => None,
+            })
+            .or_else(|| match c.downcast_ref::<quinn::ReadError>() {
+                Some(quinn::ReadError::ConnectionLost(e)) => Some(e),
+                _ => None,
+            })
+            .or_else(|| match c.downcast_ref::<quinn::WriteError>() {
+                Some(quinn::WriteError::ConnectionLost(e)) => Some(e),
+                _ => None,
+            });
+        conn.is_some_and(is_tls)
+    })
+}
+
+/// True for errors of the TLS layer (QUIC crypto error codes 0x100-0x1ff).
+fn is_tls(e: &quinn::ConnectionError) -> bool {
+    let code = match e {
+        quinn::ConnectionError::TransportError(t) => t.code,
+        quinn::ConnectionError::ConnectionClosed(c) => c.error_code,
+        _ => return false,
+    };
+    (0x100..0x200).contains(&u64::from(code))
+}
+
 /// Connects to a peer.
-pub async fn connect(ep: &quinn::Endpoint, addr: SocketAddr) -> Result<quinn::Connection> {
-    let conn = ep
+pub async fn connect(
+    ep: &quinn::Endpoint,
+    addr: SocketAddr,
+) -> Result<quinn::Connection, ConnectError> {
+    let connecting = ep
         .connect(addr, SERVER_NAME)
-        .with_context(|| format!("cannot connect to {addr}"))?
-        .await
-        .with_context(|| format!("handshake with {addr} failed"))?;
-    Ok(conn)
+        .map_err(|e| ConnectError::Network {
+            addr,
+            source: e.into(),
+        })?;
+    match connecting.await {
+        Ok(conn) => Ok(conn),
+        Err(e) if is_tls(&e) => Err(ConnectError::Trust { addr, source: e }),
+        Err(e) => Err(ConnectError::Network {
+            addr,
+            source: e.into(),
+        }),
+    }
 }
 
 /// The fingerprint the peer presented, which the verifier already checked against the pins.

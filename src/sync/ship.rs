@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::anyhow;
 
-use crate::net::transport::{connect, read_frame, write_frame};
+use crate::net::transport::{ConnectError, connect, read_frame, refused_by_tls, write_frame};
 use crate::wire::frame::Frame;
 use crate::wire::primary::{Acked, ChunkSource, Job, Out, PrimarySession, make_frame};
 
@@ -62,8 +62,19 @@ pub async fn ship(
     src: Arc<dyn ChunkSource + Send + Sync>,
     stats: Arc<ShipStats>,
 ) -> Result<Acked, ShipError> {
-    let conn = connect(ep, addr).await.map_err(ShipError::Transport)?;
-    let r = run(&conn, session, hello, src, &stats).await;
+    let conn = connect(ep, addr).await.map_err(|e| match e {
+        e @ ConnectError::Trust { .. } => ShipError::Session(e.to_string()),
+        e => ShipError::Transport(e.into()),
+    })?;
+
+    let r = match run(&conn, session, hello, src, &stats).await {
+        Err(ShipError::Transport(e)) if refused_by_tls(&e) => Err(ShipError::Session(format!(
+            "{addr} refused this node's certificate ({e:#}): pin this node's fingerprint \
+             (ferry id) in the replica's primaries"
+        ))),
+        r => r,
+    };
+
     stats
         .wire_bytes
         .fetch_add(conn.stats().udp_tx.bytes, Ordering::Relaxed);
