@@ -375,7 +375,9 @@ impl Engine {
         only: Option<&HashSet<PathBuf>>,
     ) -> Result<usize> {
         let active_dir = self.state.join("active");
-        let mdir = active_dir.join("manifests");
+                let mdir = active_dir.join("manifests");
+        let before: HashSet<String> = inner.images.keys().cloned().collect();
+
         for ev in &frozen.events {
             match ev {
                 NsEvent::Renamed { from, to } => {
@@ -405,7 +407,8 @@ impl Engine {
         }
         let present = list_images(&self.root)?;
         let present_set: HashSet<&String> = present.iter().collect();
-        inner.images.retain(|k, _| present_set.contains(k));
+                        inner.images.retain(|k, _| present_set.contains(k));
+
         let mut changed = 0;
         for path in &present {
             if only.is_some_and(|o| !o.contains(Path::new(path))) && inner.images.contains_key(path)
@@ -436,11 +439,9 @@ impl Engine {
             inner.images.insert(path.clone(), Arc::new(new));
             changed += 1;
         }
-        // Manifests of images that are gone.
-        for m in load_manifests(&mdir, self.params).keys() {
-            if !inner.images.contains_key(m) {
-                remove_manifest(&mdir, m);
-            }
+                // Manifests of images that are gone.
+        for m in before.difference(&inner.images.keys().cloned().collect()) {
+            remove_manifest(&mdir, m);
         }
         inner.generation += 1;
         inner.group_root = group_root(&inner.images);
