@@ -80,6 +80,9 @@ pub struct Peer {
     pub fingerprint: Fingerprint,
     #[serde(default)]
     pub zone: Option<String>,
+    /// Bytes per second to this peer (none when absent).
+    #[serde(default, deserialize_with = "rate_opt")]
+    pub bandwidth_limit: Option<u64>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]

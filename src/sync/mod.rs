@@ -11,6 +11,7 @@
 //! The tracker's freeze is committed (the intent log forgets its marks) once the new active
 //! manifests are on disk: from then on they, not the marks, say what each replica still lacks.
 
+pub mod bucket;
 pub mod ship;
 pub mod trigger;
 
@@ -36,12 +37,14 @@ use crate::manifest::{self, Manifest};
 use crate::net::{Fingerprint, Identity, transport};
 use crate::wire::primary::{ChunkSource, Generation, PeerKnowledge, PrimarySession, group_root};
 
+use bucket::Bucket;
 use ship::{ShipError, ShipStats, ship};
 
 /// One replica the primary ships to.
 struct Peer {
     name: String,
     addr: SocketAddr,
+    bucket: Option<Arc<Bucket>>,
     known: PeerKnowledge,
     /// Last outcome, for status.
     last: Option<PeerOutcome>,
@@ -92,6 +95,7 @@ pub struct Engine {
     params: ChunkParams,
     required: usize,
     tracker: Arc<Tracker>,
+    bucket: Option<Arc<Bucket>>,
     rt: tokio::runtime::Runtime,
     endpoint: Option<quinn::Endpoint>,
     inner: parking_lot::Mutex<Inner>,
@@ -232,6 +236,7 @@ impl Engine {
             peers.push(Peer {
                 name: p.name.clone(),
                 addr: p.addr,
+                bucket: p.bandwidth_limit.map(|r| Arc::new(Bucket::new(r))),
                 known: PeerKnowledge {
                     generation: rec.generation,
                     manifests: load_manifests(&dir.join("manifests"), params),
@@ -271,6 +276,10 @@ impl Engine {
             params,
             required: config.primary.replicas.min(config.peers.len()),
             tracker,
+            bucket: config
+                .primary
+                .bandwidth_limit
+                .map(|r| Arc::new(Bucket::new(r))),
             rt,
             endpoint,
             inner: parking_lot::Mutex::new(Inner {
@@ -375,7 +384,7 @@ impl Engine {
         only: Option<&HashSet<PathBuf>>,
     ) -> Result<usize> {
         let active_dir = self.state.join("active");
-                let mdir = active_dir.join("manifests");
+        let mdir = active_dir.join("manifests");
         let before: HashSet<String> = inner.images.keys().cloned().collect();
 
         for ev in &frozen.events {
@@ -407,7 +416,7 @@ impl Engine {
         }
         let present = list_images(&self.root)?;
         let present_set: HashSet<&String> = present.iter().collect();
-                        inner.images.retain(|k, _| present_set.contains(k));
+        inner.images.retain(|k, _| present_set.contains(k));
 
         let mut changed = 0;
         for path in &present {
@@ -439,7 +448,7 @@ impl Engine {
             inner.images.insert(path.clone(), Arc::new(new));
             changed += 1;
         }
-                // Manifests of images that are gone.
+        // Manifests of images that are gone.
         for m in before.difference(&inner.images.keys().cloned().collect()) {
             remove_manifest(&mdir, m);
         }
@@ -470,11 +479,15 @@ impl Engine {
         let jobs: Vec<_> = inner
             .peers
             .iter()
-            .map(|p| (p.name.clone(), p.addr, p.known.clone()))
+            .map(|p| {
+                let buckets: Vec<Arc<Bucket>> =
+                    p.bucket.iter().chain(self.bucket.iter()).cloned().collect();
+                (p.name.clone(), p.addr, p.known.clone(), buckets)
+            })
             .collect();
         let (node, params) = (self.node.clone(), self.params);
         let results = self.rt.block_on(async {
-            let futs = jobs.into_iter().map(|(name, addr, known)| {
+            let futs = jobs.into_iter().map(|(name, addr, known, buckets)| {
                 let src = src.clone();
                 let ep = ep.clone();
                 let g = g.clone();
@@ -492,7 +505,15 @@ impl Engine {
                             PrimarySession::new(&node, 0, params, g.clone(), known.clone());
                         let r = tokio::time::timeout_at(
                             deadline,
-                            ship(&ep, addr, session, hello, src.clone(), stats.clone()),
+                            ship(
+                                &ep,
+                                addr,
+                                session,
+                                hello,
+                                src.clone(),
+                                stats.clone(),
+                                buckets.clone(),
+                            ),
                         )
                         .await;
                         total.add(&stats);

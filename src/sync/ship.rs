@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::anyhow;
 
+use super::bucket::{Bucket, pace};
 use crate::net::transport::{ConnectError, connect, read_frame, refused_by_tls, write_frame};
 use crate::wire::frame::Frame;
 use crate::wire::primary::{Acked, ChunkSource, Job, Out, PrimarySession, make_frame};
@@ -61,13 +62,14 @@ pub async fn ship(
     hello: Frame,
     src: Arc<dyn ChunkSource + Send + Sync>,
     stats: Arc<ShipStats>,
+    buckets: Vec<Arc<Bucket>>,
 ) -> Result<Acked, ShipError> {
     let conn = connect(ep, addr).await.map_err(|e| match e {
         e @ ConnectError::Trust { .. } => ShipError::Session(e.to_string()),
         e => ShipError::Transport(e.into()),
     })?;
 
-    let r = match run(&conn, session, hello, src, &stats).await {
+    let r = match run(&conn, session, hello, src, &stats, &buckets).await {
         Err(ShipError::Transport(e)) if refused_by_tls(&e) => Err(ShipError::Session(format!(
             "{addr} refused this node's certificate ({e:#}): pin this node's fingerprint \
              (ferry id) in the replica's primaries"
@@ -101,6 +103,7 @@ async fn run(
     hello: Frame,
     src: Arc<dyn ChunkSource + Send + Sync>,
     stats: &Arc<ShipStats>,
+    buckets: &[Arc<Bucket>],
 ) -> Result<Acked, ShipError> {
     let t = ShipError::Transport;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| t(e.into()))?;
@@ -116,7 +119,7 @@ async fn run(
             match o {
                 Out::Send(f) => write_frame(&mut send, &f).await.map_err(t)?,
                 Out::Jobs => {
-                    send_data(conn, &session, &src, stats).await?;
+                    send_data(conn, &session, &src, stats, buckets).await?;
                     let commit = session.lock().data_sent();
                     if let Some(c) = commit {
                         write_frame(&mut send, &c).await.map_err(t)?;
@@ -135,6 +138,7 @@ async fn send_data(
     session: &Session,
     src: &Arc<dyn ChunkSource + Send + Sync>,
     stats: &Arc<ShipStats>,
+    buckets: &[Arc<Bucket>],
 ) -> Result<(), ShipError> {
     let mut tasks = Vec::new();
     for _ in 0..STREAMS {
@@ -145,6 +149,7 @@ async fn send_data(
         let session = session.clone();
         let src = src.clone();
         let stats = stats.clone();
+        let buckets = buckets.to_vec();
         tasks.push(tokio::spawn(async move {
             loop {
                 let job = session.lock().next_job();
@@ -162,9 +167,12 @@ async fn send_data(
                     log::warn!("FERRY_FAULT: corrupting a chunk on purpose");
                     data[0] ^= 0xFF;
                 }
+                let refs: Vec<&Bucket> = buckets.iter().map(|b| &**b).collect();
+                pace(&refs, n).await;
                 write_frame(&mut uni, &frame)
                     .await
                     .map_err(ShipError::Transport)?;
+
                 stats.bytes_sent.fetch_add(n, Ordering::Relaxed);
                 let counter = if is_patch {
                     &stats.patches_sent
