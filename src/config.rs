@@ -67,6 +67,10 @@ pub struct Primary {
     /// Granularity of the intent log.
     #[serde(default = "default_intent_extent", deserialize_with = "size")]
     pub intent_extent: u64,
+    /// A selected replica failing for longer than this is replaced by another (which is then
+    /// seeded), when more peers are configured than `replicas`.
+    #[serde(default = "default_failover_after", deserialize_with = "duration")]
+    pub failover_after: Duration,
     /// How long a scheduled sync point waits for the replicas before it counts as failed.
     #[serde(default = "default_sync_timeout", deserialize_with = "duration")]
     pub sync_timeout: Duration,
@@ -123,6 +127,9 @@ fn default_state_dir() -> PathBuf {
 fn one() -> usize {
     1
 }
+fn default_failover_after() -> Duration {
+    Duration::from_secs(300)
+}
 fn default_sync_timeout() -> Duration {
     Duration::from_secs(3600)
 }
@@ -158,6 +165,7 @@ impl Default for Primary {
             bandwidth_limit: None,
             intent_extent: default_intent_extent(),
             sync_timeout: default_sync_timeout(),
+            failover_after: default_failover_after(),
         }
     }
 }

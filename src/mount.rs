@@ -424,11 +424,15 @@ fn control_handler(
             if !images.is_empty() {
                 return Ok(serde_json::to_value(engine.sync(&images, timeout)?)?);
             }
-            let ticket = scheduler.request();
             if req["no_wait"].as_bool().unwrap_or(false) {
+                scheduler.request();
                 return Ok(serde_json::json!({"queued": true}));
             }
-            scheduler.wait(ticket, timeout).map_err(|e| anyhow!(e))
+            let ticket = scheduler.request_within(Some(timeout));
+            // A sync already running when this request came may hold it up to its own timeout.
+            scheduler
+                .wait(ticket, timeout * 2 + std::time::Duration::from_secs(5))
+                .map_err(|e| anyhow!(e))
         }
         Some("status") => {
             let ranges = req["ranges"].as_bool().unwrap_or(false);

@@ -12,6 +12,7 @@
 //! manifests are on disk: from then on they, not the marks, say what each replica still lacks.
 
 pub mod bucket;
+pub mod select;
 pub mod ship;
 pub mod trigger;
 
@@ -40,14 +41,27 @@ use crate::wire::primary::{ChunkSource, Generation, PeerKnowledge, PrimarySessio
 use bucket::Bucket;
 use ship::{ShipError, ShipStats, ship};
 
+/// A peer that cannot be reached at all for this long (no connection) fails the sync for it;
+/// a connection lost mid-transfer is retried until the sync's timeout.
+const UNREACHABLE_GIVE_UP: Duration = Duration::from_secs(10);
+
 /// One replica the primary ships to.
+
 struct Peer {
     name: String,
     addr: SocketAddr,
+    zone: Option<String>,
     bucket: Option<Arc<Bucket>>,
     known: PeerKnowledge,
     /// Last outcome, for status.
     last: Option<PeerOutcome>,
+    /// Health as last seen (for secondary selection).
+    failing_since: Option<Instant>,
+    rtt: Option<Duration>,
+    throughput: Option<f64>,
+    /// Whether the selection ships to this peer, and why.
+    selected: bool,
+    reason: String,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -94,6 +108,7 @@ pub struct Engine {
     node: String,
     params: ChunkParams,
     required: usize,
+    failover_after: Duration,
     tracker: Arc<Tracker>,
     bucket: Option<Arc<Bucket>>,
     rt: tokio::runtime::Runtime,
@@ -237,6 +252,12 @@ impl Engine {
                 name: p.name.clone(),
                 addr: p.addr,
                 bucket: p.bandwidth_limit.map(|r| Arc::new(Bucket::new(r))),
+                zone: p.zone.clone(),
+                failing_since: None,
+                rtt: None,
+                throughput: None,
+                selected: false,
+                reason: "not chosen yet".into(),
                 known: PeerKnowledge {
                     generation: rec.generation,
                     manifests: load_manifests(&dir.join("manifests"), params),
@@ -275,6 +296,7 @@ impl Engine {
             node: config.node.name.clone(),
             params,
             required: config.primary.replicas.min(config.peers.len()),
+            failover_after: config.primary.failover_after,
             tracker,
             bucket: config
                 .primary
@@ -476,9 +498,18 @@ impl Engine {
             return vec![];
         };
         let src: Arc<dyn ChunkSource + Send + Sync> = Arc::new(Backing(self.root.clone()));
+        self.choose(inner);
+        let probes: Vec<(usize, SocketAddr)> = inner
+            .peers
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| !p.selected)
+            .map(|(i, p)| (i, p.addr))
+            .collect();
         let jobs: Vec<_> = inner
             .peers
             .iter()
+            .filter(|p| p.selected)
             .map(|p| {
                 let buckets: Vec<Arc<Bucket>> =
                     p.bucket.iter().chain(self.bucket.iter()).cloned().collect();
@@ -497,6 +528,7 @@ impl Engine {
                     let deadline = tokio::time::Instant::now() + timeout;
                     let mut backoff = Duration::from_millis(200);
                     let mut attempts = 0u32;
+                    let mut last_contact = tokio::time::Instant::now();
                     let total = ShipStats::default();
                     loop {
                         attempts += 1;
@@ -521,7 +553,22 @@ impl Engine {
                             Ok(Ok(acked)) => {
                                 break (name, Ok(acked), total, stats, attempts, t.elapsed());
                             }
-                            Ok(Err(ShipError::Transport(e))) => e,
+                            Ok(Err(ShipError::Transport(e))) => {
+                                last_contact = tokio::time::Instant::now();
+                                e
+                            }
+                            Ok(Err(ShipError::Unreachable(e)))
+                                if last_contact.elapsed() < UNREACHABLE_GIVE_UP =>
+                            {
+                                e
+                            }
+                            Ok(Err(ShipError::Unreachable(e))) => {
+                                let e = anyhow!(
+                                    "{e:#} (unreachable for {} s)",
+                                    UNREACHABLE_GIVE_UP.as_secs()
+                                );
+                                break (name, Err(e), total, stats, attempts, t.elapsed());
+                            }
                             Ok(Err(e)) => {
                                 break (name, Err(anyhow!(e)), total, stats, attempts, t.elapsed());
                             }
@@ -542,7 +589,29 @@ impl Engine {
                     }
                 }
             });
-            futures_join_all(futs).await
+            let probed = futures_join_all(probes.into_iter().map(|(i, addr)| {
+                let ep = ep.clone();
+                async move {
+                    let r =
+                        tokio::time::timeout(Duration::from_secs(5), ship::probe(&ep, addr)).await;
+                    (i, r.ok().and_then(|r| r.ok()))
+                }
+            }));
+            let shipped = futures_join_all(futs);
+            let (shipped, probed) = tokio::join!(shipped, probed);
+            for (i, rtt) in probed {
+                let p = &mut inner.peers[i];
+                match rtt {
+                    Some(rtt) => {
+                        p.rtt = Some(rtt);
+                        p.failing_since = None;
+                    }
+                    None => {
+                        p.failing_since.get_or_insert_with(Instant::now);
+                    }
+                }
+            }
+            shipped
         });
         let mut out = Vec::new();
         for (name, r, stats, last, attempts, took) in results {
@@ -571,6 +640,14 @@ impl Engine {
                 Ok(acked) => {
                     o.root = Some(hex(&acked.group_root));
                     o.generation = acked.generation;
+                    peer.failing_since = None;
+                    let rtt = n(&last.rtt_us);
+                    if rtt > 0 {
+                        peer.rtt = Some(Duration::from_micros(rtt));
+                    }
+                    if o.bytes_sent >= 1 << 20 && o.duration_ms > 0 {
+                        peer.throughput = Some(o.bytes_sent as f64 * 1000.0 / o.duration_ms as f64);
+                    }
                     if let Err(e) = self.remember(peer, g, acked.generation) {
                         log::warn!("{name}: acknowledged, but its state could not be saved: {e:#}");
                     }
@@ -584,6 +661,7 @@ impl Engine {
                     );
                 }
                 Err(e) => {
+                    peer.failing_since.get_or_insert_with(Instant::now);
                     log::warn!("{name}: generation {} not committed: {e:#}", g.number);
                     o.state = "failed".into();
                     o.error = Some(format!("{e:#}"));
@@ -637,6 +715,14 @@ impl Engine {
                 json!({
                     "name": p.name,
                     "addr": p.addr.to_string(),
+                    "zone": p.zone,
+                    "selected": p.selected,
+                    "reason": p.reason,
+                    "healthy": p.failing_since.is_none(),
+                    "failing_for_s": p.failing_since.map(|t| t.elapsed().as_secs()),
+                    "rtt_ms": p.rtt.map(|r| r.as_secs_f64() * 1000.0),
+                    "throughput_bytes_per_s": p.throughput,
+
                     "generation": p.known.generation,
                     "lag_generations": inner.generation.saturating_sub(p.known.generation),
                     "last": p.last,
@@ -665,4 +751,39 @@ where
         out.push(h.await.expect("a shipping task panicked"));
     }
     out
+}
+
+impl Engine {
+    /// Applies the secondary selection policy to the peers (see `select.rs`).
+    fn choose(&self, inner: &mut Inner) {
+        let cands: Vec<select::Candidate> = inner
+            .peers
+            .iter()
+            .map(|p| select::Candidate {
+                name: p.name.clone(),
+                zone: p.zone.clone(),
+                failing_since: p.failing_since,
+                rtt: p.rtt,
+                throughput: p.throughput,
+                selected: p.selected,
+            })
+            .collect();
+        let choices = select::select(&cands, self.required, self.failover_after, Instant::now());
+        for (p, c) in inner.peers.iter_mut().zip(choices) {
+            if p.selected != c.selected {
+                log::info!(
+                    "{}: {} ({})",
+                    p.name,
+                    if c.selected {
+                        "selected"
+                    } else {
+                        "not selected"
+                    },
+                    c.reason
+                );
+            }
+            p.selected = c.selected;
+            p.reason = c.reason;
+        }
+    }
 }

@@ -25,6 +25,8 @@ pub struct ShipStats {
     pub patches_sent: AtomicU64,
     /// UDP bytes the connection sent, all overhead included.
     pub wire_bytes: AtomicU64,
+    /// The connection's round-trip time estimate at the end, in microseconds.
+    pub rtt_us: AtomicU64,
 }
 
 impl ShipStats {
@@ -46,7 +48,10 @@ type Session = Arc<parking_lot::Mutex<PrimarySession>>;
 /// Why a shipment failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ShipError {
-    /// The connection failed or was lost: worth retrying.
+    /// No connection could be made: worth retrying for a while.
+    #[error("{0:#}")]
+    Unreachable(anyhow::Error),
+    /// The connection was lost: worth retrying.
     #[error("{0:#}")]
     Transport(anyhow::Error),
     /// The replica refused or the session broke its rules: retrying would not help.
@@ -66,9 +71,8 @@ pub async fn ship(
 ) -> Result<Acked, ShipError> {
     let conn = connect(ep, addr).await.map_err(|e| match e {
         e @ ConnectError::Trust { .. } => ShipError::Session(e.to_string()),
-        e => ShipError::Transport(e.into()),
+        e => ShipError::Unreachable(e.into()),
     })?;
-
     let r = match run(&conn, session, hello, src, &stats, &buckets).await {
         Err(ShipError::Transport(e)) if refused_by_tls(&e) => Err(ShipError::Session(format!(
             "{addr} refused this node's certificate ({e:#}): pin this node's fingerprint \
@@ -80,6 +84,10 @@ pub async fn ship(
     stats
         .wire_bytes
         .fetch_add(conn.stats().udp_tx.bytes, Ordering::Relaxed);
+    stats
+        .rtt_us
+        .store(conn.rtt().as_micros() as u64, Ordering::Relaxed);
+
     conn.close(0u32.into(), b"done");
     r
 }
@@ -189,4 +197,18 @@ async fn send_data(
         t.await.map_err(|e| ShipError::Session(e.to_string()))??;
     }
     Ok(())
+}
+
+/// Checks that a peer answers (a full handshake, so its certificate too); its round-trip time.
+pub async fn probe(
+    ep: &quinn::Endpoint,
+    addr: SocketAddr,
+) -> Result<std::time::Duration, ShipError> {
+    let conn = connect(ep, addr).await.map_err(|e| match e {
+        e @ ConnectError::Trust { .. } => ShipError::Session(e.to_string()),
+        e => ShipError::Transport(e.into()),
+    })?;
+    let rtt = conn.rtt();
+    conn.close(0u32.into(), b"probe");
+    Ok(rtt)
 }

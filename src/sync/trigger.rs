@@ -18,6 +18,8 @@ use super::Engine;
 struct State {
     /// A sync point was asked for and has not started yet.
     pending: bool,
+    /// The shortest timeout a waiting caller gave for it.
+    pending_timeout: Option<Duration>,
     /// Number of the last sync started, and of the last finished.
     started: u64,
     finished: u64,
@@ -75,13 +77,19 @@ impl Scheduler {
                 }
                 st.pending = false;
                 st.started += 1;
-                st.started
+                (
+                    st.started,
+                    st.pending_timeout
+                        .take()
+                        .map_or(timeout, |t| t.min(timeout)),
+                )
             };
+            let (seq, this_timeout) = seq;
             // The interval counts from the start of a sync: a slow sync is followed by the next
             // one at once, never by a queue of them.
             next_tick = interval.map(|i| Instant::now() + i);
             let r = engine
-                .sync(&[], timeout)
+                .sync(&[], this_timeout)
                 .map_err(|e| format!("{e:#}"))
                 .and_then(|rep| serde_json::to_value(rep).map_err(|e| e.to_string()));
             if let Err(e) = &r {
@@ -96,8 +104,17 @@ impl Scheduler {
 
     /// Asks for a sync point; returns a ticket to wait on.
     pub fn request(&self) -> u64 {
+        self.request_within(None)
+    }
+
+    /// Asks for a sync point whose replicas must answer within `timeout` (a waiting caller's).
+    pub fn request_within(&self, timeout: Option<Duration>) -> u64 {
         let mut st = self.state.lock();
         st.pending = true;
+        if let Some(t) = timeout {
+            st.pending_timeout = Some(st.pending_timeout.map_or(t, |p| p.min(t)));
+        }
+
         self.cv.notify_all();
         st.started + 1
     }
