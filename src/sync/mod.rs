@@ -46,7 +46,6 @@ use ship::{ShipError, ShipStats, ship};
 const UNREACHABLE_GIVE_UP: Duration = Duration::from_secs(10);
 
 /// One replica the primary ships to.
-
 struct Peer {
     name: String,
     addr: SocketAddr,
