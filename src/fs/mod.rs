@@ -133,6 +133,10 @@ pub struct Fs {
     dirs: Mutex<HashMap<u64, Vec<DirEntry>>>,
     next_fh: AtomicU64,
     tracker: Arc<Tracker>,
+    /// Orders changes against renames: a change holds it shared from resolving its image's
+    /// path to recording the range, a rename exclusively until the inode table has the new
+    /// name, so no change is recorded under a name a rename has just moved away.
+    names: RwLock<()>,
 }
 
 fn kind_of(ft: fs::FileType) -> FileKind {
@@ -240,6 +244,7 @@ impl Fs {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             tracker,
+            names: RwLock::new(()),
         })
     }
 
@@ -330,13 +335,13 @@ impl Fs {
         }
         if let Some(size) = set.size {
             match fh.and_then(|fh| self.handle(fh).ok()) {
-                Some(h) => self.truncate(&rel, &h.file, size)?,
+                Some(h) => self.truncate(ino, &h.file, size)?,
                 None => {
                     let f = OpenOptions::new()
                         .write(true)
                         .open(&path)
                         .map_err(|e| FsError::io("open", &rel, e))?;
-                    self.truncate(&rel, &f, size)?;
+                    self.truncate(ino, &f, size)?;
                 }
             }
         }
@@ -355,8 +360,10 @@ impl Fs {
         self.getattr(ino, fh)
     }
 
-    /// Sets the size of an image, recording the bytes that appear or disappear.
-    fn truncate(&self, rel: &Path, file: &File, size: u64) -> Result<()> {
+    /// Sets the size of image `ino`, recording the bytes that appear or disappear.
+    fn truncate(&self, ino: Ino, file: &File, size: u64) -> Result<()> {
+        let _names = self.names.read();
+        let rel = &self.rel(ino)?;
         let old = file
             .metadata()
             .map_err(|e| FsError::io("fstat", rel, e))?
@@ -475,7 +482,7 @@ impl Fs {
         self.own(&path, &rel, who)?;
         let attr = self.remember(parent, name, &rel)?;
         if flags & libc::O_TRUNC != 0 {
-            self.truncate(&rel, &file, 0)?;
+            self.truncate(attr.ino, &file, 0)?;
         }
         let fh = self.add_handle(attr.ino, file);
         Ok((attr, fh))
@@ -520,7 +527,7 @@ impl Fs {
         let rel = self.rel(ino)?;
         let file = self.open_backing(&self.backing(&rel), &rel, flags & !libc::O_CREAT, 0)?;
         if flags & libc::O_TRUNC != 0 {
-            self.truncate(&rel, &file, 0)?;
+            self.truncate(ino, &file, 0)?;
         }
         Ok(self.add_handle(ino, file))
     }
@@ -553,6 +560,7 @@ impl Fs {
         op: impl FnOnce() -> io::Result<T>,
         what: &'static str,
     ) -> Result<T> {
+        let _names = self.names.read();
         self.tracked(&self.rel(h.ino)?, range, op, what)
     }
 
@@ -717,6 +725,8 @@ impl Fs {
         if flags & libc::RENAME_EXCHANGE != 0 {
             return Err(FsError::Unsupported("RENAME_EXCHANGE"));
         }
+        // Until the inode table has the new names: see `names`.
+        let _names = self.names.write();
         let from = self.child_rel(parent, name)?;
         let to = self.child_rel(newparent, newname)?;
         let (cf, ct) = (
