@@ -216,6 +216,9 @@ fn timespec(t: Option<SetTime>) -> libc::timespec {
     }
 }
 
+/// How errors name an image that was unlinked while open.
+const UNLINKED_IMAGE: &str = "(unlinked image)";
+
 /// Names the kernel may pass that must never reach the backing directory.
 fn valid_name(name: &OsStr) -> Result<()> {
     let b = name.as_bytes();
@@ -312,6 +315,14 @@ impl Fs {
             let m = h.file.metadata().map_err(|e| FsError::io("fstat", "", e))?;
             return Ok(attr_of(ino, &m));
         }
+        if self.inodes.read().is_unlinked(ino) {
+            // Unlinked while open (fstat comes without a handle): stat any handle on it.
+            let h = self.handles.read().values().find(|h| h.ino == ino).cloned();
+            if let Some(h) = h {
+                let m = h.file.metadata().map_err(|e| FsError::io("fstat", "", e))?;
+                return Ok(attr_of(ino, &m));
+            }
+        }
         let rel = self.rel(ino)?;
         let m =
             fs::symlink_metadata(self.backing(&rel)).map_err(|e| FsError::io("stat", &rel, e))?;
@@ -320,6 +331,11 @@ impl Fs {
 
     pub fn setattr(&self, ino: Ino, fh: Option<u64>, set: SetAttr) -> Result<Attr> {
         self.writable()?;
+        if let Some(h) = fh.and_then(|fh| self.handle(fh).ok())
+            && self.inodes.read().is_unlinked(ino)
+        {
+            return self.setattr_unlinked(ino, &h, set);
+        }
         let rel = self.rel(ino)?;
         let path = self.backing(&rel);
         let c = cstr(&path).map_err(|e| FsError::io("setattr", &rel, e))?;
@@ -360,10 +376,40 @@ impl Fs {
         self.getattr(ino, fh)
     }
 
+    /// `setattr` of an image unlinked while open: it has no path, so everything goes through
+    /// the open handle.
+    fn setattr_unlinked(&self, ino: Ino, h: &Handle, set: SetAttr) -> Result<Attr> {
+        let fd = h.file.as_raw_fd();
+        let io = |op, e| FsError::io(op, UNLINKED_IMAGE, e);
+        if let Some(mode) = set.mode {
+            check(unsafe { libc::fchmod(fd, (mode & 0o7777) as libc::mode_t) })
+                .map_err(|e| io("chmod", e))?;
+        }
+        if set.uid.is_some() || set.gid.is_some() {
+            let uid = set.uid.unwrap_or(u32::MAX);
+            let gid = set.gid.unwrap_or(u32::MAX);
+            check(unsafe { libc::fchown(fd, uid, gid) }).map_err(|e| io("chown", e))?;
+        }
+        if let Some(size) = set.size {
+            self.truncate(ino, &h.file, size)?;
+        }
+        if set.atime.is_some() || set.mtime.is_some() {
+            let ts = [timespec(set.atime), timespec(set.mtime)];
+            check(unsafe { libc::futimens(fd, ts.as_ptr()) }).map_err(|e| io("futimens", e))?;
+        }
+        let m = h.file.metadata().map_err(|e| io("fstat", e))?;
+        Ok(attr_of(ino, &m))
+    }
+
     /// Sets the size of image `ino`, recording the bytes that appear or disappear.
     fn truncate(&self, ino: Ino, file: &File, size: u64) -> Result<()> {
         let _names = self.names.read();
-        let rel = &self.rel(ino)?;
+        let Some(rel) = &self.image_path(ino)? else {
+            self.writable()?;
+            return file
+                .set_len(size)
+                .map_err(|e| FsError::io("truncate", UNLINKED_IMAGE, e));
+        };
         let old = file
             .metadata()
             .map_err(|e| FsError::io("fstat", rel, e))?
@@ -374,6 +420,21 @@ impl Fs {
             || file.set_len(size),
             "truncate",
         )
+    }
+
+    /// The path of image `ino` for the tracker, or `None` when it was unlinked (or replaced
+    /// by a rename) while open: its bytes belong to no image any more, so there is nothing
+    /// to record, but POSIX lets whoever holds it open go on using it.
+    fn image_path(&self, ino: Ino) -> Result<Option<PathBuf>> {
+        let inodes = self.inodes.read();
+        match inodes.path(ino) {
+            Some(p) => Ok(Some(p)),
+            None if inodes.is_unlinked(ino) => Ok(None),
+            None => Err(FsError::Stale {
+                what: "inode",
+                id: ino,
+            }),
+        }
     }
 
     /// Runs `op`, which changes bytes `range` of image `rel`, under the tracker.
@@ -561,7 +622,13 @@ impl Fs {
         what: &'static str,
     ) -> Result<T> {
         let _names = self.names.read();
-        self.tracked(&self.rel(h.ino)?, range, op, what)
+        match self.image_path(h.ino)? {
+            Some(rel) => self.tracked(&rel, range, op, what),
+            None => {
+                self.writable()?;
+                op().map_err(|e| FsError::io(what, UNLINKED_IMAGE, e))
+            }
+        }
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
