@@ -124,7 +124,24 @@ enum Op {
     Unlink {
         img: usize,
     },
-    /// Unmount cleanly and mount again.
+    /// Open an image and keep the handle (up to three; the oldest is closed first). Handles
+    /// follow their image through renames and outlive its unlink.
+    Open {
+        img: usize,
+    },
+    /// Write through a kept handle, whatever became of its image's name.
+    HandleWrite {
+        h: usize,
+        at: At,
+        len: u64,
+        seed: u64,
+    },
+    /// ftruncate through a kept handle.
+    HandleTruncate {
+        h: usize,
+        to: At,
+    },
+    /// Unmount cleanly and mount again (kept handles are closed first).
     Remount,
     /// SIGKILL the daemon and mount again.
     Crash,
@@ -166,7 +183,11 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(img, len, seed)| Op::Recreate { img, len, seed }),
         3 => (0usize..5, 0u64..200_000, any::<u64>())
             .prop_map(|(name, len, seed)| Op::Create { name, len, seed }),
-        2 => img.prop_map(|img| Op::Unlink { img }),
+        2 => img.clone().prop_map(|img| Op::Unlink { img }),
+        3 => img.prop_map(|img| Op::Open { img }),
+        6 => (0usize..3, at(), len(), any::<u64>())
+            .prop_map(|(h, at, len, seed)| Op::HandleWrite { h, at, len, seed }),
+        2 => (0usize..3, at()).prop_map(|(h, to)| Op::HandleTruncate { h, to }),
         1 => Just(Op::Remount),
         1 => Just(Op::Crash),
     ]
@@ -246,6 +267,8 @@ fn same(got: &[u8], want: &[u8], what: &str) {
 
 #[derive(Clone, Debug)]
 struct Image {
+    /// Which file this is, whatever its name (kept handles refer to it).
+    id: u64,
     data: Vec<u8>,
     /// The content at the start of the case; `None` if created during it.
     start: Option<Vec<u8>>,
@@ -256,8 +279,22 @@ struct Case {
     m: Mount,
     dir: &'static str,
     images: BTreeMap<String, Image>,
+    /// Kept handles, with the id of the image each was opened on.
+    handles: Vec<(File, u64)>,
+    /// Content of images unlinked (or replaced) while a kept handle still holds them.
+    orphans: BTreeMap<u64, Vec<u8>>,
+    next_id: u64,
     /// The daemon was SIGKILLed during this case: recovered ranges may name dead images.
     crashed: bool,
+}
+
+/// `data` written at `off` (growing the image if needed).
+fn put(d: &mut Vec<u8>, off: u64, data: &[u8]) {
+    let end = off as usize + data.len();
+    if d.len() < end {
+        d.resize(end, 0);
+    }
+    d[off as usize..end].copy_from_slice(data);
 }
 
 fn cpath(p: &Path) -> CString {
@@ -324,12 +361,13 @@ impl Case {
             format!("{dir}/{}", DIR_NAMES[0]),
         ];
         let mut images = BTreeMap::new();
-        for (name, &(size, seed)) in names.iter().zip(initial) {
+        for (id, (name, &(size, seed))) in names.iter().zip(initial).enumerate() {
             let data = fill(seed, size as usize);
             fs::write(m.backing(name), &data).unwrap();
             images.insert(
                 name.clone(),
                 Image {
+                    id: id as u64,
                     start: Some(data.clone()),
                     data,
                 },
@@ -339,7 +377,10 @@ impl Case {
         Case {
             m,
             dir,
+            next_id: images.len() as u64,
             images,
+            handles: Vec::new(),
+            orphans: BTreeMap::new(),
             crashed: false,
         }
     }
@@ -371,13 +412,51 @@ impl Case {
     fn create(&mut self, p: &str, data: Vec<u8>) {
         let f = File::create(self.m.path(p)).unwrap_or_else(|e| panic!("create {p}: {e}"));
         f.write_all_at(&data, 0).unwrap();
-        self.images
-            .insert(p.to_string(), Image { data, start: None });
+        let id = self.next_id;
+        self.next_id += 1;
+        self.images.insert(
+            p.to_string(),
+            Image {
+                id,
+                data,
+                start: None,
+            },
+        );
     }
 
     fn unlink(&mut self, p: &str) {
         fs::remove_file(self.m.path(p)).unwrap_or_else(|e| panic!("unlink {p}: {e}"));
-        self.images.remove(p);
+        self.forget(p);
+    }
+
+    /// The image at `p` left the namespace: it lives on only while a kept handle holds it.
+    fn forget(&mut self, p: &str) {
+        if let Some(im) = self.images.remove(p)
+            && self.handles.iter().any(|(_, id)| *id == im.id)
+        {
+            self.orphans.insert(im.id, im.data);
+        }
+    }
+
+    /// The content of the file with `id`, named or orphaned, and its name if it has one.
+    fn by_id(&mut self, id: u64) -> (Option<String>, &mut Vec<u8>) {
+        match self.images.iter().find(|(_, im)| im.id == id) {
+            Some((p, _)) => {
+                let p = p.clone();
+                let d = &mut self.images.get_mut(&p).unwrap().data;
+                (Some(p), d)
+            }
+            None => (
+                None,
+                self.orphans.get_mut(&id).expect("a kept handle's file"),
+            ),
+        }
+    }
+
+    /// Closes the kept handles (before an unmount).
+    fn close_handles(&mut self) {
+        self.handles.clear();
+        self.orphans.clear();
     }
 
     /// Applies `op` to the mount and to the model.
@@ -412,12 +491,7 @@ impl Case {
                         .write_all_at(&data, off)
                         .unwrap_or_else(|e| panic!("write {p} at {off}: {e}"));
                 }
-                let d = &mut self.images.get_mut(&p).unwrap().data;
-                let end = (off + len) as usize;
-                if d.len() < end {
-                    d.resize(end, 0);
-                }
-                d[off as usize..end].copy_from_slice(&data);
+                put(&mut self.images.get_mut(&p).unwrap().data, off, &data);
             }
             Op::Punch { img, at, len } => {
                 let Some(p) = self.pick(img) else { return };
@@ -498,6 +572,7 @@ impl Case {
                 }
                 fs::rename(self.m.path(&from), self.m.path(&to))
                     .unwrap_or_else(|e| panic!("rename {from} -> {to}: {e}"));
+                self.forget(&to);
                 let im = self.images.remove(&from).unwrap();
                 self.images.insert(to, im);
             }
@@ -539,7 +614,43 @@ impl Case {
                 let Some(p) = self.pick(img) else { return };
                 self.unlink(&p);
             }
+            Op::Open { img } => {
+                let Some(p) = self.pick(img) else { return };
+                if self.handles.len() == 3 {
+                    let (_, id) = self.handles.remove(0);
+                    if !self.handles.iter().any(|(_, i)| *i == id) {
+                        self.orphans.remove(&id);
+                    }
+                }
+                let f = self.open(&p);
+                self.handles.push((f, self.images[&p].id));
+            }
+            Op::HandleWrite { h, at, len, seed } => {
+                if self.handles.is_empty() {
+                    return;
+                }
+                let id = self.handles[h % self.handles.len()].1;
+                let off = at.resolve(self.by_id(id).1.len() as u64);
+                let data = fill(seed, len as usize);
+                let f = &self.handles[h % self.handles.len()].0;
+                let r = f.write_all_at(&data, off);
+                let (name, d) = self.by_id(id);
+                r.unwrap_or_else(|e| panic!("write at {off} through a handle on {name:?}: {e}"));
+                put(d, off, &data);
+            }
+            Op::HandleTruncate { h, to } => {
+                if self.handles.is_empty() {
+                    return;
+                }
+                let id = self.handles[h % self.handles.len()].1;
+                let new = to.resolve(self.by_id(id).1.len() as u64);
+                let r = self.handles[h % self.handles.len()].0.set_len(new);
+                let (name, d) = self.by_id(id);
+                r.unwrap_or_else(|e| panic!("ftruncate to {new} of a handle on {name:?}: {e}"));
+                d.resize(new as usize, 0);
+            }
             Op::Remount => {
+                self.close_handles();
                 let before = dirty_map(&self.m);
                 self.m.unmount();
                 self.m.mount();
@@ -554,6 +665,7 @@ impl Case {
     }
 
     fn crash(&mut self) {
+        self.close_handles();
         self.m.kill9();
         self.m.mount();
         self.crashed = true;
@@ -605,6 +717,22 @@ impl Case {
             );
             let back = fs::read(self.m.backing(p)).unwrap();
             same(&back, &im.data, &format!("{when}: backing file of {p}"));
+        }
+        for (id, data) in &self.orphans {
+            let (f, _) = self.handles.iter().find(|(_, i)| i == id).unwrap();
+            let len = f.metadata().unwrap().len();
+            assert_eq!(
+                len,
+                data.len() as u64,
+                "{when}: size of unlinked image {id}"
+            );
+            let mut got = vec![0u8; data.len()];
+            f.read_exact_at(&mut got, 0).unwrap();
+            same(
+                &got,
+                data,
+                &format!("{when}: unlinked image {id} read through a handle"),
+            );
         }
         let dirty = dirty_map(&self.m);
         let none = Vec::new();
