@@ -5,7 +5,9 @@
 //! to an in-memory model (path -> bytes): writes (buffered and O_DIRECT, inside and past the
 //! end), hole punches, zero ranges, truncates (by handle and by path, growing and shrinking),
 //! fsyncs, renames of images (also over another image) and of the directory, unlinks and
-//! re-creations, clean remounts and SIGKILLs of the daemon. After every step:
+//! re-creations, clean remounts and SIGKILLs of the daemon, and writes and truncates through
+//! kept handles, which follow their image through renames and outlive its unlink (the content
+//! of such an orphan is checked through its handle). After every step:
 //!
 //! - every image read through the mount, and its backing file, equal the model, and so do
 //!   the sizes and the names in the directories;
@@ -760,7 +762,7 @@ fn cases() -> u32 {
     std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(24)
+        .unwrap_or(32)
 }
 
 proptest! {
@@ -773,7 +775,7 @@ proptest! {
     #[test]
     fn the_mount_matches_a_model_and_its_dirty_set_covers_every_change(
         initial in prop::collection::vec((0u64..600 << 10, any::<u64>()), 3),
-        ops in prop::collection::vec(op(), 1..40),
+        ops in prop::collection::vec(op(), 1..48),
     ) {
         let mut c = Case::new(&initial);
         c.check("after mounting");
