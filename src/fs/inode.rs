@@ -9,6 +9,8 @@ use std::path::PathBuf;
 
 pub type Ino = u64;
 pub const ROOT: Ino = 1;
+/// The parent of an inode whose name was unlinked while the kernel still holds it.
+const UNLINKED: Ino = u64::MAX;
 
 #[derive(Debug)]
 struct Node {
@@ -129,8 +131,13 @@ impl Inodes {
     pub fn unlink(&mut self, ino: Ino) {
         if let Some(n) = self.nodes.get_mut(&ino) {
             n.name = OsString::from(format!(".ferry-unlinked-{ino}"));
-            n.parent = u64::MAX;
+            n.parent = UNLINKED;
         }
+    }
+
+    /// Whether `ino` is known but was unlinked (or replaced by a rename) while held open.
+    pub fn is_unlinked(&self, ino: Ino) -> bool {
+        self.nodes.get(&ino).is_some_and(|n| n.parent == UNLINKED)
     }
 }
 
@@ -159,8 +166,10 @@ mod tests {
     fn an_unlinked_inode_is_no_longer_found_by_name() {
         let mut t = Inodes::new((1, 2));
         let img = t.remember(ROOT, OsStr::new("x"), (1, 11));
+        assert!(!t.is_unlinked(img));
         t.unlink(img);
         assert_eq!(t.child(ROOT, OsStr::new("x")), None);
         assert!(t.path(img).is_none());
+        assert!(t.is_unlinked(img));
     }
 }

@@ -133,6 +133,10 @@ pub struct Fs {
     dirs: Mutex<HashMap<u64, Vec<DirEntry>>>,
     next_fh: AtomicU64,
     tracker: Arc<Tracker>,
+    /// Orders changes against renames: a change holds it shared from resolving its image's
+    /// path to recording the range, a rename exclusively until the inode table has the new
+    /// name, so no change is recorded under a name a rename has just moved away.
+    names: RwLock<()>,
 }
 
 fn kind_of(ft: fs::FileType) -> FileKind {
@@ -212,6 +216,9 @@ fn timespec(t: Option<SetTime>) -> libc::timespec {
     }
 }
 
+/// How errors name an image that was unlinked while open.
+const UNLINKED_IMAGE: &str = "(unlinked image)";
+
 /// Names the kernel may pass that must never reach the backing directory.
 fn valid_name(name: &OsStr) -> Result<()> {
     let b = name.as_bytes();
@@ -240,6 +247,7 @@ impl Fs {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             tracker,
+            names: RwLock::new(()),
         })
     }
 
@@ -307,6 +315,14 @@ impl Fs {
             let m = h.file.metadata().map_err(|e| FsError::io("fstat", "", e))?;
             return Ok(attr_of(ino, &m));
         }
+        if self.inodes.read().is_unlinked(ino) {
+            // Unlinked while open (fstat comes without a handle): stat any handle on it.
+            let h = self.handles.read().values().find(|h| h.ino == ino).cloned();
+            if let Some(h) = h {
+                let m = h.file.metadata().map_err(|e| FsError::io("fstat", "", e))?;
+                return Ok(attr_of(ino, &m));
+            }
+        }
         let rel = self.rel(ino)?;
         let m =
             fs::symlink_metadata(self.backing(&rel)).map_err(|e| FsError::io("stat", &rel, e))?;
@@ -315,6 +331,11 @@ impl Fs {
 
     pub fn setattr(&self, ino: Ino, fh: Option<u64>, set: SetAttr) -> Result<Attr> {
         self.writable()?;
+        if let Some(h) = fh.and_then(|fh| self.handle(fh).ok())
+            && self.inodes.read().is_unlinked(ino)
+        {
+            return self.setattr_unlinked(ino, &h, set);
+        }
         let rel = self.rel(ino)?;
         let path = self.backing(&rel);
         let c = cstr(&path).map_err(|e| FsError::io("setattr", &rel, e))?;
@@ -330,13 +351,13 @@ impl Fs {
         }
         if let Some(size) = set.size {
             match fh.and_then(|fh| self.handle(fh).ok()) {
-                Some(h) => self.truncate(&rel, &h.file, size)?,
+                Some(h) => self.truncate(ino, &h.file, size)?,
                 None => {
                     let f = OpenOptions::new()
                         .write(true)
                         .open(&path)
                         .map_err(|e| FsError::io("open", &rel, e))?;
-                    self.truncate(&rel, &f, size)?;
+                    self.truncate(ino, &f, size)?;
                 }
             }
         }
@@ -355,8 +376,40 @@ impl Fs {
         self.getattr(ino, fh)
     }
 
-    /// Sets the size of an image, recording the bytes that appear or disappear.
-    fn truncate(&self, rel: &Path, file: &File, size: u64) -> Result<()> {
+    /// `setattr` of an image unlinked while open: it has no path, so everything goes through
+    /// the open handle.
+    fn setattr_unlinked(&self, ino: Ino, h: &Handle, set: SetAttr) -> Result<Attr> {
+        let fd = h.file.as_raw_fd();
+        let io = |op, e| FsError::io(op, UNLINKED_IMAGE, e);
+        if let Some(mode) = set.mode {
+            check(unsafe { libc::fchmod(fd, (mode & 0o7777) as libc::mode_t) })
+                .map_err(|e| io("chmod", e))?;
+        }
+        if set.uid.is_some() || set.gid.is_some() {
+            let uid = set.uid.unwrap_or(u32::MAX);
+            let gid = set.gid.unwrap_or(u32::MAX);
+            check(unsafe { libc::fchown(fd, uid, gid) }).map_err(|e| io("chown", e))?;
+        }
+        if let Some(size) = set.size {
+            self.truncate(ino, &h.file, size)?;
+        }
+        if set.atime.is_some() || set.mtime.is_some() {
+            let ts = [timespec(set.atime), timespec(set.mtime)];
+            check(unsafe { libc::futimens(fd, ts.as_ptr()) }).map_err(|e| io("futimens", e))?;
+        }
+        let m = h.file.metadata().map_err(|e| io("fstat", e))?;
+        Ok(attr_of(ino, &m))
+    }
+
+    /// Sets the size of image `ino`, recording the bytes that appear or disappear.
+    fn truncate(&self, ino: Ino, file: &File, size: u64) -> Result<()> {
+        let _names = self.names.read();
+        let Some(rel) = &self.image_path(ino)? else {
+            self.writable()?;
+            return file
+                .set_len(size)
+                .map_err(|e| FsError::io("truncate", UNLINKED_IMAGE, e));
+        };
         let old = file
             .metadata()
             .map_err(|e| FsError::io("fstat", rel, e))?
@@ -367,6 +420,21 @@ impl Fs {
             || file.set_len(size),
             "truncate",
         )
+    }
+
+    /// The path of image `ino` for the tracker, or `None` when it was unlinked (or replaced
+    /// by a rename) while open: its bytes belong to no image any more, so there is nothing
+    /// to record, but POSIX lets whoever holds it open go on using it.
+    fn image_path(&self, ino: Ino) -> Result<Option<PathBuf>> {
+        let inodes = self.inodes.read();
+        match inodes.path(ino) {
+            Some(p) => Ok(Some(p)),
+            None if inodes.is_unlinked(ino) => Ok(None),
+            None => Err(FsError::Stale {
+                what: "inode",
+                id: ino,
+            }),
+        }
     }
 
     /// Runs `op`, which changes bytes `range` of image `rel`, under the tracker.
@@ -475,7 +543,7 @@ impl Fs {
         self.own(&path, &rel, who)?;
         let attr = self.remember(parent, name, &rel)?;
         if flags & libc::O_TRUNC != 0 {
-            self.truncate(&rel, &file, 0)?;
+            self.truncate(attr.ino, &file, 0)?;
         }
         let fh = self.add_handle(attr.ino, file);
         Ok((attr, fh))
@@ -520,7 +588,7 @@ impl Fs {
         let rel = self.rel(ino)?;
         let file = self.open_backing(&self.backing(&rel), &rel, flags & !libc::O_CREAT, 0)?;
         if flags & libc::O_TRUNC != 0 {
-            self.truncate(&rel, &file, 0)?;
+            self.truncate(ino, &file, 0)?;
         }
         Ok(self.add_handle(ino, file))
     }
@@ -553,7 +621,14 @@ impl Fs {
         op: impl FnOnce() -> io::Result<T>,
         what: &'static str,
     ) -> Result<T> {
-        self.tracked(&self.rel(h.ino)?, range, op, what)
+        let _names = self.names.read();
+        match self.image_path(h.ino)? {
+            Some(rel) => self.tracked(&rel, range, op, what),
+            None => {
+                self.writable()?;
+                op().map_err(|e| FsError::io(what, UNLINKED_IMAGE, e))
+            }
+        }
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
@@ -719,6 +794,8 @@ impl Fs {
         if flags & libc::RENAME_EXCHANGE != 0 {
             return Err(FsError::Unsupported("RENAME_EXCHANGE"));
         }
+        // Until the inode table has the new names: see `names`.
+        let _names = self.names.write();
         let from = self.child_rel(parent, name)?;
         let to = self.child_rel(newparent, newname)?;
         let (cf, ct) = (

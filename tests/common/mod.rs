@@ -195,9 +195,21 @@ impl Drop for Mount {
     }
 }
 
+/// Waits until process `pid` has exited. A zombie counts as gone: it holds no files, and the
+/// daemon's parent is init, which may take a second or more to reap it.
 pub fn wait_gone(pid: i32) {
     let t = Instant::now();
-    while unsafe { libc::kill(pid, 0) } == 0 {
+    let zombie = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                // "pid (comm) S ...": the state follows the last ')'.
+                let rest = &s[s.rfind(')')? + 1..];
+                rest.split_whitespace().next().map(|st| st == "Z")
+            })
+            .unwrap_or(false)
+    };
+    while unsafe { libc::kill(pid, 0) } == 0 && !zombie() {
         assert!(
             t.elapsed() < Duration::from_secs(20),
             "process {pid} did not exit"
