@@ -129,6 +129,9 @@ pub struct PrimarySession {
     wanted: Vec<Hash>,
     jobs: VecDeque<Job>,
     locations: HashMap<Hash, (String, u64, u64)>,
+    /// `Commit` was sent: the replica commits once the data it waits for arrives, so jobs added
+    /// later (after a `NeedFull`) need no second one.
+    commit_sent: bool,
     /// Images whose base was found by reconciliation (their dirty ranges are unknown).
     pub reconciled: Vec<String>,
 }
@@ -164,6 +167,7 @@ impl PrimarySession {
             wanted: Vec::new(),
             jobs: VecDeque::new(),
             locations: HashMap::new(),
+            commit_sent: false,
             reconciled: Vec::new(),
         };
         (s, hello)
@@ -179,12 +183,15 @@ impl PrimarySession {
     }
 
     /// Called by the transport once every job so far has been turned into a frame and sent.
+    /// Returns the `Commit` frame the first time only.
     pub fn data_sent(&mut self) -> Option<Frame> {
         if matches!(self.phase, Phase::Data) && self.jobs.is_empty() {
             self.phase = Phase::Done;
-            return Some(Frame::Commit {
-                generation: self.number,
-            });
+            if !std::mem::replace(&mut self.commit_sent, true) {
+                return Some(Frame::Commit {
+                    generation: self.number,
+                });
+            }
         }
         None
     }
@@ -744,5 +751,86 @@ pub fn make_frame(job: &Job, src: &dyn ChunkSource) -> Result<(Frame, u64), Stri
                 n,
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::chunk_full;
+
+    fn params() -> ChunkParams {
+        ChunkParams {
+            min_size: 256,
+            avg_size: 1024,
+            max_size: 4096,
+            zero_min: 4096,
+        }
+    }
+
+    /// After a `NeedFull` the whole chunk is sent, but `Commit` is not sent again: the replica
+    /// already has it and would find a second one after its `Ack`.
+    #[test]
+    fn commit_is_sent_once_even_after_a_need_full() {
+        let mut old = vec![0u8; 50_000];
+        blake3::Hasher::new().finalize_xof().fill(&mut old);
+        let mut new = old.clone();
+        new[20_000..20_010].fill(9);
+        let (base, _) = chunk_full(&old, params()).unwrap();
+        let (active, _) = chunk_full(&new, params()).unwrap();
+        let images = BTreeMap::from([("img".to_string(), Arc::new(active.clone()))]);
+        let g = Arc::new(Generation {
+            number: 2,
+            group_root: group_root(&images),
+            images,
+        });
+        let peer = PeerKnowledge {
+            generation: 1,
+            manifests: BTreeMap::from([("img".to_string(), Arc::new(base.clone()))]),
+            dirty: BTreeMap::from([("img".to_string(), {
+                let mut r = RangeSet::new();
+                r.insert(20_000..20_010);
+                r
+            })]),
+        };
+        let (mut s, _hello) = PrimarySession::new("a", 0, params(), g, peer);
+        let out = s.handle(Frame::Welcome {
+            version: VERSION,
+            epoch: 0,
+            generation: 1,
+            group_root: [0; 32],
+            images: vec![ImageState {
+                path: "img".into(),
+                size: base.size(),
+                root: *base.root().as_bytes(),
+            }],
+        });
+        assert!(matches!(out[0], Out::Send(Frame::Begin { .. })));
+        let changed = active
+            .entries()
+            .iter()
+            .find(|e| !base.entries().contains(e))
+            .and_then(|e| e.hash())
+            .map(|h| *h.as_bytes())
+            .unwrap();
+        let out = s.handle(Frame::Want {
+            generation: 2,
+            hashes: vec![changed],
+            last: true,
+        });
+        assert!(matches!(out[..], [Out::Jobs]));
+        assert!(matches!(s.next_job(), Some(Job::Patch { .. })));
+        assert!(s.next_job().is_none());
+        assert!(matches!(
+            s.data_sent(),
+            Some(Frame::Commit { generation: 2 })
+        ));
+        let out = s.handle(Frame::NeedFull {
+            generation: 2,
+            hash: changed,
+        });
+        assert!(matches!(out[..], [Out::Jobs]));
+        assert!(matches!(s.next_job(), Some(Job::Chunk { .. })));
+        assert!(s.data_sent().is_none());
     }
 }
