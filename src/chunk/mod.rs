@@ -13,7 +13,7 @@ mod source;
 
 pub use rechunk::{Tuning, chunk_full, rechunk, rechunk_tuned};
 pub use scan::ScanStats;
-pub use source::{FileSource, Source};
+pub use source::{FileSource, Source, hole_end};
 
 use serde::{Deserialize, Serialize};
 

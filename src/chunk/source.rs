@@ -100,29 +100,29 @@ impl Source for FileSource {
     }
 
     fn known_zero_until(&self, offset: u64) -> io::Result<u64> {
-        if offset >= self.size {
-            return Ok(offset);
-        }
-        // SEEK_DATA moves the descriptor's offset, which nothing else uses: reads are pread.
-        let r = unsafe {
-            libc::lseek(
-                self.file.as_raw_fd(),
-                offset as libc::off_t,
-                libc::SEEK_DATA,
-            )
-        };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            return match e.raw_os_error() {
-                // No data at or after `offset`: the rest of the file is a hole.
-                Some(libc::ENXIO) => Ok(self.size),
-                // The filesystem cannot tell: read everything.
-                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(offset),
-                _ => Err(e),
-            };
-        }
-        Ok((r as u64).min(self.size))
+        hole_end(&self.file, offset, self.size)
     }
+}
+
+/// The end of the hole at `offset` in `file` (of `size` bytes), or `offset` when there is data
+/// there or the filesystem cannot tell (`SEEK_DATA`). SEEK_DATA moves the descriptor's offset,
+/// which nothing else uses: reads are pread.
+pub fn hole_end(file: &File, offset: u64, size: u64) -> io::Result<u64> {
+    if offset >= size {
+        return Ok(offset);
+    }
+    let r = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, libc::SEEK_DATA) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            // No data at or after `offset`: the rest of the file is a hole.
+            Some(libc::ENXIO) => Ok(size),
+            // The filesystem cannot tell: read everything.
+            Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(offset),
+            _ => Err(e),
+        };
+    }
+    Ok((r as u64).min(size))
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 //! the backing file. O_DIRECT opens are honoured by the kernel (FUSE direct I/O); the backing
 //! file is opened without it, so unaligned requests work.
 
+pub mod cow;
 mod error;
 pub mod fuse;
 mod inode;
@@ -16,7 +17,7 @@ mod track;
 
 pub use error::{FsError, Result};
 pub use inode::{Ino, ROOT};
-pub use track::{Frozen, NsEvent, Tracker};
+pub use track::{Frozen, NsEvent, Target, Tracker};
 
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr, OsString};
@@ -122,6 +123,16 @@ pub mod falloc {
 struct Handle {
     ino: Ino,
     file: File,
+    key: cow::FileKey,
+}
+
+impl Handle {
+    fn target(&self) -> Target<'_> {
+        Target {
+            file: &self.file,
+            key: self.key,
+        }
+    }
 }
 
 /// The filesystem core over one backing directory.
@@ -404,22 +415,23 @@ impl Fs {
     /// Sets the size of image `ino`, recording the bytes that appear or disappear.
     fn truncate(&self, ino: Ino, file: &File, size: u64) -> Result<()> {
         let _names = self.names.read();
+        let m = file
+            .metadata()
+            .map_err(|e| FsError::io("fstat", UNLINKED_IMAGE, e))?;
+        let target = Target {
+            file,
+            key: (m.dev(), m.ino()),
+        };
+        let old = m.len();
+        let range = old.min(size)..old.max(size);
         let Some(rel) = &self.image_path(ino)? else {
             self.writable()?;
-            return file
-                .set_len(size)
+            return self
+                .tracker
+                .change_unnamed(target, range, || file.set_len(size))
                 .map_err(|e| FsError::io("truncate", UNLINKED_IMAGE, e));
         };
-        let old = file
-            .metadata()
-            .map_err(|e| FsError::io("fstat", rel, e))?
-            .len();
-        self.tracked(
-            rel,
-            old.min(size)..old.max(size),
-            || file.set_len(size),
-            "truncate",
-        )
+        self.tracked(rel, target, range, || file.set_len(size), "truncate")
     }
 
     /// The path of image `ino` for the tracker, or `None` when it was unlinked (or replaced
@@ -441,13 +453,14 @@ impl Fs {
     fn tracked<T>(
         &self,
         rel: &Path,
+        target: Target<'_>,
         range: Range<u64>,
         op: impl FnOnce() -> io::Result<T>,
         what: &'static str,
     ) -> Result<T> {
         self.writable()?;
         self.tracker
-            .change(rel, range, op)
+            .change(rel, target, range, op)
             .map_err(|source| FsError::Intent {
                 path: rel.to_path_buf(),
                 source,
@@ -545,7 +558,7 @@ impl Fs {
         if flags & libc::O_TRUNC != 0 {
             self.truncate(attr.ino, &file, 0)?;
         }
-        let fh = self.add_handle(attr.ino, file);
+        let fh = self.add_handle(attr.ino, file)?;
         Ok((attr, fh))
     }
 
@@ -576,12 +589,20 @@ impl Fs {
             })
     }
 
-    fn add_handle(&self, ino: Ino, file: File) -> u64 {
+    fn add_handle(&self, ino: Ino, file: File) -> Result<u64> {
+        let m = file
+            .metadata()
+            .map_err(|e| FsError::io("fstat", self.rel(ino).unwrap_or_default(), e))?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles
-            .write()
-            .insert(fh, Arc::new(Handle { ino, file }));
-        fh
+        self.handles.write().insert(
+            fh,
+            Arc::new(Handle {
+                ino,
+                file,
+                key: (m.dev(), m.ino()),
+            }),
+        );
+        Ok(fh)
     }
 
     pub fn open(&self, ino: Ino, flags: i32) -> Result<u64> {
@@ -590,7 +611,7 @@ impl Fs {
         if flags & libc::O_TRUNC != 0 {
             self.truncate(ino, &file, 0)?;
         }
-        Ok(self.add_handle(ino, file))
+        self.add_handle(ino, file)
     }
 
     pub fn release(&self, fh: u64) {
@@ -623,10 +644,12 @@ impl Fs {
     ) -> Result<T> {
         let _names = self.names.read();
         match self.image_path(h.ino)? {
-            Some(rel) => self.tracked(&rel, range, op, what),
+            Some(rel) => self.tracked(&rel, h.target(), range, op, what),
             None => {
                 self.writable()?;
-                op().map_err(|e| FsError::io(what, UNLINKED_IMAGE, e))
+                self.tracker
+                    .change_unnamed(h.target(), range, op)
+                    .map_err(|e| FsError::io(what, UNLINKED_IMAGE, e))
             }
         }
     }

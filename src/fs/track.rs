@@ -4,12 +4,15 @@
 //! point.
 
 use std::collections::{BTreeMap, HashSet};
+use std::fs::File;
 use std::io;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 
+use super::cow::{FileKey, Window};
 use crate::dirty::{IntentError, IntentLog, RangeSet, SyncToken, rebase};
 
 /// A change to the set of images (not to their bytes).
@@ -23,6 +26,13 @@ pub enum NsEvent {
 struct State {
     dirty: BTreeMap<PathBuf, RangeSet>,
     events: Vec<NsEvent>,
+}
+
+/// The file a change is made to: its open backing file and identity (for copy-before-write).
+#[derive(Clone, Copy)]
+pub struct Target<'a> {
+    pub file: &'a File,
+    pub key: FileKey,
 }
 
 /// What a sync point took: the dirty ranges and namespace events up to the freeze.
@@ -40,6 +50,7 @@ pub struct Frozen {
 /// rename holds it exclusively, so no change is marked under a name that is going away.
 pub struct Tracker {
     log: Option<IntentLog>,
+    window: Mutex<Option<Arc<Window>>>,
     gate: RwLock<()>,
     state: Mutex<State>,
     on_fsync: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
@@ -50,6 +61,7 @@ impl Tracker {
     pub fn new(log: IntentLog, recovered: BTreeMap<PathBuf, RangeSet>) -> Tracker {
         Tracker {
             log: Some(log),
+            window: Mutex::new(None),
             on_fsync: Mutex::new(None),
             gate: RwLock::new(()),
             state: Mutex::new(State {
@@ -63,6 +75,7 @@ impl Tracker {
     pub fn disabled() -> Tracker {
         Tracker {
             log: None,
+            window: Mutex::new(None),
             on_fsync: Mutex::new(None),
             gate: RwLock::new(()),
             state: Mutex::new(State::default()),
@@ -91,6 +104,7 @@ impl Tracker {
     pub fn change<T>(
         &self,
         image: &Path,
+        target: Target<'_>,
         range: Range<u64>,
         op: impl FnOnce() -> io::Result<T>,
     ) -> Result<io::Result<T>, IntentError> {
@@ -102,6 +116,9 @@ impl Tracker {
         }
         let _gate = self.gate.read();
         log.mark(image, range.clone())?;
+        if let Err(e) = self.save_old(target, range.clone()) {
+            return Ok(Err(e));
+        }
         let r = op();
         let mut s = self.state.lock();
         match s.dirty.get_mut(image) {
@@ -113,6 +130,27 @@ impl Tracker {
             }
         }
         Ok(r)
+    }
+
+    /// Runs `op`, which changes bytes of a file that is no longer an image (unlinked while
+    /// open): nothing to record, but a sync point's frozen view of it must not change.
+    pub fn change_unnamed<T>(
+        &self,
+        target: Target<'_>,
+        range: Range<u64>,
+        op: impl FnOnce() -> io::Result<T>,
+    ) -> io::Result<T> {
+        let _gate = self.gate.read();
+        self.save_old(target, range)?;
+        op()
+    }
+
+    /// Copy-before-write: saves the old bytes the open window (if any) still needs.
+    fn save_old(&self, target: Target<'_>, range: Range<u64>) -> io::Result<()> {
+        match &*self.window.lock() {
+            Some(w) => w.before_change(target.key, target.file, range),
+            None => Ok(()),
+        }
     }
 
     /// Runs `op`, which renames `from` (an image, or a directory holding images) to `to`, with
@@ -198,7 +236,22 @@ impl Tracker {
     /// dirty ranges, marked again in the intent log's new epoch so committing this sync does
     /// not forget them.
     pub fn freeze_only(&self, only: Option<&HashSet<PathBuf>>) -> Frozen {
+        self.freeze_with(only, || Ok(None))
+            .expect("freezing without a window cannot fail")
+            .0
+    }
+
+    /// A sync point that also opens a copy-before-write window: `open` runs while no change
+    /// is in flight, and the window stays open (every change saves the old bytes it still
+    /// needs) until [`Tracker::close_window`].
+    pub fn freeze_with(
+        &self,
+        only: Option<&HashSet<PathBuf>>,
+        open: impl FnOnce() -> io::Result<Option<Window>>,
+    ) -> io::Result<(Frozen, Option<Arc<Window>>)> {
         let _gate = self.gate.write();
+        let window = open()?.map(Arc::new);
+        *self.window.lock() = window.clone();
         let mut s = self.state.lock();
         let token = self.log.as_ref().map(|l| l.begin_sync());
         let all = std::mem::take(&mut s.dirty);
@@ -219,10 +272,22 @@ impl Tracker {
             }
         }
         s.dirty = keep;
-        Frozen {
+        let frozen = Frozen {
             dirty,
             events: std::mem::take(&mut s.events),
             token,
+        };
+        Ok((frozen, window))
+    }
+
+    /// The sync has read everything it needs from the frozen images.
+    pub fn close_window(&self) {
+        let w = self.window.lock().take();
+        if let Some(w) = w {
+            log::debug!(
+                "copy-before-write window closed ({} bytes saved)",
+                w.saved_bytes()
+            );
         }
     }
 

@@ -19,7 +19,6 @@ pub mod trigger;
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::net::SocketAddr;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -29,17 +28,21 @@ use anyhow::{Context, Result, anyhow};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::chunk::{ChunkParams, FileSource, Source, chunk_full, rechunk};
+use crate::chunk::{ChunkParams, Source, chunk_full, rechunk};
 use crate::config::Config;
 use crate::dirty::RangeSet;
 use crate::durable;
-use crate::fs::{Frozen, NsEvent, Tracker};
+use crate::fs::cow::Window;
+use crate::fs::{Frozen as FrozenChanges, NsEvent, Tracker};
 use crate::manifest::{self, Manifest};
 use crate::net::{Fingerprint, Identity, transport};
 use crate::wire::primary::{ChunkSource, Generation, PeerKnowledge, PrimarySession, group_root};
 
 use bucket::Bucket;
 use ship::{ShipError, ShipStats, ship};
+
+/// Memory for blocks saved by copy-before-write during a sync, before they spill to disk.
+const COW_MEMORY: u64 = 128 << 20;
 
 /// A peer that cannot be reached at all for this long (no connection) fails the sync for it;
 /// a connection lost mid-transfer is retried until the sync's timeout.
@@ -135,16 +138,19 @@ pub struct Report {
     pub replicas: Vec<PeerOutcome>,
 }
 
-/// Reads images from the backing directory for data frames.
-struct Backing(PathBuf);
+/// Reads the images as they were at the sync point, for data frames.
+struct Frozen(Arc<Window>);
 
-impl ChunkSource for Backing {
+impl ChunkSource for Frozen {
     fn read(&self, path: &str, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
-        let f = fs::File::open(self.0.join(path))?;
+        let img = self
+            .0
+            .images()
+            .get(path)
+            .ok_or(std::io::ErrorKind::NotFound)?;
         let mut buf = vec![0u8; len as usize];
-        let size = f.metadata()?.len();
-        let avail = size.saturating_sub(offset).min(len) as usize;
-        f.read_exact_at(&mut buf[..avail], offset)?;
+        let avail = img.frozen_size().saturating_sub(offset).min(len) as usize;
+        img.read_at(&mut buf[..avail], offset)?;
         Ok(buf)
     }
 }
@@ -321,11 +327,22 @@ impl Engine {
         let mut inner = self.inner.lock();
         let only: Option<HashSet<PathBuf>> =
             (!only.is_empty()).then(|| only.iter().map(PathBuf::from).collect());
-        let frozen = self.tracker.freeze_only(only.as_ref());
+        // Freeze, and open the copy-before-write window over every image, at one instant.
+        let root = self.root.clone();
+        let spill = self.state.join("cow.spill");
+        let (frozen, window) = self
+            .tracker
+            .freeze_with(only.as_ref(), || {
+                let paths = list_images(&root).map_err(std::io::Error::other)?;
+                Window::open(&root, &paths, &spill, COW_MEMORY).map(Some)
+            })
+            .context("cannot open the copy-before-write window")?;
+        let window = window.expect("opened above");
         let dirty_bytes: u64 = frozen.dirty.values().map(|r| r.covered_bytes()).sum();
-        let cut = match self.cut(&mut inner, &frozen, only.as_ref()) {
+        let cut = match self.cut(&mut inner, &frozen, only.as_ref(), &window) {
             Ok(c) => c,
             Err(e) => {
+                self.tracker.close_window();
                 self.tracker.abort(frozen);
                 return Err(e);
             }
@@ -359,7 +376,13 @@ impl Engine {
             dirty_bytes,
             cut
         );
-        let outcomes = self.ship_all(&mut inner, &generation, timeout);
+        let outcomes = self.ship_all(&mut inner, &generation, timeout, &window);
+        let saved = window.saved_bytes();
+        self.tracker.close_window();
+        drop(window);
+        if saved > 0 {
+            log::info!("copy-before-write saved {saved} bytes written during the sync");
+        }
         let committed = outcomes.iter().filter(|o| o.state == "committed").count();
         // A replica numbered this generation higher (this primary had lost count): go on from
         // there.
@@ -401,8 +424,9 @@ impl Engine {
     fn cut(
         &self,
         inner: &mut Inner,
-        frozen: &Frozen,
+        frozen: &FrozenChanges,
         only: Option<&HashSet<PathBuf>>,
+        window: &Window,
     ) -> Result<usize> {
         let active_dir = self.state.join("active");
         let mdir = active_dir.join("manifests");
@@ -435,7 +459,7 @@ impl Engine {
                 }
             }
         }
-        let present = list_images(&self.root)?;
+        let present: Vec<String> = window.images().keys().cloned().collect();
         let present_set: HashSet<&String> = present.iter().collect();
         inner.images.retain(|k, _| present_set.contains(k));
 
@@ -445,9 +469,7 @@ impl Engine {
             {
                 continue;
             }
-            let file = self.root.join(path);
-            let src = FileSource::open(&file)
-                .with_context(|| format!("cannot read image {}", file.display()))?;
+            let src = &**window.images().get(path).expect("listed from the window");
             let dirty: Vec<std::ops::Range<u64>> = frozen
                 .dirty
                 .get(Path::new(path))
@@ -455,8 +477,8 @@ impl Engine {
                 .unwrap_or_default();
             let new = match inner.images.get(path) {
                 Some(stale) if dirty.is_empty() && stale.size() == src.size() => continue,
-                Some(stale) => rechunk(stale, &src, &dirty)?.0,
-                None => chunk_full(&src, self.params)?.0,
+                Some(stale) => rechunk(stale, src, &dirty)?.0,
+                None => chunk_full(src, self.params)?.0,
             };
             if inner
                 .images
@@ -492,11 +514,12 @@ impl Engine {
         inner: &mut Inner,
         g: &Arc<Generation>,
         timeout: Duration,
+        window: &Arc<Window>,
     ) -> Vec<PeerOutcome> {
         let Some(ep) = &self.endpoint else {
             return vec![];
         };
-        let src: Arc<dyn ChunkSource + Send + Sync> = Arc::new(Backing(self.root.clone()));
+        let src: Arc<dyn ChunkSource + Send + Sync> = Arc::new(Frozen(window.clone()));
         self.choose(inner);
         let probes: Vec<(usize, SocketAddr)> = inner
             .peers

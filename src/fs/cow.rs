@@ -1,0 +1,320 @@
+//! The copy-before-write window of a sync point (QEMU's backup job is the model).
+//!
+//! At the freeze, under the tracker's gate (no write in flight), the window opens every image of
+//! the group and records its size. Until the sync has read what it needs, the first write,
+//! punch or truncate that touches a 4 KiB block of a frozen image saves the block's old bytes
+//! first. The sync reads each image through a [`FrozenImage`]: the file, overlaid with the saved
+//! blocks, clipped to the size at the freeze: exactly the image as it was at the freeze, though
+//! the guest keeps writing (invariant 3). Images are found by (device, inode), so renames and
+//! unlinks after the freeze change nothing. Saved blocks live in memory up to a bound, then in a
+//! spill file under the mount's state directory, which is removed when the window closes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::ops::Range;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+use crate::chunk::Source;
+
+/// Copy-before-write granularity.
+pub const BLOCK: u64 = 4096;
+
+/// Backing file identity: (device, inode).
+pub type FileKey = (u64, u64);
+
+enum Saved {
+    Memory(Box<[u8]>),
+    /// Offset in the spill file.
+    Spilled(u64),
+}
+
+struct Spill {
+    path: PathBuf,
+    file: Option<File>,
+    end: u64,
+}
+
+/// One image as it was at the freeze.
+pub struct FrozenImage {
+    file: File,
+    size: u64,
+    saved: Mutex<BTreeMap<u64, Saved>>,
+    window: Arc<Shared>,
+}
+
+struct Shared {
+    memory_used: AtomicU64,
+    memory_limit: u64,
+    spill: Mutex<Spill>,
+    saved_bytes: AtomicU64,
+}
+
+/// The window of one sync point.
+pub struct Window {
+    images: HashMap<FileKey, Arc<FrozenImage>>,
+    by_path: BTreeMap<String, Arc<FrozenImage>>,
+    shared: Arc<Shared>,
+}
+
+impl Window {
+    /// Opens a window over the images `paths` (relative to `root`). Must run while no change
+    /// is in flight (under the tracker's gate). Spilled blocks go to `spill`.
+    pub fn open(
+        root: &Path,
+        paths: &[String],
+        spill: &Path,
+        memory_limit: u64,
+    ) -> io::Result<Window> {
+        let shared = Arc::new(Shared {
+            memory_used: AtomicU64::new(0),
+            memory_limit,
+            spill: Mutex::new(Spill {
+                path: spill.to_path_buf(),
+                file: None,
+                end: 0,
+            }),
+            saved_bytes: AtomicU64::new(0),
+        });
+        let mut images = HashMap::new();
+        let mut by_path = BTreeMap::new();
+        for p in paths {
+            let file = match File::open(root.join(p)) {
+                Ok(f) => f,
+                // Gone since it was listed (cannot happen under the gate, but be safe).
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            let m = file.metadata()?;
+            let img = Arc::new(FrozenImage {
+                file,
+                size: m.len(),
+                saved: Mutex::new(BTreeMap::new()),
+                window: shared.clone(),
+            });
+            images.insert((m.dev(), m.ino()), img.clone());
+            by_path.insert(p.clone(), img);
+        }
+        Ok(Window {
+            images,
+            by_path,
+            shared,
+        })
+    }
+
+    /// The frozen images by their path at the freeze.
+    pub fn images(&self) -> &BTreeMap<String, Arc<FrozenImage>> {
+        &self.by_path
+    }
+
+    /// Called before bytes `range` of the file `key` change (`file` reads its current bytes):
+    /// saves the old content of every block of a frozen image not saved yet.
+    pub fn before_change(&self, key: FileKey, file: &File, range: Range<u64>) -> io::Result<()> {
+        let Some(img) = self.images.get(&key) else {
+            return Ok(());
+        };
+        img.save(file, range)
+    }
+
+    /// Bytes saved so far.
+    pub fn saved_bytes(&self) -> u64 {
+        self.shared.saved_bytes.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        let sp = self.shared.spill.lock();
+        if sp.file.is_some() {
+            let _ = std::fs::remove_file(&sp.path);
+        }
+    }
+}
+
+impl FrozenImage {
+    fn save(&self, file: &File, range: Range<u64>) -> io::Result<()> {
+        let end = range.end.min(self.size);
+        if range.start >= end {
+            return Ok(());
+        }
+        let mut saved = self.saved.lock();
+        let mut b = range.start / BLOCK;
+        while b * BLOCK < end {
+            if !saved.contains_key(&b) {
+                let off = b * BLOCK;
+                let len = BLOCK.min(self.size - off) as usize;
+                let mut buf = vec![0u8; len];
+                read_full(file, &mut buf, off)?;
+                let s = self.window.store(buf)?;
+                saved.insert(b, s);
+                self.window
+                    .saved_bytes
+                    .fetch_add(len as u64, Ordering::Relaxed);
+            }
+            b += 1;
+        }
+        Ok(())
+    }
+
+    /// Size at the freeze.
+    pub fn frozen_size(&self) -> u64 {
+        self.size
+    }
+}
+
+/// Reads as much of `buf` as the file holds at `off` (zeros past its end).
+fn read_full(file: &File, buf: &mut [u8], off: u64) -> io::Result<()> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read_at(&mut buf[n..], off + n as u64) {
+            Ok(0) => {
+                buf[n..].fill(0);
+                break;
+            }
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+impl Shared {
+    fn store(&self, buf: Vec<u8>) -> io::Result<Saved> {
+        let len = buf.len() as u64;
+        if self.memory_used.fetch_add(len, Ordering::Relaxed) + len <= self.memory_limit {
+            return Ok(Saved::Memory(buf.into_boxed_slice()));
+        }
+        self.memory_used.fetch_sub(len, Ordering::Relaxed);
+        let mut sp = self.spill.lock();
+        if sp.file.is_none() {
+            log::info!(
+                "copy-before-write: {} MiB saved in memory; spilling to {}",
+                self.memory_limit >> 20,
+                sp.path.display()
+            );
+            sp.file = Some(
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&sp.path)?,
+            );
+        }
+        let off = sp.end;
+        sp.file
+            .as_ref()
+            .expect("opened above")
+            .write_all_at(&buf, off)?;
+        sp.end += BLOCK;
+        Ok(Saved::Spilled(off))
+    }
+
+    fn load(&self, s: &Saved, out: &mut [u8]) -> io::Result<()> {
+        match s {
+            Saved::Memory(b) => out.copy_from_slice(&b[..out.len()]),
+            Saved::Spilled(off) => {
+                let sp = self.spill.lock();
+                sp.file
+                    .as_ref()
+                    .expect("a spilled block has a spill file")
+                    .read_exact_at(out, *off)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Source for FrozenImage {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        read_full(&self.file, buf, offset)?;
+        let end = offset + buf.len() as u64;
+        let saved = self.saved.lock();
+        for (&b, s) in saved.range(offset / BLOCK..end.div_ceil(BLOCK)) {
+            let bs = b * BLOCK;
+            let be = (bs + BLOCK).min(self.size);
+            let mut block = vec![0u8; (be - bs) as usize];
+            self.window.load(s, &mut block)?;
+            let (from, to) = (bs.max(offset), be.min(end));
+            buf[(from - offset) as usize..(to - offset) as usize]
+                .copy_from_slice(&block[(from - bs) as usize..(to - bs) as usize]);
+        }
+        Ok(())
+    }
+
+    fn known_zero_until(&self, offset: u64) -> io::Result<u64> {
+        // A hole in the live file is a hole at the freeze unless a saved block says otherwise.
+        let hole_end = crate::chunk::hole_end(&self.file, offset, self.size)?;
+        let saved = self.saved.lock();
+        let next_saved = saved
+            .range(offset / BLOCK..)
+            .next()
+            .map_or(u64::MAX, |(&b, _)| (b * BLOCK).max(offset));
+        Ok(hole_end.min(next_saved).min(self.size))
+    }
+}
+
+/// A shared handle to a window, as the tracker holds it.
+pub type WindowRef = Arc<Window>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_frozen_view_is_the_content_at_the_freeze() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let mut before = vec![0u8; 64 * 1024];
+        for (i, b) in before.iter_mut().enumerate() {
+            *b = (i / 4096) as u8 + 1;
+        }
+        std::fs::write(&path, &before).unwrap();
+        // A tiny memory bound so some blocks spill.
+        let w = Window::open(dir.path(), &["img".into()], &dir.path().join("spill"), 8192).unwrap();
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let m = f.metadata().unwrap();
+        let key = (m.dev(), m.ino());
+        // Writes, a punch-like overwrite with zeros, a shrink and a growth after the freeze.
+        for (off, len, byte) in [
+            (100u64, 10u64, 0xAAu8),
+            (5000, 9000, 0xBB),
+            (30000, 4096, 0),
+        ] {
+            w.before_change(key, &f, off..off + len).unwrap();
+            f.write_all_at(&vec![byte; len as usize], off).unwrap();
+        }
+        w.before_change(key, &f, 40_000..65_536).unwrap();
+        f.set_len(40_000).unwrap();
+        f.set_len(100_000).unwrap();
+        let img = &w.images()["img"];
+        assert_eq!(img.size(), 65_536);
+        let mut got = vec![0u8; 65_536];
+        img.read_at(&mut got, 0).unwrap();
+        assert!(got == before, "frozen view differs");
+        let mut part = vec![0u8; 3000];
+        img.read_at(&mut part, 3000).unwrap();
+        assert_eq!(part, before[3000..6000]);
+        assert!(w.saved_bytes() >= 5 * 4096);
+        assert!(dir.path().join("spill").exists());
+        drop(w);
+        assert!(
+            !dir.path().join("spill").exists(),
+            "the spill file goes with the window"
+        );
+    }
+}

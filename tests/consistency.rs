@@ -1,0 +1,115 @@
+//! Invariant 3: a generation is the images' content at the freeze instant, though the guest
+//! goes on writing (copy-before-write window).
+
+mod common;
+
+use std::alloc::{Layout, alloc_zeroed, dealloc};
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::Pair;
+
+const BLOCK: usize = 4096;
+const BLOCKS: u64 = 4096;
+
+/// A 4 KiB buffer aligned for O_DIRECT.
+struct Aligned(*mut u8);
+
+impl Aligned {
+    fn new() -> Aligned {
+        Aligned(unsafe { alloc_zeroed(Layout::from_size_align(BLOCK, BLOCK).unwrap()) })
+    }
+    fn bytes(&mut self) -> &mut [u8] {
+        unsafe { std::slice::from_raw_parts_mut(self.0, BLOCK) }
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        unsafe { dealloc(self.0, Layout::from_size_align(BLOCK, BLOCK).unwrap()) }
+    }
+}
+
+fn stamp(i: u64) -> Vec<u8> {
+    let mut b = vec![(i % 251) as u8 + 1; BLOCK];
+    b[..8].copy_from_slice(&i.to_le_bytes());
+    b
+}
+
+/// The number of leading stamped blocks, checking that every other block is zero.
+fn prefix(image: &[u8]) -> u64 {
+    let mut m = 0;
+    for (j, blk) in image.chunks(BLOCK).enumerate() {
+        let i = j as u64 + 1;
+        if blk.iter().all(|&b| b == 0) {
+            continue;
+        }
+        assert_eq!(
+            blk,
+            &stamp(i)[..],
+            "block {j} holds a torn or foreign stamp"
+        );
+        assert_eq!(
+            m,
+            i - 1,
+            "stamp {i} present but stamp {} missing: not a prefix",
+            m + 1
+        );
+        m = i;
+    }
+    m
+}
+
+#[test]
+fn every_generation_holds_exactly_the_stamps_1_to_m() {
+    let p = Pair::new();
+    let path = p.primary.path("stamps.img");
+    fs::File::create(&path)
+        .unwrap()
+        .set_len(BLOCKS * BLOCK as u64)
+        .unwrap();
+    p.sync_ok();
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let f = OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&path)
+                .unwrap();
+            let mut buf = Aligned::new();
+            for i in 1..=BLOCKS {
+                buf.bytes().copy_from_slice(&stamp(i));
+                f.write_all_at(buf.bytes(), (i - 1) * BLOCK as u64).unwrap();
+                std::thread::sleep(Duration::from_micros(400));
+            }
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+    let mut seen = Vec::new();
+    loop {
+        let finished = done.load(Ordering::SeqCst);
+        let v = p.sync_ok();
+        assert_eq!(v["committed"], 1, "{v}");
+        seen.push(prefix(&fs::read(p.replica_path("stamps.img")).unwrap()));
+        if finished {
+            break;
+        }
+    }
+    writer.join().unwrap();
+    assert_eq!(
+        *seen.last().unwrap(),
+        BLOCKS,
+        "the last sync holds every stamp"
+    );
+    assert!(
+        seen.windows(2).all(|w| w[0] <= w[1]),
+        "generations go forward: {seen:?}"
+    );
+    let mid = seen.iter().filter(|&&m| m > 0 && m < BLOCKS).count();
+    assert!(mid >= 2, "syncs must land while the writer runs: {seen:?}");
+}
