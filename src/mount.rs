@@ -99,7 +99,8 @@ impl MountOptions {
 }
 
 /// The directory holding one mount's state (intent log, control socket, log, manifests),
-/// named after its backing directory.
+/// named after its backing directory: up to 32 characters of its path and a hash of all of it,
+/// short enough that the control socket's path fits in a unix socket address (108 bytes).
 pub fn state_dir(config: &Config, source: &Path) -> PathBuf {
     let readable: String = source
         .to_string_lossy()
@@ -112,7 +113,7 @@ pub fn state_dir(config: &Config, source: &Path) -> PathBuf {
                 '_'
             }
         })
-        .take(64)
+        .take(32)
         .collect();
     let id = blake3::hash(source.as_os_str().as_encoded_bytes()).to_hex();
     config

@@ -145,13 +145,12 @@ impl FrozenImage {
         let mut saved = self.saved.lock();
         let mut b = range.start / BLOCK;
         while b * BLOCK < end {
-            if !saved.contains_key(&b) {
+            if let std::collections::btree_map::Entry::Vacant(slot) = saved.entry(b) {
                 let off = b * BLOCK;
                 let len = BLOCK.min(self.size - off) as usize;
                 let mut buf = vec![0u8; len];
                 read_full(file, &mut buf, off)?;
-                let s = self.window.store(buf)?;
-                saved.insert(b, s);
+                slot.insert(self.window.store(buf)?);
                 self.window
                     .saved_bytes
                     .fetch_add(len as u64, Ordering::Relaxed);
