@@ -113,3 +113,59 @@ fn every_generation_holds_exactly_the_stamps_1_to_m() {
     let mid = seen.iter().filter(|&&m| m > 0 && m < BLOCKS).count();
     assert!(mid >= 2, "syncs must land while the writer runs: {seen:?}");
 }
+
+#[test]
+fn the_images_of_a_group_are_cut_at_one_instant() {
+    let p = Pair::new();
+    let (a, b) = (p.primary.path("disk-a.img"), p.primary.path("disk-b.img"));
+    for path in [&a, &b] {
+        fs::File::create(path)
+            .unwrap()
+            .set_len(BLOCKS * BLOCK as u64)
+            .unwrap();
+    }
+    p.sync_ok();
+    let done = Arc::new(AtomicBool::new(false));
+    // Stamp i goes to disk A, then to disk B: at any instant B holds i or i - 1 stamps when A
+    // holds i.
+    let writer = {
+        let (done, a, b) = (done.clone(), a.clone(), b.clone());
+        std::thread::spawn(move || {
+            let open = |p: &std::path::Path| {
+                OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(p)
+                    .unwrap()
+            };
+            let (fa, fb) = (open(&a), open(&b));
+            let mut buf = Aligned::new();
+            for i in 1..=BLOCKS / 2 {
+                buf.bytes().copy_from_slice(&stamp(i));
+                fa.write_all_at(buf.bytes(), (i - 1) * BLOCK as u64).unwrap();
+                std::thread::sleep(Duration::from_micros(300));
+                fb.write_all_at(buf.bytes(), (i - 1) * BLOCK as u64).unwrap();
+                std::thread::sleep(Duration::from_micros(300));
+            }
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+    let mut pairs = Vec::new();
+    loop {
+        let finished = done.load(Ordering::SeqCst);
+        p.sync_ok();
+        let ma = prefix(&fs::read(p.replica_path("disk-a.img")).unwrap());
+        let mb = prefix(&fs::read(p.replica_path("disk-b.img")).unwrap());
+        assert!(mb == ma || mb + 1 == ma, "disk A at {ma}, disk B at {mb}: not one instant");
+        pairs.push((ma, mb));
+        if finished {
+            break;
+        }
+    }
+    writer.join().unwrap();
+    assert_eq!(*pairs.last().unwrap(), (BLOCKS / 2, BLOCKS / 2));
+    assert!(
+        pairs.iter().filter(|(a, _)| *a > 0 && *a < BLOCKS / 2).count() >= 2,
+        "{pairs:?}"
+    );
+}
