@@ -375,7 +375,7 @@ impl Engine {
         only: Option<&HashSet<PathBuf>>,
     ) -> Result<usize> {
         let active_dir = self.state.join("active");
-                let mdir = active_dir.join("manifests");
+        let mdir = active_dir.join("manifests");
         let before: HashSet<String> = inner.images.keys().cloned().collect();
 
         for ev in &frozen.events {
@@ -407,7 +407,7 @@ impl Engine {
         }
         let present = list_images(&self.root)?;
         let present_set: HashSet<&String> = present.iter().collect();
-                        inner.images.retain(|k, _| present_set.contains(k));
+        inner.images.retain(|k, _| present_set.contains(k));
 
         let mut changed = 0;
         for path in &present {
@@ -439,7 +439,7 @@ impl Engine {
             inner.images.insert(path.clone(), Arc::new(new));
             changed += 1;
         }
-                // Manifests of images that are gone.
+        // Manifests of images that are gone.
         for m in before.difference(&inner.images.keys().cloned().collect()) {
             remove_manifest(&mdir, m);
         }
