@@ -346,6 +346,14 @@ pub struct RelayConfig {
     pub seed: u64,
 }
 
+/// Makes the calling thread's timed waits exact: no timer slack (50 µs by default).
+fn exact_timers() {
+    // SAFETY: a plain prctl on the calling thread with a valid argument.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
+    }
+}
+
 /// A packet waiting for its release time.
 struct Held {
     at: Instant,
@@ -555,7 +563,7 @@ pub struct Relay {
 
 /// Asks for large socket buffers, so bursts wait in the relay's queue (where the model puts
 /// them), not in the kernel's. As root the system limit does not apply (`SO_RCVBUFFORCE`).
-fn big_buffers(s: &UdpSocket) {
+pub fn big_buffers(s: &UdpSocket) {
     let fd = s.as_raw_fd();
     let size: libc::c_int = 8 << 20;
     for (force, plain) in [
@@ -619,7 +627,10 @@ impl Relay {
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
                 .name(name.into())
-                .spawn(f)
+                .spawn(move || {
+                    exact_timers();
+                    f()
+                })
                 .context("cannot start a relay thread")
         };
         {
