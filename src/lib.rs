@@ -14,4 +14,5 @@ pub mod mount;
 pub mod net;
 pub mod replica;
 pub mod sync;
+pub mod wan;
 pub mod wire;

@@ -464,3 +464,38 @@ impl ServerCertVerifier for AcceptAnyServer {
             .supported_schemes()
     }
 }
+
+#[tokio::test]
+async fn each_congestion_controller_is_the_one_a_connection_runs() {
+    use quinn::congestion::{Bbr, Cubic, NewReno};
+    let (primary, replica) = (identity(), identity());
+    for cc in [
+        net::Congestion::Cubic,
+        net::Congestion::NewReno,
+        net::Congestion::Bbr,
+    ] {
+        let ep = server(&replica, &[primary.fingerprint()]);
+        let addr = ep.local_addr().unwrap();
+        let served = serve_one(ep);
+        let mut cfg = net::client_config(&primary, &[replica.fingerprint()]).unwrap();
+        cfg.transport_config(Arc::new(net::transport_config_with(cc)));
+        let (_ep, conn) = connect(cfg, addr).await;
+        let conn = conn.expect("pinned nodes connect");
+        let state = conn.congestion_state().into_any();
+        let running = if state.is::<Cubic>() {
+            net::Congestion::Cubic
+        } else if state.is::<NewReno>() {
+            net::Congestion::NewReno
+        } else if state.is::<Bbr>() {
+            net::Congestion::Bbr
+        } else {
+            panic!("unknown controller");
+        };
+        assert_eq!(running, cc);
+        // The default (FERRY_CONGESTION is not set in this test process) is CUBIC.
+        assert_eq!(net::Congestion::from_env(), net::Congestion::Cubic);
+        exchange(&conn, b"hello").await.unwrap();
+        conn.close(0u32.into(), b"done");
+        served.await.unwrap().unwrap();
+    }
+}

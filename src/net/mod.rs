@@ -12,6 +12,6 @@ pub use keys::{
     fingerprint_in, keygen,
 };
 pub use tls::{
-    ALPN, SERVER_NAME, Side, TlsError, client_config, peer_fingerprint, server_config,
-    transport_config,
+    ALPN, Congestion, SERVER_NAME, Side, TlsError, client_config, peer_fingerprint, server_config,
+    transport_config, transport_config_with,
 };

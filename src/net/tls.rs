@@ -186,11 +186,89 @@ pub fn client_crypto(
     Ok(cfg)
 }
 
+/// The congestion controller of a QUIC connection (it governs what that side sends: on a
+/// primary, the data).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Congestion {
+    /// CUBIC (RFC 9438), quinn's default: backs off on every loss event, like TCP.
+    #[default]
+    Cubic,
+    /// NewReno (RFC 9002's reference controller).
+    NewReno,
+    /// BBR (quinn's BBRv1-style model of bottleneck rate and RTT): does not treat random loss
+    /// as congestion.
+    Bbr,
+}
+
+impl Congestion {
+    /// The names [`FromStr`](std::str::FromStr) and serde accept.
+    pub const NAMES: [&str; 3] = ["cubic", "newreno", "bbr"];
+
+    /// The test and benchmark knob `FERRY_CONGESTION=cubic|newreno|bbr`, read once per
+    /// process; unset means [`Congestion::Cubic`]. An unknown value is logged and ignored.
+    /// Not a configuration setting: it only lets `scripts/bench-wan` compare controllers on
+    /// unmodified daemons.
+    pub fn from_env() -> Congestion {
+        static CHOICE: OnceLock<Congestion> = OnceLock::new();
+        *CHOICE.get_or_init(|| match std::env::var("FERRY_CONGESTION") {
+            Err(_) => Congestion::default(),
+            Ok(v) => v.parse().unwrap_or_else(|e| {
+                log::warn!("FERRY_CONGESTION: {e}; using cubic");
+                Congestion::default()
+            }),
+        })
+    }
+
+    fn factory(self) -> Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> {
+        use quinn::congestion::{BbrConfig, CubicConfig, NewRenoConfig};
+        match self {
+            Congestion::Cubic => Arc::new(CubicConfig::default()),
+            Congestion::NewReno => Arc::new(NewRenoConfig::default()),
+            Congestion::Bbr => Arc::new(BbrConfig::default()),
+        }
+    }
+}
+
+impl std::fmt::Display for Congestion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Congestion::Cubic => "cubic",
+            Congestion::NewReno => "newreno",
+            Congestion::Bbr => "bbr",
+        })
+    }
+}
+
+impl std::str::FromStr for Congestion {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Congestion, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "cubic" => Ok(Congestion::Cubic),
+            "newreno" => Ok(Congestion::NewReno),
+            "bbr" => Ok(Congestion::Bbr),
+            other => Err(format!(
+                "unknown congestion controller {other:?}: use one of {}",
+                Congestion::NAMES.join(", ")
+            )),
+        }
+    }
+}
+
 /// Transport settings for a WAN link of ~50 ms RTT and 100 Mbit/s or more: keep-alive
 /// [`KEEP_ALIVE`], idle timeout [`IDLE_TIMEOUT`], windows [`STREAM_RECEIVE_WINDOW`],
-/// [`RECEIVE_WINDOW`], [`SEND_WINDOW`]; unreliable datagrams off (ferry does not use them).
+/// [`RECEIVE_WINDOW`], [`SEND_WINDOW`]; unreliable datagrams off (ferry does not use them);
+/// CUBIC congestion control, unless the test and benchmark knob `FERRY_CONGESTION` picks
+/// another ([`Congestion::from_env`]).
 pub fn transport_config() -> quinn::TransportConfig {
+    transport_config_with(Congestion::from_env())
+}
+
+/// [`transport_config`] with the congestion controller `cc`.
+pub fn transport_config_with(cc: Congestion) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
+    t.congestion_controller_factory(cc.factory());
     t.keep_alive_interval(Some(KEEP_ALIVE))
         .max_idle_timeout(Some(
             IDLE_TIMEOUT
@@ -383,6 +461,21 @@ impl ServerCertVerifier for PinnedServers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn congestion_names_round_trip_through_fromstr_display_and_serde() {
+        for name in Congestion::NAMES {
+            let c: Congestion = name.parse().unwrap();
+            assert_eq!(c.to_string(), name);
+            let json = serde_json::to_string(&c).unwrap();
+            assert_eq!(json, format!("\"{name}\""));
+            assert_eq!(serde_json::from_str::<Congestion>(&json).unwrap(), c);
+        }
+        assert_eq!(" BBR ".parse::<Congestion>(), Ok(Congestion::Bbr));
+        let e = "reno".parse::<Congestion>().unwrap_err();
+        assert!(e.contains("cubic, newreno, bbr"), "{e}");
+        assert_eq!(Congestion::default(), Congestion::Cubic);
+    }
 
     #[test]
     fn an_empty_pin_list_is_refused_up_front() {
