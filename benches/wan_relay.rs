@@ -155,7 +155,9 @@ fn main() {
     );
     println!(
         "       relay late by: mean {:.0} µs, p99 {:.0} µs, max {:.0} µs",
-        r.relay.to_server.late_us_mean, r.relay.to_server.late_us_p99, r.relay.to_server.late_us_max
+        r.relay.to_server.late_us_mean,
+        r.relay.to_server.late_us_p99,
+        r.relay.to_server.late_us_max
     );
 
     // 2. Rate under overload.
