@@ -142,9 +142,11 @@ fn the_images_of_a_group_are_cut_at_one_instant() {
             let mut buf = Aligned::new();
             for i in 1..=BLOCKS / 2 {
                 buf.bytes().copy_from_slice(&stamp(i));
-                fa.write_all_at(buf.bytes(), (i - 1) * BLOCK as u64).unwrap();
+                fa.write_all_at(buf.bytes(), (i - 1) * BLOCK as u64)
+                    .unwrap();
                 std::thread::sleep(Duration::from_micros(300));
-                fb.write_all_at(buf.bytes(), (i - 1) * BLOCK as u64).unwrap();
+                fb.write_all_at(buf.bytes(), (i - 1) * BLOCK as u64)
+                    .unwrap();
                 std::thread::sleep(Duration::from_micros(300));
             }
             done.store(true, Ordering::SeqCst);
@@ -156,7 +158,10 @@ fn the_images_of_a_group_are_cut_at_one_instant() {
         p.sync_ok();
         let ma = prefix(&fs::read(p.replica_path("disk-a.img")).unwrap());
         let mb = prefix(&fs::read(p.replica_path("disk-b.img")).unwrap());
-        assert!(mb == ma || mb + 1 == ma, "disk A at {ma}, disk B at {mb}: not one instant");
+        assert!(
+            mb == ma || mb + 1 == ma,
+            "disk A at {ma}, disk B at {mb}: not one instant"
+        );
         pairs.push((ma, mb));
         if finished {
             break;
@@ -165,7 +170,11 @@ fn the_images_of_a_group_are_cut_at_one_instant() {
     writer.join().unwrap();
     assert_eq!(*pairs.last().unwrap(), (BLOCKS / 2, BLOCKS / 2));
     assert!(
-        pairs.iter().filter(|(a, _)| *a > 0 && *a < BLOCKS / 2).count() >= 2,
+        pairs
+            .iter()
+            .filter(|(a, _)| *a > 0 && *a < BLOCKS / 2)
+            .count()
+            >= 2,
         "{pairs:?}"
     );
 }

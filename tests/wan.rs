@@ -22,7 +22,7 @@
 mod common;
 
 use std::fs::{self, File};
-use std::io::{BufRead, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -66,10 +66,6 @@ fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
 struct Proc(Option<Child>);
 
 impl Proc {
-    fn pid(&self) -> i32 {
-        self.0.as_ref().expect("running").id() as i32
-    }
-
     /// SIGTERM, then the process's stdout once it exits.
     fn terminate(&mut self) -> String {
         let mut c = self.0.take().expect("running");
@@ -342,11 +338,12 @@ impl Drop for Net {
 
 /// A replica daemon in namespace b, listening on 10.231.0.2:7443.
 struct NsReplica {
-    dir: tempfile::TempDir,
+    // Drop order: the daemon is killed before its directory goes.
+    _proc: Proc,
+    _dir: tempfile::TempDir,
     store: PathBuf,
     log: PathBuf,
     fingerprint: String,
-    proc: Proc,
 }
 
 impl NsReplica {
@@ -377,11 +374,11 @@ impl NsReplica {
             .spawn()
             .unwrap();
         let r = NsReplica {
-            dir,
+            _dir: dir,
             store,
             log,
             fingerprint,
-            proc: Proc(Some(child)),
+            _proc: Proc(Some(child)),
         };
         wait_for("the replica to listen", Duration::from_secs(30), || {
             r.log_text().contains("replica listening")
@@ -523,5 +520,72 @@ fn an_image_replicates_byte_identical_through_50ms_rtt_and_1_percent_loss() {
     eprintln!(
         "32 MiB at 50 ms RTT, 1% loss: {} ms, {} attempts; relay: {stats}",
         v["duration_ms"], v["replicas"][0]["attempts"]
+    );
+}
+
+#[test]
+fn a_cut_link_mid_transfer_delays_the_sync_but_loses_and_resends_nothing() {
+    let net = Net::new();
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = ["ip", "netns", "exec", &net.a];
+    // 100 Mbit/s and 50 ms RTT: 64 MiB take about 6 s, time to cut the link halfway.
+    let mut relay = start_relay(
+        &prefix,
+        &relay_args(
+            &format!("127.0.0.1:{PORT}"),
+            &format!("{ADDR_B}:{PORT}"),
+            &["--delay", "25ms", "--rate", "100mbit", "--seed", "5"],
+        ),
+        &dir.path().join("relay.log"),
+    );
+    let p = NsPair::new(&net, &format!("127.0.0.1:{PORT}"), &[]);
+    const MIB: u64 = 64;
+    let size = MIB << 20;
+
+    // 1. A cut of 3 s, shorter than the idle timeout: the connection rides it out.
+    write_random(&p.primary.path("vm.img"), MIB as usize, 11);
+    let sync = p.sync_bg(120);
+    wait_for("a quarter to be staged", Duration::from_secs(60), || {
+        p.staged() > size / 4
+    });
+    net.link(false);
+    std::thread::sleep(Duration::from_secs(3));
+    net.link(true);
+    let (v, ok, err) = sync.join().unwrap();
+    assert!(ok, "sync across a 3 s cut failed: {v} {err}");
+    p.identical("vm.img");
+    let sent = v["bytes_sent"].as_u64().unwrap();
+    assert!(sent < size * 11 / 10, "{sent} bytes sent for {size}: {v}");
+
+    // 2. A cut that outlasts the sync's timeout: the sync fails, saying so, and the replica
+    // keeps generation 1; once the link is back, the next sync sends only what had not arrived.
+    write_random(&p.primary.path("vm.img"), MIB as usize, 12);
+    let before = fs::read(p.replica.store.join("vm.img")).unwrap();
+    let sync = p.sync_bg(8);
+    wait_for("a quarter to be staged", Duration::from_secs(60), || {
+        p.staged() > size / 4
+    });
+    net.link(false);
+    let (v, ok, err) = sync.join().unwrap();
+    assert!(!ok, "a sync with the link cut succeeded: {v}");
+    assert_ne!(v["replicas"][0]["state"], "committed", "{v} {err}");
+    assert!(
+        fs::read(p.replica.store.join("vm.img")).unwrap() == before,
+        "the replica's image changed without a commit"
+    );
+    let arrived = p.staged();
+    net.link(true);
+    let (v, ok, err) = p.sync_bg(120).join().unwrap();
+    assert!(ok, "sync after the link came back failed: {v} {err}");
+    p.identical("vm.img");
+    let sent = v["bytes_sent"].as_u64().unwrap();
+    let missing = size.saturating_sub(arrived);
+    assert!(
+        sent <= missing + arrived / 10 + (1 << 20),
+        "{sent} bytes sent again; {arrived} had arrived before the cut: {v}"
+    );
+    eprintln!(
+        "link cut: {arrived} of {size} bytes staged before the long cut, {sent} sent after; relay {}",
+        relay.terminate()
     );
 }
