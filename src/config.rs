@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use crate::chunk::ChunkParams;
-use crate::net::Fingerprint;
+use crate::net::{Congestion, Fingerprint};
 
 /// A config file that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +74,10 @@ pub struct Primary {
     /// How long a scheduled sync point waits for the replicas before it counts as failed.
     #[serde(default = "default_sync_timeout", deserialize_with = "duration")]
     pub sync_timeout: Duration,
+    /// The congestion controller of the data connections: "cubic" (default), "bbr" or
+    /// "newreno". BBR does not back off on random loss: pick it for long lossy paths.
+    #[serde(default)]
+    pub congestion: Congestion,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -165,6 +169,7 @@ impl Default for Primary {
             bandwidth_limit: None,
             intent_extent: default_intent_extent(),
             sync_timeout: default_sync_timeout(),
+            congestion: Congestion::default(),
             failover_after: default_failover_after(),
         }
     }
@@ -341,6 +346,9 @@ primaries = ["{FP}"]
         assert_eq!(c.peers[0].zone.as_deref(), Some("eu-west"));
         assert_eq!(c.replica.unwrap().primaries.len(), 1);
         assert_eq!(parse("").unwrap().primary.replicas, 1);
+        assert_eq!(parse("").unwrap().primary.congestion, Congestion::Cubic);
+        let bbr = parse("[primary]\ncongestion = \"bbr\"").unwrap();
+        assert_eq!(bbr.primary.congestion, Congestion::Bbr);
     }
 
     #[test]
@@ -357,6 +365,7 @@ primaries = ["{FP}"]
                 "fingerprint",
             ),
             ("[node]\nnmae = \"a\"", "nmae"),
+            ("[primary]\ncongestion = \"reno\"", "congestion"),
             (
                 "[chunking]\nmin = \"64KiB\"\navg = \"16KiB\"",
                 "min < avg < max",

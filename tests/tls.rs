@@ -122,7 +122,12 @@ async fn nodes_that_pin_each_other_connect_and_exchange_a_message() {
     let addr = ep.local_addr().unwrap();
     let served = serve_one(ep);
 
-    let cfg = net::client_config(&primary, &[replica.fingerprint()]).unwrap();
+    let cfg = net::client_config(
+        &primary,
+        &[replica.fingerprint()],
+        net::Congestion::default(),
+    )
+    .unwrap();
     let (_ep, conn) = connect(cfg, addr).await;
     let conn = conn.expect("pinned nodes connect");
     assert_eq!(net::peer_fingerprint(&conn), Some(replica.fingerprint()));
@@ -155,7 +160,8 @@ async fn a_server_pinning_several_peers_accepts_each() {
     let addr = ep.local_addr().unwrap();
     for client in [&a, &b] {
         let served = serve_one(ep.clone());
-        let cfg = net::client_config(client, &[replica.fingerprint()]).unwrap();
+        let cfg = net::client_config(client, &[replica.fingerprint()], net::Congestion::default())
+            .unwrap();
         let (_ep, conn) = connect(cfg, addr).await;
         let conn = conn.unwrap();
         assert_eq!(exchange(&conn, b"hi").await.unwrap(), b"ack: hi");
@@ -174,7 +180,12 @@ async fn a_client_the_server_has_not_pinned_is_refused_and_its_data_never_arrive
     let served = serve_one(ep);
 
     // The stranger trusts the replica; the replica does not trust the stranger.
-    let cfg = net::client_config(&stranger, &[replica.fingerprint()]).unwrap();
+    let cfg = net::client_config(
+        &stranger,
+        &[replica.fingerprint()],
+        net::Congestion::default(),
+    )
+    .unwrap();
     let (_ep, conn) = connect(cfg, addr).await;
     // In TLS 1.3 the client finishes its side of the handshake before the server has checked
     // the client's certificate, so the refusal may only show on first use.
@@ -203,7 +214,12 @@ async fn a_server_the_client_has_not_pinned_is_refused_by_the_client() {
     let addr = ep.local_addr().unwrap();
     let served = serve_one(ep);
 
-    let cfg = net::client_config(&primary, &[real_replica.fingerprint()]).unwrap();
+    let cfg = net::client_config(
+        &primary,
+        &[real_replica.fingerprint()],
+        net::Congestion::default(),
+    )
+    .unwrap();
     let (_ep, conn) = connect(cfg, addr).await;
     let e = conn.expect_err("the primary must refuse an unpinned server");
     assert!(e.to_string().contains("not pinned"), "{e}");
@@ -297,7 +313,12 @@ async fn a_server_showing_a_pinned_certificate_without_its_key_is_refused() {
         .unwrap();
     let addr = ep.local_addr().unwrap();
     let _served = serve_one(ep);
-    let cfg = net::client_config(&primary, &[replica.fingerprint()]).unwrap();
+    let cfg = net::client_config(
+        &primary,
+        &[replica.fingerprint()],
+        net::Congestion::default(),
+    )
+    .unwrap();
     let (_ep, conn) = connect(cfg, addr).await;
     conn.expect_err("a bad handshake signature is refused");
 }
@@ -477,8 +498,7 @@ async fn each_congestion_controller_is_the_one_a_connection_runs() {
         let ep = server(&replica, &[primary.fingerprint()]);
         let addr = ep.local_addr().unwrap();
         let served = serve_one(ep);
-        let mut cfg = net::client_config(&primary, &[replica.fingerprint()]).unwrap();
-        cfg.transport_config(Arc::new(net::transport_config_with(cc)));
+        let cfg = net::client_config(&primary, &[replica.fingerprint()], cc).unwrap();
         let (_ep, conn) = connect(cfg, addr).await;
         let conn = conn.expect("pinned nodes connect");
         let state = conn.congestion_state().into_any();
@@ -492,8 +512,6 @@ async fn each_congestion_controller_is_the_one_a_connection_runs() {
             panic!("unknown controller");
         };
         assert_eq!(running, cc);
-        // The default (FERRY_CONGESTION is not set in this test process) is CUBIC.
-        assert_eq!(net::Congestion::from_env(), net::Congestion::Cubic);
         exchange(&conn, b"hello").await.unwrap();
         conn.close(0u32.into(), b"done");
         served.await.unwrap().unwrap();

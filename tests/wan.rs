@@ -400,8 +400,9 @@ struct NsPair {
 }
 
 impl NsPair {
-    fn new(net: &Net, peer: &str, env: &[(&str, &str)]) -> NsPair {
-        let primary = Mount::prepare_with("", "");
+    /// `toml` goes into the primary's config after `[node]` (peers are added after it).
+    fn new(net: &Net, peer: &str, toml: &str) -> NsPair {
+        let primary = Mount::prepare_with("", toml);
         let fp = keygen(&primary.dir.path().join("keys"));
         let replica = NsReplica::start(net, &fp);
         let config = fs::read_to_string(&primary.config).unwrap()
@@ -418,9 +419,6 @@ impl NsPair {
             .arg(&primary.mnt)
             .arg("-o")
             .arg(&primary.options);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
         run(&mut cmd);
         let p = NsPair { primary, replica };
         // The mount made in namespace a is visible here, and its daemon does live in a.
@@ -489,14 +487,7 @@ fn an_image_replicates_byte_identical_through_50ms_rtt_and_1_percent_loss() {
         ),
         &dir.path().join("relay.log"),
     );
-    let p = NsPair::new(
-        &net,
-        &format!("127.0.0.1:{PORT}"),
-        &[(
-            "FERRY_CONGESTION",
-            &std::env::var("CC").unwrap_or("bbr".into()),
-        )],
-    );
+    let p = NsPair::new(&net, &format!("127.0.0.1:{PORT}"), "");
     let size_mib = 32;
     write_random(&p.primary.path("vm.img"), size_mib, 1);
     let (v, ok, err) = p.sync_bg(150).join().unwrap();
@@ -538,7 +529,7 @@ fn a_cut_link_mid_transfer_delays_the_sync_but_loses_and_resends_nothing() {
         ),
         &dir.path().join("relay.log"),
     );
-    let p = NsPair::new(&net, &format!("127.0.0.1:{PORT}"), &[]);
+    let p = NsPair::new(&net, &format!("127.0.0.1:{PORT}"), "");
     const MIB: u64 = 64;
     let size = MIB << 20;
 

@@ -146,14 +146,13 @@ impl Tracker {
     }
 
     /// Copy-before-write: saves the old bytes the open window (if any) still needs.
-        fn save_old(&self, target: Target<'_>, range: Range<u64>) -> io::Result<()> {
+    fn save_old(&self, target: Target<'_>, range: Range<u64>) -> io::Result<()> {
         let window = self.window.lock().clone();
         match window {
             Some(w) => w.before_change(target.key, target.file, range),
             None => Ok(()),
         }
     }
-
 
     /// Runs `op`, which renames `from` (an image, or a directory holding images) to `to`, with
     /// no change in flight; the dirty ranges and intent-log marks follow the new names.

@@ -13,5 +13,5 @@ pub use keys::{
 };
 pub use tls::{
     ALPN, Congestion, SERVER_NAME, Side, TlsError, client_config, peer_fingerprint, server_config,
-    transport_config, transport_config_with,
+    transport_config_with,
 };

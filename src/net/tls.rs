@@ -102,7 +102,7 @@ impl std::fmt::Display for Side {
 }
 
 /// The QUIC server configuration: presents `id`, requires a client certificate and accepts
-/// only the `pinned` fingerprints, TLS 1.3 and ALPN [`ALPN`], with [`transport_config`].
+/// only the `pinned` fingerprints, TLS 1.3 and ALPN [`ALPN`], with [`transport_config_with`].
 pub fn server_config(
     id: &Identity,
     pinned: &[Fingerprint],
@@ -113,16 +113,19 @@ pub fn server_config(
         source,
     })?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    cfg.transport_config(Arc::new(transport_config()));
+    // A replica sends acknowledgements and little else: its controller hardly matters.
+    cfg.transport_config(Arc::new(transport_config_with(Congestion::default())));
     Ok(cfg)
 }
 
 /// The QUIC client configuration: presents `id` as client certificate and accepts only servers
-/// with a `pinned` fingerprint, TLS 1.3 and ALPN [`ALPN`], with [`transport_config`]. Connect
-/// with [`SERVER_NAME`] as the server name.
+/// with a `pinned` fingerprint, TLS 1.3 and ALPN [`ALPN`], with [`transport_config_with`] `cc`
+/// (the controller of what the primary sends: the data). Connect with [`SERVER_NAME`] as the
+/// server name.
 pub fn client_config(
     id: &Identity,
     pinned: &[Fingerprint],
+    cc: Congestion,
 ) -> Result<quinn::ClientConfig, TlsError> {
     let tls = client_crypto(id, pinned)?;
     let quic = QuicClientConfig::try_from(tls).map_err(|source| TlsError::Quic {
@@ -130,7 +133,7 @@ pub fn client_config(
         source,
     })?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
-    cfg.transport_config(Arc::new(transport_config()));
+    cfg.transport_config(Arc::new(transport_config_with(cc)));
     Ok(cfg)
 }
 
@@ -205,21 +208,6 @@ impl Congestion {
     /// The names [`FromStr`](std::str::FromStr) and serde accept.
     pub const NAMES: [&str; 3] = ["cubic", "newreno", "bbr"];
 
-    /// The test and benchmark knob `FERRY_CONGESTION=cubic|newreno|bbr`, read once per
-    /// process; unset means [`Congestion::Cubic`]. An unknown value is logged and ignored.
-    /// Not a configuration setting: it only lets `scripts/bench-wan` compare controllers on
-    /// unmodified daemons.
-    pub fn from_env() -> Congestion {
-        static CHOICE: OnceLock<Congestion> = OnceLock::new();
-        *CHOICE.get_or_init(|| match std::env::var("FERRY_CONGESTION") {
-            Err(_) => Congestion::default(),
-            Ok(v) => v.parse().unwrap_or_else(|e| {
-                log::warn!("FERRY_CONGESTION: {e}; using cubic");
-                Congestion::default()
-            }),
-        })
-    }
-
     fn factory(self) -> Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> {
         use quinn::congestion::{BbrConfig, CubicConfig, NewRenoConfig};
         match self {
@@ -259,13 +247,7 @@ impl std::str::FromStr for Congestion {
 /// Transport settings for a WAN link of ~50 ms RTT and 100 Mbit/s or more: keep-alive
 /// [`KEEP_ALIVE`], idle timeout [`IDLE_TIMEOUT`], windows [`STREAM_RECEIVE_WINDOW`],
 /// [`RECEIVE_WINDOW`], [`SEND_WINDOW`]; unreliable datagrams off (ferry does not use them);
-/// CUBIC congestion control, unless the test and benchmark knob `FERRY_CONGESTION` picks
-/// another ([`Congestion::from_env`]).
-pub fn transport_config() -> quinn::TransportConfig {
-    transport_config_with(Congestion::from_env())
-}
-
-/// [`transport_config`] with the congestion controller `cc`.
+/// the congestion controller `cc`.
 pub fn transport_config_with(cc: Congestion) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.congestion_controller_factory(cc.factory());
@@ -486,7 +468,7 @@ mod tests {
             "{e}"
         );
         assert!(e.to_string().contains("ferry id"), "{e}");
-        let e = client_config(&id, &[]).unwrap_err();
+        let e = client_config(&id, &[], Congestion::default()).unwrap_err();
         assert!(
             matches!(e, TlsError::NothingPinned { side: Side::Client }),
             "{e}"

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 
-use super::{Fingerprint, Identity, SERVER_NAME, client_config, server_config};
+use super::{Congestion, Fingerprint, Identity, SERVER_NAME, client_config, server_config};
 use crate::wire::frame::{self, Frame};
 
 /// Reads one frame; `None` when the peer finished the stream cleanly between frames.
@@ -36,11 +36,17 @@ pub async fn write_frame(send: &mut quinn::SendStream, f: &Frame) -> Result<()> 
     Ok(())
 }
 
-/// A client endpoint presenting `id` and accepting only `pinned` servers.
-pub fn client(id: &Identity, pinned: &[Fingerprint], bind: SocketAddr) -> Result<quinn::Endpoint> {
+/// A client endpoint presenting `id`, accepting only `pinned` servers and sending with the
+/// congestion controller `cc`.
+pub fn client(
+    id: &Identity,
+    pinned: &[Fingerprint],
+    bind: SocketAddr,
+    cc: Congestion,
+) -> Result<quinn::Endpoint> {
     let mut ep = quinn::Endpoint::client(bind)
         .with_context(|| format!("cannot open a UDP socket on {bind}"))?;
-    ep.set_default_client_config(client_config(id, pinned)?);
+    ep.set_default_client_config(client_config(id, pinned, cc)?);
     Ok(ep)
 }
 

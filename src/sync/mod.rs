@@ -286,6 +286,7 @@ impl Engine {
                 &id,
                 &pinned,
                 "0.0.0.0:0".parse().expect("an address"),
+                config.primary.congestion,
             )?)
         };
         let group = if rec.group_root.is_empty() {
