@@ -74,8 +74,8 @@ pub struct Primary {
     /// How long a scheduled sync point waits for the replicas before it counts as failed.
     #[serde(default = "default_sync_timeout", deserialize_with = "duration")]
     pub sync_timeout: Duration,
-    /// The congestion controller of the data connections: "cubic" (default), "bbr" or
-    /// "newreno". BBR does not back off on random loss: pick it for long lossy paths.
+    /// The congestion controller of the data connections: "bbr" (default), "cubic" or
+    /// "newreno"; see [`Congestion`] for the trade-off.
     #[serde(default)]
     pub congestion: Congestion,
 }
@@ -346,9 +346,9 @@ primaries = ["{FP}"]
         assert_eq!(c.peers[0].zone.as_deref(), Some("eu-west"));
         assert_eq!(c.replica.unwrap().primaries.len(), 1);
         assert_eq!(parse("").unwrap().primary.replicas, 1);
-        assert_eq!(parse("").unwrap().primary.congestion, Congestion::Cubic);
-        let bbr = parse("[primary]\ncongestion = \"bbr\"").unwrap();
-        assert_eq!(bbr.primary.congestion, Congestion::Bbr);
+        assert_eq!(parse("").unwrap().primary.congestion, Congestion::Bbr);
+        let cubic = parse("[primary]\ncongestion = \"cubic\"").unwrap();
+        assert_eq!(cubic.primary.congestion, Congestion::Cubic);
     }
 
     #[test]

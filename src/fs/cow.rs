@@ -28,15 +28,17 @@ pub const BLOCK: u64 = 4096;
 /// Backing file identity: (device, inode).
 pub type FileKey = (u64, u64);
 
+/// A saved block. Never replaced once saved, so a copy taken under the lock stays valid.
+#[derive(Clone)]
 enum Saved {
-    Memory(Box<[u8]>),
+    Memory(Arc<[u8]>),
     /// Offset in the spill file.
     Spilled(u64),
 }
 
 struct Spill {
     path: PathBuf,
-    file: Option<File>,
+    file: Option<Arc<File>>,
     end: u64,
 }
 
@@ -137,25 +139,54 @@ impl Drop for Window {
 }
 
 impl FrozenImage {
+    /// Saves the old bytes of the blocks of `range` not saved yet. No lock is held during
+    /// I/O, so neither the sync reading this image nor another writer waits for this one's
+    /// disk. Racing savers of one block are harmless: every writer saves before it writes,
+    /// so whoever inserts first read the block before any write to it, and the others'
+    /// copies are dropped.
     fn save(&self, file: &File, range: Range<u64>) -> io::Result<()> {
         let end = range.end.min(self.size);
         if range.start >= end {
             return Ok(());
         }
+        let (first, last) = (range.start / BLOCK, (end - 1) / BLOCK);
+        let vacant: Vec<u64> = {
+            let saved = self.saved.lock();
+            (first..=last).filter(|b| !saved.contains_key(b)).collect()
+        };
+        let (Some(&lo), Some(&hi)) = (vacant.first(), vacant.last()) else {
+            return Ok(());
+        };
+        // One read of the span from the first to the last vacant block.
+        let span_end = ((hi + 1) * BLOCK).min(self.size);
+        let mut old = vec![0u8; (span_end - lo * BLOCK) as usize];
+        read_full(file, &mut old, lo * BLOCK)?;
+        let mut stored = Vec::with_capacity(vacant.len());
+        for &b in &vacant {
+            let from = ((b - lo) * BLOCK) as usize;
+            let to = (from + BLOCK as usize).min(old.len());
+            stored.push((b, self.window.store(&old[from..to])?));
+        }
         let mut saved = self.saved.lock();
-        let mut b = range.start / BLOCK;
-        while b * BLOCK < end {
-            if let std::collections::btree_map::Entry::Vacant(slot) = saved.entry(b) {
-                let off = b * BLOCK;
-                let len = BLOCK.min(self.size - off) as usize;
-                let mut buf = vec![0u8; len];
-                read_full(file, &mut buf, off)?;
-                slot.insert(self.window.store(buf)?);
-                self.window
-                    .saved_bytes
-                    .fetch_add(len as u64, Ordering::Relaxed);
+        for (b, s) in stored {
+            let len = match &s {
+                Saved::Memory(m) => m.len() as u64,
+                Saved::Spilled(_) => BLOCK.min(self.size - b * BLOCK),
+            };
+            match saved.entry(b) {
+                std::collections::btree_map::Entry::Vacant(slot) => {
+                    slot.insert(s);
+                    self.window.saved_bytes.fetch_add(len, Ordering::Relaxed);
+                }
+                std::collections::btree_map::Entry::Occupied(_) => {
+                    // Another writer saved it first; a spilled copy's 4 KiB stay unused.
+                    if let Saved::Memory(m) = s {
+                        self.window
+                            .memory_used
+                            .fetch_sub(m.len() as u64, Ordering::Relaxed);
+                    }
+                }
             }
-            b += 1;
         }
         Ok(())
     }
@@ -184,34 +215,33 @@ fn read_full(file: &File, buf: &mut [u8], off: u64) -> io::Result<()> {
 }
 
 impl Shared {
-    fn store(&self, buf: Vec<u8>) -> io::Result<Saved> {
+    fn store(&self, buf: &[u8]) -> io::Result<Saved> {
         let len = buf.len() as u64;
         if self.memory_used.fetch_add(len, Ordering::Relaxed) + len <= self.memory_limit {
-            return Ok(Saved::Memory(buf.into_boxed_slice()));
+            return Ok(Saved::Memory(buf.into()));
         }
         self.memory_used.fetch_sub(len, Ordering::Relaxed);
-        let mut sp = self.spill.lock();
-        if sp.file.is_none() {
-            log::info!(
-                "copy-before-write: {} MiB saved in memory; spilling to {}",
-                self.memory_limit >> 20,
-                sp.path.display()
-            );
-            sp.file = Some(
-                OpenOptions::new()
+        let (file, off) = {
+            let mut sp = self.spill.lock();
+            if sp.file.is_none() {
+                log::info!(
+                    "copy-before-write: {} MiB saved in memory; spilling to {}",
+                    self.memory_limit >> 20,
+                    sp.path.display()
+                );
+                let f = OpenOptions::new()
                     .read(true)
                     .write(true)
                     .create(true)
                     .truncate(true)
-                    .open(&sp.path)?,
-            );
-        }
-        let off = sp.end;
-        sp.file
-            .as_ref()
-            .expect("opened above")
-            .write_all_at(&buf, off)?;
-        sp.end += BLOCK;
+                    .open(&sp.path)?;
+                sp.file = Some(Arc::new(f));
+            }
+            let off = sp.end;
+            sp.end += BLOCK;
+            (sp.file.clone().expect("opened above"), off)
+        };
+        file.write_all_at(buf, off)?;
         Ok(Saved::Spilled(off))
     }
 
@@ -219,10 +249,8 @@ impl Shared {
         match s {
             Saved::Memory(b) => out.copy_from_slice(&b[..out.len()]),
             Saved::Spilled(off) => {
-                let sp = self.spill.lock();
-                sp.file
-                    .as_ref()
-                    .expect("a spilled block has a spill file")
+                let file = self.spill.lock().file.clone();
+                file.expect("a spilled block has a spill file")
                     .read_exact_at(out, *off)?;
             }
         }
@@ -238,12 +266,19 @@ impl Source for FrozenImage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         read_full(&self.file, buf, offset)?;
         let end = offset + buf.len() as u64;
-        let saved = self.saved.lock();
-        for (&b, s) in saved.range(offset / BLOCK..end.div_ceil(BLOCK)) {
+        // Copies of the saved blocks, loaded without the lock (a writer saving a block of this
+        // image must not wait for the spill file's disk).
+        let overlay: Vec<(u64, Saved)> = self
+            .saved
+            .lock()
+            .range(offset / BLOCK..end.div_ceil(BLOCK))
+            .map(|(&b, s)| (b, s.clone()))
+            .collect();
+        for (b, s) in overlay {
             let bs = b * BLOCK;
             let be = (bs + BLOCK).min(self.size);
             let mut block = vec![0u8; (be - bs) as usize];
-            self.window.load(s, &mut block)?;
+            self.window.load(&s, &mut block)?;
             let (from, to) = (bs.max(offset), be.min(end));
             buf[(from - offset) as usize..(to - offset) as usize]
                 .copy_from_slice(&block[(from - bs) as usize..(to - bs) as usize]);

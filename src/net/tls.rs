@@ -190,17 +190,20 @@ pub fn client_crypto(
 }
 
 /// The congestion controller of a QUIC connection (it governs what that side sends: on a
-/// primary, the data).
+/// primary, the data). BBR is the default: at 50 ms RTT and 0.5% random loss it keeps 88% of a
+/// 100 Mbit/s link busy where CUBIC and NewReno fall to 4% (scripts/bench-wan). Its cost, as
+/// quinn implements it: it sends about twice what the bottleneck carries and lets the queue
+/// drop the rest, so set a `bandwidth_limit` just under the link rate on a shared link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Congestion {
     /// CUBIC (RFC 9438), quinn's default: backs off on every loss event, like TCP.
-    #[default]
     Cubic,
     /// NewReno (RFC 9002's reference controller).
     NewReno,
     /// BBR (quinn's BBRv1-style model of bottleneck rate and RTT): does not treat random loss
     /// as congestion.
+    #[default]
     Bbr,
 }
 
@@ -456,7 +459,7 @@ mod tests {
         assert_eq!(" BBR ".parse::<Congestion>(), Ok(Congestion::Bbr));
         let e = "reno".parse::<Congestion>().unwrap_err();
         assert!(e.contains("cubic, newreno, bbr"), "{e}");
-        assert_eq!(Congestion::default(), Congestion::Cubic);
+        assert_eq!(Congestion::default(), Congestion::Bbr);
     }
 
     #[test]

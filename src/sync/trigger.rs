@@ -48,7 +48,10 @@ impl Scheduler {
         let me = s.clone();
         std::thread::Builder::new()
             .name("sync-points".into())
-            .spawn(move || me.work(&engine, interval, timeout))?;
+            .spawn(move || {
+                super::lower_thread_priority();
+                me.work(&engine, interval, timeout)
+            })?;
         Ok(s)
     }
 
