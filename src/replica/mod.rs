@@ -479,23 +479,7 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
-    fn params() -> ChunkParams {
-        ChunkParams {
-            min_size: 256,
-            avg_size: 1024,
-            max_size: 4096,
-            zero_min: 4096,
-        }
-    }
-
-    fn random(len: usize, seed: u64) -> Vec<u8> {
-        let mut v = vec![0u8; len];
-        blake3::Hasher::new()
-            .update(&seed.to_le_bytes())
-            .finalize_xof()
-            .fill(&mut v);
-        v
-    }
+    use crate::testutil::{random, small_params as params};
 
     fn generation(number: u64, images: Vec<(&str, &[u8])>) -> Generation {
         Generation {

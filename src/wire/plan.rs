@@ -178,23 +178,7 @@ mod tests {
     use crate::chunk::{chunk_full, rechunk};
     use proptest::prelude::*;
 
-    fn params() -> ChunkParams {
-        ChunkParams {
-            min_size: 256,
-            avg_size: 1024,
-            max_size: 4096,
-            zero_min: 4096,
-        }
-    }
-
-    fn img(len: usize, seed: u64) -> Vec<u8> {
-        let mut v = vec![0u8; len];
-        blake3::Hasher::new()
-            .update(&seed.to_le_bytes())
-            .finalize_xof()
-            .fill(&mut v);
-        v
-    }
+    use crate::testutil::{random as img, small_params as params};
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]

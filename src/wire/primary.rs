@@ -759,14 +759,7 @@ mod tests {
     use super::*;
     use crate::chunk::chunk_full;
 
-    fn params() -> ChunkParams {
-        ChunkParams {
-            min_size: 256,
-            avg_size: 1024,
-            max_size: 4096,
-            zero_min: 4096,
-        }
-    }
+    use crate::testutil::small_params as params;
 
     /// After a `NeedFull` the whole chunk is sent, but `Commit` is not sent again: the replica
     /// already has it and would find a second one after its `Ack`.

@@ -12,6 +12,7 @@ use super::replica::{self, ReplicaSession, ReplicaStore};
 use crate::chunk::{ChunkParams, chunk_full, rechunk};
 use crate::dirty::RangeSet;
 use crate::manifest::{Kind, Manifest};
+use crate::testutil::random;
 
 fn params() -> ChunkParams {
     ChunkParams {
@@ -20,15 +21,6 @@ fn params() -> ChunkParams {
         max_size: 8192,
         zero_min: 4096,
     }
-}
-
-fn random(len: usize, seed: u64) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    blake3::Hasher::new()
-        .update(&seed.to_le_bytes())
-        .finalize_xof()
-        .fill(&mut v);
-    v
 }
 
 #[derive(Default)]
