@@ -63,6 +63,15 @@ fn prefix(image: &[u8]) -> u64 {
     m
 }
 
+/// Opens `path` for O_DIRECT writes, as QEMU's `cache=none` does.
+fn open_direct(path: &std::path::Path) -> fs::File {
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap()
+}
+
 #[test]
 fn every_generation_holds_exactly_the_stamps_1_to_m() {
     let p = Pair::new();
@@ -76,11 +85,7 @@ fn every_generation_holds_exactly_the_stamps_1_to_m() {
     let writer = {
         let done = done.clone();
         std::thread::spawn(move || {
-            let f = OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(&path)
-                .unwrap();
+            let f = open_direct(&path);
             let mut buf = Aligned::new();
             for i in 1..=BLOCKS {
                 buf.bytes().copy_from_slice(&stamp(i));
@@ -131,14 +136,7 @@ fn the_images_of_a_group_are_cut_at_one_instant() {
     let writer = {
         let (done, a, b) = (done.clone(), a.clone(), b.clone());
         std::thread::spawn(move || {
-            let open = |p: &std::path::Path| {
-                OpenOptions::new()
-                    .write(true)
-                    .custom_flags(libc::O_DIRECT)
-                    .open(p)
-                    .unwrap()
-            };
-            let (fa, fb) = (open(&a), open(&b));
+            let (fa, fb) = (open_direct(&a), open_direct(&b));
             let mut buf = Aligned::new();
             for i in 1..=BLOCKS / 2 {
                 buf.bytes().copy_from_slice(&stamp(i));

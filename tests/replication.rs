@@ -9,16 +9,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Pair, Replica, keygen, require, run};
-
-fn random(len: usize, seed: u64) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    blake3::Hasher::new()
-        .update(&seed.to_le_bytes())
-        .finalize_xof()
-        .fill(&mut v);
-    v
-}
+use common::{Pair, Replica, keygen, random, require, run};
 
 fn identical(p: &Pair, name: &str) {
     common::cmp(&p.primary.backing(name), &p.replica_path(name));

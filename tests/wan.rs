@@ -31,17 +31,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{FERRY, Mount, free_port, keygen, require, require_root, run};
+use common::{FERRY, Mount, free_port, keygen, random, require, require_root, run};
 use serde_json::Value;
-
-fn random(len: usize, seed: u64) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    blake3::Hasher::new()
-        .update(&seed.to_le_bytes())
-        .finalize_xof()
-        .fill(&mut v);
-    v
-}
 
 /// Writes `mib` MiB of random bytes to `path`, 1 MiB at a time.
 fn write_random(path: &Path, mib: usize, seed: u64) {
@@ -463,29 +454,36 @@ impl NsPair {
     }
 }
 
-fn relay_args(listen: &str, forward: &str, extra: &[&str]) -> Vec<String> {
-    ["--listen", listen, "--forward", forward]
-        .iter()
-        .chain(extra)
-        .map(|s| s.to_string())
-        .collect()
+/// A relay in namespace a from 127.0.0.1:PORT to the replica's address in b, with the
+/// impairments `impair` (`ferry wan-relay` flags); its log in `dir`.
+fn relay_to_b(net: &Net, dir: &Path, impair: &[&str]) -> Proc {
+    let args: Vec<String> = [
+        "--listen",
+        &format!("127.0.0.1:{PORT}"),
+        "--forward",
+        &format!("{ADDR_B}:{PORT}"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain(impair.iter().map(|s| s.to_string()))
+    .collect();
+    start_relay(
+        &["ip", "netns", "exec", &net.a],
+        &args,
+        &dir.join("relay.log"),
+    )
 }
 
 #[test]
 fn an_image_replicates_byte_identical_through_50ms_rtt_and_1_percent_loss() {
     let net = Net::new();
     let dir = tempfile::tempdir().unwrap();
-    let prefix = ["ip", "netns", "exec", &net.a];
-    let mut relay = start_relay(
-        &prefix,
-        &relay_args(
-            &format!("127.0.0.1:{PORT}"),
-            &format!("{ADDR_B}:{PORT}"),
-            &[
-                "--delay", "25ms", "--loss", "1", "--rate", "100mbit", "--seed", "3",
-            ],
-        ),
-        &dir.path().join("relay.log"),
+    let mut relay = relay_to_b(
+        &net,
+        dir.path(),
+        &[
+            "--delay", "25ms", "--loss", "1", "--rate", "100mbit", "--seed", "3",
+        ],
     );
     let p = NsPair::new(&net, &format!("127.0.0.1:{PORT}"), "");
     let size_mib = 32;
@@ -518,16 +516,11 @@ fn an_image_replicates_byte_identical_through_50ms_rtt_and_1_percent_loss() {
 fn a_cut_link_mid_transfer_delays_the_sync_but_loses_and_resends_nothing() {
     let net = Net::new();
     let dir = tempfile::tempdir().unwrap();
-    let prefix = ["ip", "netns", "exec", &net.a];
     // 100 Mbit/s and 50 ms RTT: 64 MiB take about 6 s, time to cut the link halfway.
-    let mut relay = start_relay(
-        &prefix,
-        &relay_args(
-            &format!("127.0.0.1:{PORT}"),
-            &format!("{ADDR_B}:{PORT}"),
-            &["--delay", "25ms", "--rate", "100mbit", "--seed", "5"],
-        ),
-        &dir.path().join("relay.log"),
+    let mut relay = relay_to_b(
+        &net,
+        dir.path(),
+        &["--delay", "25ms", "--rate", "100mbit", "--seed", "5"],
     );
     let p = NsPair::new(&net, &format!("127.0.0.1:{PORT}"), "");
     const MIB: u64 = 64;

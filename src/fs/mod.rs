@@ -779,22 +779,25 @@ impl Fs {
     }
 
     pub fn unlink(&self, parent: Ino, name: &OsStr) -> Result<()> {
-        self.writable()?;
-        let rel = self.child_rel(parent, name)?;
-        fs::remove_file(self.backing(&rel)).map_err(|e| FsError::io("unlink", &rel, e))?;
-        let mut inodes = self.inodes.write();
-        if let Some(ino) = inodes.child(parent, name) {
-            inodes.unlink(ino);
-        }
-        drop(inodes);
-        self.tracker.removed(&rel);
-        Ok(())
+        self.remove(parent, name, "unlink", |p| fs::remove_file(p))
     }
 
     pub fn rmdir(&self, parent: Ino, name: &OsStr) -> Result<()> {
+        self.remove(parent, name, "rmdir", |p| fs::remove_dir(p))
+    }
+
+    /// Removes `name` from `parent` with `rm` (the system call `op`), forgets its inode and
+    /// tells the tracker.
+    fn remove(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        op: &'static str,
+        rm: impl FnOnce(&Path) -> std::io::Result<()>,
+    ) -> Result<()> {
         self.writable()?;
         let rel = self.child_rel(parent, name)?;
-        fs::remove_dir(self.backing(&rel)).map_err(|e| FsError::io("rmdir", &rel, e))?;
+        rm(&self.backing(&rel)).map_err(|e| FsError::io(op, &rel, e))?;
         let mut inodes = self.inodes.write();
         if let Some(ino) = inodes.child(parent, name) {
             inodes.unlink(ino);
