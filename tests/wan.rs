@@ -534,6 +534,10 @@ fn a_cut_link_mid_transfer_delays_the_sync_but_loses_and_resends_nothing() {
     });
     net.link(false);
     std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        !sync.is_finished(),
+        "the sync finished while the link was down: the cut was not mid-transfer"
+    );
     net.link(true);
     let (v, ok, err) = sync.join().unwrap();
     assert!(ok, "sync across a 3 s cut failed: {v} {err}");
