@@ -46,6 +46,16 @@ pub enum Command {
     /// Show what a mount tracks: unsynced bytes per image, the generation, each replica's
     /// state and lag.
     Status(StatusArgs),
+    /// Check that the generation's manifests describe the images' bytes.
+    ///
+    /// With --primary, on a primary mount: re-reads every image in its backing directory and
+    /// re-hashes each chunk against the manifest of the last generation cut, so a change that
+    /// bypassed the mount and escaped detection (or bit rot in the backing file) is found.
+    /// Bytes written through the mount since the last sync point are skipped (the next sync
+    /// point re-chunks them). Prints each image that differs and the byte ranges; exits
+    /// non-zero if any does. With --repair, marks those ranges changed, so the next `ferry
+    /// sync` ships them. Reads every image in full: run it when the disks can spare the I/O.
+    Verify(VerifyArgs),
     /// Run the replica daemon (foreground, systemd style).
     ///
     /// Listens on `[replica] listen` for the primaries pinned in `[replica] primaries`, keeps
@@ -232,6 +242,21 @@ pub struct ReplicaArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// The mountpoint of a running `ferry mount`.
+    pub mountpoint: PathBuf,
+    /// Re-hash this primary's own images against its manifests.
+    #[arg(long)]
+    pub primary: bool,
+    /// Mark what differs as changed, so the next sync point ships it.
+    #[arg(long)]
+    pub repair: bool,
+    /// Print one JSON object (ok, repaired, images: path, ok, mismatched, size, error).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct StatusArgs {
     /// The mountpoint of a running `ferry mount`.
     pub mountpoint: PathBuf,
@@ -312,6 +337,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }),
         Command::Sync(a) => sync_cmd(a),
         Command::Status(a) => status_cmd(a),
+        Command::Verify(a) => verify_cmd(a),
         Command::Replica(a) => crate::replica::daemon::run(&a.config),
         Command::Manifest(a) => manifest_cmd(a),
         Command::Keygen(a) => keygen_cmd(a),
@@ -428,6 +454,23 @@ fn status_cmd(a: StatusArgs) -> Result<()> {
         println!("  tracking OFF (mounted with notrack): changes are not replicated");
     }
     println!("  unsynced {}", iec(v["dirty_bytes"].as_u64().unwrap_or(0)));
+    for b in v["sync"]["broken"].as_array().into_iter().flatten() {
+        println!(
+            "  NOT REPLICATING {}: {} (the replicas keep its last generation)",
+            b["path"].as_str().unwrap_or("?"),
+            b["reason"].as_str().unwrap_or("?")
+        );
+    }
+    for o in v["sync"]["outside"].as_array().into_iter().flatten() {
+        println!(
+            "  changed outside the mount: {}: {}",
+            o["path"].as_str().unwrap_or("?"),
+            o["what"].as_str().unwrap_or("?")
+        );
+    }
+    if v["sync"]["outside_watch"] == false && v["tracking"] == true {
+        println!("  writes to the backing files that bypass the mount are NOT watched (see log)");
+    }
     for img in v["images"].as_array().into_iter().flatten() {
         println!(
             "  {:<40} {} unsynced",
@@ -437,6 +480,74 @@ fn status_cmd(a: StatusArgs) -> Result<()> {
         for r in img["dirty"].as_array().into_iter().flatten() {
             println!("      {}..{}", r[0], r[1]);
         }
+    }
+    Ok(())
+}
+
+fn verify_cmd(a: VerifyArgs) -> Result<()> {
+    if !a.primary {
+        anyhow::bail!(
+            "ferry verify: give --primary (re-hash this primary's images against its \
+             manifests); checking the replicas' copies is not available in this version"
+        );
+    }
+    let socket = crate::control::socket_of(&a.mountpoint)?;
+    let mut v = crate::control::request(
+        &socket,
+        &serde_json::json!({"cmd": "verify", "primary": true, "repair": a.repair}),
+        None,
+    )?;
+    // The control protocol's `ok` says the request was answered; the check's verdict is
+    // `matches`.
+    let ok = v["matches"] == true;
+    if let Some(o) = v.as_object_mut() {
+        o.remove("matches");
+        o.insert("ok".into(), ok.into());
+    }
+    if a.json {
+        println!("{v}");
+    } else {
+        let iec = |n: u64| ByteSize(n).display().iec().to_string();
+        for img in v["images"].as_array().into_iter().flatten() {
+            let path = img["path"].as_str().unwrap_or("?");
+            if img["ok"] == true {
+                println!(
+                    "  ok       {path} ({} in {} chunks{})",
+                    iec(img["bytes"].as_u64().unwrap_or(0)),
+                    img["chunks"],
+                    match img["skipped_bytes"].as_u64().unwrap_or(0) {
+                        0 => String::new(),
+                        n => format!(", {} unsynced skipped", iec(n)),
+                    }
+                );
+                continue;
+            }
+            println!("  DIFFERS  {path}");
+            if let Some(e) = img["error"].as_str() {
+                println!("           {e}");
+            }
+            if let Some(s) = img["size"].as_array() {
+                println!("           size {} in the manifest, {} on disk", s[0], s[1]);
+            }
+            for r in img["mismatched"].as_array().into_iter().flatten() {
+                println!("           bytes {}..{}", r[0], r[1]);
+            }
+        }
+        if ok {
+            println!("every image matches generation {}", v["generation"]);
+        } else if v["repaired"] == true {
+            println!("marked as changed: run `ferry sync` to ship them");
+        }
+    }
+    if !ok {
+        anyhow::bail!(
+            "some images differ from their manifests{}",
+            if a.repair {
+                "; they are marked changed and the next sync ships them"
+            } else {
+                ": run `ferry verify --primary --repair`, then `ferry sync`"
+            }
+        );
     }
     Ok(())
 }

@@ -17,7 +17,12 @@ use fuser::{MountOption, SessionACL};
 use crate::config::Config;
 use crate::dirty::IntentLog;
 use crate::fs::fuse::FerryFuse;
+use crate::fs::outside::Outside;
 use crate::fs::{Fs, Tracker};
+
+/// How often writes that bypass the mount are looked for between sync points (each sync
+/// point looks first too): bounds how long one goes unrecorded in the intent log.
+const OUTSIDE_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Parsed `-o` options.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -33,10 +38,12 @@ pub struct MountOptions {
     pub threads: usize,
     /// No dirty tracking and no intent log (only to measure their cost).
     pub notrack: bool,
+    /// Refuse to mount unless only root can reach the backing directory.
+    pub private_backing: bool,
 }
 
 const ACCEPTED: &str = "config=FILE, allow_other, allow_root, default_permissions, ro, rw, \
-    fsname=NAME, threads=N, dev, nodev, suid, nosuid, exec, noexec, atime, noatime, sync, \
+    fsname=NAME, threads=N, private_backing, dev, nodev, suid, nosuid, exec, noexec, atime, noatime, sync, \
     async, dirsync, and fstab-only options (defaults, auto, noauto, user, users, _netdev, \
     nofail, x-*)";
 
@@ -73,6 +80,7 @@ impl MountOptions {
                         .ok_or_else(|| anyhow!("mount option threads={v}: give 1 to 64"))?
                 }
                 ("notrack", None) => o.notrack = true,
+                ("private_backing", None) => o.private_backing = true,
                 ("dev", None) => o.kernel.push(MountOption::Dev),
                 ("nodev", None) => o.kernel.push(MountOption::NoDev),
                 ("suid", None) => o.kernel.push(MountOption::Suid),
@@ -169,6 +177,9 @@ pub fn run(req: MountRequest) -> Result<()> {
             mountpoint.display()
         );
     }
+    if req.options.private_backing {
+        check_private(&source)?;
+    }
     if !Path::new("/dev/fuse").exists() {
         bail!("/dev/fuse is missing: load the fuse kernel module (modprobe fuse)");
     }
@@ -190,6 +201,27 @@ pub fn run(req: MountRequest) -> Result<()> {
             Some(ready),
         )
     })
+}
+
+/// `-o private_backing`: only root may reach the images behind the mount's back. The backing
+/// directory must belong to root and grant its group and others nothing (mode 0700): then no
+/// other user can open a file under it, whatever the files' own modes (which follow their
+/// owners through the mount, e.g. the hypervisor's user).
+fn check_private(source: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(source)
+        .with_context(|| format!("cannot look up {}", source.display()))?;
+    let mode = m.mode() & 0o7777;
+    if m.uid() != 0 || mode & 0o077 != 0 {
+        bail!(
+            "-o private_backing: the backing directory {} is owned by uid {} with mode {mode:04o}, \
+             so others than root can change images behind the mount's back (and such changes \
+             are not written through ferry); make it root's alone: chown root {0} && chmod 700 {0}",
+            source.display(),
+            m.uid()
+        );
+    }
+    Ok(())
 }
 
 /// The filesystem type mounted at `path`, if something is.
@@ -283,6 +315,8 @@ fn serve(
     opts: &MountOptions,
     ready: Option<Box<dyn FnOnce()>>,
 ) -> Result<()> {
+    // After an unclean stop: the images the intent log holds marks for.
+    let mut logged: Option<std::collections::BTreeSet<PathBuf>> = None;
     let tracker = if opts.notrack {
         log::warn!("mounted with notrack: changes are NOT tracked and will not be replicated");
         Tracker::disabled()
@@ -301,23 +335,54 @@ fn serve(
                 source.display(),
                 recovery.dirty.len()
             );
+            logged = Some(recovery.dirty.keys().cloned().collect());
         }
         Tracker::new(log, recovery.dirty)
     };
     let tracker = Arc::new(tracker);
+    // Watch for writes that bypass the mount before judging what changed while unmounted, so
+    // that nothing falls between the two.
+    let outside = Arc::new(Outside::start(source, &state.join("stamps.json")));
     let fs = Arc::new(Fs::new(source, opts.read_only, tracker.clone())?);
     let closing = tracker.clone();
+    let closing_outside = outside.clone();
     let label = source.display().to_string();
-    let on_destroy = Box::new(move || match closing.close_clean() {
-        Ok(()) => log::info!("{label}: unmounted cleanly"),
-        Err(e) => log::error!("{label}: could not close the intent log cleanly: {e}"),
+    let on_destroy = Box::new(move || {
+        if closing.enabled() {
+            closing_outside.close(&closing);
+        }
+        match closing.close_clean() {
+            Ok(()) => log::info!("{label}: unmounted cleanly"),
+            Err(e) => log::error!("{label}: could not close the intent log cleanly: {e}"),
+        }
     });
     let engine = Arc::new(crate::sync::Engine::open(
         config,
         source,
         state,
         tracker.clone(),
+        outside.clone(),
     )?);
+    if tracker.enabled() {
+        let empty = std::collections::BTreeSet::new();
+        outside
+            .check_at_mount(
+                &engine.image_names(),
+                logged.is_none(),
+                logged.as_ref().unwrap_or(&empty),
+                &tracker,
+            )
+            .context("cannot record the changes made while unmounted")?;
+        let (o, t) = (outside.clone(), tracker.clone());
+        std::thread::Builder::new()
+            .name("outside".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(OUTSIDE_POLL);
+                    o.drain(&t, false);
+                }
+            })?;
+    }
     let scheduler = crate::sync::trigger::Scheduler::start(
         engine.clone(),
         config.primary.sync_interval,
@@ -332,7 +397,14 @@ fn serve(
     let socket = state.join("control.sock");
     crate::control::serve(
         &socket,
-        control_handler(source, mountpoint, tracker.clone(), engine, scheduler),
+        control_handler(
+            source,
+            mountpoint,
+            tracker.clone(),
+            outside.clone(),
+            engine,
+            scheduler,
+        ),
     )?;
     let adapter = FerryFuse::new(fs, Some(socket), on_destroy);
 
@@ -406,6 +478,7 @@ fn control_handler(
     source: &Path,
     mountpoint: &Path,
     tracker: Arc<Tracker>,
+    outside: Arc<Outside>,
     engine: Arc<crate::sync::Engine>,
     scheduler: Arc<crate::sync::trigger::Scheduler>,
 ) -> Arc<crate::control::Handler> {
@@ -435,7 +508,15 @@ fn control_handler(
                 .wait(ticket, timeout * 2 + std::time::Duration::from_secs(5))
                 .map_err(|e| anyhow!(e))
         }
+        Some("verify") => {
+            if req["primary"].as_bool() != Some(true) {
+                bail!("only `ferry verify --primary` is available on a primary mount");
+            }
+            Ok(engine.verify_primary(req["repair"].as_bool().unwrap_or(false)))
+        }
         Some("status") => {
+            // Writes that bypassed the mount show at once, not at the next poll.
+            outside.drain(&tracker, false);
             let ranges = req["ranges"].as_bool().unwrap_or(false);
             let images: Vec<serde_json::Value> = tracker
                 .dirty()
@@ -487,5 +568,6 @@ mod tests {
         );
         assert!(parse("threads=0").is_err());
         assert!(parse("ro").unwrap().read_only);
+        assert!(parse("private_backing").unwrap().private_backing);
     }
 }

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
+use super::outside::stamp::Stamp;
 use crate::chunk::Source;
 
 /// Copy-before-write granularity.
@@ -46,6 +47,7 @@ struct Spill {
 pub struct FrozenImage {
     file: File,
     size: u64,
+    stamp: Stamp,
     saved: Mutex<BTreeMap<u64, Saved>>,
     window: Arc<Shared>,
 }
@@ -61,12 +63,15 @@ struct Shared {
 pub struct Window {
     images: HashMap<FileKey, Arc<FrozenImage>>,
     by_path: BTreeMap<String, Arc<FrozenImage>>,
+    /// Images that could not be opened, and why.
+    failed: BTreeMap<String, io::Error>,
     shared: Arc<Shared>,
 }
 
 impl Window {
     /// Opens a window over the images `paths` (relative to `root`). Must run while no change
-    /// is in flight (under the tracker's gate). Spilled blocks go to `spill`.
+    /// is in flight (under the tracker's gate). Spilled blocks go to `spill`. An image that
+    /// cannot be opened is left out and listed in [`Window::failed`].
     pub fn open(
         root: &Path,
         paths: &[String],
@@ -85,17 +90,22 @@ impl Window {
         });
         let mut images = HashMap::new();
         let mut by_path = BTreeMap::new();
+        let mut failed = BTreeMap::new();
         for p in paths {
-            let file = match File::open(root.join(p)) {
-                Ok(f) => f,
+            let opened = File::open(root.join(p)).and_then(|f| Ok((f.metadata()?, f)));
+            let (m, file) = match opened {
+                Ok(o) => o,
                 // Gone since it was listed (cannot happen under the gate, but be safe).
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e),
+                Err(e) => {
+                    failed.insert(p.clone(), e);
+                    continue;
+                }
             };
-            let m = file.metadata()?;
             let img = Arc::new(FrozenImage {
                 file,
                 size: m.len(),
+                stamp: Stamp::of(&m),
                 saved: Mutex::new(BTreeMap::new()),
                 window: shared.clone(),
             });
@@ -105,6 +115,7 @@ impl Window {
         Ok(Window {
             images,
             by_path,
+            failed,
             shared,
         })
     }
@@ -112,6 +123,11 @@ impl Window {
     /// The frozen images by their path at the freeze.
     pub fn images(&self) -> &BTreeMap<String, Arc<FrozenImage>> {
         &self.by_path
+    }
+
+    /// The images that could not be opened at the freeze, and why.
+    pub fn failed(&self) -> &BTreeMap<String, io::Error> {
+        &self.failed
     }
 
     /// Called before bytes `range` of the file `key` change (`file` reads its current bytes):
@@ -192,6 +208,11 @@ impl FrozenImage {
     }
 
     /// Size at the freeze.
+    /// The backing file's identity, size and times at the freeze.
+    pub fn stamp(&self) -> Stamp {
+        self.stamp
+    }
+
     pub fn frozen_size(&self) -> u64 {
         self.size
     }

@@ -13,6 +13,7 @@ pub mod cow;
 mod error;
 pub mod fuse;
 mod inode;
+pub mod outside;
 mod track;
 
 pub use error::{FsError, Result};

@@ -132,6 +132,26 @@ impl Tracker {
         Ok(r)
     }
 
+    /// Bytes `range` of `image` changed without going through the mount (found afterwards):
+    /// marked durably in the intent log, then added to the dirty set.
+    pub fn mark(&self, image: &Path, range: Range<u64>) -> Result<(), IntentError> {
+        let Some(log) = &self.log else {
+            return Ok(());
+        };
+        if range.start >= range.end {
+            return Ok(());
+        }
+        let _gate = self.gate.read();
+        log.mark(image, range.clone())?;
+        self.state
+            .lock()
+            .dirty
+            .entry(image.to_path_buf())
+            .or_default()
+            .insert(range);
+        Ok(())
+    }
+
     /// Runs `op`, which changes bytes of a file that is no longer an image (unlinked while
     /// open): nothing to record, but a sync point's frozen view of it must not change.
     pub fn change_unnamed<T>(

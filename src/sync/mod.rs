@@ -15,8 +15,9 @@ pub mod bucket;
 pub mod select;
 pub mod ship;
 pub mod trigger;
+pub mod verify;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -33,6 +34,7 @@ use crate::config::Config;
 use crate::dirty::RangeSet;
 use crate::durable;
 use crate::fs::cow::Window;
+use crate::fs::outside::Outside;
 use crate::fs::{Frozen as FrozenChanges, NsEvent, Tracker};
 use crate::manifest::{self, Manifest};
 use crate::net::{Fingerprint, Identity, transport};
@@ -134,6 +136,9 @@ struct Inner {
     images: BTreeMap<String, Arc<Manifest>>,
     peers: Vec<Peer>,
     last_sync: Option<Value>,
+    /// Images that cannot be read as regular files now, and why: they keep their last
+    /// generation (the replicas keep it too) until they can be read again.
+    broken: BTreeMap<String, String>,
 }
 
 /// The sync engine of one mount.
@@ -145,6 +150,7 @@ pub struct Engine {
     required: usize,
     failover_after: Duration,
     tracker: Arc<Tracker>,
+    outside: Arc<Outside>,
     bucket: Option<Arc<Bucket>>,
     rt: tokio::runtime::Runtime,
     endpoint: Option<quinn::Endpoint>,
@@ -276,6 +282,7 @@ impl Engine {
         root: &Path,
         state: &Path,
         tracker: Arc<Tracker>,
+        outside: Arc<Outside>,
     ) -> Result<Engine> {
         let params = config.chunk_params().map_err(|e| anyhow!("{e}"))?;
         // Re-chunking and hashing run on rayon's global pool: in a mount daemon only syncs use
@@ -344,6 +351,7 @@ impl Engine {
             required: config.primary.replicas.min(config.peers.len()),
             failover_after: config.primary.failover_after,
             tracker,
+            outside,
             bucket: config
                 .primary
                 .bandwidth_limit
@@ -356,6 +364,7 @@ impl Engine {
                 images,
                 peers,
                 last_sync: None,
+                broken: BTreeMap::new(),
             }),
         })
     }
@@ -366,6 +375,8 @@ impl Engine {
     pub fn sync(&self, only: &[String], timeout: Duration) -> Result<Report> {
         let t0 = Instant::now();
         let mut inner = self.inner.lock();
+        // Writes that bypassed the mount, reported up to now, join this sync point.
+        self.outside.drain(&self.tracker, true);
         let only: Option<HashSet<PathBuf>> =
             (!only.is_empty()).then(|| only.iter().map(PathBuf::from).collect());
         // Freeze, and open the copy-before-write window over every image, at one instant.
@@ -388,6 +399,15 @@ impl Engine {
                 return Err(e);
             }
         };
+        // What each image looked like at the freeze, for the next mount to compare with.
+        self.outside.save(
+            window
+                .images()
+                .iter()
+                .filter(|(p, _)| !inner.broken.contains_key(*p))
+                .map(|(p, i)| (p.clone(), i.stamp()))
+                .collect(),
+        );
         // The active manifests now cover the frozen changes: the intent log may forget them.
         let frozen_dirty = frozen.dirty.clone();
         if let Err(e) = self.tracker.commit(frozen) {
@@ -502,7 +522,29 @@ impl Engine {
         }
         let present: Vec<String> = window.images().keys().cloned().collect();
         let present_set: HashSet<&String> = present.iter().collect();
-        inner.images.retain(|k, _| present_set.contains(k));
+        let mut broken: BTreeMap<String, String> = window
+            .failed()
+            .iter()
+            .map(|(p, e)| (p.clone(), format!("cannot open it: {e}")))
+            .collect();
+        for k in inner.images.keys() {
+            if present_set.contains(k) || broken.contains_key(k) {
+                continue;
+            }
+            match fs::symlink_metadata(self.root.join(k)) {
+                Ok(m) => {
+                    broken.insert(k.clone(), format!("it is now a {}", kind_of(&m)));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {} // removed
+                Err(e) => {
+                    broken.insert(k.clone(), format!("cannot look it up: {e}"));
+                }
+            }
+        }
+        // Removed images leave the generation; broken ones keep their last manifest.
+        inner
+            .images
+            .retain(|k, _| present_set.contains(k) || broken.contains_key(k));
 
         let mut changed = 0;
         for path in &present {
@@ -518,8 +560,15 @@ impl Engine {
                 .unwrap_or_default();
             let new = match inner.images.get(path) {
                 Some(stale) if dirty.is_empty() && stale.size() == src.size() => continue,
-                Some(stale) => rechunk(stale, src, &dirty)?.0,
-                None => chunk_full(src, self.params)?.0,
+                Some(stale) => rechunk(stale, src, &dirty).map(|r| r.0),
+                None => chunk_full(src, self.params).map(|r| r.0),
+            };
+            let new = match new {
+                Ok(m) => m,
+                Err(e) => {
+                    broken.insert(path.clone(), format!("cannot read it: {e}"));
+                    continue;
+                }
             };
             if inner
                 .images
@@ -536,6 +585,7 @@ impl Engine {
         for m in before.difference(&inner.images.keys().cloned().collect()) {
             remove_manifest(&mdir, m);
         }
+        self.report_broken(inner, broken, frozen);
         inner.generation += 1;
         inner.group_root = group_root(&inner.images);
         let rec = GenRecord {
@@ -547,6 +597,98 @@ impl Engine {
             &serde_json::to_vec(&rec)?,
         )?;
         Ok(changed)
+    }
+
+    /// Says which images became unreadable or readable again, and keeps the changes frozen
+    /// for the unreadable ones (their manifests did not take them) for a later sync point.
+    fn report_broken(
+        &self,
+        inner: &mut Inner,
+        broken: BTreeMap<String, String>,
+        frozen: &FrozenChanges,
+    ) {
+        for (path, why) in &broken {
+            if inner.broken.get(path) != Some(why) {
+                log::warn!(
+                    "{}: {why}: not a readable image; the replicas keep its last generation and                      the other images go on replicating",
+                    self.root.join(path).display()
+                );
+            }
+            for r in frozen
+                .dirty
+                .get(Path::new(path))
+                .into_iter()
+                .flat_map(|s| s.iter())
+            {
+                if let Err(e) = self.tracker.mark(Path::new(path), r) {
+                    log::error!("{path}: cannot keep its unsynced changes: {e}");
+                }
+            }
+        }
+        for path in inner.broken.keys().filter(|p| !broken.contains_key(*p)) {
+            log::info!("{}: readable again", self.root.join(path).display());
+        }
+        inner.broken = broken;
+    }
+
+    /// The images of the last generation cut.
+    pub fn image_names(&self) -> BTreeSet<String> {
+        self.inner.lock().images.keys().cloned().collect()
+    }
+
+    /// `ferry verify --primary`: re-hashes every image against its active manifest (see
+    /// `verify.rs`). With `repair`, marks what differs dirty, so the next sync point ships it.
+    pub fn verify_primary(&self, repair: bool) -> Value {
+        let inner = self.inner.lock();
+        let dirty = self.tracker.dirty();
+        let mut checks: Vec<verify::ImageCheck> = Vec::new();
+        for (path, m) in &inner.images {
+            if let Some(why) = inner.broken.get(path) {
+                checks.push(verify::ImageCheck {
+                    path: path.clone(),
+                    error: Some(why.clone()),
+                    ..Default::default()
+                });
+                continue;
+            }
+            let skip = dirty.get(Path::new(path)).cloned().unwrap_or_default();
+            let mut c = verify::check(path, &self.root.join(path), m, &skip);
+            // A write through the mount that raced the read is not a stale manifest.
+            let now = self.tracker.dirty();
+            let now = now.get(Path::new(path)).cloned().unwrap_or_default();
+            c.mismatched.retain(|r| !verify_overlaps(&now, r));
+            c.ok = c.error.is_none() && c.mismatched.is_empty() && c.size.is_none();
+            if !c.ok {
+                log::warn!(
+                    "verify: {} differs from its manifest ({} ranges{})",
+                    self.root.join(path).display(),
+                    c.mismatched.len(),
+                    c.size
+                        .map(|[a, b]| format!(", size {a} -> {b}"))
+                        .unwrap_or_default()
+                );
+            }
+            if repair {
+                let mut ranges: Vec<std::ops::Range<u64>> =
+                    c.mismatched.iter().map(|r| r[0]..r[1]).collect();
+                if let Some([a, b]) = c.size {
+                    ranges.push(a.min(b)..a.max(b));
+                }
+                for r in ranges {
+                    if let Err(e) = self.tracker.mark(Path::new(path), r) {
+                        log::error!("verify --repair: {path}: {e}");
+                    }
+                }
+            }
+            checks.push(c);
+        }
+        let ok = checks.iter().all(|c| c.ok);
+        json!({
+            "matches": ok,
+            "repaired": repair && !ok,
+            "generation": inner.generation,
+            "images": checks,
+        })
     }
 
     /// Ships a generation to every peer at once; returns their outcomes.
@@ -798,7 +940,37 @@ impl Engine {
             "required": self.required,
             "replicas": peers,
             "last_sync": inner.last_sync,
+            "broken": inner
+                .broken
+                .iter()
+                .map(|(p, r)| json!({"path": p, "reason": r}))
+                .collect::<Vec<_>>(),
+            "outside": self.outside.findings(),
+            "outside_watch": self.outside.watching(),
         })
+    }
+}
+
+fn verify_overlaps(ranges: &[std::ops::Range<u64>], r: &[u64; 2]) -> bool {
+    ranges.iter().any(|d| d.start < r[1] && r[0] < d.end)
+}
+
+/// "directory", "symbolic link", ...: what a path that should be an image is instead.
+fn kind_of(m: &fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = m.file_type();
+    if t.is_dir() {
+        "directory"
+    } else if t.is_symlink() {
+        "symbolic link"
+    } else if t.is_fifo() {
+        "named pipe"
+    } else if t.is_socket() {
+        "socket"
+    } else if t.is_block_device() || t.is_char_device() {
+        "device node"
+    } else {
+        "regular file"
     }
 }
 

@@ -424,3 +424,19 @@ impl Pair {
         self.replica.store.join(name)
     }
 }
+
+/// The one file named `name` somewhere under `dir` (e.g. in a mount's state directory).
+pub fn find_file(dir: &Path, name: &str) -> PathBuf {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for ent in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = ent.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.file_name().is_some_and(|n| n == name) {
+                return p;
+            }
+        }
+    }
+    panic!("no {name} under {}", dir.display());
+}

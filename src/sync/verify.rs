@@ -1,0 +1,154 @@
+//! `ferry verify --primary`: re-hashes the primary's own images against the active manifests,
+//! so a manifest that no longer describes its image (a change that bypassed the mount and
+//! escaped detection, bit rot in the backing file) is found. Chunks that overlap bytes written
+//! since the last sync point are skipped: the next sync point re-chunks them anyway.
+
+use std::fs::File;
+use std::io;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::manifest::{Kind, Manifest};
+
+/// What re-hashing one image found.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ImageCheck {
+    pub path: String,
+    pub ok: bool,
+    /// Entries (data chunks and zero extents) compared, and their bytes.
+    pub chunks: u64,
+    pub bytes: u64,
+    /// Bytes skipped because they were written since the last sync point.
+    pub skipped_bytes: u64,
+    /// Byte ranges whose content differs from the manifest, merged (`[start, end)`).
+    pub mismatched: Vec<[u64; 2]>,
+    /// The size the manifest records and the backing file's, when they differ.
+    pub size: Option<[u64; 2]>,
+    /// Why the image could not be checked.
+    pub error: Option<String>,
+}
+
+fn overlaps(skip: &[Range<u64>], r: &Range<u64>) -> bool {
+    skip.iter().any(|s| s.start < r.end && r.start < s.end)
+}
+
+/// Compares the backing file `file` with `manifest`, skipping entries that overlap `skip`.
+pub fn check(path: &str, file: &Path, manifest: &Manifest, skip: &[Range<u64>]) -> ImageCheck {
+    let mut out = ImageCheck {
+        path: path.to_string(),
+        ..ImageCheck::default()
+    };
+    let f = match File::open(file).and_then(|f| Ok((f.metadata()?.len(), f))) {
+        Ok(f) => f,
+        Err(e) => {
+            out.error = Some(format!("cannot open {}: {e}", file.display()));
+            return out;
+        }
+    };
+    let (size, f) = f;
+    let tail = size.min(manifest.size())..size.max(manifest.size());
+    if size != manifest.size() && !overlaps(skip, &tail) {
+        out.size = Some([manifest.size(), size]);
+    }
+    let results: Vec<io::Result<Option<Range<u64>>>> = manifest
+        .entries()
+        .par_iter()
+        .filter(|e| !overlaps(skip, &(e.offset..e.end())))
+        .map(|e| {
+            let mut buf = vec![0u8; e.len as usize];
+            let avail = size.saturating_sub(e.offset).min(e.len) as usize;
+            f.read_exact_at(&mut buf[..avail], e.offset)?;
+            let same = match e.kind {
+                Kind::Data(h) => avail == buf.len() && blake3::hash(&buf) == h,
+                Kind::Zero => buf.iter().all(|&b| b == 0),
+            };
+            Ok((!same).then_some(e.offset..e.end()))
+        })
+        .collect();
+    for e in manifest.entries() {
+        if overlaps(skip, &(e.offset..e.end())) {
+            out.skipped_bytes += e.len;
+        } else {
+            out.chunks += 1;
+            out.bytes += e.len;
+        }
+    }
+    for r in results {
+        match r {
+            Ok(Some(r)) => match out.mismatched.last_mut() {
+                Some(last) if last[1] == r.start => last[1] = r.end,
+                _ => out.mismatched.push([r.start, r.end]),
+            },
+            Ok(None) => {}
+            Err(e) => {
+                out.error = Some(format!("cannot read {}: {e}", file.display()));
+                break;
+            }
+        }
+    }
+    out.ok = out.error.is_none() && out.mismatched.is_empty() && out.size.is_none();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::{FileSource, chunk_full};
+    use crate::testutil::{random, small_params};
+
+    fn manifest_of(path: &Path) -> Manifest {
+        chunk_full(&FileSource::open(path).unwrap(), small_params())
+            .unwrap()
+            .0
+    }
+
+    #[test]
+    fn a_file_matching_its_manifest_is_ok_and_a_changed_byte_is_located() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        let mut data = random(1 << 20, 1);
+        data[300_000..400_000].fill(0);
+        std::fs::write(&p, &data).unwrap();
+        let m = manifest_of(&p);
+        let c = check("img", &p, &m, &[]);
+        assert!(c.ok, "{c:?}");
+        assert_eq!(c.bytes, 1 << 20);
+
+        data[700_001] ^= 1;
+        data[350_000] = 1; // inside the zero extent
+        std::fs::write(&p, &data).unwrap();
+        let c = check("img", &p, &m, &[]);
+        assert!(!c.ok);
+        assert_eq!(c.mismatched.len(), 2, "{c:?}");
+        assert!(c.mismatched[0][0] <= 350_000 && c.mismatched[0][1] > 350_000);
+        assert!(c.mismatched[1][0] <= 700_001 && c.mismatched[1][1] > 700_001);
+
+        // Bytes written since the last sync point are not judged.
+        let c = check("img", &p, &m, &[350_000..350_001, 700_001..700_002]);
+        assert!(c.ok, "{c:?}");
+        assert!(c.skipped_bytes > 0);
+    }
+
+    #[test]
+    fn a_size_change_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        std::fs::write(&p, random(100_000, 2)).unwrap();
+        let m = manifest_of(&p);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(50_000)
+            .unwrap();
+        let c = check("img", &p, &m, &[]);
+        assert!(!c.ok);
+        assert_eq!(c.size, Some([100_000, 50_000]));
+        let c = check("gone", &dir.path().join("gone"), &m, &[]);
+        assert!(!c.ok && c.error.unwrap().contains("cannot open"));
+    }
+}
