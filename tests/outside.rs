@@ -195,14 +195,19 @@ fn an_image_replaced_by_a_directory_keeps_its_last_generation_and_the_others_rep
     let old = random(4 * MIB, 50);
     write_through_mount(&p, "broken.img", &old);
     write_through_mount(&p, "fine.img", &random(4 * MIB, 51));
+    let linked = random(MIB, 54);
+    write_through_mount(&p, "link.img", &linked);
     p.sync_ok();
 
     fs::remove_file(p.primary.backing("broken.img")).unwrap();
     fs::create_dir(p.primary.backing("broken.img")).unwrap();
+    fs::remove_file(p.primary.backing("link.img")).unwrap();
+    std::os::unix::fs::symlink("fine.img", p.primary.backing("link.img")).unwrap();
     write_through_mount(&p, "fine.img", &random(4 * MIB, 52));
     let r = p.sync_ok();
     identical(&p, "fine.img");
     assert_eq!(fs::read(p.replica_path("broken.img")).unwrap(), old, "{r}");
+    assert_eq!(fs::read(p.replica_path("link.img")).unwrap(), linked, "{r}");
     let status = p.primary.status();
     let broken = status["sync"]["broken"].as_array().unwrap();
     assert!(
@@ -210,6 +215,13 @@ fn an_image_replaced_by_a_directory_keeps_its_last_generation_and_the_others_rep
             .iter()
             .any(|b| b["path"] == "broken.img"
                 && b["reason"].as_str().unwrap().contains("directory")),
+        "{status}"
+    );
+    assert!(
+        broken
+            .iter()
+            .any(|b| b["path"] == "link.img"
+                && b["reason"].as_str().unwrap().contains("symbolic link")),
         "{status}"
     );
     assert!(
@@ -225,10 +237,13 @@ fn an_image_replaced_by_a_directory_keeps_its_last_generation_and_the_others_rep
     assert!(text.contains("broken.img"), "{text}");
 
     // Put back as a regular file: it replicates again.
+    fs::remove_file(p.primary.backing("link.img")).unwrap();
+    fs::write(p.primary.backing("link.img"), random(MIB, 55)).unwrap();
     fs::remove_dir(p.primary.backing("broken.img")).unwrap();
     fs::write(p.primary.backing("broken.img"), random(4 * MIB, 53)).unwrap();
     p.sync_ok();
     identical(&p, "broken.img");
+    identical(&p, "link.img");
     let status = p.primary.status();
     assert!(
         status["sync"]["broken"].as_array().unwrap().is_empty(),
