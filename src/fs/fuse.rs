@@ -7,9 +7,9 @@ use std::time::{Duration, SystemTime};
 
 use fuser::{
     CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use super::{Attr, Caller, FileKind, Fs, FsError, SetAttr, SetTime};
@@ -94,6 +94,20 @@ fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
     })
 }
 
+/// The open reply's flags. An O_DIRECT open (QEMU's `cache=none`) is served as FUSE direct
+/// I/O, with writes in parallel: without these flags the kernel takes the O_DIRECT write path
+/// of a cached file, which holds the inode's lock exclusively for every write, so a virtio
+/// queue with 32 writes in flight was served one at a time. Appends and writes past the end
+/// of the file still take the lock (the kernel's rule). Every write still reaches the daemon
+/// (and the tracker) before it completes.
+fn fopen_flags(open_flags: i32) -> FopenFlags {
+    if open_flags & libc::O_DIRECT != 0 {
+        FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
+    } else {
+        FopenFlags::empty()
+    }
+}
+
 fn caller(req: &Request) -> Caller {
     Caller {
         uid: req.uid(),
@@ -110,6 +124,15 @@ impl Filesystem for FerryFuse {
             let _ = config.set_max_readahead(max);
         }
         let _ = config.set_max_background(64);
+        // mmap of a file opened with O_DIRECT (served as direct I/O, see `fopen_flags`) works
+        // as on a native filesystem; the kernel then writes the mapping back through the
+        // daemon like any cached write. Kernels before 6.6 lack it: mmap fails there (ENODEV).
+        if config
+            .add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP)
+            .is_err()
+        {
+            log::info!("this kernel cannot mmap files opened with O_DIRECT through FUSE");
+        }
         Ok(())
     }
 
@@ -255,7 +278,7 @@ impl Filesystem for FerryFuse {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.open(ino.0, flags.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => reply.opened(FileHandle(fh), fopen_flags(flags.0)),
             Err(e) => reply.error(errno("open", e)),
         }
     }
@@ -279,7 +302,7 @@ impl Filesystem for FerryFuse {
                 &attr(&a),
                 Generation(0),
                 FileHandle(fh),
-                FopenFlags::empty(),
+                fopen_flags(flags),
             ),
             Err(e) => reply.error(errno("create", e)),
         }
