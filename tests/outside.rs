@@ -402,3 +402,38 @@ fn after_an_unclean_stop_the_intent_log_and_the_stamps_each_do_their_part() {
     identical(&p, "logged.img");
     identical(&p, "edited.img");
 }
+
+/// With `allow_other`, a hypervisor's user (here uid 65534) writing through the mount is the
+/// mount's own write, never an outside one; the same user writing the backing file directly is.
+#[test]
+fn another_users_writes_through_the_mount_are_not_outside_ones() {
+    use std::os::unix::fs::PermissionsExt;
+    let m = common::Mount::prepare("allow_other");
+    fs::set_permissions(m.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    m.mount();
+    fs::write(m.path("vm.img"), b"").unwrap();
+    std::os::unix::fs::chown(m.path("vm.img"), Some(65534), Some(65534)).unwrap();
+    let dd_as_nobody = |target: &std::path::Path| {
+        common::run(
+            Command::new("setpriv")
+                .args(["--reuid=65534", "--regid=65534", "--clear-groups", "dd"])
+                .arg("if=/dev/urandom")
+                .arg(format!("of={}", target.display()))
+                .args(["bs=64k", "count=16", "conv=notrunc", "status=none"]),
+        );
+    };
+    dd_as_nobody(&m.path("vm.img"));
+    let s = m.status();
+    assert_eq!(s["dirty_bytes"], 1 << 20, "{s}");
+    assert!(s["sync"]["outside"].as_array().unwrap().is_empty(), "{s}");
+    dd_as_nobody(&m.backing("vm.img"));
+    let s = m.status();
+    assert!(
+        s["sync"]["outside"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o["path"] == "vm.img"),
+        "{s}"
+    );
+}
