@@ -242,6 +242,12 @@ impl Tracker {
             .collect()
     }
 
+    /// The dirty ranges of one image now.
+    pub fn dirty_of(&self, image: &Path) -> Vec<Range<u64>> {
+        let s = self.state.lock();
+        s.dirty.get(image).map(|r| r.to_vec()).unwrap_or_default()
+    }
+
     /// Dirty bytes now, over all images.
     pub fn dirty_bytes(&self) -> u64 {
         let s = self.state.lock();

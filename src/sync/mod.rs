@@ -640,7 +640,6 @@ impl Engine {
     /// `verify.rs`). With `repair`, marks what differs dirty, so the next sync point ships it.
     pub fn verify_primary(&self, repair: bool) -> Value {
         let inner = self.inner.lock();
-        let dirty = self.tracker.dirty();
         let mut checks: Vec<verify::ImageCheck> = Vec::new();
         for (path, m) in &inner.images {
             if let Some(why) = inner.broken.get(path) {
@@ -651,13 +650,10 @@ impl Engine {
                 });
                 continue;
             }
-            let skip = dirty.get(Path::new(path)).cloned().unwrap_or_default();
+            let skip = self.tracker.dirty_of(Path::new(path));
             let mut c = verify::check(path, &self.root.join(path), m, &skip);
             // A write through the mount that raced the read is not a stale manifest.
-            let now = self.tracker.dirty();
-            let now = now.get(Path::new(path)).cloned().unwrap_or_default();
-            c.mismatched.retain(|r| !verify_overlaps(&now, r));
-            c.ok = c.error.is_none() && c.mismatched.is_empty() && c.size.is_none();
+            c.excuse(&self.tracker.dirty_of(Path::new(path)));
             if !c.ok {
                 log::warn!(
                     "verify: {} differs from its manifest ({} ranges{})",
@@ -949,10 +945,6 @@ impl Engine {
             "outside_watch": self.outside.watching(),
         })
     }
-}
-
-fn verify_overlaps(ranges: &[std::ops::Range<u64>], r: &[u64; 2]) -> bool {
-    ranges.iter().any(|d| d.start < r[1] && r[0] < d.end)
 }
 
 /// "directory", "symbolic link", ...: what a path that should be an image is instead.

@@ -32,6 +32,19 @@ pub struct ImageCheck {
     pub error: Option<String>,
 }
 
+impl ImageCheck {
+    /// Drops the mismatches that `dirty` (ranges written since the read began) explains, and
+    /// judges the image again.
+    pub fn excuse(&mut self, dirty: &[Range<u64>]) {
+        self.mismatched.retain(|r| !overlaps(dirty, &(r[0]..r[1])));
+        self.settle();
+    }
+
+    fn settle(&mut self) {
+        self.ok = self.error.is_none() && self.mismatched.is_empty() && self.size.is_none();
+    }
+}
+
 fn overlaps(skip: &[Range<u64>], r: &Range<u64>) -> bool {
     skip.iter().any(|s| s.start < r.end && r.start < s.end)
 }
@@ -90,7 +103,7 @@ pub fn check(path: &str, file: &Path, manifest: &Manifest, skip: &[Range<u64>]) 
             }
         }
     }
-    out.ok = out.error.is_none() && out.mismatched.is_empty() && out.size.is_none();
+    out.settle();
     out
 }
 
