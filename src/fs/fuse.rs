@@ -214,6 +214,37 @@ impl Filesystem for FerryFuse {
         }
     }
 
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let mode = mode & !(umask & 0o777);
+        match self.fs.mknod(parent.0, name, mode, rdev, caller(req)) {
+            Ok(a) => reply.entry(&TTL, &attr(&a), Generation(0)),
+            Err(e) => reply.error(errno("mknod", e)),
+        }
+    }
+
+    /// Hard links are refused (EPERM, link(2)'s "the filesystem does not support hard
+    /// links"): changes are tracked per name, so a second name of an image would not be
+    /// replicated with the first. See docs/SEMANTICS.md.
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EPERM);
+    }
+
     fn symlink(
         &self,
         req: &Request,

@@ -10,6 +10,7 @@
 //! file is opened without it, so unaligned requests work.
 
 pub mod cow;
+mod creds;
 mod error;
 pub mod fuse;
 mod inode;
@@ -27,7 +28,7 @@ use std::io;
 use std::ops::Range;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirEntryExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -139,6 +140,8 @@ impl Handle {
 /// The filesystem core over one backing directory.
 pub struct Fs {
     root: PathBuf,
+    /// The backing directory, open: every creation is relative to it (`*at` calls).
+    root_dir: File,
     read_only: bool,
     inodes: RwLock<Inodes>,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
@@ -251,8 +254,13 @@ impl Fs {
                 format!("{} is not a directory", root.display()),
             ));
         }
+        let root_dir = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open(&root)?;
         Ok(Fs {
             inodes: RwLock::new(Inodes::new((m.dev(), m.ino()))),
+            root_dir,
             root,
             read_only,
             handles: RwLock::new(HashMap::new()),
@@ -525,20 +533,46 @@ impl Fs {
         self.dirs.lock().remove(&fh);
     }
 
-    fn own(&self, path: &Path, rel: &Path, who: Caller) -> Result<()> {
-        let c = cstr(path).map_err(|e| FsError::io("chown", rel, e))?;
-        check(unsafe { libc::lchown(c.as_ptr(), who.uid, who.gid) })
-            .map_err(|e| FsError::io("chown", rel, e))
+    /// Creates `name` in `parent` as the caller (see `creds.rs`): `make` gets the backing
+    /// directory's descriptor and the path relative to it.
+    fn make<T>(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        op: &'static str,
+        who: Caller,
+        make: impl FnOnce(libc::c_int, &CString) -> io::Result<T>,
+    ) -> Result<(PathBuf, T)> {
+        self.writable()?;
+        let rel = self.child_rel(parent, name)?;
+        let c = cstr(&rel).map_err(|e| FsError::io(op, &rel, e))?;
+        let made = creds::as_caller(who, || make(self.root_dir.as_raw_fd(), &c))
+            .map_err(|e| FsError::io(op, &rel, e))?;
+        Ok((rel, made))
     }
 
     pub fn mkdir(&self, parent: Ino, name: &OsStr, mode: u32, who: Caller) -> Result<Attr> {
-        self.writable()?;
-        let rel = self.child_rel(parent, name)?;
-        let path = self.backing(&rel);
-        fs::create_dir(&path).map_err(|e| FsError::io("mkdir", &rel, e))?;
-        fs::set_permissions(&path, fs::Permissions::from_mode(mode & 0o7777))
-            .map_err(|e| FsError::io("chmod", &rel, e))?;
-        self.own(&path, &rel, who)?;
+        let (rel, ()) = self.make(parent, name, "mkdir", who, |dir, path| {
+            // SAFETY: a valid descriptor and NUL-terminated path; the result is checked.
+            check(unsafe { libc::mkdirat(dir, path.as_ptr(), mode & 0o7777) })
+        })?;
+        self.remember(parent, name, &rel)
+    }
+
+    /// mknod(2): FIFOs, sockets, device nodes (and regular files). Only regular files are
+    /// images; the others live in the backing directory and are not replicated.
+    pub fn mknod(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        mode: u32,
+        rdev: u32,
+        who: Caller,
+    ) -> Result<Attr> {
+        let (rel, ()) = self.make(parent, name, "mknod", who, |dir, path| {
+            // SAFETY: as in `mkdir`.
+            check(unsafe { libc::mknodat(dir, path.as_ptr(), mode, rdev as libc::dev_t) })
+        })?;
         self.remember(parent, name, &rel)
     }
 
@@ -550,11 +584,20 @@ impl Fs {
         flags: i32,
         who: Caller,
     ) -> Result<(Attr, u64)> {
-        self.writable()?;
-        let rel = self.child_rel(parent, name)?;
-        let path = self.backing(&rel);
-        let file = self.open_backing(&path, &rel, flags | libc::O_CREAT, mode)?;
-        self.own(&path, &rel, who)?;
+        // Read-write whatever the caller asked: copy-before-write reads through the handle,
+        // and the kernel holds the caller to the access mode it opened with. The file is new,
+        // so opening it checks no permission.
+        let keep = libc::O_EXCL | libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME;
+        let oflags =
+            libc::O_CREAT | libc::O_RDWR | libc::O_NOFOLLOW | libc::O_CLOEXEC | (flags & keep);
+        let (rel, file) = self.make(parent, name, "create", who, |dir, path| {
+            // SAFETY: as in `mkdir`; the descriptor returned is ours alone.
+            let fd = unsafe { libc::openat(dir, path.as_ptr(), oflags, mode & 0o7777) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(unsafe { File::from_raw_fd(fd) })
+        })?;
         let attr = self.remember(parent, name, &rel)?;
         if flags & libc::O_TRUNC != 0 {
             self.truncate(attr.ino, &file, 0)?;
@@ -571,12 +614,12 @@ impl Fs {
         // O_DIRECT is the kernel's business (FUSE direct I/O); O_TRUNC is done by `truncate`
         // so the bytes it drops are recorded; O_APPEND is handled by the kernel's offsets.
         let keep = libc::O_SYNC | libc::O_DSYNC | libc::O_CREAT | libc::O_EXCL | libc::O_NOATIME;
+        // O_CREAT and O_EXCL go in as raw flags: `OpenOptions::create` refuses a read-only
+        // open, which POSIX allows (open(path, O_CREAT|O_RDONLY, mode)).
         OpenOptions::new()
             .read(true)
             .write(acc != libc::O_RDONLY)
-            .custom_flags(flags & keep & !libc::O_CREAT & !libc::O_EXCL | libc::O_NOFOLLOW)
-            .create(flags & libc::O_CREAT != 0)
-            .create_new(flags & libc::O_EXCL != 0)
+            .custom_flags(flags & keep | libc::O_NOFOLLOW)
             .mode(mode & 0o7777)
             .open(path)
             .or_else(|e| {
@@ -771,11 +814,11 @@ impl Fs {
     }
 
     pub fn symlink(&self, parent: Ino, name: &OsStr, target: &Path, who: Caller) -> Result<Attr> {
-        self.writable()?;
-        let rel = self.child_rel(parent, name)?;
-        let path = self.backing(&rel);
-        std::os::unix::fs::symlink(target, &path).map_err(|e| FsError::io("symlink", &rel, e))?;
-        self.own(&path, &rel, who)?;
+        let t = cstr(target).map_err(|e| FsError::io("symlink", target, e))?;
+        let (rel, ()) = self.make(parent, name, "symlink", who, |dir, path| {
+            // SAFETY: as in `mkdir`.
+            check(unsafe { libc::symlinkat(t.as_ptr(), dir, path.as_ptr()) })
+        })?;
         self.remember(parent, name, &rel)
     }
 
