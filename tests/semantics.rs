@@ -91,11 +91,47 @@ enum Op {
         name: &'static str,
         mtime: Option<i64>,
     },
+    SetXattr {
+        name: &'static str,
+        attr: &'static str,
+        len: usize,
+        flags: i32,
+    },
+    GetXattr {
+        name: &'static str,
+        attr: &'static str,
+    },
+    ListXattr {
+        name: &'static str,
+    },
+    RemoveXattr {
+        name: &'static str,
+        attr: &'static str,
+    },
 }
+
+const ATTRS: &[&str] = &["user.k", "user.j", "trusted.t", "security.x"];
 
 fn gen_op(r: &mut Rng) -> Op {
     let name = r.pick(NAMES);
-    match r.below(13) {
+    match r.below(15) {
+        13 => Op::SetXattr {
+            name,
+            attr: r.pick(ATTRS),
+            len: r.pick(&[0, 5, 300]),
+            flags: r.pick(&[0, libc::XATTR_CREATE, libc::XATTR_REPLACE]),
+        },
+        14 => match r.below(3) {
+            0 => Op::GetXattr {
+                name,
+                attr: r.pick(ATTRS),
+            },
+            1 => Op::ListXattr { name },
+            _ => Op::RemoveXattr {
+                name,
+                attr: r.pick(ATTRS),
+            },
+        },
         0 | 1 => {
             let acc = r.pick(&[libc::O_RDONLY, libc::O_WRONLY, libc::O_RDWR]);
             let mut flags = acc;
@@ -225,6 +261,39 @@ fn apply(root: &Path, op: &Op) -> Result<i64, i32> {
                 let r = ret(libc::pwrite(fd as i32, buf.as_ptr().cast(), len, offset) as _);
                 libc::close(fd as i32);
                 r
+            }
+            Op::SetXattr {
+                name,
+                attr,
+                len,
+                flags,
+            } => {
+                let a = CString::new(attr).unwrap();
+                let v = vec![len as u8; len];
+                ret(
+                    libc::lsetxattr(p(name).as_ptr(), a.as_ptr(), v.as_ptr().cast(), len, flags)
+                        as _,
+                )
+            }
+            Op::GetXattr { name, attr } => {
+                let a = CString::new(attr).unwrap();
+                let mut buf = [0u8; 1024];
+                let n = ret(libc::lgetxattr(
+                    p(name).as_ptr(),
+                    a.as_ptr(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                ) as _)?;
+                // The value's bytes matter too: fold them into the result.
+                Ok(n * 1000 + buf[..n as usize].iter().map(|&b| b as i64).sum::<i64>())
+            }
+            Op::ListXattr { name } => {
+                let mut buf = [0u8; 1024];
+                ret(libc::llistxattr(p(name).as_ptr(), buf.as_mut_ptr().cast(), buf.len()) as _)
+            }
+            Op::RemoveXattr { name, attr } => {
+                let a = CString::new(attr).unwrap();
+                ret(libc::lremovexattr(p(name).as_ptr(), a.as_ptr()) as _)
             }
             Op::Utimens { name, mtime } => {
                 let omit = libc::timespec {

@@ -94,6 +94,17 @@ fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
     })
 }
 
+/// An xattr reply: the size when asked with size 0, the value if it fits, else ERANGE.
+fn reply_sized(reply: ReplyXattr, size: u32, value: &[u8]) {
+    if size == 0 {
+        reply.size(value.len() as u32);
+    } else if (size as usize) < value.len() {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(value);
+    }
+}
+
 /// The open reply's flags. An O_DIRECT open (QEMU's `cache=none`) is served as FUSE direct
 /// I/O, with writes in parallel: without these flags the kernel takes the O_DIRECT write path
 /// of a cached file, which holds the inode's lock exclusively for every write, so a virtio
@@ -464,14 +475,41 @@ impl Filesystem for FerryFuse {
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let value = match (&self.control, ino.0 == super::ROOT && name == CONTROL_XATTR) {
             (Some(p), true) => p.as_os_str().as_encoded_bytes().to_vec(),
-            _ => return reply.error(Errno::NO_XATTR),
+            _ => match self.fs.getxattr(ino.0, name) {
+                Ok(v) => v,
+                Err(e) => return reply.error(errno("getxattr", e)),
+            },
         };
-        if size == 0 {
-            reply.size(value.len() as u32);
-        } else if (size as usize) < value.len() {
-            reply.error(Errno::ERANGE);
-        } else {
-            reply.data(&value);
+        reply_sized(reply, size, &value);
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.fs.listxattr(ino.0) {
+            Ok(v) => reply_sized(reply, size, &v),
+            Err(e) => reply.error(errno("listxattr", e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        match self.fs.setxattr(ino.0, name, value, flags) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("setxattr", e)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.fs.removexattr(ino.0, name) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("removexattr", e)),
         }
     }
 

@@ -231,6 +231,26 @@ fn timespec(t: Option<SetTime>) -> libc::timespec {
     }
 }
 
+/// Calls `get` (a `*getxattr`/`*listxattr`) with a buffer that grows until the value fits.
+fn read_sized(get: impl Fn(&mut [u8]) -> libc::ssize_t) -> io::Result<Vec<u8>> {
+    loop {
+        let n = get(&mut []);
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut buf = vec![0u8; n as usize];
+        let m = get(&mut buf);
+        if m >= 0 {
+            buf.truncate(m as usize);
+            return Ok(buf);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ERANGE) {
+            return Err(e); // ERANGE: it grew in between; ask again
+        }
+    }
+}
+
 /// How errors name an image that was unlinked while open.
 const UNLINKED_IMAGE: &str = "(unlinked image)";
 
@@ -804,6 +824,66 @@ impl Fs {
             },
             "copy_file_range",
         )
+    }
+
+    /// Extended attributes pass through to the backing file (not replicated). The kernel has
+    /// checked the caller's access to the namespace (`user.`, `trusted.`, ...).
+    pub fn getxattr(&self, ino: Ino, name: &OsStr) -> Result<Vec<u8>> {
+        let rel = self.rel(ino)?;
+        let (p, n) = self.xattr_args(&rel, Some(name))?;
+        let n = n.expect("given");
+        read_sized(|buf| unsafe {
+            // SAFETY: valid C strings; `buf` is ours, its length is passed.
+            libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+        })
+        .map_err(|e| FsError::io("getxattr", &rel, e))
+    }
+
+    pub fn listxattr(&self, ino: Ino) -> Result<Vec<u8>> {
+        let rel = self.rel(ino)?;
+        let (p, _) = self.xattr_args(&rel, None)?;
+        read_sized(|buf| unsafe {
+            // SAFETY: as in `getxattr`.
+            libc::llistxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+        })
+        .map_err(|e| FsError::io("listxattr", &rel, e))
+    }
+
+    pub fn setxattr(&self, ino: Ino, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        self.writable()?;
+        let rel = self.rel(ino)?;
+        let (p, n) = self.xattr_args(&rel, Some(name))?;
+        let n = n.expect("given");
+        // SAFETY: valid C strings and a value slice with its length.
+        check(unsafe {
+            libc::lsetxattr(
+                p.as_ptr(),
+                n.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                flags,
+            )
+        })
+        .map_err(|e| FsError::io("setxattr", &rel, e))
+    }
+
+    pub fn removexattr(&self, ino: Ino, name: &OsStr) -> Result<()> {
+        self.writable()?;
+        let rel = self.rel(ino)?;
+        let (p, n) = self.xattr_args(&rel, Some(name))?;
+        let n = n.expect("given");
+        // SAFETY: valid C strings.
+        check(unsafe { libc::lremovexattr(p.as_ptr(), n.as_ptr()) })
+            .map_err(|e| FsError::io("removexattr", &rel, e))
+    }
+
+    fn xattr_args(&self, rel: &Path, name: Option<&OsStr>) -> Result<(CString, Option<CString>)> {
+        let p = cstr(&self.backing(rel)).map_err(|e| FsError::io("xattr", rel, e))?;
+        let n = name
+            .map(|n| CString::new(n.as_bytes()))
+            .transpose()
+            .map_err(|_| FsError::Invalid("attribute name"))?;
+        Ok((p, n))
     }
 
     pub fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
