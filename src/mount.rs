@@ -203,25 +203,30 @@ pub fn run(req: MountRequest) -> Result<()> {
     })
 }
 
-/// `-o private_backing`: only root may reach the images behind the mount's back. The backing
-/// directory must belong to root and grant its group and others nothing (mode 0700): then no
-/// other user can open a file under it, whatever the files' own modes (which follow their
-/// owners through the mount, e.g. the hypervisor's user).
+/// `-o private_backing`: only root may reach the images behind the mount's back. Some
+/// directory on the way to the backing files, the backing directory or one of its ancestors,
+/// must belong to root and grant its group and others no search permission (mode 0700 or
+/// 0750 without group search, ...): then no other user can open a file under it by path,
+/// whatever the files' own modes. Putting that directory *above* the backing directory keeps
+/// the mount usable by the hypervisor's user (the mount's root shows the backing directory's
+/// own mode, which may stay 0755).
 fn check_private(source: &Path) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(source)
-        .with_context(|| format!("cannot look up {}", source.display()))?;
-    let mode = m.mode() & 0o7777;
-    if m.uid() != 0 || mode & 0o077 != 0 {
-        bail!(
-            "-o private_backing: the backing directory {} is owned by uid {} with mode {mode:04o}, \
-             so others than root can change images behind the mount's back (and such changes \
-             are not written through ferry); make it root's alone: chown root {0} && chmod 700 {0}",
-            source.display(),
-            m.uid()
-        );
+    for dir in source.ancestors() {
+        let m =
+            std::fs::metadata(dir).with_context(|| format!("cannot look up {}", dir.display()))?;
+        if m.uid() == 0 && m.mode() & 0o011 == 0 {
+            return Ok(());
+        }
     }
-    Ok(())
+    bail!(
+        "-o private_backing: every directory from / to the backing directory {0} lets users \
+         other than root pass, so they can change images behind the mount's back; put it \
+         inside a directory only root can enter (mkdir -m 700 /srv/ferry-private, then keep \
+         the backing directory under it), or make it root's alone (chown root {0} && chmod \
+         700 {0}; then only root can use the mount's top directory)",
+        source.display()
+    );
 }
 
 /// The filesystem type mounted at `path`, if something is.

@@ -325,13 +325,19 @@ fn verify_primary_finds_a_stale_manifest_and_repair_ships_it() {
     assert!(ok, "{v}");
 }
 
-/// `-o private_backing` refuses a backing directory that others than root can reach, and says
-/// how to fix it.
+/// `-o private_backing` refuses a backing directory that others than root can reach, says how
+/// to fix it, and accepts one behind a directory only root can enter (the backing directory
+/// itself keeping mode 0755).
 #[test]
 fn private_backing_refuses_a_backing_directory_others_can_reach() {
     use std::os::unix::fs::PermissionsExt;
-    let m = common::Mount::prepare("private_backing");
-    fs::set_permissions(&m.source, fs::Permissions::from_mode(0o755)).unwrap();
+    let m = common::Mount::prepare("private_backing,allow_other");
+    let mode = |p: &std::path::Path, mode| {
+        fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+    };
+    // The temporary directory (root's) opened to all, as /tmp and / are.
+    mode(m.dir.path(), 0o755);
+    mode(&m.source, 0o755);
     let mount = || {
         Command::new(FERRY)
             .arg("mount")
@@ -346,10 +352,11 @@ fn private_backing_refuses_a_backing_directory_others_can_reach() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && !m.is_mounted());
     assert!(
-        err.contains("mode 0755") && err.contains("chmod 700"),
+        err.contains("private_backing") && err.contains("mkdir -m 700"),
         "{err}"
     );
-    fs::set_permissions(&m.source, fs::Permissions::from_mode(0o700)).unwrap();
+    // Only root can enter the directory holding the backing directory.
+    mode(m.dir.path(), 0o700);
     let out = mount();
     assert!(
         out.status.success(),
