@@ -407,7 +407,6 @@ fn manifest_cmd(a: ManifestArgs) -> Result<()> {
         });
         println!("{v}");
     } else {
-        let iec = |n: u64| ByteSize(n).display().iec().to_string();
         println!("{}", a.file.display());
         println!("  root     {}", m.root());
         println!("  size     {} ({} bytes)", iec(m.size()), m.size());
@@ -444,7 +443,6 @@ fn status_cmd(a: StatusArgs) -> Result<()> {
         println!("{v}");
         return Ok(());
     }
-    let iec = |n: u64| ByteSize(n).display().iec().to_string();
     println!(
         "{} on {}",
         v["source"].as_str().unwrap_or("?"),
@@ -453,7 +451,11 @@ fn status_cmd(a: StatusArgs) -> Result<()> {
     if v["tracking"] == false {
         println!("  tracking OFF (mounted with notrack): changes are not replicated");
     }
-    println!("  unsynced {}", iec(v["dirty_bytes"].as_u64().unwrap_or(0)));
+    print_sync(&v["sync"]);
+    println!(
+        "  unsynced {} (changed since the last sync point)",
+        iec(v["dirty_bytes"].as_u64().unwrap_or(0))
+    );
     for b in v["sync"]["broken"].as_array().into_iter().flatten() {
         println!(
             "  NOT REPLICATING {}: {} (the replicas keep its last generation)",
@@ -471,17 +473,136 @@ fn status_cmd(a: StatusArgs) -> Result<()> {
     if v["sync"]["outside_watch"] == false && v["tracking"] == true {
         println!("  writes to the backing files that bypass the mount are NOT watched (see log)");
     }
-    for img in v["images"].as_array().into_iter().flatten() {
+    print_images(&v);
+    Ok(())
+}
+
+/// Human size.
+fn iec(n: u64) -> String {
+    ByteSize(n).display().iec().to_string()
+}
+
+/// "3 s ago", "5 min ago", "2 h ago".
+fn ago(s: u64) -> String {
+    match s {
+        0..120 => format!("{s} s ago"),
+        120..7200 => format!("{} min ago", s / 60),
+        _ => format!("{} h ago", s / 3600),
+    }
+}
+
+/// The generation, the sync in progress, and one row per replica.
+fn print_sync(sync: &serde_json::Value) {
+    let replicas = sync["replicas"].as_array().cloned().unwrap_or_default();
+    let generation = sync["generation"].as_u64().unwrap_or(0);
+    let root = sync["root"].as_str().unwrap_or("");
+    let holding = replicas
+        .iter()
+        .filter(|r| r["generation"].as_u64() == Some(generation))
+        .count();
+    print!(
+        "  generation {generation} (root {})",
+        root.get(..16).unwrap_or(root)
+    );
+    if replicas.is_empty() {
+        println!(", no replicas configured");
+    } else {
         println!(
-            "  {:<40} {} unsynced",
+            ", held by {holding} of {} replicas ({} required)",
+            replicas.len(),
+            sync["required"]
+        );
+    }
+    let run = &sync["running"];
+    if run.is_object() {
+        println!(
+            "  syncing generation {}: {}, {} of {} sent, {:.1} s",
+            run["generation"],
+            run["phase"].as_str().unwrap_or("?"),
+            iec(run["bytes_done"].as_u64().unwrap_or(0)),
+            iec(run["bytes_total"].as_u64().unwrap_or(0)),
+            run["elapsed_ms"].as_u64().unwrap_or(0) as f64 / 1000.0
+        );
+    }
+    if replicas.is_empty() {
+        return;
+    }
+    println!(
+        "  {:<16} {:<26} {:>10} {:>22} {:>13}  SELECTED",
+        "REPLICA", "STATE", "GENERATION", "LAG", "LAST COMMIT"
+    );
+    for r in &replicas {
+        let state = match r["state"].as_str().unwrap_or("?") {
+            "shipping" => format!(
+                "shipping {} of {}",
+                iec(r["shipping"]["bytes_done"].as_u64().unwrap_or(0)),
+                iec(r["shipping"]["bytes_total"].as_u64().unwrap_or(0))
+            ),
+            s => s.to_string(),
+        };
+        let lag = format!(
+            "{}, {} gen",
+            iec(r["lag_bytes"].as_u64().unwrap_or(0)),
+            r["lag_generations"].as_u64().unwrap_or(0)
+        );
+        let last = r["since_commit_s"]
+            .as_u64()
+            .map(ago)
+            .unwrap_or_else(|| "never".into());
+        println!(
+            "  {:<16} {:<26} {:>10} {:>22} {:>13}  {}",
+            r["name"].as_str().unwrap_or("?"),
+            state,
+            r["generation"].as_u64().unwrap_or(0),
+            lag,
+            last,
+            if r["selected"] == true { "yes" } else { "no" }
+        );
+        if r["state"] == "failing" {
+            println!("      {}", r["state_text"].as_str().unwrap_or("?"));
+        } else if r["selected"] == false {
+            println!(
+                "      not selected: {}",
+                r["reason"].as_str().unwrap_or("?")
+            );
+        }
+    }
+}
+
+/// One row per image that has unsynced changes or that some replica lacks.
+fn print_images(v: &serde_json::Value) {
+    let images = v["images"].as_array().cloned().unwrap_or_default();
+    if images.is_empty() {
+        return;
+    }
+    let names: Vec<String> = v["sync"]["replicas"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["name"].as_str().map(String::from))
+        .collect();
+    print!("  {:<40} {:>12}", "IMAGE", "UNSYNCED");
+    for n in &names {
+        print!(" {:>16}", format!("NOT ON {n}"));
+    }
+    println!();
+    for img in &images {
+        print!(
+            "  {:<40} {:>12}",
             img["path"].as_str().unwrap_or("?"),
             iec(img["dirty_bytes"].as_u64().unwrap_or(0))
         );
+        for n in &names {
+            print!(
+                " {:>16}",
+                iec(img["behind"][n.as_str()].as_u64().unwrap_or(0))
+            );
+        }
+        println!();
         for r in img["dirty"].as_array().into_iter().flatten() {
             println!("      {}..{}", r[0], r[1]);
         }
     }
-    Ok(())
 }
 
 fn verify_cmd(a: VerifyArgs) -> Result<()> {
@@ -507,7 +628,6 @@ fn verify_cmd(a: VerifyArgs) -> Result<()> {
     if a.json {
         println!("{v}");
     } else {
-        let iec = |n: u64| ByteSize(n).display().iec().to_string();
         for img in v["images"].as_array().into_iter().flatten() {
             let path = img["path"].as_str().unwrap_or("?");
             if img["ok"] == true {
@@ -591,7 +711,6 @@ fn sync_cmd(a: SyncArgs) -> Result<()> {
     if a.json {
         println!("{v}");
     } else {
-        let iec = |n: u64| ByteSize(n).display().iec().to_string();
         println!(
             "generation {} root {}",
             v["generation"],

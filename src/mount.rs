@@ -362,7 +362,7 @@ fn serve(
         }
     });
     let engine = Arc::new(crate::sync::Engine::open(
-        config,
+        sync_options(config)?,
         source,
         state,
         tracker.clone(),
@@ -478,6 +478,67 @@ fn serve(
     Ok(())
 }
 
+/// Per image: bytes changed since the last sync point (`dirty_bytes`), and bytes of the last
+/// generation each replica lacks (`behind`, by replica name). Images with neither are left out.
+fn image_status(tracker: &Tracker, sync: &serde_json::Value, ranges: bool) -> serde_json::Value {
+    use serde_json::{Value, json};
+    let mut images: std::collections::BTreeMap<String, Value> = tracker
+        .dirty()
+        .into_iter()
+        .map(|(path, dirty)| {
+            let bytes: u64 = dirty.iter().map(|r| r.end - r.start).sum();
+            let mut v = json!({"path": path, "dirty_bytes": bytes, "behind": {}});
+            if ranges {
+                v["dirty"] = dirty.iter().map(|r| json!([r.start, r.end])).collect();
+            }
+            (path.to_string_lossy().into_owned(), v)
+        })
+        .collect();
+    for r in sync["replicas"].as_array().into_iter().flatten() {
+        let name = r["name"].as_str().unwrap_or("?");
+        for (path, n) in r["behind"].as_object().into_iter().flatten() {
+            let v = images.entry(path.clone()).or_insert_with(|| {
+                let mut v = json!({"path": path, "dirty_bytes": 0, "behind": {}});
+                if ranges {
+                    v["dirty"] = json!([]);
+                }
+                v
+            });
+            v["behind"][name] = n.clone();
+        }
+    }
+    images.into_values().collect()
+}
+
+/// What the sync engine needs of the config file.
+fn sync_options(config: &Config) -> Result<crate::sync::Options> {
+    let identity = if config.peers.is_empty() {
+        None
+    } else {
+        Some(crate::net::Identity::load(&config.node.key_dir)?)
+    };
+    Ok(crate::sync::Options {
+        node: config.node.name.clone(),
+        params: config.chunk_params().map_err(|e| anyhow!("{e}"))?,
+        required: config.primary.replicas,
+        failover_after: config.primary.failover_after,
+        bandwidth_limit: config.primary.bandwidth_limit,
+        congestion: config.primary.congestion,
+        identity,
+        peers: config
+            .peers
+            .iter()
+            .map(|p| crate::sync::PeerSpec {
+                name: p.name.clone(),
+                addr: p.addr,
+                fingerprint: p.fingerprint,
+                zone: p.zone.clone(),
+                bandwidth_limit: p.bandwidth_limit,
+            })
+            .collect(),
+    })
+}
+
 /// Answers control requests for this mount.
 fn control_handler(
     source: &Path,
@@ -523,29 +584,15 @@ fn control_handler(
             // Writes that bypassed the mount show at once, not at the next poll.
             outside.drain(&tracker, false);
             let ranges = req["ranges"].as_bool().unwrap_or(false);
-            let images: Vec<serde_json::Value> = tracker
-                .dirty()
-                .into_iter()
-                .map(|(path, dirty)| {
-                    let bytes: u64 = dirty.iter().map(|r| r.end - r.start).sum();
-                    let mut v = serde_json::json!({"path": path, "dirty_bytes": bytes});
-                    if ranges {
-                        v["dirty"] = dirty
-                            .iter()
-                            .map(|r| serde_json::json!([r.start, r.end]))
-                            .collect();
-                    }
-                    v
-                })
-                .collect();
+            let sync = engine.status();
             Ok(serde_json::json!({
                 "pid": std::process::id(),
                 "source": source,
                 "mountpoint": mountpoint,
                 "tracking": tracker.enabled(),
                 "dirty_bytes": tracker.dirty_bytes(),
-                "images": images,
-                "sync": engine.status(),
+                "images": image_status(&tracker, &sync, ranges),
+                "sync": sync,
             }))
         }
         other => bail!("unknown control command {other:?}"),

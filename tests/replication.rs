@@ -121,22 +121,89 @@ fn an_unpinned_primary_is_refused_and_nothing_of_its_lands() {
     r2.kill9();
 }
 
+/// An in-memory image for the in-process primary below.
+struct Bytes(Vec<u8>);
+
+impl ferry::wire::primary::ChunkSource for Bytes {
+    fn read(&self, _: &str, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+        Ok(self.0[offset as usize..(offset + len) as usize].to_vec())
+    }
+}
+
 #[test]
 fn a_corrupted_chunk_is_caught_and_nothing_is_applied() {
-    let p = Pair::with_env(&[("FERRY_FAULT", "corrupt-chunk")]);
-    fs::write(p.primary.path("a.img"), random(2 << 20, 3)).unwrap();
-    let (v, ok) = p.sync();
-    assert!(!ok, "a corrupt chunk must not commit: {v}");
-    let err = v["replicas"][0]["error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    assert!(err.contains("does not match its hash"), "{v}");
-    assert!(!p.replica_path("a.img").exists(), "nothing applied");
-    // The hook fires once: the next sync ships the same generation's data intact.
-    let v = p.sync_ok();
-    assert_eq!(v["committed"], 1);
-    identical(&p, "a.img");
+    use ferry::sync::link::Cause;
+    use ferry::sync::ship::{ShipStats, Shipment, ship};
+    use ferry::wire::frame::{Frame, RefuseCode};
+    use ferry::wire::primary::{Generation, PeerKnowledge, PrimarySession, group_root};
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    // The real replica daemon; the primary's session runs in this process over real QUIC,
+    // with a decorator that flips one byte of the first chunk after it was hashed.
+    let dir = tempfile::tempdir().unwrap();
+    let fp = keygen(&dir.path().join("keys"));
+    let r = Replica::new(&[&fp]);
+    let id = ferry::net::Identity::load(&dir.path().join("keys")).unwrap();
+    let pin: ferry::net::Fingerprint = r.fingerprint.parse().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ep = {
+        let _g = rt.enter();
+        ferry::net::transport::client(
+            &id,
+            &[pin],
+            "127.0.0.1:0".parse().unwrap(),
+            Default::default(),
+        )
+        .unwrap()
+    };
+    let addr = format!("127.0.0.1:{}", r.port).parse().unwrap();
+    let params = ferry::chunk::ChunkParams::default();
+    let bytes = random(2 << 20, 3);
+    let m = ferry::chunk::chunk_full(&bytes, params).unwrap().0;
+    let images = BTreeMap::from([("a.img".to_string(), Arc::new(m))]);
+    let g = Arc::new(Generation {
+        number: 1,
+        group_root: group_root(&images),
+        images,
+    });
+    let armed = Arc::new(AtomicBool::new(true));
+    let tamper = {
+        let armed = armed.clone();
+        Arc::new(move |f: &mut Frame| {
+            if let Frame::Chunk { data, .. } = f
+                && !data.is_empty()
+                && armed.swap(false, Ordering::SeqCst)
+            {
+                data[0] ^= 0xff;
+            }
+        })
+    };
+    let how = Shipment {
+        src: Arc::new(Bytes(bytes.clone())),
+        stats: Arc::new(ShipStats::default()),
+        buckets: vec![],
+        tamper: Some(tamper),
+    };
+    let attempt = |how: &Shipment| {
+        let (session, hello) =
+            PrimarySession::new("test", 0, params, g.clone(), PeerKnowledge::default());
+        rt.block_on(ship(&ep, addr, session, hello, how))
+    };
+    match attempt(&how) {
+        Err(Cause::Refused(r)) => {
+            assert_eq!(r.code, RefuseCode::Corrupt);
+            assert!(r.reason.contains("does not match its hash"), "{r}");
+        }
+        other => panic!("a corrupt chunk was not refused: {other:?}"),
+    }
+    assert!(!armed.load(Ordering::SeqCst));
+    assert!(!r.store.join("a.img").exists(), "nothing applied");
+    // The next session ships the same generation intact.
+    let acked = attempt(&how).unwrap_or_else(|e| panic!("{e}\n{}", r.log_text()));
+    assert_eq!(acked.generation, 1);
+    assert_eq!(fs::read(r.store.join("a.img")).unwrap(), bytes);
 }
 
 #[test]
@@ -302,7 +369,7 @@ fn a_full_replica_disk_refuses_the_generation_and_keeps_the_last_one() {
         .arg(format!("{}/.", saved.display()))
         .arg(&store));
     p.replica.start();
-    fs::write(p.primary.path("b.img"), random(16 << 20, 10)).unwrap();
+    fs::write(p.primary.path("b.img"), random(64 << 20, 10)).unwrap();
     let (v, ok) = p.sync();
     assert!(!ok, "a generation that does not fit must not commit: {v}");
     let err = v["replicas"][0]["error"]
@@ -310,6 +377,16 @@ fn a_full_replica_disk_refuses_the_generation_and_keeps_the_last_one() {
         .unwrap_or_default()
         .to_string();
     assert!(err.contains("No space left"), "{v}");
+    assert!(err.contains("free space in the replica's store"), "{v}");
+    assert_eq!(v["replicas"][0]["cause"], "no_space", "{v}");
+    // The replica stopped the data streams: the primary did not send the whole image.
+    let sent = v["replicas"][0]["bytes_sent"].as_u64().unwrap();
+    assert!(
+        sent < 48 << 20,
+        "sent {sent} of 64 MiB into a full replica: {v}"
+    );
+    let s = p.primary.status();
+    assert_eq!(s["sync"]["replicas"][0]["cause"], "no_space", "{s}");
     identical(&p, "a.img");
     assert!(!p.replica_path("b.img").exists());
 }

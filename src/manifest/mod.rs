@@ -3,10 +3,12 @@
 //! on-disk format.
 
 mod diff;
+mod dir;
 mod file;
 mod merkle;
 
 pub use diff::{Change, ChangeKind, Diff, diff};
+pub use dir::{GenRecord, ManifestDir, from_hex, hex, short_hex};
 pub use file::{FORMAT_VERSION, ManifestFileError, load, save};
 pub use merkle::{FANOUT, LEAF_SPAN, Tree, leaf_count};
 

@@ -112,6 +112,10 @@ fn is_tls(e: &quinn::ConnectionError) -> bool {
     (0x100..0x200).contains(&u64::from(code))
 }
 
+/// How long a handshake may take. A peer that is down does not answer at all (QUIC ignores
+/// ICMP), so without this bound a connect would wait for the idle timeout.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Connects to a peer.
 pub async fn connect(
     ep: &quinn::Endpoint,
@@ -123,7 +127,13 @@ pub async fn connect(
             addr,
             source: e.into(),
         })?;
-    match connecting.await {
+    let Ok(r) = tokio::time::timeout(CONNECT_TIMEOUT, connecting).await else {
+        return Err(ConnectError::Network {
+            addr,
+            source: anyhow::anyhow!("no answer within {} s", CONNECT_TIMEOUT.as_secs()),
+        });
+    };
+    match r {
         Ok(conn) => Ok(conn),
         Err(e) if is_tls(&e) => Err(ConnectError::Trust { addr, source: e }),
         Err(e) => Err(ConnectError::Network {

@@ -4,6 +4,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use tokio::sync::mpsc;
@@ -12,7 +13,7 @@ use super::Store;
 use crate::config::Config;
 use crate::net::transport::{self, read_frame, write_frame};
 use crate::net::{Fingerprint, Identity};
-use crate::wire::frame::Frame;
+use crate::wire::frame::{Frame, Refusal, RefuseCode};
 use crate::wire::replica::ReplicaSession;
 
 type SharedStore = Arc<parking_lot::Mutex<Store>>;
@@ -89,50 +90,82 @@ async fn connection(incoming: quinn::Incoming, store: SharedStore) -> Result<()>
     let (mut send, mut recv) = conn.accept_bi().await.context("no control stream")?;
     let session = Arc::new(parking_lot::Mutex::new(ReplicaSession::default()));
     let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
+    // Set when the session refuses: every reader stops.
+    let closed = Arc::new(tokio::sync::Notify::new());
 
-    // Replies go out in order on the control stream.
+    // Replies go out in order on the control stream. A refusal is the last frame: the stream
+    // is finished and the refusal delivered before the connection may close.
     let writer = tokio::spawn(async move {
         while let Some(f) = rx.recv().await {
             let refuse = matches!(f, Frame::Refuse { .. });
-            if write_frame(&mut send, &f).await.is_err() || refuse {
+            if write_frame(&mut send, &f).await.is_err() {
+                break;
+            }
+            if refuse {
                 let _ = send.finish();
+                let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
                 break;
             }
         }
     });
 
+    // Frames are handled, and their answers queued, under the session's lock: answers leave
+    // in the order the session produced them.
     let handle = {
         let store = store.clone();
         let session = session.clone();
-        move |f: Frame, tx: &mpsc::UnboundedSender<Frame>| {
-            let out = tokio::task::block_in_place(|| {
+        let closed = closed.clone();
+        move |f: Frame, tx: &mpsc::UnboundedSender<Frame>| -> bool {
+            tokio::task::block_in_place(|| {
                 let mut st = store.lock();
-                session.lock().handle(&mut *st, f)
-            });
-            for f in out {
-                let _ = tx.send(f);
+                let mut s = session.lock();
+                for f in s.handle(&mut *st, f) {
+                    let _ = tx.send(f);
+                }
+                if s.is_closed() {
+                    closed.notify_one();
+                    return false;
+                }
+                true
+            })
+        }
+    };
+    let refuse = {
+        let session = session.clone();
+        move |tx: &mpsc::UnboundedSender<Frame>, reason: String| {
+            let mut s = session.lock();
+            if !s.is_closed() {
+                s.close();
+                let _ = tx.send(Refusal::new(RefuseCode::Protocol, reason).frame());
             }
         }
     };
 
-    // Data streams: every frame goes to the same session.
+    // Data streams: every frame goes to the same session. Once it is closed, they are
+    // stopped, so the primary stops sending and reads the refusal.
     let data = {
         let conn = conn.clone();
         let tx = tx.clone();
         let handle = handle.clone();
+        let refuse = refuse.clone();
         tokio::spawn(async move {
             while let Ok(mut uni) = conn.accept_uni().await {
                 let tx = tx.clone();
                 let handle = handle.clone();
+                let refuse = refuse.clone();
                 tokio::spawn(async move {
                     loop {
                         match read_frame(&mut uni).await {
-                            Ok(Some(f)) => handle(f, &tx),
+                            Ok(Some(f)) => {
+                                if !handle(f, &tx) {
+                                    let _ = uni.stop(0u32.into());
+                                    break;
+                                }
+                            }
                             Ok(None) => break,
                             Err(e) => {
-                                let _ = tx.send(Frame::Refuse {
-                                    reason: format!("bad data frame: {e:#}"),
-                                });
+                                refuse(&tx, format!("bad data frame: {e:#}"));
+                                let _ = uni.stop(0u32.into());
                                 break;
                             }
                         }
@@ -143,20 +176,20 @@ async fn connection(incoming: quinn::Incoming, store: SharedStore) -> Result<()>
     };
 
     let result = loop {
-        match read_frame(&mut recv).await {
-            Ok(Some(f)) => {
-                handle(f, &tx);
-                if session.lock().is_closed() {
-                    break Ok(());
+        tokio::select! {
+            r = read_frame(&mut recv) => match r {
+                Ok(Some(f)) => {
+                    if !handle(f, &tx) {
+                        break Ok(());
+                    }
                 }
-            }
-            Ok(None) => break Ok(()),
-            Err(e) => {
-                let _ = tx.send(Frame::Refuse {
-                    reason: format!("bad control frame: {e:#}"),
-                });
-                break Err(e);
-            }
+                Ok(None) => break Ok(()),
+                Err(e) => {
+                    refuse(&tx, format!("bad control frame: {e:#}"));
+                    break Err(e);
+                }
+            },
+            _ = closed.notified() => break Ok(()),
         }
     };
     drop(tx);

@@ -1,6 +1,12 @@
 //! Sync points on the primary: freeze the dirty set, re-chunk only the dirty regions into the
 //! active manifests, and ship the new generation to the replicas.
 //!
+//! The parts, each with one owner: `cut.rs` computes a generation from the stale manifests and
+//! the frozen changes; `link.rs` decides retries and give-ups for one replica; `select.rs`
+//! chooses the replicas; `ship.rs` runs one session over QUIC; `board.rs` is what status
+//! shows, published at each step so that a running sync never blocks `ferry status`. This
+//! file drives them and keeps the state on disk.
+//!
 //! State kept under the mount's state directory, so a restarted primary neither re-reads its
 //! images nor resends what a replica holds:
 //! * `active/generation.json` and `active/manifests/<image>.manifest`: the last generation the
@@ -11,7 +17,10 @@
 //! The tracker's freeze is committed (the intent log forgets its marks) once the new active
 //! manifests are on disk: from then on they, not the marks, say what each replica still lacks.
 
+pub mod board;
 pub mod bucket;
+pub mod cut;
+pub mod link;
 pub mod select;
 pub mod ship;
 pub mod trigger;
@@ -26,29 +35,27 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, anyhow};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::chunk::{ChunkParams, Source, chunk_full, rechunk};
-use crate::config::Config;
+use crate::chunk::{ChunkParams, Source};
 use crate::dirty::RangeSet;
-use crate::durable;
 use crate::fs::cow::Window;
 use crate::fs::outside::Outside;
-use crate::fs::{Frozen as FrozenChanges, NsEvent, Tracker};
-use crate::manifest::{self, Manifest};
-use crate::net::{Fingerprint, Identity, transport};
-use crate::wire::primary::{ChunkSource, Generation, PeerKnowledge, PrimarySession, group_root};
+use crate::fs::{Frozen as FrozenChanges, Tracker};
+use crate::manifest::{self, GenRecord, Kind, Manifest, ManifestDir, hex};
+use crate::net::{Congestion, Fingerprint, Identity, transport};
+use crate::wire::primary::{
+    Acked, ChunkSource, Generation, PeerKnowledge, PrimarySession, group_root,
+};
 
+use board::{Board, State};
 use bucket::Bucket;
-use ship::{ShipError, ShipStats, ship};
+use link::{Cause, Link, Next, Policy};
+use ship::{ShipStats, Shipment, ship};
 
 /// Memory for blocks saved by copy-before-write during a sync, before they spill to disk.
 const COW_MEMORY: u64 = 128 << 20;
-
-/// A peer that cannot be reached at all for this long (no connection) fails the sync for it;
-/// a connection lost mid-transfer is retried until the sync's timeout.
-const UNREACHABLE_GIVE_UP: Duration = Duration::from_secs(10);
 
 /// The nice value of every thread that does sync work (re-chunking, hashing, shipping). The
 /// mount's request threads stay at the daemon's own priority, so a VM's writes are served
@@ -83,6 +90,33 @@ pub(crate) fn lower_thread_priority() {
     }
 }
 
+/// One replica, as the face describes it.
+#[derive(Clone, Debug)]
+pub struct PeerSpec {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub fingerprint: Fingerprint,
+    pub zone: Option<String>,
+    /// Bytes per second to this peer.
+    pub bandwidth_limit: Option<u64>,
+}
+
+/// What the engine is told by the face (built from the config file there).
+pub struct Options {
+    pub node: String,
+    pub params: ChunkParams,
+    /// Replicas that must commit a generation.
+    pub required: usize,
+    /// How long a selected replica may fail before another takes its place.
+    pub failover_after: Duration,
+    /// Bytes per second, all peers together.
+    pub bandwidth_limit: Option<u64>,
+    pub congestion: Congestion,
+    /// This node's key (needed when there are peers).
+    pub identity: Option<Identity>,
+    pub peers: Vec<PeerSpec>,
+}
+
 /// One replica the primary ships to.
 struct Peer {
     name: String,
@@ -90,10 +124,9 @@ struct Peer {
     zone: Option<String>,
     bucket: Option<Arc<Bucket>>,
     known: PeerKnowledge,
-    /// Last outcome, for status.
-    last: Option<PeerOutcome>,
-    /// Health as last seen (for secondary selection).
+    /// Health as last seen (for secondary selection), and since when it fails (for status).
     failing_since: Option<Instant>,
+    down_since: Option<SystemTime>,
     rtt: Option<Duration>,
     throughput: Option<f64>,
     /// Whether the selection ships to this peer, and why.
@@ -109,6 +142,8 @@ pub struct PeerOutcome {
     pub generation: u64,
     /// The group root the replica committed (hex), if it did.
     pub root: Option<String>,
+    /// Why it failed: a stable code (see `link::Cause::code`) and the words.
+    pub cause: Option<&'static str>,
     pub error: Option<String>,
     pub bytes_sent: u64,
     pub chunks_sent: u64,
@@ -120,25 +155,24 @@ pub struct PeerOutcome {
     pub attempts: u32,
     /// Payload bytes of the last attempt alone.
     pub last_attempt_bytes: u64,
-    #[serde(skip)]
-    pub at: Option<SystemTime>,
 }
 
-#[derive(Default, Serialize, Deserialize)]
-struct GenRecord {
-    generation: u64,
-    group_root: String,
-}
-
-struct Inner {
+/// The engine's working state: one sync at a time holds it, from freeze to the last
+/// acknowledgement.
+struct Work {
     generation: u64,
     group_root: [u8; 32],
     images: BTreeMap<String, Arc<Manifest>>,
     peers: Vec<Peer>,
-    last_sync: Option<Value>,
     /// Images that cannot be read as regular files now, and why: they keep their last
     /// generation (the replicas keep it too) until they can be read again.
     broken: BTreeMap<String, String>,
+}
+
+/// The network side: a runtime and a client endpoint.
+struct Net {
+    rt: tokio::runtime::Runtime,
+    ep: quinn::Endpoint,
 }
 
 /// The sync engine of one mount.
@@ -152,9 +186,9 @@ pub struct Engine {
     tracker: Arc<Tracker>,
     outside: Arc<Outside>,
     bucket: Option<Arc<Bucket>>,
-    rt: tokio::runtime::Runtime,
-    endpoint: Option<quinn::Endpoint>,
-    inner: parking_lot::Mutex<Inner>,
+    net: Option<Net>,
+    work: parking_lot::Mutex<Work>,
+    board: Arc<Board>,
 }
 
 /// A sync's result, as `ferry sync --json` prints it.
@@ -194,63 +228,6 @@ impl ChunkSource for Frozen {
     }
 }
 
-fn hex(h: &[u8; 32]) -> String {
-    blake3::Hash::from_bytes(*h).to_hex().to_string()
-}
-
-fn read_gen(path: &Path) -> Result<GenRecord> {
-    match fs::read(path) {
-        Ok(b) => {
-            serde_json::from_slice(&b).with_context(|| format!("{} is corrupt", path.display()))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(GenRecord::default()),
-        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
-    }
-}
-
-/// Loads `<dir>/<image>.manifest` for every image listed.
-fn load_manifests(dir: &Path, params: ChunkParams) -> BTreeMap<String, Arc<Manifest>> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&d) else { continue };
-        for ent in rd.flatten() {
-            let p = ent.path();
-            if p.is_dir() {
-                stack.push(p);
-                continue;
-            }
-            let Some(rel) = p
-                .strip_prefix(dir)
-                .ok()
-                .and_then(|r| r.to_str())
-                .and_then(|r| r.strip_suffix(".manifest"))
-            else {
-                continue;
-            };
-            match manifest::load(&p) {
-                Ok(m) if m.params() == params => {
-                    out.insert(rel.to_string(), Arc::new(m));
-                }
-                Ok(_) => log::warn!("{}: other chunk parameters; ignored", p.display()),
-                Err(e) => log::warn!("{e}; ignored (the image will be chunked in full)"),
-            }
-        }
-    }
-    out
-}
-
-fn save_manifest(dir: &Path, image: &str, m: &Manifest) -> Result<()> {
-    let p = dir.join(format!("{image}.manifest"));
-    fs::create_dir_all(p.parent().expect("has a parent"))?;
-    manifest::save(&p, m)?;
-    Ok(())
-}
-
-fn remove_manifest(dir: &Path, image: &str) {
-    let _ = fs::remove_file(dir.join(format!("{image}.manifest")));
-}
-
 /// Regular files under `root`, as UTF-8 relative paths (others are skipped with a warning).
 fn list_images(root: &Path) -> Result<Vec<String>> {
     let mut out = Vec::new();
@@ -275,98 +252,186 @@ fn list_images(root: &Path) -> Result<Vec<String>> {
     Ok(out)
 }
 
+/// Bytes of new content of each image of `images` that a replica holding `known` lacks: what
+/// a plan would have to bring (patches counted whole).
+fn behind(
+    images: &BTreeMap<String, Arc<Manifest>>,
+    known: &BTreeMap<String, Arc<Manifest>>,
+) -> BTreeMap<String, u64> {
+    images
+        .iter()
+        .filter_map(|(p, m)| {
+            let n = match known.get(p) {
+                Some(k) if k.root() == m.root() => 0,
+                Some(k) => manifest::diff(k, m).new_bytes(),
+                None => m
+                    .entries()
+                    .iter()
+                    .filter(|e| matches!(e.kind, Kind::Data(_)))
+                    .map(|e| e.len)
+                    .sum(),
+            };
+            (n > 0).then(|| (p.clone(), n))
+        })
+        .collect()
+}
+
+/// When a file was last changed, as the time a replica's record was written.
+fn mtime(p: &Path) -> Option<SystemTime> {
+    fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+/// One replica's shipment of one generation, as the driver saw it end.
+struct Shipped {
+    name: String,
+    result: Result<Acked, Cause>,
+    total: ShipStats,
+    last: Arc<ShipStats>,
+    attempts: u32,
+    took: Duration,
+    /// When the first failed attempt started, if one did.
+    failed_since: Option<SystemTime>,
+}
+
 impl Engine {
     /// The engine of the mount of `root` (the backing directory) whose state lives in `state`.
     pub fn open(
-        config: &Config,
+        opts: Options,
         root: &Path,
         state: &Path,
         tracker: Arc<Tracker>,
         outside: Arc<Outside>,
     ) -> Result<Engine> {
-        let params = config.chunk_params().map_err(|e| anyhow!("{e}"))?;
+        let params = opts.params;
         // Re-chunking and hashing run on rayon's global pool: in a mount daemon only syncs use
         // it. (Already built, as in tests that open several engines in one process: kept.)
         let _ = rayon::ThreadPoolBuilder::new()
             .thread_name(|i| format!("ferry-chunk-{i}"))
             .start_handler(|_| lower_thread_priority())
             .build_global();
-        let active_dir = state.join("active");
-        fs::create_dir_all(active_dir.join("manifests"))?;
-        let rec = read_gen(&active_dir.join("generation.json"))?;
-        let images = load_manifests(&active_dir.join("manifests"), params);
+        let active = ManifestDir::new(state.join("active").join("manifests"));
+        fs::create_dir_all(active.path())?;
+        let rec = GenRecord::read(&state.join("active").join("generation.json"))?;
+        let group = rec
+            .root()
+            .map_err(|e| anyhow!("active generation record: {e}"))?;
+        let images: BTreeMap<String, Arc<Manifest>> = active
+            .load_all(params)
+            .into_iter()
+            .map(|(k, m)| (k, Arc::new(m)))
+            .collect();
         let mut peers = Vec::new();
-        for p in &config.peers {
+        let mut views = Vec::new();
+        for p in &opts.peers {
             let dir = state.join("peers").join(&p.name);
-            let rec = read_gen(&dir.join("generation.json"))?;
+            let rec_path = dir.join("generation.json");
+            let prec = GenRecord::read(&rec_path)?;
+            let manifests: BTreeMap<String, Arc<Manifest>> =
+                ManifestDir::new(dir.join("manifests"))
+                    .load_all(params)
+                    .into_iter()
+                    .map(|(k, m)| (k, Arc::new(m)))
+                    .collect();
+            let lacks = behind(&images, &manifests);
+            views.push(board::Replica {
+                name: p.name.clone(),
+                addr: p.addr.to_string(),
+                zone: p.zone.clone(),
+                selected: false,
+                reason: "not chosen yet".into(),
+                generation: prec.generation,
+                root: prec.root().ok().filter(|_| prec.generation > 0),
+                committed_at: (prec.generation > 0).then(|| mtime(&rec_path)).flatten(),
+                state: if prec.generation == rec.generation && lacks.is_empty() {
+                    State::Committed
+                } else {
+                    State::Behind
+                },
+                behind: lacks,
+                failing_since: None,
+                rtt: None,
+                throughput: None,
+                last: None,
+            });
             peers.push(Peer {
                 name: p.name.clone(),
                 addr: p.addr,
                 bucket: p.bandwidth_limit.map(|r| Arc::new(Bucket::new(r))),
                 zone: p.zone.clone(),
                 failing_since: None,
+                down_since: None,
                 rtt: None,
                 throughput: None,
                 selected: false,
                 reason: "not chosen yet".into(),
                 known: PeerKnowledge {
-                    generation: rec.generation,
-                    manifests: load_manifests(&dir.join("manifests"), params),
+                    generation: prec.generation,
+                    manifests,
                     dirty: BTreeMap::new(),
                 },
-                last: None,
             });
         }
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("ferry-net")
-            .on_thread_start(lower_thread_priority)
-            .enable_all()
-            .build()?;
-        let endpoint = if config.peers.is_empty() {
+        let net = if opts.peers.is_empty() {
             None
         } else {
-            let id = Identity::load(&config.node.key_dir)?;
-            let pinned: Vec<Fingerprint> = config.peers.iter().map(|p| p.fingerprint).collect();
-            let _guard = rt.enter();
-            Some(transport::client(
-                &id,
-                &pinned,
-                "0.0.0.0:0".parse().expect("an address"),
-                config.primary.congestion,
-            )?)
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("ferry-net")
+                .on_thread_start(lower_thread_priority)
+                .enable_all()
+                .build()?;
+            let id = opts
+                .identity
+                .as_ref()
+                .ok_or_else(|| anyhow!("peers are configured but this node has no key"))?;
+            let pinned: Vec<Fingerprint> = opts.peers.iter().map(|p| p.fingerprint).collect();
+            let ep = {
+                let _guard = rt.enter();
+                transport::client(
+                    id,
+                    &pinned,
+                    "0.0.0.0:0".parse().expect("an address"),
+                    opts.congestion,
+                )?
+            };
+            Some(Net { rt, ep })
         };
-        let group = if rec.group_root.is_empty() {
-            [0; 32]
-        } else {
-            *blake3::Hash::from_hex(&rec.group_root)
-                .map_err(|e| anyhow!("active generation record: {e}"))?
-                .as_bytes()
-        };
+        let required = opts.required.min(opts.peers.len());
+        let board = Arc::new(Board::new(board::View {
+            generation: rec.generation,
+            root: group,
+            required,
+            replicas: views,
+            ..Default::default()
+        }));
         Ok(Engine {
             root: root.to_path_buf(),
             state: state.to_path_buf(),
-            node: config.node.name.clone(),
+            node: opts.node,
             params,
-            required: config.primary.replicas.min(config.peers.len()),
-            failover_after: config.primary.failover_after,
+            required,
+            failover_after: opts.failover_after,
             tracker,
             outside,
-            bucket: config
-                .primary
-                .bandwidth_limit
-                .map(|r| Arc::new(Bucket::new(r))),
-            rt,
-            endpoint,
-            inner: parking_lot::Mutex::new(Inner {
+            bucket: opts.bandwidth_limit.map(|r| Arc::new(Bucket::new(r))),
+            net,
+            work: parking_lot::Mutex::new(Work {
                 generation: rec.generation,
                 group_root: group,
                 images,
                 peers,
-                last_sync: None,
                 broken: BTreeMap::new(),
             }),
+            board,
         })
+    }
+
+    fn active(&self) -> ManifestDir {
+        ManifestDir::new(self.state.join("active").join("manifests"))
+    }
+
+    fn active_record(&self) -> PathBuf {
+        self.state.join("active").join("generation.json")
     }
 
     /// Makes a sync point now and ships it; waits for the replicas the policy requires, at most
@@ -374,7 +439,27 @@ impl Engine {
     /// unsynced changes for the next one).
     pub fn sync(&self, only: &[String], timeout: Duration) -> Result<Report> {
         let t0 = Instant::now();
-        let mut inner = self.inner.lock();
+        let mut work = self.work.lock();
+        self.board.update(|v| {
+            v.running = Some(board::Running {
+                phase: "cutting",
+                generation: work.generation + 1,
+                dirty_bytes: 0,
+                started: t0,
+            })
+        });
+        let r = self.sync_locked(&mut work, only, timeout, t0);
+        self.board.update(|v| v.running = None);
+        r
+    }
+
+    fn sync_locked(
+        &self,
+        work: &mut Work,
+        only: &[String],
+        timeout: Duration,
+        t0: Instant,
+    ) -> Result<Report> {
         // Writes that bypassed the mount, reported up to now, join this sync point.
         self.outside.drain(&self.tracker, true);
         let only: Option<HashSet<PathBuf>> =
@@ -389,9 +474,14 @@ impl Engine {
                 Window::open(&root, &paths, &spill, COW_MEMORY).map(Some)
             })
             .context("cannot open the copy-before-write window")?;
-        let window = window.expect("opened above");
+        let window = Arc::new(window.expect("opened above"));
         let dirty_bytes: u64 = frozen.dirty.values().map(|r| r.covered_bytes()).sum();
-        let cut = match self.cut(&mut inner, &frozen, only.as_ref(), &window) {
+        self.board.update(|v| {
+            if let Some(r) = &mut v.running {
+                r.dirty_bytes = dirty_bytes;
+            }
+        });
+        let changed = match self.cut(work, &frozen, only.as_ref(), &window) {
             Ok(c) => c,
             Err(e) => {
                 self.tracker.close_window();
@@ -404,7 +494,7 @@ impl Engine {
             window
                 .images()
                 .iter()
-                .filter(|(p, _)| !inner.broken.contains_key(*p))
+                .filter(|(p, _)| !work.broken.contains_key(*p))
                 .map(|(p, i)| (p.clone(), i.stamp()))
                 .collect(),
         );
@@ -413,7 +503,7 @@ impl Engine {
         if let Err(e) = self.tracker.commit(frozen) {
             log::warn!("intent log compaction failed (the marks stay): {e}");
         }
-        for p in &mut inner.peers {
+        for p in &mut work.peers {
             for (path, set) in &frozen_dirty {
                 if let Some(s) = path.to_str() {
                     p.known
@@ -426,18 +516,19 @@ impl Engine {
         }
         let rechunk_ms = t0.elapsed().as_millis() as u64;
         let generation = Arc::new(Generation {
-            number: inner.generation,
-            group_root: inner.group_root,
-            images: inner.images.clone(),
+            number: work.generation,
+            group_root: work.group_root,
+            images: work.images.clone(),
         });
         log::info!(
             "sync point: generation {} ({} images, {} dirty bytes, {} changed) cut in {rechunk_ms} ms",
             generation.number,
             generation.images.len(),
             dirty_bytes,
-            cut
+            changed
         );
-        let outcomes = self.ship_all(&mut inner, &generation, timeout, &window);
+        self.publish_cut(work);
+        let outcomes = self.ship_all(work, &generation, timeout, &window);
         let saved = window.saved_bytes();
         self.tracker.close_window();
         drop(window);
@@ -448,21 +539,19 @@ impl Engine {
         // A replica numbered this generation higher (this primary had lost count): go on from
         // there.
         if let Some(n) = outcomes.iter().map(|o| o.generation).max()
-            && n > inner.generation
+            && n > work.generation
         {
-            inner.generation = n;
-            let rec = GenRecord {
+            work.generation = n;
+            GenRecord {
                 generation: n,
-                group_root: hex(&inner.group_root),
-            };
-            durable::write_atomic(
-                &self.state.join("active").join("generation.json"),
-                &serde_json::to_vec(&rec)?,
-            )?;
+                group_root: hex(&work.group_root),
+            }
+            .write(&self.active_record())?;
+            self.board.update(|v| v.generation = n);
         }
         let sum = |f: fn(&PeerOutcome) -> u64| outcomes.iter().map(f).sum::<u64>();
         let report = Report {
-            generation: inner.generation,
+            generation: work.generation,
             root: hex(&generation.group_root),
             images: generation.images.len(),
             dirty_bytes,
@@ -476,141 +565,77 @@ impl Engine {
             required: self.required,
             replicas: outcomes,
         };
-        inner.last_sync = Some(serde_json::to_value(&report)?);
+        let last = serde_json::to_value(&report)?;
+        self.board.update(|v| v.last_sync = Some(last));
         Ok(report)
     }
 
-    /// Cuts a new generation: applies namespace events, re-chunks what changed, saves the
-    /// active manifests. Returns how many images changed.
+    /// Cuts a new generation (see `cut.rs`) and saves it as the active one. Returns how many
+    /// images changed.
     fn cut(
         &self,
-        inner: &mut Inner,
+        work: &mut Work,
         frozen: &FrozenChanges,
         only: Option<&HashSet<PathBuf>>,
         window: &Window,
     ) -> Result<usize> {
-        let active_dir = self.state.join("active");
-        let mdir = active_dir.join("manifests");
-        let before: HashSet<String> = inner.images.keys().cloned().collect();
-
-        for ev in &frozen.events {
-            match ev {
-                NsEvent::Renamed { from, to } => {
-                    let (Some(from), Some(to)) = (from.to_str(), to.to_str()) else {
-                        continue;
-                    };
-                    let moved: Vec<String> = inner
-                        .images
-                        .keys()
-                        .filter(|k| Path::new(k).starts_with(from))
-                        .cloned()
-                        .collect();
-                    for old in moved {
-                        let new =
-                            crate::dirty::rebase(Path::new(&old), Path::new(from), Path::new(to))
-                                .expect("filtered by prefix");
-                        let m = inner.images.remove(&old).expect("listed");
-                        remove_manifest(&mdir, &old);
-                        inner.images.insert(new.to_string_lossy().into_owned(), m);
-                    }
-                }
-                NsEvent::Removed { path } => {
-                    let Some(p) = path.to_str() else { continue };
-                    inner.images.retain(|k, _| !Path::new(k).starts_with(p));
-                }
-            }
-        }
-        let present: Vec<String> = window.images().keys().cloned().collect();
-        let present_set: HashSet<&String> = present.iter().collect();
-        let mut broken: BTreeMap<String, String> = window
-            .failed()
-            .iter()
-            .map(|(p, e)| (p.clone(), format!("cannot open it: {e}")))
-            .collect();
-        for k in inner.images.keys() {
-            if present_set.contains(k) || broken.contains_key(k) {
-                continue;
-            }
-            match fs::symlink_metadata(self.root.join(k)) {
-                Ok(m) => {
-                    broken.insert(k.clone(), format!("it is now a {}", kind_of(&m)));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {} // removed
-                Err(e) => {
-                    broken.insert(k.clone(), format!("cannot look it up: {e}"));
-                }
-            }
-        }
-        // Removed images leave the generation; broken ones keep their last manifest.
-        inner
-            .images
-            .retain(|k, _| present_set.contains(k) || broken.contains_key(k));
-
-        let mut changed = 0;
-        for path in &present {
-            if only.is_some_and(|o| !o.contains(Path::new(path))) && inner.images.contains_key(path)
-            {
-                continue;
-            }
-            let src = &**window.images().get(path).expect("listed from the window");
-            let dirty: Vec<std::ops::Range<u64>> = frozen
-                .dirty
-                .get(Path::new(path))
-                .map(|r| r.to_vec())
-                .unwrap_or_default();
-            let new = match inner.images.get(path) {
-                Some(stale) if dirty.is_empty() && stale.size() == src.size() => continue,
-                Some(stale) => rechunk(stale, src, &dirty).map(|r| r.0),
-                None => chunk_full(src, self.params).map(|r| r.0),
-            };
-            let new = match new {
-                Ok(m) => m,
-                Err(e) => {
-                    broken.insert(path.clone(), format!("cannot read it: {e}"));
-                    continue;
-                }
-            };
-            if inner
-                .images
-                .get(path)
-                .is_some_and(|s| s.root() == new.root())
-            {
-                continue;
-            }
-            save_manifest(&mdir, path, &new)?;
-            inner.images.insert(path.clone(), Arc::new(new));
-            changed += 1;
-        }
-        // Manifests of images that are gone.
-        for m in before.difference(&inner.images.keys().cloned().collect()) {
-            remove_manifest(&mdir, m);
-        }
-        self.report_broken(inner, broken, frozen);
-        inner.generation += 1;
-        inner.group_root = group_root(&inner.images);
-        let rec = GenRecord {
-            generation: inner.generation,
-            group_root: hex(&inner.group_root),
+        let root = self.root.clone();
+        let lookup = move |k: &str| match fs::symlink_metadata(root.join(k)) {
+            Ok(m) => Some(format!("it is now a {}", kind_of(&m))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => Some(format!("cannot look it up: {e}")),
         };
-        durable::write_atomic(
-            &active_dir.join("generation.json"),
-            &serde_json::to_vec(&rec)?,
-        )?;
-        Ok(changed)
+        let images = cut::Images {
+            present: window
+                .images()
+                .iter()
+                .map(|(k, v)| (k.clone(), &**v as &dyn Source))
+                .collect(),
+            failed: window
+                .failed()
+                .iter()
+                .map(|(k, e)| (k.clone(), e.to_string()))
+                .collect(),
+            lookup: &lookup,
+        };
+        let changes = cut::Changes {
+            dirty: &frozen.dirty,
+            events: &frozen.events,
+            only,
+        };
+        let c = cut::cut(&work.images, &changes, &images, self.params);
+        let active = self.active();
+        for name in &c.changed {
+            active.save(name, &c.images[name])?;
+        }
+        for name in &c.gone {
+            active.remove(name);
+        }
+        self.report_broken(work, c.broken, frozen);
+        work.images = c.images;
+        work.generation += 1;
+        work.group_root = group_root(&work.images);
+        GenRecord {
+            generation: work.generation,
+            group_root: hex(&work.group_root),
+        }
+        .write(&self.active_record())?;
+        Ok(c.changed.len())
     }
 
     /// Says which images became unreadable or readable again, and keeps the changes frozen
     /// for the unreadable ones (their manifests did not take them) for a later sync point.
     fn report_broken(
         &self,
-        inner: &mut Inner,
+        work: &mut Work,
         broken: BTreeMap<String, String>,
         frozen: &FrozenChanges,
     ) {
         for (path, why) in &broken {
-            if inner.broken.get(path) != Some(why) {
+            if work.broken.get(path) != Some(why) {
                 log::warn!(
-                    "{}: {why}: not a readable image; the replicas keep its last generation and                      the other images go on replicating",
+                    "{}: {why}: not a readable image; the replicas keep its last generation and \
+                     the other images go on replicating",
                     self.root.join(path).display()
                 );
             }
@@ -625,24 +650,47 @@ impl Engine {
                 }
             }
         }
-        for path in inner.broken.keys().filter(|p| !broken.contains_key(*p)) {
+        for path in work.broken.keys().filter(|p| !broken.contains_key(*p)) {
             log::info!("{}: readable again", self.root.join(path).display());
         }
-        inner.broken = broken;
+        work.broken = broken;
+    }
+
+    /// A new generation was cut: status shows it, and what each replica lacks of it.
+    fn publish_cut(&self, work: &Work) {
+        let lacks: Vec<BTreeMap<String, u64>> = work
+            .peers
+            .iter()
+            .map(|p| behind(&work.images, &p.known.manifests))
+            .collect();
+        self.board.update(|v| {
+            v.generation = work.generation;
+            v.root = work.group_root;
+            v.broken = work.broken.clone();
+            if let Some(r) = &mut v.running {
+                r.phase = "shipping";
+            }
+            for (r, lacks) in v.replicas.iter_mut().zip(lacks) {
+                if lacks.is_empty() && matches!(r.state, State::Behind) {
+                    r.state = State::Committed;
+                }
+                r.behind = lacks;
+            }
+        });
     }
 
     /// The images of the last generation cut.
     pub fn image_names(&self) -> BTreeSet<String> {
-        self.inner.lock().images.keys().cloned().collect()
+        self.work.lock().images.keys().cloned().collect()
     }
 
     /// `ferry verify --primary`: re-hashes every image against its active manifest (see
     /// `verify.rs`). With `repair`, marks what differs dirty, so the next sync point ships it.
     pub fn verify_primary(&self, repair: bool) -> Value {
-        let inner = self.inner.lock();
+        let work = self.work.lock();
         let mut checks: Vec<verify::ImageCheck> = Vec::new();
-        for (path, m) in &inner.images {
-            if let Some(why) = inner.broken.get(path) {
+        for (path, m) in &work.images {
+            if let Some(why) = work.broken.get(path) {
                 checks.push(verify::ImageCheck {
                     path: path.clone(),
                     error: Some(why.clone()),
@@ -682,32 +730,33 @@ impl Engine {
         json!({
             "matches": ok,
             "repaired": repair && !ok,
-            "generation": inner.generation,
+            "generation": work.generation,
             "images": checks,
         })
     }
 
-    /// Ships a generation to every peer at once; returns their outcomes.
+    /// Ships a generation to every selected peer at once and probes the others; returns the
+    /// outcomes of the shipments.
     fn ship_all(
         &self,
-        inner: &mut Inner,
+        work: &mut Work,
         g: &Arc<Generation>,
         timeout: Duration,
         window: &Arc<Window>,
     ) -> Vec<PeerOutcome> {
-        let Some(ep) = &self.endpoint else {
+        let Some(net) = &self.net else {
             return vec![];
         };
         let src: Arc<dyn ChunkSource + Send + Sync> = Arc::new(Frozen(window.clone()));
-        self.choose(inner);
-        let probes: Vec<(usize, SocketAddr)> = inner
+        self.choose(work);
+        let probes: Vec<(usize, SocketAddr)> = work
             .peers
             .iter()
             .enumerate()
             .filter(|(_, p)| !p.selected)
             .map(|(i, p)| (i, p.addr))
             .collect();
-        let jobs: Vec<_> = inner
+        let jobs: Vec<_> = work
             .peers
             .iter()
             .filter(|p| p.selected)
@@ -718,232 +767,259 @@ impl Engine {
             })
             .collect();
         let (node, params) = (self.node.clone(), self.params);
-        let results = self.rt.block_on(async {
+        let (shipped, probed) = net.rt.block_on(async {
             let futs = jobs.into_iter().map(|(name, addr, known, buckets)| {
-                let src = src.clone();
-                let ep = ep.clone();
-                let g = g.clone();
-                let node = node.clone();
-                async move {
-                    let t = Instant::now();
-                    let deadline = tokio::time::Instant::now() + timeout;
-                    let mut backoff = Duration::from_millis(200);
-                    let mut attempts = 0u32;
-                    let mut last_contact = tokio::time::Instant::now();
-                    let total = ShipStats::default();
-                    loop {
-                        attempts += 1;
-                        let stats = Arc::new(ShipStats::default());
-                        let (session, hello) =
-                            PrimarySession::new(&node, 0, params, g.clone(), known.clone());
-                        let r = tokio::time::timeout_at(
-                            deadline,
-                            ship(
-                                &ep,
-                                addr,
-                                session,
-                                hello,
-                                src.clone(),
-                                stats.clone(),
-                                buckets.clone(),
-                            ),
-                        )
-                        .await;
-                        total.add(&stats);
-                        let err = match r {
-                            Ok(Ok(acked)) => {
-                                break (name, Ok(acked), total, stats, attempts, t.elapsed());
-                            }
-                            Ok(Err(ShipError::Transport(e))) => {
-                                last_contact = tokio::time::Instant::now();
-                                e
-                            }
-                            Ok(Err(ShipError::Unreachable(e)))
-                                if last_contact.elapsed() < UNREACHABLE_GIVE_UP =>
-                            {
-                                e
-                            }
-                            Ok(Err(ShipError::Unreachable(e))) => {
-                                let e = anyhow!(
-                                    "{e:#} (unreachable for {} s)",
-                                    UNREACHABLE_GIVE_UP.as_secs()
-                                );
-                                break (name, Err(e), total, stats, attempts, t.elapsed());
-                            }
-                            Ok(Err(e)) => {
-                                break (name, Err(anyhow!(e)), total, stats, attempts, t.elapsed());
-                            }
-                            Err(_) => {
-                                let e =
-                                    anyhow!("no acknowledgement within {} s", timeout.as_secs());
-                                break (name, Err(e), total, stats, attempts, t.elapsed());
-                            }
-                        };
-                        if tokio::time::Instant::now() + backoff >= deadline {
-                            break (name, Err(err), total, stats, attempts, t.elapsed());
-                        }
-                        log::warn!(
-                            "{name}: attempt {attempts} failed ({err:#}); retrying in {backoff:?}"
-                        );
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                    }
-                }
+                let how = Shipment {
+                    src: src.clone(),
+                    stats: Arc::new(ShipStats::default()),
+                    buckets,
+                    tamper: None,
+                };
+                let drive = Drive {
+                    ep: net.ep.clone(),
+                    board: self.board.clone(),
+                    node: node.clone(),
+                    params,
+                };
+                drive.run(name, addr, g.clone(), known, how, timeout)
             });
             let probed = futures_join_all(probes.into_iter().map(|(i, addr)| {
-                let ep = ep.clone();
+                let ep = net.ep.clone();
                 async move {
                     let r =
                         tokio::time::timeout(Duration::from_secs(5), ship::probe(&ep, addr)).await;
                     (i, r.ok().and_then(|r| r.ok()))
                 }
             }));
-            let shipped = futures_join_all(futs);
-            let (shipped, probed) = tokio::join!(shipped, probed);
-            for (i, rtt) in probed {
-                let p = &mut inner.peers[i];
-                match rtt {
-                    Some(rtt) => {
-                        p.rtt = Some(rtt);
-                        p.failing_since = None;
-                    }
-                    None => {
-                        p.failing_since.get_or_insert_with(Instant::now);
-                    }
-                }
-            }
-            shipped
+            tokio::join!(futures_join_all(futs), probed)
         });
-        let mut out = Vec::new();
-        for (name, r, stats, last, attempts, took) in results {
-            let peer = inner
-                .peers
-                .iter_mut()
-                .find(|p| p.name == name)
-                .expect("a peer");
-            let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-            let mut o = PeerOutcome {
-                name: name.clone(),
-                state: "committed".into(),
-                generation: g.number,
-                root: None,
-                error: None,
-                bytes_sent: n(&stats.bytes_sent),
-                chunks_sent: n(&stats.chunks_sent),
-                patches_sent: n(&stats.patches_sent),
-                wire_bytes: n(&stats.wire_bytes),
-                duration_ms: took.as_millis() as u64,
-                attempts,
-                last_attempt_bytes: n(&last.bytes_sent),
-                at: Some(SystemTime::now()),
-            };
-            match r {
-                Ok(acked) => {
-                    o.root = Some(hex(&acked.group_root));
-                    o.generation = acked.generation;
-                    peer.failing_since = None;
-                    let rtt = n(&last.rtt_us);
-                    if rtt > 0 {
-                        peer.rtt = Some(Duration::from_micros(rtt));
-                    }
-                    if o.bytes_sent >= 1 << 20 && o.duration_ms > 0 {
-                        peer.throughput = Some(o.bytes_sent as f64 * 1000.0 / o.duration_ms as f64);
-                    }
-                    if let Err(e) = self.remember(peer, g, acked.generation) {
-                        log::warn!("{name}: acknowledged, but its state could not be saved: {e:#}");
-                    }
-                    log::info!(
-                        "{name}: committed generation {} ({} bytes in {} chunks and {} patches, {} ms)",
-                        g.number,
-                        o.bytes_sent,
-                        o.chunks_sent,
-                        o.patches_sent,
-                        o.duration_ms
-                    );
+        for (i, rtt) in probed {
+            let p = &mut work.peers[i];
+            match rtt {
+                Some(rtt) => {
+                    p.rtt = Some(rtt);
+                    p.failing_since = None;
                 }
-                Err(e) => {
-                    peer.failing_since.get_or_insert_with(Instant::now);
-                    log::warn!("{name}: generation {} not committed: {e:#}", g.number);
-                    o.state = "failed".into();
-                    o.error = Some(format!("{e:#}"));
+                None => {
+                    p.failing_since.get_or_insert_with(Instant::now);
                 }
             }
-            peer.last = Some(o.clone());
-            out.push(o);
         }
+        let out: Vec<PeerOutcome> = shipped
+            .into_iter()
+            .map(|s| self.outcome(work, g, s))
+            .collect();
+        self.publish_peers(work);
         out
     }
 
-    /// A replica acknowledged `g`: it is that replica's new base.
-    fn remember(&self, peer: &mut Peer, g: &Generation, number: u64) -> Result<()> {
-        let dir = self.state.join("peers").join(&peer.name);
-        let mdir = dir.join("manifests");
-        for (path, m) in &g.images {
-            if peer
-                .known
-                .manifests
-                .get(path)
-                .is_none_or(|k| k.root() != m.root())
-            {
-                save_manifest(&mdir, path, m)?;
+    /// Learns from one shipment's end: the replica's new base, or its failure.
+    fn outcome(&self, work: &mut Work, g: &Generation, s: Shipped) -> PeerOutcome {
+        let peer = work
+            .peers
+            .iter_mut()
+            .find(|p| p.name == s.name)
+            .expect("a peer");
+        let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let mut o = PeerOutcome {
+            name: s.name.clone(),
+            state: "committed".into(),
+            generation: g.number,
+            root: None,
+            cause: None,
+            error: None,
+            bytes_sent: n(&s.total.bytes_sent),
+            chunks_sent: n(&s.total.chunks_sent),
+            patches_sent: n(&s.total.patches_sent),
+            wire_bytes: n(&s.total.wire_bytes),
+            duration_ms: s.took.as_millis() as u64,
+            attempts: s.attempts,
+            last_attempt_bytes: n(&s.last.bytes_sent),
+        };
+        match s.result {
+            Ok(acked) => {
+                o.root = Some(hex(&acked.group_root));
+                o.generation = acked.generation;
+                peer.failing_since = None;
+                peer.down_since = None;
+                let rtt = n(&s.last.rtt_us);
+                if rtt > 0 {
+                    peer.rtt = Some(Duration::from_micros(rtt));
+                }
+                if o.bytes_sent >= 1 << 20 && o.duration_ms > 0 {
+                    peer.throughput = Some(o.bytes_sent as f64 * 1000.0 / o.duration_ms as f64);
+                }
+                if let Err(e) = remember(&self.state, peer, g, acked.generation) {
+                    log::warn!(
+                        "{}: acknowledged, but its state could not be saved: {e:#}",
+                        s.name
+                    );
+                }
+                log::info!(
+                    "{}: committed generation {} ({} bytes in {} chunks and {} patches, {} ms)",
+                    s.name,
+                    g.number,
+                    o.bytes_sent,
+                    o.chunks_sent,
+                    o.patches_sent,
+                    o.duration_ms
+                );
+                self.board.replica(&s.name, |r| {
+                    r.generation = acked.generation;
+                    r.root = Some(acked.group_root);
+                    r.committed_at = Some(SystemTime::now());
+                    r.state = State::Committed;
+                });
+            }
+            Err(cause) => {
+                peer.failing_since.get_or_insert_with(Instant::now);
+                let since = *peer
+                    .down_since
+                    .get_or_insert(s.failed_since.unwrap_or_else(SystemTime::now));
+                log::warn!("{}: generation {} not committed: {cause}", s.name, g.number);
+                o.state = "failed".into();
+                o.cause = Some(cause.code());
+                o.error = Some(cause.to_string());
+                self.board.replica(&s.name, |r| {
+                    r.state = State::Failing { since, cause };
+                });
             }
         }
-        for old in peer.known.manifests.keys() {
-            if !g.images.contains_key(old) {
-                remove_manifest(&mdir, old);
-            }
-        }
-        let rec = GenRecord {
-            generation: number,
-            group_root: hex(&g.group_root),
-        };
-        durable::write_atomic(&dir.join("generation.json"), &serde_json::to_vec(&rec)?)?;
-        peer.known = PeerKnowledge {
-            generation: number,
-            manifests: g.images.clone(),
-            dirty: BTreeMap::new(),
-        };
-        Ok(())
+        let last = serde_json::to_value(&o).ok();
+        self.board.replica(&s.name, |r| r.last = last);
+        o
     }
 
-    /// Status for `ferry status`.
-    pub fn status(&self) -> Value {
-        let inner = self.inner.lock();
-        let peers: Vec<Value> = inner
-            .peers
-            .iter()
-            .map(|p| {
-                json!({
-                    "name": p.name,
-                    "addr": p.addr.to_string(),
-                    "zone": p.zone,
-                    "selected": p.selected,
-                    "reason": p.reason,
-                    "healthy": p.failing_since.is_none(),
-                    "failing_for_s": p.failing_since.map(|t| t.elapsed().as_secs()),
-                    "rtt_ms": p.rtt.map(|r| r.as_secs_f64() * 1000.0),
-                    "throughput_bytes_per_s": p.throughput,
+    /// Health, selection and what each replica lacks, after a sync's shipments.
+    fn publish_peers(&self, work: &Work) {
+        for p in &work.peers {
+            let lacks = behind(&work.images, &p.known.manifests);
+            self.board.replica(&p.name, |r| {
+                r.selected = p.selected;
+                r.reason = p.reason.clone();
+                r.failing_since = p.failing_since;
+                r.rtt = p.rtt;
+                r.throughput = p.throughput;
+                r.behind = lacks;
+                if !p.selected && !matches!(r.state, State::Committed | State::Failing { .. }) {
+                    r.state = State::Behind;
+                }
+            });
+        }
+    }
 
-                    "generation": p.known.generation,
-                    "lag_generations": inner.generation.saturating_sub(p.known.generation),
-                    "last": p.last,
-                })
-            })
-            .collect();
-        json!({
-            "generation": inner.generation,
-            "root": hex(&inner.group_root),
-            "required": self.required,
-            "replicas": peers,
-            "last_sync": inner.last_sync,
-            "broken": inner
-                .broken
-                .iter()
-                .map(|(p, r)| json!({"path": p, "reason": r}))
-                .collect::<Vec<_>>(),
-            "outside": self.outside.findings(),
-            "outside_watch": self.outside.watching(),
-        })
+    /// Status for `ferry status`: a copy of the board, never waiting for a sync.
+    pub fn status(&self) -> Value {
+        let mut v = self.board.json();
+        v["outside"] = serde_json::to_value(self.outside.findings()).unwrap_or_default();
+        v["outside_watch"] = self.outside.watching().into();
+        v
+    }
+}
+
+/// A replica acknowledged `g`: it is that replica's new base.
+fn remember(state: &Path, peer: &mut Peer, g: &Generation, number: u64) -> Result<()> {
+    let dir = state.join("peers").join(&peer.name);
+    let mdir = ManifestDir::new(dir.join("manifests"));
+    for (path, m) in &g.images {
+        if peer
+            .known
+            .manifests
+            .get(path)
+            .is_none_or(|k| k.root() != m.root())
+        {
+            mdir.save(path, m)?;
+        }
+    }
+    for old in peer.known.manifests.keys() {
+        if !g.images.contains_key(old) {
+            mdir.remove(old);
+        }
+    }
+    GenRecord {
+        generation: number,
+        group_root: hex(&g.group_root),
+    }
+    .write(&dir.join("generation.json"))?;
+    peer.known = PeerKnowledge {
+        generation: number,
+        manifests: g.images.clone(),
+        dirty: BTreeMap::new(),
+    };
+    Ok(())
+}
+
+/// Drives one replica's shipment: connects and ships, and asks the [`Link`] what to do after
+/// each failure; publishes every attempt on the board.
+struct Drive {
+    ep: quinn::Endpoint,
+    board: Arc<Board>,
+    node: String,
+    params: ChunkParams,
+}
+
+impl Drive {
+    async fn run(
+        self,
+        name: String,
+        addr: SocketAddr,
+        g: Arc<Generation>,
+        known: PeerKnowledge,
+        how: Shipment,
+        timeout: Duration,
+    ) -> Shipped {
+        let t = Instant::now();
+        let mut link = Link::new(Policy::new(timeout), t);
+        let total = ShipStats::default();
+        let mut first_failure: Option<SystemTime> = None;
+        let (result, last) = loop {
+            let attempt = link.attempt();
+            let started = SystemTime::now();
+            let how = Shipment {
+                stats: Arc::new(ShipStats::default()),
+                ..how.clone()
+            };
+            self.board.replica(&name, |r| {
+                r.state = State::Shipping {
+                    generation: g.number,
+                    attempt,
+                    stats: how.stats.clone(),
+                }
+            });
+            let (session, hello) =
+                PrimarySession::new(&self.node, 0, self.params, g.clone(), known.clone());
+            let deadline = tokio::time::Instant::from_std(link.deadline());
+            let r =
+                tokio::time::timeout_at(deadline, ship(&self.ep, addr, session, hello, &how)).await;
+            total.add(&how.stats);
+            let cause = match r {
+                Ok(Ok(acked)) => break (Ok(acked), how.stats),
+                Ok(Err(c)) => c,
+                Err(_) => Cause::Timeout(timeout),
+            };
+            match link.failed(cause.clone(), Instant::now()) {
+                Next::Retry(wait) => {
+                    log::warn!("{name}: attempt {attempt} failed ({cause}); retrying in {wait:?}");
+                    let since = *first_failure.get_or_insert(started);
+                    self.board
+                        .replica(&name, |r| r.state = State::Failing { since, cause });
+                    tokio::time::sleep(wait).await;
+                }
+                Next::GiveUp(c) => {
+                    first_failure.get_or_insert(started);
+                    break (Err(c), how.stats);
+                }
+            }
+        };
+        Shipped {
+            name,
+            result,
+            total,
+            last,
+            attempts: link.attempts(),
+            took: t.elapsed(),
+            failed_since: first_failure,
+        }
     }
 }
 
@@ -982,8 +1058,8 @@ where
 
 impl Engine {
     /// Applies the secondary selection policy to the peers (see `select.rs`).
-    fn choose(&self, inner: &mut Inner) {
-        let cands: Vec<select::Candidate> = inner
+    fn choose(&self, work: &mut Work) {
+        let cands: Vec<select::Candidate> = work
             .peers
             .iter()
             .map(|p| select::Candidate {
@@ -996,7 +1072,7 @@ impl Engine {
             })
             .collect();
         let choices = select::select(&cands, self.required, self.failover_after, Instant::now());
-        for (p, c) in inner.peers.iter_mut().zip(choices) {
+        for (p, c) in work.peers.iter_mut().zip(choices) {
             if p.selected != c.selected {
                 log::info!(
                     "{}: {} ({})",

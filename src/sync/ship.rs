@@ -9,8 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::anyhow;
 
 use super::bucket::{Bucket, pace};
+use super::link::Cause;
 use crate::net::transport::{ConnectError, connect, read_frame, refused_by_tls, write_frame};
-use crate::wire::frame::Frame;
+use crate::wire::frame::{Frame, Refusal};
 use crate::wire::primary::{Acked, ChunkSource, Job, Out, PrimarySession, make_frame};
 
 /// Data streams per connection.
@@ -27,6 +28,9 @@ pub struct ShipStats {
     pub wire_bytes: AtomicU64,
     /// The connection's round-trip time estimate at the end, in microseconds.
     pub rtt_us: AtomicU64,
+    /// Bytes of image the replica asked for, and how many of them were sent (for progress).
+    pub planned_bytes: AtomicU64,
+    pub done_bytes: AtomicU64,
 }
 
 impl ShipStats {
@@ -37,6 +41,8 @@ impl ShipStats {
             (&self.chunks_sent, &o.chunks_sent),
             (&self.patches_sent, &o.patches_sent),
             (&self.wire_bytes, &o.wire_bytes),
+            (&self.planned_bytes, &o.planned_bytes),
+            (&self.done_bytes, &o.done_bytes),
         ] {
             a.fetch_add(b.load(Ordering::Relaxed), Ordering::Relaxed);
         }
@@ -45,18 +51,17 @@ impl ShipStats {
 
 type Session = Arc<parking_lot::Mutex<PrimarySession>>;
 
-/// Why a shipment failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ShipError {
-    /// No connection could be made: worth retrying for a while.
-    #[error("{0:#}")]
-    Unreachable(anyhow::Error),
-    /// The connection was lost: worth retrying.
-    #[error("{0:#}")]
-    Transport(anyhow::Error),
-    /// The replica refused or the session broke its rules: retrying would not help.
-    #[error("{0}")]
-    Session(String),
+/// Changes a data frame after it was made (tests only: a corrupted chunk proves the replica's
+/// check).
+pub type Tamper = Arc<dyn Fn(&mut Frame) + Send + Sync>;
+
+/// What one shipment reads from, counts into and is paced by.
+#[derive(Clone)]
+pub struct Shipment {
+    pub src: Arc<dyn ChunkSource + Send + Sync>,
+    pub stats: Arc<ShipStats>,
+    pub buckets: Vec<Arc<Bucket>>,
+    pub tamper: Option<Tamper>,
 }
 
 /// Runs a session to completion against the replica at `addr`.
@@ -65,78 +70,88 @@ pub async fn ship(
     addr: SocketAddr,
     session: PrimarySession,
     hello: Frame,
-    src: Arc<dyn ChunkSource + Send + Sync>,
-    stats: Arc<ShipStats>,
-    buckets: Vec<Arc<Bucket>>,
-) -> Result<Acked, ShipError> {
+    how: &Shipment,
+) -> Result<Acked, Cause> {
     let conn = connect(ep, addr).await.map_err(|e| match e {
-        e @ ConnectError::Trust { .. } => ShipError::Session(e.to_string()),
-        e => ShipError::Unreachable(e.into()),
+        e @ ConnectError::Trust { .. } => Cause::Trust(e.to_string()),
+        e => Cause::Unreachable(e.to_string()),
     })?;
-    let r = match run(&conn, session, hello, src, &stats, &buckets).await {
-        Err(ShipError::Transport(e)) if refused_by_tls(&e) => Err(ShipError::Session(format!(
-            "{addr} refused this node's certificate ({e:#}): pin this node's fingerprint \
-             (ferry id) in the replica's primaries"
-        ))),
-        r => r,
-    };
-
+    let r = run(&conn, session, hello, how).await;
+    let stats = &how.stats;
     stats
         .wire_bytes
         .fetch_add(conn.stats().udp_tx.bytes, Ordering::Relaxed);
     stats
         .rtt_us
         .store(conn.rtt().as_micros() as u64, Ordering::Relaxed);
-
     conn.close(0u32.into(), b"done");
-    r
+    r.map_err(|e| match e {
+        Cause::Trust(m) => Cause::Trust(format!(
+            "{addr} refused this node's certificate ({m}): pin this node's fingerprint \
+             (ferry id) in the replica's primaries"
+        )),
+        e => e,
+    })
 }
 
-/// Test hook: `FERRY_FAULT=corrupt-chunk` in the primary's environment flips one byte of the
-/// first chunk it sends (after hashing), to prove the replica refuses it.
-fn corrupt_once() -> bool {
-    static ARMED: std::sync::OnceLock<std::sync::atomic::AtomicBool> = std::sync::OnceLock::new();
-    ARMED
-        .get_or_init(|| {
-            std::sync::atomic::AtomicBool::new(
-                std::env::var("FERRY_FAULT").as_deref() == Ok("corrupt-chunk"),
-            )
-        })
-        .swap(false, Ordering::Relaxed)
+/// A lost connection; or a refusal by the TLS layer (the peer refused our certificate after
+/// the handshake looked complete: TLS 1.3 checks the client last).
+fn lost(e: anyhow::Error) -> Cause {
+    if refused_by_tls(&e) {
+        Cause::Trust(format!("{e:#}"))
+    } else {
+        Cause::Lost(format!("{e:#}"))
+    }
 }
 
 async fn run(
     conn: &quinn::Connection,
     session: PrimarySession,
     hello: Frame,
-    src: Arc<dyn ChunkSource + Send + Sync>,
-    stats: &Arc<ShipStats>,
-    buckets: &[Arc<Bucket>],
-) -> Result<Acked, ShipError> {
-    let t = ShipError::Transport;
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| t(e.into()))?;
-    write_frame(&mut send, &hello).await.map_err(t)?;
+    how: &Shipment,
+) -> Result<Acked, Cause> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(e.into()))?;
+    write_frame(&mut send, &hello).await.map_err(lost)?;
     let session: Session = Arc::new(parking_lot::Mutex::new(session));
     loop {
         let f = read_frame(&mut recv)
             .await
-            .map_err(t)?
-            .ok_or_else(|| t(anyhow!("replica closed the session")))?;
+            .map_err(lost)?
+            .ok_or_else(|| lost(anyhow!("replica closed the session")))?;
         let outs = session.lock().handle(f);
         for o in outs {
             match o {
-                Out::Send(f) => write_frame(&mut send, &f).await.map_err(t)?,
+                Out::Send(f) => write_frame(&mut send, &f).await.map_err(lost)?,
                 Out::Jobs => {
-                    send_data(conn, &session, &src, stats, buckets).await?;
+                    let planned = session.lock().pending_bytes();
+                    how.stats
+                        .planned_bytes
+                        .fetch_add(planned, Ordering::Relaxed);
+                    if let Err(e) = send_data(conn, &session, how).await {
+                        return Err(refusal_behind(&mut recv, e).await);
+                    }
                     let commit = session.lock().data_sent();
                     if let Some(c) = commit {
-                        write_frame(&mut send, &c).await.map_err(t)?;
+                        write_frame(&mut send, &c).await.map_err(lost)?;
                     }
                 }
                 Out::Done(Ok(acked)) => return Ok(acked),
-                Out::Done(Err(e)) => return Err(ShipError::Session(e)),
+                Out::Done(Err(e)) => return Err(e.into()),
             }
         }
+    }
+}
+
+/// A replica that refuses mid-transfer (a full disk, a corrupt chunk) stops reading the data
+/// streams and says why on the control stream: that reason, if it comes within a moment, is
+/// the cause, not the stopped stream.
+async fn refusal_behind(recv: &mut quinn::RecvStream, e: Cause) -> Cause {
+    if !matches!(e, Cause::Lost(_)) {
+        return e;
+    }
+    match tokio::time::timeout(std::time::Duration::from_secs(2), read_frame(recv)).await {
+        Ok(Ok(Some(Frame::Refuse { code, reason }))) => Cause::Refused(Refusal { code, reason }),
+        _ => e,
     }
 }
 
@@ -144,44 +159,33 @@ async fn run(
 async fn send_data(
     conn: &quinn::Connection,
     session: &Session,
-    src: &Arc<dyn ChunkSource + Send + Sync>,
-    stats: &Arc<ShipStats>,
-    buckets: &[Arc<Bucket>],
-) -> Result<(), ShipError> {
+    how: &Shipment,
+) -> Result<(), Cause> {
     let mut tasks = Vec::new();
     for _ in 0..STREAMS {
-        let mut uni = conn
-            .open_uni()
-            .await
-            .map_err(|e| ShipError::Transport(e.into()))?;
+        let mut uni = conn.open_uni().await.map_err(|e| lost(e.into()))?;
         let session = session.clone();
-        let src = src.clone();
-        let stats = stats.clone();
-        let buckets = buckets.to_vec();
+        let how = how.clone();
         tasks.push(tokio::spawn(async move {
             loop {
                 let job = session.lock().next_job();
                 let Some(job) = job else { break };
-                let src = src.clone();
-                let is_patch = matches!(job, Job::Patch { .. });
+                let src = how.src.clone();
+                let (is_patch, len) = (matches!(job, Job::Patch { .. }), job.bytes());
                 let (mut frame, n) = tokio::task::spawn_blocking(move || make_frame(&job, &*src))
                     .await
-                    .map_err(|e| ShipError::Session(e.to_string()))?
-                    .map_err(ShipError::Session)?;
-                if let Frame::Chunk { data, .. } = &mut frame
-                    && !data.is_empty()
-                    && corrupt_once()
-                {
-                    log::warn!("FERRY_FAULT: corrupting a chunk on purpose");
-                    data[0] ^= 0xFF;
+                    .map_err(|e| Cause::Local(e.to_string()))?
+                    .map_err(Cause::Local)?;
+                if let Some(tamper) = &how.tamper {
+                    tamper(&mut frame);
                 }
-                let refs: Vec<&Bucket> = buckets.iter().map(|b| &**b).collect();
+                let refs: Vec<&Bucket> = how.buckets.iter().map(|b| &**b).collect();
                 pace(&refs, n).await;
-                write_frame(&mut uni, &frame)
-                    .await
-                    .map_err(ShipError::Transport)?;
+                write_frame(&mut uni, &frame).await.map_err(lost)?;
 
+                let stats = &how.stats;
                 stats.bytes_sent.fetch_add(n, Ordering::Relaxed);
+                stats.done_bytes.fetch_add(len, Ordering::Relaxed);
                 let counter = if is_patch {
                     &stats.patches_sent
                 } else {
@@ -189,24 +193,21 @@ async fn send_data(
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
             }
-            uni.finish().map_err(|e| ShipError::Transport(e.into()))?;
-            Ok::<(), ShipError>(())
+            uni.finish().map_err(|e| lost(e.into()))?;
+            Ok::<(), Cause>(())
         }));
     }
     for t in tasks {
-        t.await.map_err(|e| ShipError::Session(e.to_string()))??;
+        t.await.map_err(|e| Cause::Local(e.to_string()))??;
     }
     Ok(())
 }
 
 /// Checks that a peer answers (a full handshake, so its certificate too); its round-trip time.
-pub async fn probe(
-    ep: &quinn::Endpoint,
-    addr: SocketAddr,
-) -> Result<std::time::Duration, ShipError> {
+pub async fn probe(ep: &quinn::Endpoint, addr: SocketAddr) -> Result<std::time::Duration, Cause> {
     let conn = connect(ep, addr).await.map_err(|e| match e {
-        e @ ConnectError::Trust { .. } => ShipError::Session(e.to_string()),
-        e => ShipError::Transport(e.into()),
+        e @ ConnectError::Trust { .. } => Cause::Trust(e.to_string()),
+        e => Cause::Unreachable(e.to_string()),
     })?;
     let rtt = conn.rtt();
     conn.close(0u32.into(), b"probe");

@@ -9,8 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::chunk::ChunkParams;
 
-/// Protocol version carried in the hello; a peer with another version is refused.
-pub const VERSION: u16 = 1;
+/// Protocol version carried in the hello; a peer with another version is refused. Version 2:
+/// refusals carry a [`RefuseCode`].
+pub const VERSION: u16 = 2;
 
 /// Largest encoded frame: the largest chunk FastCDC allows (16 MiB) plus room for its header.
 pub const MAX_FRAME: usize = (16 << 20) + (64 << 10);
@@ -54,6 +55,82 @@ pub enum NsChange {
     Remove { path: String },
 }
 
+/// Why a replica refused a session, for the primary to act on and to tell its operator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefuseCode {
+    /// The peers speak different protocol versions.
+    Version,
+    /// The peers chunk with different parameters.
+    Params,
+    /// The primary's epoch is older than the replica's: another primary was promoted.
+    Fenced,
+    /// A frame broke the session's rules (order, bounds, paths).
+    Protocol,
+    /// Data did not match its hash.
+    Corrupt,
+    /// The replica's store is full.
+    NoSpace,
+    /// The replica's store failed otherwise (an I/O error).
+    Store,
+}
+
+/// A refusal: its code and the replica's words.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct Refusal {
+    pub code: RefuseCode,
+    pub reason: String,
+}
+
+impl Refusal {
+    pub fn new(code: RefuseCode, reason: impl Into<String>) -> Refusal {
+        Refusal {
+            code,
+            reason: reason.into(),
+        }
+    }
+
+    /// The refusal for a store that failed with `e`, in words `reason`: [`RefuseCode::NoSpace`]
+    /// when any error of `e`'s chain is ENOSPC or EDQUOT, [`RefuseCode::Store`] otherwise.
+    pub fn store(reason: String, e: &(dyn std::error::Error + 'static)) -> Refusal {
+        let mut full = false;
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(c) = cur {
+            if let Some(io) = c.downcast_ref::<std::io::Error>() {
+                full |= matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+                    || io.kind() == std::io::ErrorKind::StorageFull;
+            }
+            cur = c.source();
+        }
+        let code = if full {
+            RefuseCode::NoSpace
+        } else {
+            RefuseCode::Store
+        };
+        Refusal::new(code, reason)
+    }
+
+    pub fn frame(&self) -> Frame {
+        Frame::Refuse {
+            code: self.code,
+            reason: self.reason.clone(),
+        }
+    }
+}
+
+/// Most rule violations are found where only words are at hand.
+impl From<String> for Refusal {
+    fn from(reason: String) -> Refusal {
+        Refusal::new(RefuseCode::Protocol, reason)
+    }
+}
+
+impl From<&str> for Refusal {
+    fn from(reason: &str) -> Refusal {
+        Refusal::new(RefuseCode::Protocol, reason)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Frame {
     /// Primary → replica, first frame of a connection.
@@ -71,8 +148,8 @@ pub enum Frame {
         group_root: Hash,
         images: Vec<ImageState>,
     },
-    /// Either side: the session cannot go on, and why.
-    Refuse { reason: String },
+    /// Replica → primary: the session cannot go on, why (for programs) and in words.
+    Refuse { code: RefuseCode, reason: String },
 
     /// Primary → replica: the hashes of `count` tree nodes of an image from index `first` at
     /// `level` (0 = leaves). Used to find the replica's base when the primary does not know it.

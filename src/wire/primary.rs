@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Range;
 use std::sync::Arc;
 
-use super::frame::{Frame, Hash, ImageState, MAX_ITEMS, NsChange, Splice, VERSION};
+use super::frame::{Frame, Hash, ImageState, MAX_ITEMS, NsChange, Refusal, Splice, VERSION};
 use super::plan::{self, from_wire};
 use crate::chunk::ChunkParams;
 use crate::dirty::RangeSet;
@@ -68,6 +68,15 @@ pub enum Job {
     },
 }
 
+impl Job {
+    /// Bytes of image the job produces.
+    pub fn bytes(&self) -> u64 {
+        match self {
+            Job::Chunk { len, .. } | Job::Patch { len, .. } => *len,
+        }
+    }
+}
+
 /// What the session asks the transport to do.
 #[derive(Debug)]
 pub enum Out {
@@ -76,7 +85,18 @@ pub enum Out {
     /// Data jobs became available ([`PrimarySession::next_job`]).
     Jobs,
     /// The session ended: the replica acknowledged the generation, or it failed.
-    Done(Result<Acked, String>),
+    Done(Result<Acked, Ended>),
+}
+
+/// Why a session ended without an acknowledgement.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum Ended {
+    /// The replica refused, with its code and words.
+    #[error("replica refused: {0}")]
+    Refused(Refusal),
+    /// The replica broke the protocol's rules (a bug or a version mismatch on its side).
+    #[error("{0}")]
+    Broken(String),
 }
 
 /// A successful acknowledgement.
@@ -182,6 +202,11 @@ impl PrimarySession {
         self.jobs.pop_front()
     }
 
+    /// Bytes of image the pending jobs cover (for progress).
+    pub fn pending_bytes(&self) -> u64 {
+        self.jobs.iter().map(Job::bytes).sum()
+    }
+
     /// Called by the transport once every job so far has been turned into a frame and sent.
     /// Returns the `Commit` frame the first time only.
     pub fn data_sent(&mut self) -> Option<Frame> {
@@ -203,7 +228,11 @@ impl PrimarySession {
 
     /// Handles one frame from the replica.
     pub fn handle(&mut self, f: Frame) -> Vec<Out> {
-        match self.step(f) {
+        let r = match f {
+            Frame::Refuse { code, reason } => Err(Ended::Refused(Refusal { code, reason })),
+            f => self.step(f).map_err(Ended::Broken),
+        };
+        match r {
             Ok(out) => out,
             Err(e) => {
                 self.phase = Phase::Done;
@@ -214,7 +243,6 @@ impl PrimarySession {
 
     fn step(&mut self, f: Frame) -> Result<Vec<Out>, String> {
         match (&self.phase, f) {
-            (_, Frame::Refuse { reason }) => Err(format!("replica refused: {reason}")),
             (
                 Phase::Hello,
                 Frame::Welcome {

@@ -9,7 +9,9 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use super::frame::{Frame, Hash, ImageState, MAX_ITEMS, NsChange, Splice, VERSION};
+use super::frame::{
+    Frame, Hash, ImageState, MAX_ITEMS, NsChange, Refusal, RefuseCode, Splice, VERSION,
+};
 use super::plan;
 use crate::chunk::ChunkParams;
 use crate::manifest::{LEAF_SPAN, Manifest};
@@ -95,31 +97,35 @@ impl Default for ReplicaSession {
     }
 }
 
-fn refuse(reason: impl Into<String>) -> Frame {
-    Frame::Refuse {
-        reason: reason.into(),
-    }
-}
-
 impl ReplicaSession {
     pub fn is_closed(&self) -> bool {
         matches!(self.state, State::Closed)
     }
 
+    /// Closes the session (the transport refused on its behalf: a frame it could not decode).
+    pub fn close(&mut self) {
+        self.state = State::Closed;
+    }
+
     /// Handles one frame from the primary; returns the frames to send back. A `Refuse` in the
-    /// output closes the session.
+    /// output closes the session; frames that arrive after it (data already in flight on
+    /// other streams) are dropped without another answer, so the first refusal, which names
+    /// the cause, is the only one the primary gets.
     pub fn handle(&mut self, store: &mut dyn ReplicaStore, f: Frame) -> Vec<Frame> {
+        if self.is_closed() {
+            return vec![];
+        }
         match self.step(store, f) {
             Ok(out) => out,
-            Err(reason) => {
-                log::warn!("session refused: {reason}");
+            Err(r) => {
+                log::warn!("session refused: {r}");
                 self.state = State::Closed;
-                vec![refuse(reason)]
+                vec![r.frame()]
             }
         }
     }
 
-    fn step(&mut self, store: &mut dyn ReplicaStore, f: Frame) -> Result<Vec<Frame>, String> {
+    fn step(&mut self, store: &mut dyn ReplicaStore, f: Frame) -> Result<Vec<Frame>, Refusal> {
         match (&mut self.state, f) {
             (State::Closed, _) => Err("session already closed".into()),
             (
@@ -132,20 +138,29 @@ impl ReplicaSession {
                 },
             ) => {
                 if version != VERSION {
-                    return Err(format!(
-                        "protocol version {version} is not supported (this replica speaks {VERSION}); run the same ferry version on both hosts"
+                    return Err(Refusal::new(
+                        RefuseCode::Version,
+                        format!(
+                            "protocol version {version} is not supported (this replica speaks {VERSION}); run the same ferry version on both hosts"
+                        ),
                     ));
                 }
                 if epoch < store.epoch() {
-                    return Err(format!(
-                        "primary {node} has epoch {epoch}, older than this replica's {}: it was fenced by a promotion",
-                        store.epoch()
+                    return Err(Refusal::new(
+                        RefuseCode::Fenced,
+                        format!(
+                            "primary {node} has epoch {epoch}, older than this replica's {}: it was fenced by a promotion",
+                            store.epoch()
+                        ),
                     ));
                 }
                 if params != store.params() {
-                    return Err(format!(
-                        "chunk parameters differ (primary {params:?}, replica {:?}): use the same [chunking] on both",
-                        store.params()
+                    return Err(Refusal::new(
+                        RefuseCode::Params,
+                        format!(
+                            "chunk parameters differ (primary {params:?}, replica {:?}): use the same [chunking] on both",
+                            store.params()
+                        ),
                     ));
                 }
                 log::info!("primary {node} connected (epoch {epoch})");
@@ -174,7 +189,7 @@ impl ReplicaSession {
                     .ok_or_else(|| format!("tree query for unknown image {path:?}"))?;
                 let t = m.tree();
                 if level as usize >= t.depth() {
-                    return Err(format!("tree query below the tree of {path:?}"));
+                    return Err(format!("tree query below the tree of {path:?}").into());
                 }
                 let lv = t.level(level as usize);
                 let from = (first as usize).min(lv.len());
@@ -226,22 +241,22 @@ impl ReplicaSession {
                 if base_generation != current {
                     return Err(format!(
                         "generation {generation} is built on {base_generation}, but this replica holds {current}"
-                    ));
+                    ).into());
                 }
                 if generation <= current {
                     return Err(format!(
                         "generation {generation} is not newer than the committed {current}"
-                    ));
+                    ).into());
                 }
                 for c in &changes {
                     let (NsChange::Remove { path } | NsChange::Rename { from: path, .. }) = c;
                     if !valid_path(path) {
-                        return Err(format!("invalid image path {path:?}"));
+                        return Err(format!("invalid image path {path:?}").into());
                     }
                     if let NsChange::Rename { to, .. } = c
                         && !valid_path(to)
                     {
-                        return Err(format!("invalid image path {to:?}"));
+                        return Err(format!("invalid image path {to:?}").into());
                     }
                 }
                 self.state = State::Receiving(Box::new(Pending {
@@ -277,18 +292,18 @@ impl ReplicaSession {
                 },
             ) => {
                 if generation != p.number {
-                    return Err(format!("plan for generation {generation} inside {}", p.number));
+                    return Err(format!("plan for generation {generation} inside {}", p.number).into());
                 }
                 if !valid_path(&path) {
-                    return Err(format!("invalid image path {path:?}"));
+                    return Err(format!("invalid image path {path:?}").into());
                 }
                 if p.images.len() as u32 >= p.images_expected || p.images.contains_key(&path) {
-                    return Err(format!("unexpected plan for {path:?}"));
+                    return Err(format!("unexpected plan for {path:?}").into());
                 }
                 match &mut p.partial {
                     Some((pp, _, _, _, acc)) if *pp == path => acc.extend(splices),
                     Some((pp, ..)) => {
-                        return Err(format!("plan for {path:?} interleaved with {pp:?}"));
+                        return Err(format!("plan for {path:?} interleaved with {pp:?}").into());
                     }
                     None => p.partial = Some((path.clone(), base_root, new_size, new_root, splices)),
                 }
@@ -302,7 +317,7 @@ impl ReplicaSession {
                 if *base.root().as_bytes() != base_root {
                     return Err(format!(
                         "plan for {path:?} is built on a base this replica does not hold"
-                    ));
+                    ).into());
                 }
                 let m = plan::apply(
                     base,
@@ -346,20 +361,29 @@ impl ReplicaSession {
                 }
                 let raw = if zstd {
                     let max = store.params().max_size as usize;
-                    zstd::bulk::decompress(&data, max)
-                        .map_err(|e| format!("chunk {} does not decompress: {e}", hex(&hash)))?
+                    zstd::bulk::decompress(&data, max).map_err(|e| {
+                        Refusal::new(
+                            RefuseCode::Corrupt,
+                            format!("chunk {} does not decompress: {e}", hex(&hash)),
+                        )
+                    })?
                 } else {
                     data
                 };
                 if *blake3::hash(&raw).as_bytes() != hash {
-                    return Err(format!(
-                        "chunk {} does not match its hash: corrupt data refused",
-                        hex(&hash)
+                    return Err(Refusal::new(
+                        RefuseCode::Corrupt,
+                        format!(
+                            "chunk {} does not match its hash: corrupt data refused",
+                            hex(&hash)
+                        ),
                     ));
                 }
                 store
                     .stage(&hash, &raw)
-                    .map_err(|e| format!("cannot stage chunk {}: {e}", hex(&hash)))?;
+                    .map_err(|e| {
+                        Refusal::store(format!("cannot stage chunk {}: {e}", hex(&hash)), &e)
+                    })?;
                 p.outstanding.remove(&hash);
                 Self::maybe_commit(p, store)
             }
@@ -407,18 +431,20 @@ impl ReplicaSession {
                 }
                 store
                     .stage(&hash, &bytes)
-                    .map_err(|e| format!("cannot stage chunk {}: {e}", hex(&hash)))?;
+                    .map_err(|e| {
+                        Refusal::store(format!("cannot stage chunk {}: {e}", hex(&hash)), &e)
+                    })?;
                 p.outstanding.remove(&hash);
                 Self::maybe_commit(p, store)
             }
             (State::Receiving(p), Frame::Commit { generation }) => {
                 if generation != p.number || (p.images.len() as u32) < p.images_expected {
-                    return Err(format!("commit of generation {generation} before its plan"));
+                    return Err(format!("commit of generation {generation} before its plan").into());
                 }
                 p.commit_asked = true;
                 Self::maybe_commit(p, store)
             }
-            (_, other) => Err(format!("unexpected {}", frame_name(&other))),
+            (_, other) => Err(format!("unexpected {}", frame_name(&other)).into()),
         }
         .inspect(|out| {
             if out.iter().any(|f| matches!(f, Frame::Ack { .. })) {
@@ -427,7 +453,7 @@ impl ReplicaSession {
         })
     }
 
-    fn maybe_commit(p: &mut Pending, store: &mut dyn ReplicaStore) -> Result<Vec<Frame>, String> {
+    fn maybe_commit(p: &mut Pending, store: &mut dyn ReplicaStore) -> Result<Vec<Frame>, Refusal> {
         if !p.commit_asked || !p.outstanding.is_empty() {
             return Ok(vec![]);
         }
@@ -437,9 +463,12 @@ impl ReplicaSession {
             changes: std::mem::take(&mut p.changes),
             images: std::mem::take(&mut p.images),
         };
-        store
-            .commit(&g)
-            .map_err(|e| format!("cannot commit generation {}: {e:#}", g.number))?;
+        store.commit(&g).map_err(|e| {
+            Refusal::store(
+                format!("cannot commit generation {}: {e:#}", g.number),
+                e.as_ref(),
+            )
+        })?;
         let (generation, group_root) = store.generation();
         Ok(vec![Frame::Ack {
             generation,

@@ -146,7 +146,7 @@ fn wire(f: &Frame) -> Frame {
 }
 
 struct Run {
-    result: Result<primary::Acked, String>,
+    result: Result<primary::Acked, primary::Ended>,
     data_bytes: u64,
     patches: u64,
     reconciled: Vec<String>,
@@ -283,13 +283,21 @@ fn a_fenced_primary_and_a_lying_replica_fail_the_session() {
         ..MemStore::default()
     };
     let run = ship(&images, &ms, 1, PeerKnowledge::default(), &mut store);
-    assert!(run.result.unwrap_err().contains("fenced"));
+    match run.result.unwrap_err() {
+        primary::Ended::Refused(r) => {
+            assert_eq!(r.code, frame::RefuseCode::Fenced);
+            assert!(r.reason.contains("fenced"), "{r}");
+        }
+        e => panic!("{e}"),
+    }
     let mut store = MemStore {
         lie: true,
         ..MemStore::default()
     };
     let run = ship(&images, &ms, 1, PeerKnowledge::default(), &mut store);
-    assert!(run.result.unwrap_err().contains("another root"));
+    assert!(
+        matches!(run.result.unwrap_err(), primary::Ended::Broken(e) if e.contains("another root"))
+    );
 }
 
 #[test]
@@ -323,7 +331,10 @@ fn invalid_paths_are_refused() {
             images: 0,
         },
     );
-    assert!(matches!(&out[0], Frame::Refuse { reason } if reason.contains("invalid image path")));
+    assert!(
+        matches!(&out[0], Frame::Refuse { code: frame::RefuseCode::Protocol, reason }
+        if reason.contains("invalid image path"))
+    );
 }
 
 proptest! {

@@ -1,0 +1,219 @@
+//! What `ferry status` shows about syncing, kept apart from the engine's work so that a running
+//! sync never blocks it. The engine publishes at each step (a cut, each replica's attempt and
+//! result); a status request copies the view under a lock held for microseconds and reads the
+//! live counters of the shipments in flight.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use parking_lot::Mutex;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::link::Cause;
+use super::ship::ShipStats;
+use crate::manifest::hex;
+
+/// Where one replica stands.
+#[derive(Clone, Debug)]
+pub enum State {
+    /// It holds the last generation cut.
+    Committed,
+    /// It holds an older generation and nothing is being sent to it (not selected, or no
+    /// sync point since it fell behind).
+    Behind,
+    /// A shipment is in flight.
+    Shipping {
+        generation: u64,
+        attempt: u32,
+        stats: Arc<ShipStats>,
+    },
+    /// Its last attempt failed; the sync retries (within its deadline) or has given up.
+    Failing { since: SystemTime, cause: Cause },
+}
+
+/// One replica as status shows it.
+#[derive(Clone, Debug)]
+pub struct Replica {
+    pub name: String,
+    pub addr: String,
+    pub zone: Option<String>,
+    pub selected: bool,
+    pub reason: String,
+    /// The generation it committed, its group root, and when this node learnt it.
+    pub generation: u64,
+    pub root: Option<[u8; 32]>,
+    pub committed_at: Option<SystemTime>,
+    /// Bytes of new content of each image of the last generation cut that it lacks.
+    pub behind: BTreeMap<String, u64>,
+    pub state: State,
+    pub failing_since: Option<Instant>,
+    pub rtt: Option<Duration>,
+    pub throughput: Option<f64>,
+    /// The last sync's outcome for it.
+    pub last: Option<Value>,
+}
+
+/// A sync in progress.
+#[derive(Clone, Debug, Serialize)]
+pub struct Running {
+    /// "cutting" (freezing and re-chunking) or "shipping".
+    pub phase: &'static str,
+    pub generation: u64,
+    pub dirty_bytes: u64,
+    #[serde(skip)]
+    pub started: Instant,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct View {
+    pub generation: u64,
+    pub root: [u8; 32],
+    pub required: usize,
+    pub replicas: Vec<Replica>,
+    pub running: Option<Running>,
+    pub last_sync: Option<Value>,
+    pub broken: BTreeMap<String, String>,
+}
+
+#[derive(Default)]
+pub struct Board {
+    view: Mutex<View>,
+}
+
+impl Board {
+    pub fn new(view: View) -> Board {
+        Board {
+            view: Mutex::new(view),
+        }
+    }
+
+    /// Changes the view (keep `f` short: status waits for it).
+    pub fn update<R>(&self, f: impl FnOnce(&mut View) -> R) -> R {
+        f(&mut self.view.lock())
+    }
+
+    /// Changes one replica's view.
+    pub fn replica(&self, name: &str, f: impl FnOnce(&mut Replica)) {
+        if let Some(r) = self
+            .view
+            .lock()
+            .replicas
+            .iter_mut()
+            .find(|r| r.name == name)
+        {
+            f(r)
+        }
+    }
+
+    pub fn view(&self) -> View {
+        self.view.lock().clone()
+    }
+
+    /// The view as `ferry status --json` prints it under `sync`.
+    pub fn json(&self) -> Value {
+        let v = self.view();
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let replicas: Vec<Value> = v
+            .replicas
+            .iter()
+            .map(|r| replica_json(r, &v, now, wall))
+            .collect();
+        let running = v.running.as_ref().map(|s| {
+            let mut j = serde_json::to_value(s).expect("serialisable");
+            j["elapsed_ms"] = (now.duration_since(s.started).as_millis() as u64).into();
+            let (mut done, mut total) = (0, 0);
+            for r in &v.replicas {
+                if let State::Shipping { stats, .. } = &r.state {
+                    done += stats.done_bytes.load(Ordering::Relaxed);
+                    total += stats.planned_bytes.load(Ordering::Relaxed);
+                }
+            }
+            j["bytes_done"] = done.into();
+            j["bytes_total"] = total.into();
+            j
+        });
+        json!({
+            "generation": v.generation,
+            "root": hex(&v.root),
+            "required": v.required,
+            "replicas": replicas,
+            "running": running,
+            "last_sync": v.last_sync,
+            "broken": v
+                .broken
+                .iter()
+                .map(|(p, r)| json!({"path": p, "reason": r}))
+                .collect::<Vec<_>>(),
+        })
+    }
+}
+
+fn replica_json(r: &Replica, v: &View, now: Instant, wall: SystemTime) -> Value {
+    let lag_generations = v.generation.saturating_sub(r.generation);
+    let behind: u64 = r.behind.values().sum();
+    let ago = |t: SystemTime| wall.duration_since(t).unwrap_or_default().as_secs();
+    let (state, text, cause) = match &r.state {
+        State::Committed => ("committed", "committed".to_string(), None),
+        State::Behind => (
+            "behind",
+            if r.selected {
+                "behind: waiting for the next sync point".to_string()
+            } else {
+                format!("behind: not selected ({})", r.reason)
+            },
+            None,
+        ),
+        State::Shipping {
+            generation,
+            attempt,
+            stats,
+        } => {
+            let done = stats.done_bytes.load(Ordering::Relaxed);
+            let total = stats.planned_bytes.load(Ordering::Relaxed);
+            let mut t = format!("shipping generation {generation}: {done} of {total} bytes");
+            if *attempt > 1 {
+                t += &format!(" (attempt {attempt})");
+            }
+            ("shipping", t, None)
+        }
+        State::Failing { since, cause } => (
+            "failing",
+            format!("failing for {} s: {cause}", ago(*since)),
+            Some(cause),
+        ),
+    };
+    let shipping = match &r.state {
+        State::Shipping { stats, .. } => json!({
+            "bytes_done": stats.done_bytes.load(Ordering::Relaxed),
+            "bytes_total": stats.planned_bytes.load(Ordering::Relaxed),
+            "bytes_sent": stats.bytes_sent.load(Ordering::Relaxed),
+        }),
+        _ => Value::Null,
+    };
+    json!({
+        "name": r.name,
+        "addr": r.addr,
+        "zone": r.zone,
+        "selected": r.selected,
+        "reason": r.reason,
+        "healthy": r.failing_since.is_none(),
+        "failing_for_s": r.failing_since.map(|t| now.duration_since(t).as_secs()),
+        "rtt_ms": r.rtt.map(|d| d.as_secs_f64() * 1000.0),
+        "throughput_bytes_per_s": r.throughput,
+        "generation": r.generation,
+        "root": r.root.map(|h| hex(&h)),
+        "since_commit_s": r.committed_at.map(ago),
+        "lag_generations": lag_generations,
+        "lag_bytes": behind,
+        "behind": r.behind,
+        "state": state,
+        "state_text": text,
+        "cause": cause.map(|c| c.code()),
+        "error": cause.map(|c| c.to_string()),
+        "shipping": shipping,
+        "last": r.last,
+    })
+}

@@ -1,0 +1,147 @@
+//! `ferry status` tells the truth about the replicas: it answers while a sync runs (and shows
+//! it), it says which replica is behind, by how much and why, and the cause of a failed sync
+//! reaches the person who ran `ferry sync`.
+
+mod common;
+
+use std::fs;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{FERRY, Pair, random, run};
+use serde_json::Value;
+
+fn status_text(p: &Pair) -> String {
+    let out = run(Command::new(FERRY).arg("status").arg(&p.primary.mnt));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn replica(s: &Value) -> &Value {
+    &s["sync"]["replicas"][0]
+}
+
+#[test]
+fn status_answers_during_a_sync_and_shows_its_progress() {
+    common::require_root();
+    let p = Arc::new(Pair::with(
+        &[],
+        "[primary]\nbandwidth_limit = \"16MiB/s\"\n",
+    ));
+    fs::write(p.primary.path("big.img"), random(48 << 20, 1)).unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let sync = {
+        let (p, done) = (p.clone(), done.clone());
+        std::thread::spawn(move || {
+            let r = p.sync_ok();
+            done.store(true, Ordering::SeqCst);
+            r
+        })
+    };
+    // Poll until status shows the shipment under way.
+    let t = Instant::now();
+    let seen = loop {
+        let s = p.primary.status();
+        let running = &s["sync"]["running"];
+        if running["phase"] == "shipping" && running["bytes_done"].as_u64() > Some(0) {
+            // Answered while the sync still runs: it was not waiting for it.
+            assert!(!done.load(Ordering::SeqCst));
+            break s;
+        }
+        assert!(
+            !done.load(Ordering::SeqCst),
+            "the sync ended before status ever showed it running: {s}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let r = replica(&seen);
+    assert_eq!(r["state"], "shipping", "{seen}");
+    let (d, total) = (
+        r["shipping"]["bytes_done"].as_u64().unwrap(),
+        r["shipping"]["bytes_total"].as_u64().unwrap(),
+    );
+    assert!(d > 0 && d < total && total >= 48 << 20, "{seen}");
+    assert_eq!(seen["sync"]["running"]["generation"], 1);
+    let text = status_text(&p);
+    assert!(text.contains("syncing generation 1: shipping"), "{text}");
+    assert!(text.contains("shipping "), "{text}");
+
+    let v = sync.join().unwrap();
+    assert_eq!(v["committed"], 1);
+    let s = p.primary.status();
+    let r = replica(&s);
+    assert_eq!(r["state"], "committed", "{s}");
+    assert_eq!(r["generation"], 1);
+    assert_eq!(r["root"], s["sync"]["root"]);
+    assert_eq!(r["lag_bytes"], 0);
+    assert_eq!(r["lag_generations"], 0);
+    assert!(r["since_commit_s"].as_u64().is_some(), "{s}");
+    assert!(s["sync"]["running"].is_null(), "{s}");
+}
+
+#[test]
+fn a_replica_that_missed_a_generation_is_shown_behind_with_its_cause() {
+    common::require_root();
+    let mut p = Pair::new();
+    fs::write(p.primary.path("a.img"), random(1 << 20, 2)).unwrap();
+    p.sync_ok();
+    p.replica.kill9();
+    fs::write(p.primary.path("b.img"), random(3 << 20, 3)).unwrap();
+    let (v, ok) = p.sync();
+    assert!(!ok, "{v}");
+    assert_eq!(v["replicas"][0]["cause"], "unreachable", "{v}");
+
+    let s = p.primary.status();
+    let r = replica(&s);
+    assert_eq!(r["state"], "failing", "{s}");
+    assert_eq!(r["cause"], "unreachable", "{s}");
+    assert_eq!(r["generation"], 1);
+    assert_eq!(s["sync"]["generation"], 2);
+    assert_eq!(r["lag_generations"], 1);
+    assert_eq!(r["lag_bytes"], 3 << 20, "{s}");
+    // The image it lacks is named, with the bytes, although nothing is unsynced any more.
+    assert_eq!(s["dirty_bytes"], 0);
+    let img = s["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["path"] == "b.img")
+        .unwrap_or_else(|| panic!("{s}"));
+    assert_eq!(img["behind"]["site-b"], 3 << 20, "{s}");
+    let text = status_text(&p);
+    assert!(text.contains("held by 0 of 1 replicas"), "{text}");
+    assert!(text.contains("failing for"), "{text}");
+    assert!(text.contains("unreachable"), "{text}");
+
+    // Back up: the next sync catches it up and status says so.
+    p.replica.start();
+    p.sync_ok();
+    let s = p.primary.status();
+    let r = replica(&s);
+    assert_eq!(r["state"], "committed", "{s}");
+    assert_eq!(r["lag_bytes"], 0);
+    assert_eq!(r["generation"], s["sync"]["generation"]);
+}
+
+#[test]
+fn status_after_a_restart_knows_each_replica_from_its_saved_state() {
+    common::require_root();
+    let mut p = Pair::new();
+    fs::write(p.primary.path("a.img"), random(1 << 20, 4)).unwrap();
+    p.sync_ok();
+    p.replica.kill9();
+    fs::write(p.primary.path("a.img"), random(2 << 20, 5)).unwrap();
+    let (_, ok) = p.sync();
+    assert!(!ok);
+    p.primary.unmount();
+    p.primary.mount();
+    let s = p.primary.status();
+    let r = replica(&s);
+    assert_eq!(r["generation"], 1, "{s}");
+    assert_eq!(r["state"], "behind", "{s}");
+    assert_eq!(r["lag_generations"], 1);
+    assert!(r["lag_bytes"].as_u64().unwrap() >= 1 << 20, "{s}");
+    assert!(r["since_commit_s"].as_u64().is_some(), "{s}");
+}
