@@ -11,14 +11,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ferry::chunk::{ChunkParams, FileSource, Source, chunk_full, rechunk};
 use ferry::manifest::Manifest;
 
-fn random(len: usize, seed: u64) -> Vec<u8> {
-    let mut v = vec![0; len];
-    blake3::Hasher::new()
-        .update(&seed.to_le_bytes())
-        .finalize_xof()
-        .fill(&mut v);
-    v
-}
+use ferry::testutil::random;
 
 /// Baselines on the same buffer: FastCDC cut points alone and BLAKE3 alone, one core.
 fn baselines(c: &mut Criterion) {

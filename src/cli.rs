@@ -81,103 +81,6 @@ pub enum Command {
     ///
     /// Reads only DIR/node.crt (public), so it works without access to the private key.
     Id(IdArgs),
-    /// A test tool that emulates a WAN path for ferry's QUIC traffic.
-    ///
-    /// A UDP relay: point a primary's `[[peer]] addr` at --listen and the relay forwards to
-    /// the replica at --forward, and the replies back to the primary. Each direction gets the
-    /// same impairments, drawn independently: loss, a rate cap with a tail-drop queue, one-way
-    /// delay with jitter, reordering. Runs until SIGINT or SIGTERM (or --duration), then prints
-    /// what it did (--json: one object on stdout). For tests and benchmarks, not production.
-    WanRelay(WanRelayArgs),
-}
-
-/// Options of `ferry wan-relay`.
-#[derive(Args, Debug)]
-pub struct WanRelayArgs {
-    /// Address to receive the client's datagrams on, e.g. 127.0.0.1:7443.
-    #[arg(long, value_name = "ADDR")]
-    pub listen: std::net::SocketAddr,
-    /// The real server, e.g. 10.231.0.2:7443.
-    #[arg(long, value_name = "ADDR")]
-    pub forward: std::net::SocketAddr,
-    /// One-way delay, e.g. 25ms (RTT 50 ms).
-    #[arg(long, value_name = "DURATION", default_value = "0ms", value_parser = duration)]
-    pub delay: std::time::Duration,
-    /// Jitter: half-width of a uniform spread, or the standard deviation of a normal one. Jitter
-    /// keeps packet order.
-    #[arg(long, value_name = "DURATION", default_value = "0ms", value_parser = duration)]
-    pub jitter: std::time::Duration,
-    /// How jitter is distributed.
-    #[arg(long, value_name = "DIST", default_value = "uniform")]
-    pub jitter_dist: crate::wan::JitterDist,
-    /// Percent of packets lost, each independently, e.g. 0.5.
-    #[arg(long, value_name = "PCT", default_value_t = 0.0)]
-    pub loss: f64,
-    /// Percent of packets lost in bursts (Gilbert-Elliott), besides --loss.
-    #[arg(long, value_name = "PCT", default_value_t = 0.0)]
-    pub burst_loss: f64,
-    /// Mean length of a loss burst, in packets.
-    #[arg(long, value_name = "N", default_value_t = 3.0)]
-    pub burst_len: f64,
-    /// Percent of packets held back --reorder-gap longer, so later ones overtake them.
-    #[arg(long, value_name = "PCT", default_value_t = 0.0)]
-    pub reorder: f64,
-    /// How much longer a reordered packet is held.
-    #[arg(long, value_name = "DURATION", default_value = "10ms", value_parser = duration)]
-    pub reorder_gap: std::time::Duration,
-    /// Bottleneck rate in bits/s, e.g. 100mbit or 1gbit; default no cap.
-    #[arg(long, value_name = "RATE", value_parser = crate::wan::parse_rate)]
-    pub rate: Option<u64>,
-    /// Bottleneck queue (with --rate), e.g. 1MiB; packets beyond it are tail-dropped.
-    /// Default: 1.5 x rate x 2 x delay, at least 64 KiB.
-    #[arg(long, value_name = "SIZE")]
-    pub queue: Option<ByteSize>,
-    /// Bytes of headers counted per datagram against the rate and the queue (IPv4 + UDP).
-    #[arg(long, value_name = "BYTES", default_value_t = crate::wan::DEFAULT_OVERHEAD)]
-    pub overhead: u32,
-    /// Seed of the random decisions: the same seed replays the same impairments.
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    pub seed: u64,
-    /// Stop after this long instead of waiting for SIGINT or SIGTERM.
-    #[arg(long, value_name = "DURATION", value_parser = duration)]
-    pub duration: Option<std::time::Duration>,
-    /// Print the final figures as one JSON object on stdout.
-    #[arg(long)]
-    pub json: bool,
-}
-
-fn duration(s: &str) -> Result<std::time::Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (write e.g. 25ms, 1.5s)"))
-}
-
-impl WanRelayArgs {
-    /// The relay's settings (the same impairment in both directions).
-    pub fn config(&self) -> Result<crate::wan::RelayConfig> {
-        let pct = |p: f64| p / 100.0;
-        let imp = crate::wan::Impairment {
-            delay: self.delay,
-            jitter: self.jitter,
-            jitter_dist: self.jitter_dist,
-            loss: pct(self.loss),
-            burst: (self.burst_loss > 0.0).then_some(crate::wan::Burst {
-                loss: pct(self.burst_loss),
-                mean_len: self.burst_len,
-            }),
-            reorder: pct(self.reorder),
-            reorder_gap: self.reorder_gap,
-            rate: self.rate,
-            queue: self.queue.map(|q| q.as_u64()),
-            overhead: self.overhead,
-        };
-        imp.check()?;
-        Ok(crate::wan::RelayConfig {
-            listen: self.listen,
-            forward: self.forward,
-            to_server: imp.clone(),
-            to_client: imp,
-            seed: self.seed,
-        })
-    }
 }
 
 #[derive(Args, Debug)]
@@ -338,11 +241,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Sync(a) => sync_cmd(a),
         Command::Status(a) => status_cmd(a),
         Command::Verify(a) => verify_cmd(a),
-        Command::Replica(a) => crate::replica::daemon::run(&a.config),
+        Command::Replica(a) => replica_cmd(&a.config),
         Command::Manifest(a) => manifest_cmd(a),
         Command::Keygen(a) => keygen_cmd(a),
         Command::Id(a) => id_cmd(a),
-        Command::WanRelay(a) => crate::wan::run(a.config()?, a.duration, a.json),
     }
 }
 
@@ -430,6 +332,24 @@ fn manifest_cmd(a: ManifestArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `ferry replica --config FILE`: the replica daemon with what the config file says.
+fn replica_cmd(path: &std::path::Path) -> Result<()> {
+    let config = crate::config::Config::load(path)?;
+    let rc = config.replica.clone().ok_or_else(|| {
+        anyhow::anyhow!(
+            "{} has no [replica] section: add listen, store and primaries",
+            path.display()
+        )
+    })?;
+    crate::replica::daemon::run(crate::replica::daemon::Options {
+        identity: crate::net::Identity::load(&config.node.key_dir)?,
+        params: config.chunk_params().map_err(|e| anyhow::anyhow!("{e}"))?,
+        store: rc.store,
+        listen: rc.listen,
+        primaries: rc.primaries,
+    })
 }
 
 fn status_cmd(a: StatusArgs) -> Result<()> {

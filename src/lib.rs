@@ -14,7 +14,7 @@ pub mod mount;
 pub mod net;
 pub mod replica;
 pub mod sync;
-#[cfg(test)]
-mod testutil;
+#[doc(hidden)]
+pub mod testutil;
 pub mod wan;
 pub mod wire;

@@ -1,4 +1,4 @@
-//! Helpers shared by the unit tests.
+//! Helpers shared by the tests (unit, integration) and the benchmarks; not part of the API.
 
 use crate::chunk::ChunkParams;
 

@@ -1,4 +1,4 @@
-//! `ferry wan-relay`: a user-space UDP relay that emulates a WAN path, to test and benchmark
+//! `ferry-wan-relay`: a user-space UDP relay that emulates a WAN path, to test and benchmark
 //! ferry's QUIC traffic where the kernel has no netem.
 //!
 //! A client sends to the relay's listen address; the relay forwards to the real server and
@@ -887,7 +887,7 @@ fn print_dir(name: &str, d: &DirStats) {
     );
 }
 
-/// `ferry wan-relay`: runs a relay until SIGINT or SIGTERM (or for `duration`), then prints its
+/// `ferry-wan-relay`: runs a relay until SIGINT or SIGTERM (or for `duration`), then prints its
 /// figures (one JSON object on stdout with `json`, else text on stderr).
 pub fn run(cfg: RelayConfig, duration: Option<Duration>, json: bool) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));

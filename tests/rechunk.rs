@@ -53,12 +53,7 @@ enum Fill {
 
 fn fill(buf: &mut [u8], f: &Fill) {
     match f {
-        Fill::Random(seed) => {
-            blake3::Hasher::new()
-                .update(&seed.to_le_bytes())
-                .finalize_xof()
-                .fill(buf);
-        }
+        Fill::Random(seed) => buf.copy_from_slice(&random(buf.len(), *seed)),
         Fill::Zero => buf.fill(0),
         Fill::Byte(b) => buf.fill(*b),
     }
@@ -249,11 +244,7 @@ proptest! {
     }
 }
 
-fn random(len: usize, seed: u64) -> Vec<u8> {
-    let mut v = vec![0; len];
-    fill(&mut v, &Fill::Random(seed));
-    v
-}
+use ferry::testutil::random;
 
 fn inc_vs_full(old: &[u8], new: &[u8], dirty: &[Range<u64>], p: ChunkParams) -> u64 {
     let (stale, _) = chunk_full(&old.to_vec(), p).unwrap();

@@ -1,4 +1,4 @@
-//! ferry over an emulated WAN. `ferry wan-relay` on loopback (delay, loss and rate, roughly);
+//! ferry over an emulated WAN. `ferry-wan-relay` on loopback (delay, loss and rate, roughly);
 //! then replication between two network namespaces joined by a veth pair: through the relay at
 //! 50 ms RTT and 1% loss, and across link cuts shorter and longer than QUIC's idle timeout.
 //!
@@ -33,6 +33,9 @@ use std::time::{Duration, Instant};
 
 use common::{FERRY, Mount, free_port, keygen, random, require, require_root, run};
 use serde_json::Value;
+
+/// The WAN relay, a test tool of the package.
+const RELAY: &str = env!("CARGO_BIN_EXE_ferry-wan-relay");
 
 /// Writes `mib` MiB of random bytes to `path`, 1 MiB at a time.
 fn write_random(path: &Path, mib: usize, seed: u64) {
@@ -79,16 +82,15 @@ impl Drop for Proc {
     }
 }
 
-/// Starts `ferry wan-relay ARGS` under `prefix` (e.g. `ip netns exec NS`), its stderr in
+/// Starts `ferry-wan-relay ARGS` under `prefix` (e.g. `ip netns exec NS`), its stderr in
 /// `log`, and waits until it listens.
 fn start_relay(prefix: &[&str], args: &[String], log: &Path) -> Proc {
     let err = File::create(log).unwrap();
-    let mut cmd = Command::new(prefix.first().copied().unwrap_or(FERRY));
+    let mut cmd = Command::new(prefix.first().copied().unwrap_or(RELAY));
     if !prefix.is_empty() {
-        cmd.args(&prefix[1..]).arg(FERRY);
+        cmd.args(&prefix[1..]).arg(RELAY);
     }
     let child = cmd
-        .arg("wan-relay")
         .args(args)
         .arg("--json")
         .stdout(Stdio::piped())
@@ -455,7 +457,7 @@ impl NsPair {
 }
 
 /// A relay in namespace a from 127.0.0.1:PORT to the replica's address in b, with the
-/// impairments `impair` (`ferry wan-relay` flags); its log in `dir`.
+/// impairments `impair` (`ferry-wan-relay` flags); its log in `dir`.
 fn relay_to_b(net: &Net, dir: &Path, impair: &[&str]) -> Proc {
     let args: Vec<String> = [
         "--listen",

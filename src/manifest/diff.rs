@@ -102,7 +102,7 @@ fn classify(e: &Entry, same_span: Option<&Entry>, by_hash: &HashMap<Hash, u64>) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chunk::ChunkParams;
+    use crate::manifest::ChunkParams;
 
     fn d(offset: u64, len: u64, seed: u8) -> Entry {
         Entry {

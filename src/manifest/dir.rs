@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::ChunkParams;
 use super::{Manifest, ManifestFileError, load, save};
-use crate::chunk::ChunkParams;
 use crate::durable;
 
 pub struct ManifestDir {

@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 
 use blake3::Hash;
 
+use super::ChunkParams;
 use super::{Entry, Kind, Manifest};
-use crate::chunk::ChunkParams;
 use crate::durable;
 
 pub const FORMAT_VERSION: u32 = 1;

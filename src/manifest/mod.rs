@@ -6,13 +6,14 @@ mod diff;
 mod dir;
 mod file;
 mod merkle;
+mod params;
 
 pub use diff::{Change, ChangeKind, Diff, diff};
 pub use dir::{GenRecord, ManifestDir, from_hex, hex, short_hex};
 pub use file::{FORMAT_VERSION, ManifestFileError, load, save};
 pub use merkle::{FANOUT, LEAF_SPAN, Tree, leaf_count};
+pub use params::{ChunkParams, ParamsError, ZERO_BLOCK};
 
-use crate::chunk::ChunkParams;
 use blake3::Hash;
 
 /// What an entry holds.

@@ -2,15 +2,16 @@
 //! pinned primaries and runs a [`ReplicaSession`] per connection against the store: the control
 //! stream carries the session's frames both ways, data streams carry chunks and patches.
 
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result};
 use tokio::sync::mpsc;
 
 use super::Store;
-use crate::config::Config;
+use crate::chunk::ChunkParams;
 use crate::net::transport::{self, read_frame, write_frame};
 use crate::net::{Fingerprint, Identity};
 use crate::wire::frame::{Frame, Refusal, RefuseCode};
@@ -18,30 +19,31 @@ use crate::wire::replica::ReplicaSession;
 
 type SharedStore = Arc<parking_lot::Mutex<Store>>;
 
+/// What the replica daemon is told by the face (built from the config file there).
+pub struct Options {
+    pub identity: Identity,
+    pub params: ChunkParams,
+    pub store: PathBuf,
+    pub listen: SocketAddr,
+    /// The primaries it accepts.
+    pub primaries: Vec<Fingerprint>,
+}
+
 /// Runs the replica daemon in the foreground until SIGTERM or SIGINT.
-pub fn run(config_path: &Path) -> Result<()> {
-    let config = Config::load(config_path)?;
-    let rc = config.replica.clone().ok_or_else(|| {
-        anyhow!(
-            "{} has no [replica] section: add listen, store and primaries",
-            config_path.display()
-        )
-    })?;
-    let id = Identity::load(&config.node.key_dir)?;
-    let params = config.chunk_params().map_err(|e| anyhow!("{e}"))?;
-    let store = Store::open(&rc.store, params)?;
+pub fn run(opts: Options) -> Result<()> {
+    let store = Store::open(&opts.store, opts.params)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()
         .build()?;
-    rt.block_on(serve(store, id, rc.primaries, rc.listen))
+    rt.block_on(serve(store, opts.identity, opts.primaries, opts.listen))
 }
 
 async fn serve(
     store: Store,
     id: Identity,
     primaries: Vec<Fingerprint>,
-    listen: std::net::SocketAddr,
+    listen: SocketAddr,
 ) -> Result<()> {
     let ep = transport::server(&id, &primaries, listen)?;
     log::info!(

@@ -32,14 +32,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::chunk::{ChunkParams, FileSource, chunk_full};
 use crate::durable;
-use crate::manifest::{self, Entry, Kind, Manifest};
+use crate::manifest::{self, Entry, Kind, Manifest, ManifestDir};
 use crate::wire::frame::{Hash, ImageState, NsChange};
 use crate::wire::replica::{Generation, ReplicaStore};
 
 pub use journal::Journal;
 
 /// The store's metadata directory (an image path may not start with it).
-pub const META_DIR: &str = ".ferry";
+pub use crate::wire::replica::META_DIR;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 struct GenerationRecord {
@@ -67,17 +67,11 @@ pub struct Store {
     journal: Journal,
 }
 
-fn hash_hex(h: &Hash) -> String {
-    blake3::Hash::from_bytes(*h).to_hex().to_string()
-}
-
 fn hash_from_hex(s: &str) -> Result<Hash> {
     if s.is_empty() {
         return Ok([0; 32]);
     }
-    Ok(*blake3::Hash::from_hex(s)
-        .map_err(|e| anyhow::anyhow!("bad hash {s:?}: {e}"))?
-        .as_bytes())
+    manifest::from_hex(s).map_err(|e| anyhow::anyhow!("bad hash: {e}"))
 }
 
 impl Store {
@@ -132,8 +126,9 @@ impl Store {
         self.root.join(META_DIR)
     }
 
-    fn manifest_path(&self, dir: &str, image: &str) -> PathBuf {
-        self.meta().join(dir).join(format!("{image}.manifest"))
+    /// The committed manifests (`"manifests"`) or the staged ones (`"staging/manifests"`).
+    fn manifests_in(&self, dir: &str) -> ManifestDir {
+        ManifestDir::new(self.meta().join(dir))
     }
 
     /// Every regular file under the store, as a relative path.
@@ -164,8 +159,7 @@ impl Store {
         for path in self.image_paths()? {
             let file = self.root.join(&path);
             let size = fs::metadata(&file)?.len();
-            let mp = self.manifest_path("manifests", &path);
-            let m = match manifest::load(&mp) {
+            let m = match self.manifests_in("manifests").load(&path) {
                 Ok(m) if m.size() == size && m.params() == self.params => m,
                 other => {
                     if let Err(e) = other {
@@ -198,10 +192,7 @@ impl Store {
     }
 
     fn save_manifest(&self, dir: &str, image: &str, m: &Manifest) -> Result<()> {
-        let p = self.manifest_path(dir, image);
-        fs::create_dir_all(p.parent().expect("has a parent"))?;
-        manifest::save(&p, m)?;
-        Ok(())
+        Ok(self.manifests_in(dir).save(image, m)?)
     }
 
     /// Reads bytes of a committed image, zeros past its end.
@@ -224,7 +215,7 @@ impl Store {
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                     Err(e) => return Err(e).context(format!("cannot remove {}", p.display())),
                 }
-                let _ = fs::remove_file(self.manifest_path("manifests", path));
+                self.manifests_in("manifests").remove(path);
                 self.manifests.remove(path);
             }
         }
@@ -293,7 +284,7 @@ impl Store {
         );
         // The committed manifests as they were before (or already after) this generation.
         for path in &commit.images {
-            if let Ok(m) = manifest::load(&self.manifest_path("manifests", path)) {
+            if let Ok(m) = self.manifests_in("manifests").load(path) {
                 self.manifests.insert(path.clone(), m);
             }
         }
@@ -301,7 +292,7 @@ impl Store {
         for path in &commit.images {
             new.insert(
                 path.clone(),
-                manifest::load(&self.manifest_path("staging/manifests", path))?,
+                self.manifests_in("staging/manifests").load(path)?,
             );
         }
         self.apply(&commit, &new)
@@ -432,7 +423,7 @@ impl ReplicaStore for Store {
                 let Some((src, off, len)) = self.index.get(&h).cloned() else {
                     bail!(
                         "chunk {} of the generation is neither staged nor stored",
-                        hash_hex(&h)
+                        manifest::hex(&h)
                     );
                 };
                 let data = self.read_image(&src, off, len)?;
@@ -440,7 +431,7 @@ impl ReplicaStore for Store {
                     bail!(
                         "stored chunk {} in {src} at {off} does not match its hash: the \
                          store is damaged; run `ferry verify --deep`",
-                        hash_hex(&h)
+                        manifest::hex(&h)
                     );
                 }
                 self.journal.append(&h, &data)?;
@@ -454,7 +445,7 @@ impl ReplicaStore for Store {
         // 3. The commit record.
         let commit = CommitRecord {
             generation: g.number,
-            group_root: hash_hex(&g.group_root),
+            group_root: manifest::hex(&g.group_root),
             changes: g.changes.clone(),
             images: g.images.keys().cloned().collect(),
         };

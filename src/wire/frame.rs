@@ -23,6 +23,19 @@ pub const MAX_ITEMS: usize = 32 * 1024;
 /// A BLAKE3 hash on the wire.
 pub type Hash = [u8; 32];
 
+/// The group root of a generation: BLAKE3 over the sorted (path, size, root) of every image.
+/// It names the generation; both sides compute it.
+pub fn group_root<'a>(images: impl IntoIterator<Item = (&'a str, u64, Hash)>) -> Hash {
+    let mut h = blake3::Hasher::new_derive_key("ferry 2026 group root v1");
+    for (path, size, root) in images {
+        h.update(&(path.len() as u64).to_le_bytes());
+        h.update(path.as_bytes());
+        h.update(&size.to_le_bytes());
+        h.update(&root);
+    }
+    *h.finalize().as_bytes()
+}
+
 /// A manifest entry on the wire (its offset is implied by the entries before it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WireEntry {

@@ -11,4 +11,6 @@ pub mod replica;
 pub use frame::{Frame, FrameError, MAX_FRAME, VERSION};
 
 #[cfg(test)]
+mod faults;
+#[cfg(test)]
 mod sim;

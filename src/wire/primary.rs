@@ -27,16 +27,13 @@ pub struct Generation {
     pub images: BTreeMap<String, Arc<Manifest>>,
 }
 
-/// The group root: BLAKE3 over the sorted (path, size, root) of every image.
+/// The group root of these manifests (see [`super::frame::group_root`]).
 pub fn group_root(images: &BTreeMap<String, Arc<Manifest>>) -> Hash {
-    let mut h = blake3::Hasher::new_derive_key("ferry 2026 group root v1");
-    for (path, m) in images {
-        h.update(&(path.len() as u64).to_le_bytes());
-        h.update(path.as_bytes());
-        h.update(&m.size().to_le_bytes());
-        h.update(m.root().as_bytes());
-    }
-    *h.finalize().as_bytes()
+    super::frame::group_root(
+        images
+            .iter()
+            .map(|(p, m)| (p.as_str(), m.size(), *m.root().as_bytes())),
+    )
 }
 
 /// What the primary knows of a replica from its last acknowledgement.

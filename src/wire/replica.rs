@@ -14,7 +14,7 @@ use super::frame::{
 };
 use super::plan;
 use crate::chunk::ChunkParams;
-use crate::manifest::{LEAF_SPAN, Manifest};
+use crate::manifest::{LEAF_SPAN, Manifest, short_hex as hex};
 
 /// What the replica's store does for a session. The real store is `replica::Store`; tests use
 /// an in-memory one.
@@ -46,6 +46,8 @@ pub struct Generation {
     pub images: BTreeMap<String, Manifest>,
 }
 
+pub const META_DIR: &str = ".ferry";
+
 /// Whether an image path from a primary may be used under the store: relative, no `..`, not
 /// the store's own metadata directory.
 pub fn valid_path(p: &str) -> bool {
@@ -60,7 +62,7 @@ pub fn valid_path(p: &str) -> bool {
         && path
             .components()
             .next()
-            .is_some_and(|c| c.as_os_str() != crate::replica::META_DIR)
+            .is_some_and(|c| c.as_os_str() != META_DIR)
 }
 
 struct Pending {
@@ -463,6 +465,33 @@ impl ReplicaSession {
             changes: std::mem::take(&mut p.changes),
             images: std::mem::take(&mut p.images),
         };
+        // The images as they will be must make up the root the generation is named by:
+        // checked before anything is applied.
+        let mut after: BTreeMap<String, (u64, Hash)> = store
+            .images()
+            .into_iter()
+            .map(|i| (i.path, (i.size, i.root)))
+            .collect();
+        for c in &g.changes {
+            if let NsChange::Remove { path } = c {
+                after.remove(path);
+            }
+        }
+        for (path, m) in &g.images {
+            after.insert(path.clone(), (m.size(), *m.root().as_bytes()));
+        }
+        let root = super::frame::group_root(after.iter().map(|(p, (s, r))| (p.as_str(), *s, *r)));
+        if root != g.group_root {
+            return Err(Refusal::new(
+                RefuseCode::Protocol,
+                format!(
+                    "the images of generation {} do not make up its group root {}: refused, \
+                     nothing applied",
+                    g.number,
+                    hex(&g.group_root)
+                ),
+            ));
+        }
         store.commit(&g).map_err(|e| {
             Refusal::store(
                 format!("cannot commit generation {}: {e:#}", g.number),
@@ -476,10 +505,6 @@ impl ReplicaSession {
             images: store.images(),
         }])
     }
-}
-
-pub fn hex(h: &Hash) -> String {
-    blake3::Hash::from_bytes(*h).to_hex()[..16].to_string()
 }
 
 pub fn frame_name(f: &Frame) -> &'static str {

@@ -14,7 +14,7 @@ use crate::dirty::RangeSet;
 use crate::manifest::{Kind, Manifest};
 use crate::testutil::random;
 
-fn params() -> ChunkParams {
+pub(super) fn params() -> ChunkParams {
     ChunkParams {
         min_size: 512,
         avg_size: 2048,
@@ -24,18 +24,18 @@ fn params() -> ChunkParams {
 }
 
 #[derive(Default)]
-struct MemStore {
+pub(super) struct MemStore {
     /// Acknowledges with a root other than the one committed.
     lie: bool,
-    generation: u64,
+    pub(super) generation: u64,
     group_root: Hash,
     epoch: u64,
-    images: BTreeMap<String, (Vec<u8>, Manifest)>,
-    staged: HashMap<Hash, Vec<u8>>,
+    pub(super) images: BTreeMap<String, (Vec<u8>, Manifest)>,
+    pub(super) staged: HashMap<Hash, Vec<u8>>,
 }
 
 impl MemStore {
-    fn seed(&mut self, path: &str, bytes: Vec<u8>) {
+    pub(super) fn seed(&mut self, path: &str, bytes: Vec<u8>) {
         let (m, _) = chunk_full(&bytes, params()).unwrap();
         self.images.insert(path.into(), (bytes, m));
     }
@@ -125,7 +125,7 @@ impl ReplicaStore for MemStore {
     }
 }
 
-struct Src(BTreeMap<String, Vec<u8>>);
+pub(super) struct Src(pub(super) BTreeMap<String, Vec<u8>>);
 
 impl ChunkSource for Src {
     fn read(&self, path: &str, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
@@ -203,7 +203,7 @@ fn ship(
     panic!("the session did not finish");
 }
 
-fn manifests(images: &BTreeMap<String, Vec<u8>>) -> BTreeMap<String, Arc<Manifest>> {
+pub(super) fn manifests(images: &BTreeMap<String, Vec<u8>>) -> BTreeMap<String, Arc<Manifest>> {
     images
         .iter()
         .map(|(p, b)| (p.clone(), Arc::new(chunk_full(b, params()).unwrap().0)))

@@ -10,15 +10,8 @@ use serde_json::Value;
 
 pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 
-/// `len` pseudo-random bytes, the same for the same `seed`.
-pub fn random(len: usize, seed: u64) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    blake3::Hasher::new()
-        .update(&seed.to_le_bytes())
-        .finalize_xof()
-        .fill(&mut v);
-    v
-}
+#[allow(unused_imports)]
+pub use ferry::testutil::random;
 
 /// Fails the test (never skips it) when a tool is missing, naming the Debian package.
 pub fn require(cmd: &str, package: &str) {
