@@ -128,6 +128,7 @@ impl ReplicaSession {
     }
 
     fn step(&mut self, store: &mut dyn ReplicaStore, f: Frame) -> Result<Vec<Frame>, Refusal> {
+        let dups = &mut self.duplicates;
         match (&mut self.state, f) {
             (State::Closed, _) => Err("session already closed".into()),
             (
@@ -139,42 +140,9 @@ impl ReplicaSession {
                     params,
                 },
             ) => {
-                if version != VERSION {
-                    return Err(Refusal::new(
-                        RefuseCode::Version,
-                        format!(
-                            "protocol version {version} is not supported (this replica speaks {VERSION}); run the same ferry version on both hosts"
-                        ),
-                    ));
-                }
-                if epoch < store.epoch() {
-                    return Err(Refusal::new(
-                        RefuseCode::Fenced,
-                        format!(
-                            "primary {node} has epoch {epoch}, older than this replica's {}: it was fenced by a promotion",
-                            store.epoch()
-                        ),
-                    ));
-                }
-                if params != store.params() {
-                    return Err(Refusal::new(
-                        RefuseCode::Params,
-                        format!(
-                            "chunk parameters differ (primary {params:?}, replica {:?}): use the same [chunking] on both",
-                            store.params()
-                        ),
-                    ));
-                }
-                log::info!("primary {node} connected (epoch {epoch})");
+                let out = hello(store, version, epoch, &node, params)?;
                 self.state = State::Ready;
-                let (generation, group_root) = store.generation();
-                Ok(vec![Frame::Welcome {
-                    version: VERSION,
-                    epoch: store.epoch(),
-                    generation,
-                    group_root,
-                    images: store.images(),
-                }])
+                Ok(out)
             }
             (State::AwaitHello, _) => Err("expected Hello first".into()),
             (
@@ -185,49 +153,9 @@ impl ReplicaSession {
                     first,
                     count,
                 },
-            ) => {
-                let m = store
-                    .manifest(&path)
-                    .ok_or_else(|| format!("tree query for unknown image {path:?}"))?;
-                let t = m.tree();
-                if level as usize >= t.depth() {
-                    return Err(format!("tree query below the tree of {path:?}").into());
-                }
-                let lv = t.level(level as usize);
-                let from = (first as usize).min(lv.len());
-                let to = from.saturating_add(count as usize).min(lv.len()).min(from + MAX_ITEMS);
-                let hashes = lv[from..to].iter().map(|h| *h.as_bytes()).collect();
-                Ok(vec![Frame::TreeNodes {
-                    path,
-                    level,
-                    first,
-                    hashes,
-                }])
-            }
+            ) => tree_nodes(store, path, level, first, count),
             (State::Ready | State::Receiving(_), Frame::LeafQuery { path, leaves }) => {
-                let m = store
-                    .manifest(&path)
-                    .ok_or_else(|| format!("leaf query for unknown image {path:?}"))?;
-                if leaves.len() > MAX_ITEMS {
-                    return Err("leaf query too long".into());
-                }
-                let mut out = Vec::new();
-                let mut items = 0;
-                for leaf in leaves {
-                    let lo = leaf as u64 * LEAF_SPAN;
-                    let es = m.entries();
-                    let i = es.partition_point(|e| e.offset < lo);
-                    let j = es.partition_point(|e| e.offset < lo + LEAF_SPAN);
-                    items += j - i;
-                    out.push((
-                        leaf,
-                        es[i..j].iter().map(|e| (e.offset, plan::to_wire(e))).collect(),
-                    ));
-                }
-                if items > 4 * MAX_ITEMS {
-                    return Err("leaf query asks for too many entries at once".into());
-                }
-                Ok(vec![Frame::Leaves { path, leaves: out }])
+                leaves_of(store, path, leaves)
             }
             (
                 State::Ready,
@@ -239,47 +167,16 @@ impl ReplicaSession {
                     images,
                 },
             ) => {
-                let (current, _) = store.generation();
-                if base_generation != current {
-                    return Err(format!(
-                        "generation {generation} is built on {base_generation}, but this replica holds {current}"
-                    ).into());
-                }
-                if generation <= current {
-                    return Err(format!(
-                        "generation {generation} is not newer than the committed {current}"
-                    ).into());
-                }
-                for c in &changes {
-                    let (NsChange::Remove { path } | NsChange::Rename { from: path, .. }) = c;
-                    if !valid_path(path) {
-                        return Err(format!("invalid image path {path:?}").into());
-                    }
-                    if let NsChange::Rename { to, .. } = c
-                        && !valid_path(to)
-                    {
-                        return Err(format!("invalid image path {to:?}").into());
-                    }
-                }
-                self.state = State::Receiving(Box::new(Pending {
-                    number: generation,
+                let (pending, out) = begin(
+                    store,
+                    generation,
+                    base_generation,
                     group_root,
                     changes,
-                    images_expected: images,
-                    images: BTreeMap::new(),
-                    partial: None,
-                    outstanding: HashSet::new(),
-                    commit_asked: false,
-                }));
-                if images == 0 {
-                    // Only namespace changes: nothing to want.
-                    return Ok(vec![Frame::Want {
-                        generation,
-                        hashes: vec![],
-                        last: true,
-                    }]);
-                }
-                Ok(vec![])
+                    images,
+                )?;
+                self.state = State::Receiving(Box::new(pending));
+                Ok(out)
             }
             (
                 State::Receiving(p),
@@ -292,102 +189,20 @@ impl ReplicaSession {
                     splices,
                     last,
                 },
-            ) => {
-                if generation != p.number {
-                    return Err(format!("plan for generation {generation} inside {}", p.number).into());
-                }
-                if !valid_path(&path) {
-                    return Err(format!("invalid image path {path:?}").into());
-                }
-                if p.images.len() as u32 >= p.images_expected || p.images.contains_key(&path) {
-                    return Err(format!("unexpected plan for {path:?}").into());
-                }
-                match &mut p.partial {
-                    Some((pp, _, _, _, acc)) if *pp == path => acc.extend(splices),
-                    Some((pp, ..)) => {
-                        return Err(format!("plan for {path:?} interleaved with {pp:?}").into());
-                    }
-                    None => p.partial = Some((path.clone(), base_root, new_size, new_root, splices)),
-                }
-                if !last {
-                    return Ok(vec![]);
-                }
-                let (path, base_root, new_size, new_root, splices) =
-                    p.partial.take().expect("set above");
-                let empty = Manifest::empty(store.params());
-                let base = store.manifest(&path).unwrap_or(&empty);
-                if *base.root().as_bytes() != base_root {
-                    return Err(format!(
-                        "plan for {path:?} is built on a base this replica does not hold"
-                    ).into());
-                }
-                let m = plan::apply(
-                    base,
-                    store.params(),
-                    &splices,
+            ) => p.plan(
+                store,
+                PlanPart {
+                    generation,
+                    path,
+                    base_root,
                     new_size,
-                    &blake3::Hash::from_bytes(new_root),
-                )
-                .map_err(|e| format!("plan for {path:?}: {e}"))?;
-                for e in m.entries() {
-                    if let Some(h) = e.hash()
-                        && !store.have(h.as_bytes())
-                    {
-                        p.outstanding.insert(*h.as_bytes());
-                    }
-                }
-                p.images.insert(path, m);
-                if p.images.len() as u32 == p.images_expected {
-                    let want: Vec<Hash> = p.outstanding.iter().copied().collect();
-                    let mut frames: Vec<Frame> = want
-                        .chunks(MAX_ITEMS)
-                        .map(|c| Frame::Want {
-                            generation: p.number,
-                            hashes: c.to_vec(),
-                            last: false,
-                        })
-                        .collect();
-                    frames.push(Frame::Want {
-                        generation: p.number,
-                        hashes: vec![],
-                        last: true,
-                    });
-                    return Ok(frames);
-                }
-                Ok(vec![])
-            }
+                    new_root,
+                    splices,
+                    last,
+                },
+            ),
             (State::Receiving(p), Frame::Chunk { hash, zstd, data }) => {
-                if !p.outstanding.contains(&hash) {
-                    self.duplicates += 1;
-                    return Ok(vec![]);
-                }
-                let raw = if zstd {
-                    let max = store.params().max_size as usize;
-                    zstd::bulk::decompress(&data, max).map_err(|e| {
-                        Refusal::new(
-                            RefuseCode::Corrupt,
-                            format!("chunk {} does not decompress: {e}", hex(&hash)),
-                        )
-                    })?
-                } else {
-                    data
-                };
-                if *blake3::hash(&raw).as_bytes() != hash {
-                    return Err(Refusal::new(
-                        RefuseCode::Corrupt,
-                        format!(
-                            "chunk {} does not match its hash: corrupt data refused",
-                            hex(&hash)
-                        ),
-                    ));
-                }
-                store
-                    .stage(&hash, &raw)
-                    .map_err(|e| {
-                        Refusal::store(format!("cannot stage chunk {}: {e}", hex(&hash)), &e)
-                    })?;
-                p.outstanding.remove(&hash);
-                Self::maybe_commit(p, store)
+                p.chunk(store, hash, zstd, data, dups)
             }
             (
                 State::Receiving(p),
@@ -399,53 +214,8 @@ impl ReplicaSession {
                     base,
                     ranges,
                 },
-            ) => {
-                if !p.outstanding.contains(&hash) {
-                    self.duplicates += 1;
-                    return Ok(vec![]);
-                }
-                let need_full = || {
-                    Ok(vec![Frame::NeedFull {
-                        generation: p.number,
-                        hash,
-                    }])
-                };
-                if !valid_path(&path) || len > store.params().max_size as u64 {
-                    return need_full();
-                }
-                let Ok(mut bytes) = store.base_bytes(&path, offset, len) else {
-                    return need_full();
-                };
-                if base.is_some_and(|b| *blake3::hash(&bytes).as_bytes() != b) {
-                    return need_full();
-                }
-                for (off, data) in &ranges {
-                    let end = off.checked_add(data.len() as u64);
-                    match end {
-                        Some(end) if end <= len => {
-                            bytes[*off as usize..end as usize].copy_from_slice(data)
-                        }
-                        _ => return Err("patch range outside its chunk".into()),
-                    }
-                }
-                if *blake3::hash(&bytes).as_bytes() != hash {
-                    return need_full();
-                }
-                store
-                    .stage(&hash, &bytes)
-                    .map_err(|e| {
-                        Refusal::store(format!("cannot stage chunk {}: {e}", hex(&hash)), &e)
-                    })?;
-                p.outstanding.remove(&hash);
-                Self::maybe_commit(p, store)
-            }
-            (State::Receiving(p), Frame::Commit { generation }) => {
-                if generation != p.number || (p.images.len() as u32) < p.images_expected {
-                    return Err(format!("commit of generation {generation} before its plan").into());
-                }
-                p.commit_asked = true;
-                Self::maybe_commit(p, store)
-            }
+            ) => p.patch(store, hash, &path, offset, len, base, &ranges, dups),
+            (State::Receiving(p), Frame::Commit { generation }) => p.commit(store, generation),
             (_, other) => Err(format!("unexpected {}", frame_name(&other)).into()),
         }
         .inspect(|out| {
@@ -454,16 +224,371 @@ impl ReplicaSession {
             }
         })
     }
+}
 
-    fn maybe_commit(p: &mut Pending, store: &mut dyn ReplicaStore) -> Result<Vec<Frame>, Refusal> {
-        if !p.commit_asked || !p.outstanding.is_empty() {
+/// `Hello`: checks version, epoch and chunk parameters; answers `Welcome`.
+fn hello(
+    store: &dyn ReplicaStore,
+    version: u16,
+    epoch: u64,
+    node: &str,
+    params: ChunkParams,
+) -> Result<Vec<Frame>, Refusal> {
+    if version != VERSION {
+        return Err(Refusal::new(
+            RefuseCode::Version,
+            format!(
+                "protocol version {version} is not supported (this replica speaks {VERSION}); run the same ferry version on both hosts"
+            ),
+        ));
+    }
+    if epoch < store.epoch() {
+        return Err(Refusal::new(
+            RefuseCode::Fenced,
+            format!(
+                "primary {node} has epoch {epoch}, older than this replica's {}: it was fenced by a promotion",
+                store.epoch()
+            ),
+        ));
+    }
+    if params != store.params() {
+        return Err(Refusal::new(
+            RefuseCode::Params,
+            format!(
+                "chunk parameters differ (primary {params:?}, replica {:?}): use the same [chunking] on both",
+                store.params()
+            ),
+        ));
+    }
+    log::info!("primary {node} connected (epoch {epoch})");
+    let (generation, group_root) = store.generation();
+    Ok(vec![Frame::Welcome {
+        version: VERSION,
+        epoch: store.epoch(),
+        generation,
+        group_root,
+        images: store.images(),
+    }])
+}
+
+/// `TreeQuery`: hashes of a level of an image's Merkle tree.
+fn tree_nodes(
+    store: &dyn ReplicaStore,
+    path: String,
+    level: u8,
+    first: u32,
+    count: u32,
+) -> Result<Vec<Frame>, Refusal> {
+    let m = store
+        .manifest(&path)
+        .ok_or_else(|| format!("tree query for unknown image {path:?}"))?;
+    let t = m.tree();
+    if level as usize >= t.depth() {
+        return Err(format!("tree query below the tree of {path:?}").into());
+    }
+    let lv = t.level(level as usize);
+    let from = (first as usize).min(lv.len());
+    let to = from
+        .saturating_add(count as usize)
+        .min(lv.len())
+        .min(from + MAX_ITEMS);
+    let hashes = lv[from..to].iter().map(|h| *h.as_bytes()).collect();
+    Ok(vec![Frame::TreeNodes {
+        path,
+        level,
+        first,
+        hashes,
+    }])
+}
+
+/// `LeafQuery`: the entries of some leaves of an image's manifest.
+fn leaves_of(
+    store: &dyn ReplicaStore,
+    path: String,
+    leaves: Vec<u32>,
+) -> Result<Vec<Frame>, Refusal> {
+    let m = store
+        .manifest(&path)
+        .ok_or_else(|| format!("leaf query for unknown image {path:?}"))?;
+    if leaves.len() > MAX_ITEMS {
+        return Err("leaf query too long".into());
+    }
+    let mut out = Vec::new();
+    let mut items = 0;
+    for leaf in leaves {
+        let lo = leaf as u64 * LEAF_SPAN;
+        let es = m.entries();
+        let i = es.partition_point(|e| e.offset < lo);
+        let j = es.partition_point(|e| e.offset < lo + LEAF_SPAN);
+        items += j - i;
+        out.push((
+            leaf,
+            es[i..j]
+                .iter()
+                .map(|e| (e.offset, plan::to_wire(e)))
+                .collect(),
+        ));
+    }
+    if items > 4 * MAX_ITEMS {
+        return Err("leaf query asks for too many entries at once".into());
+    }
+    Ok(vec![Frame::Leaves { path, leaves: out }])
+}
+
+/// `Begin`: a generation follows, built on the committed one.
+fn begin(
+    store: &dyn ReplicaStore,
+    generation: u64,
+    base_generation: u64,
+    group_root: Hash,
+    changes: Vec<NsChange>,
+    images: u32,
+) -> Result<(Pending, Vec<Frame>), Refusal> {
+    let (current, _) = store.generation();
+    if base_generation != current {
+        return Err(format!(
+            "generation {generation} is built on {base_generation}, but this replica holds {current}"
+        ).into());
+    }
+    if generation <= current {
+        return Err(
+            format!("generation {generation} is not newer than the committed {current}").into(),
+        );
+    }
+    for c in &changes {
+        let (NsChange::Remove { path } | NsChange::Rename { from: path, .. }) = c;
+        if !valid_path(path) {
+            return Err(format!("invalid image path {path:?}").into());
+        }
+        if let NsChange::Rename { to, .. } = c
+            && !valid_path(to)
+        {
+            return Err(format!("invalid image path {to:?}").into());
+        }
+    }
+    let pending = Pending {
+        number: generation,
+        group_root,
+        changes,
+        images_expected: images,
+        images: BTreeMap::new(),
+        partial: None,
+        outstanding: HashSet::new(),
+        commit_asked: false,
+    };
+    // Only namespace changes: nothing to want.
+    let out = if images == 0 {
+        vec![Frame::Want {
+            generation,
+            hashes: vec![],
+            last: true,
+        }]
+    } else {
+        vec![]
+    };
+    Ok((pending, out))
+}
+
+/// One `Plan` frame's fields.
+struct PlanPart {
+    generation: u64,
+    path: String,
+    base_root: Hash,
+    new_size: u64,
+    new_root: Hash,
+    splices: Vec<Splice>,
+    last: bool,
+}
+
+impl Pending {
+    /// `Plan`: part of one image's plan, checked against the base the store holds; the
+    /// last image's plan is answered with the `Want` list.
+    fn plan(&mut self, store: &dyn ReplicaStore, part: PlanPart) -> Result<Vec<Frame>, Refusal> {
+        let PlanPart {
+            generation,
+            path,
+            base_root,
+            new_size,
+            new_root,
+            splices,
+            last,
+        } = part;
+        if generation != self.number {
+            return Err(format!("plan for generation {generation} inside {}", self.number).into());
+        }
+        if !valid_path(&path) {
+            return Err(format!("invalid image path {path:?}").into());
+        }
+        if self.images.len() as u32 >= self.images_expected || self.images.contains_key(&path) {
+            return Err(format!("unexpected plan for {path:?}").into());
+        }
+        match &mut self.partial {
+            Some((pp, _, _, _, acc)) if *pp == path => acc.extend(splices),
+            Some((pp, ..)) => {
+                return Err(format!("plan for {path:?} interleaved with {pp:?}").into());
+            }
+            None => self.partial = Some((path.clone(), base_root, new_size, new_root, splices)),
+        }
+        if !last {
+            return Ok(vec![]);
+        }
+        let (path, base_root, new_size, new_root, splices) =
+            self.partial.take().expect("set above");
+        let empty = Manifest::empty(store.params());
+        let base = store.manifest(&path).unwrap_or(&empty);
+        if *base.root().as_bytes() != base_root {
+            return Err(
+                format!("plan for {path:?} is built on a base this replica does not hold").into(),
+            );
+        }
+        let m = plan::apply(
+            base,
+            store.params(),
+            &splices,
+            new_size,
+            &blake3::Hash::from_bytes(new_root),
+        )
+        .map_err(|e| format!("plan for {path:?}: {e}"))?;
+        for e in m.entries() {
+            if let Some(h) = e.hash()
+                && !store.have(h.as_bytes())
+            {
+                self.outstanding.insert(*h.as_bytes());
+            }
+        }
+        self.images.insert(path, m);
+        if self.images.len() as u32 == self.images_expected {
+            let want: Vec<Hash> = self.outstanding.iter().copied().collect();
+            let mut frames: Vec<Frame> = want
+                .chunks(MAX_ITEMS)
+                .map(|c| Frame::Want {
+                    generation: self.number,
+                    hashes: c.to_vec(),
+                    last: false,
+                })
+                .collect();
+            frames.push(Frame::Want {
+                generation: self.number,
+                hashes: vec![],
+                last: true,
+            });
+            return Ok(frames);
+        }
+        Ok(vec![])
+    }
+
+    /// `Chunk`: verified against its hash, then staged.
+    fn chunk(
+        &mut self,
+        store: &mut dyn ReplicaStore,
+        hash: Hash,
+        zstd: bool,
+        data: Vec<u8>,
+        duplicates: &mut u64,
+    ) -> Result<Vec<Frame>, Refusal> {
+        if !self.outstanding.contains(&hash) {
+            *duplicates += 1;
+            return Ok(vec![]);
+        }
+        let raw = if zstd {
+            let max = store.params().max_size as usize;
+            zstd::bulk::decompress(&data, max).map_err(|e| {
+                Refusal::new(
+                    RefuseCode::Corrupt,
+                    format!("chunk {} does not decompress: {e}", hex(&hash)),
+                )
+            })?
+        } else {
+            data
+        };
+        if *blake3::hash(&raw).as_bytes() != hash {
+            return Err(Refusal::new(
+                RefuseCode::Corrupt,
+                format!(
+                    "chunk {} does not match its hash: corrupt data refused",
+                    hex(&hash)
+                ),
+            ));
+        }
+        store
+            .stage(&hash, &raw)
+            .map_err(|e| Refusal::store(format!("cannot stage chunk {}: {e}", hex(&hash)), &e))?;
+        self.outstanding.remove(&hash);
+        self.maybe_commit(store)
+    }
+
+    /// `Patch`: the base bytes with the ranges replaced, verified, then staged; `NeedFull`
+    /// when it does not apply.
+    #[allow(clippy::too_many_arguments)]
+    fn patch(
+        &mut self,
+        store: &mut dyn ReplicaStore,
+        hash: Hash,
+        path: &str,
+        offset: u64,
+        len: u64,
+        base: Option<Hash>,
+        ranges: &[(u64, serde_bytes::ByteBuf)],
+        duplicates: &mut u64,
+    ) -> Result<Vec<Frame>, Refusal> {
+        if !self.outstanding.contains(&hash) {
+            *duplicates += 1;
+            return Ok(vec![]);
+        }
+        let need_full = || {
+            Ok(vec![Frame::NeedFull {
+                generation: self.number,
+                hash,
+            }])
+        };
+        if !valid_path(path) || len > store.params().max_size as u64 {
+            return need_full();
+        }
+        let Ok(mut bytes) = store.base_bytes(path, offset, len) else {
+            return need_full();
+        };
+        if base.is_some_and(|b| *blake3::hash(&bytes).as_bytes() != b) {
+            return need_full();
+        }
+        for (off, data) in ranges {
+            let end = off.checked_add(data.len() as u64);
+            match end {
+                Some(end) if end <= len => bytes[*off as usize..end as usize].copy_from_slice(data),
+                _ => return Err("patch range outside its chunk".into()),
+            }
+        }
+        if *blake3::hash(&bytes).as_bytes() != hash {
+            return need_full();
+        }
+        store
+            .stage(&hash, &bytes)
+            .map_err(|e| Refusal::store(format!("cannot stage chunk {}: {e}", hex(&hash)), &e))?;
+        self.outstanding.remove(&hash);
+        self.maybe_commit(store)
+    }
+
+    /// `Commit`: commit as soon as every wanted chunk is staged.
+    fn commit(
+        &mut self,
+        store: &mut dyn ReplicaStore,
+        generation: u64,
+    ) -> Result<Vec<Frame>, Refusal> {
+        if generation != self.number || (self.images.len() as u32) < self.images_expected {
+            return Err(format!("commit of generation {generation} before its plan").into());
+        }
+        self.commit_asked = true;
+        self.maybe_commit(store)
+    }
+
+    fn maybe_commit(&mut self, store: &mut dyn ReplicaStore) -> Result<Vec<Frame>, Refusal> {
+        if !self.commit_asked || !self.outstanding.is_empty() {
             return Ok(vec![]);
         }
         let g = Generation {
-            number: p.number,
-            group_root: p.group_root,
-            changes: std::mem::take(&mut p.changes),
-            images: std::mem::take(&mut p.images),
+            number: self.number,
+            group_root: self.group_root,
+            changes: std::mem::take(&mut self.changes),
+            images: std::mem::take(&mut self.images),
         };
         // The images as they will be must make up the root the generation is named by:
         // checked before anything is applied.
