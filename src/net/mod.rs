@@ -4,6 +4,7 @@
 //! and the protocol state machine stay synchronous and free of sockets.
 
 pub mod keys;
+pub mod node;
 pub mod tls;
 pub mod transport;
 
@@ -11,6 +12,7 @@ pub use keys::{
     CERT_FILE, CERT_NAME, Fingerprint, Identity, KEY_FILE, KeyError, ParseFingerprintError,
     fingerprint_in, keygen,
 };
+pub use node::{Node, Threads};
 pub use tls::{
     ALPN, Congestion, SERVER_NAME, Side, TlsError, client_config, peer_fingerprint, server_config,
     transport_config_with,

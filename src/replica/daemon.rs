@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use super::Store;
 use crate::chunk::ChunkParams;
 use crate::net::transport::{self, read_frame, write_frame};
-use crate::net::{Fingerprint, Identity};
+use crate::net::{Fingerprint, Identity, Node, Threads};
 use crate::wire::frame::{Frame, Refusal, RefuseCode};
 use crate::wire::replica::ReplicaSession;
 
@@ -32,27 +32,23 @@ pub struct Options {
 /// Runs the replica daemon in the foreground until SIGTERM or SIGINT.
 pub fn run(opts: Options) -> Result<()> {
     let store = Store::open(&opts.store, opts.params)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()?;
-    rt.block_on(serve(store, opts.identity, opts.primaries, opts.listen))
-}
-
-async fn serve(
-    store: Store,
-    id: Identity,
-    primaries: Vec<Fingerprint>,
-    listen: SocketAddr,
-) -> Result<()> {
-    let ep = transport::server(&id, &primaries, listen)?;
+    let threads = Threads {
+        count: 4,
+        name: "ferry-replica",
+        on_start: || {},
+    };
+    let node = Node::server(&opts.identity, &opts.primaries, opts.listen, threads)?;
     log::info!(
         "replica listening on {} (fingerprint {}), store {}, {} pinned primaries",
-        ep.local_addr()?,
-        id.fingerprint(),
+        node.endpoint().local_addr()?,
+        opts.identity.fingerprint(),
         store.root().display(),
-        primaries.len()
+        opts.primaries.len()
     );
+    node.block_on(serve(store, node.endpoint().clone()))
+}
+
+async fn serve(store: Store, ep: quinn::Endpoint) -> Result<()> {
     let store: SharedStore = Arc::new(parking_lot::Mutex::new(store));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {

@@ -44,7 +44,7 @@ use crate::fs::cow::Window;
 use crate::fs::outside::Outside;
 use crate::fs::{Frozen as FrozenChanges, Tracker};
 use crate::manifest::{self, GenRecord, Kind, Manifest, ManifestDir, hex};
-use crate::net::{Congestion, Fingerprint, Identity, transport};
+use crate::net::{Congestion, Fingerprint, Identity, Node, Threads};
 use crate::wire::primary::{
     Acked, ChunkSource, Generation, PeerKnowledge, PrimarySession, group_root,
 };
@@ -169,12 +169,6 @@ struct Work {
     broken: BTreeMap<String, String>,
 }
 
-/// The network side: a runtime and a client endpoint.
-struct Net {
-    rt: tokio::runtime::Runtime,
-    ep: quinn::Endpoint,
-}
-
 /// The sync engine of one mount.
 pub struct Engine {
     root: PathBuf,
@@ -186,7 +180,7 @@ pub struct Engine {
     tracker: Arc<Tracker>,
     outside: Arc<Outside>,
     bucket: Option<Arc<Bucket>>,
-    net: Option<Net>,
+    net: Option<Node>,
     work: parking_lot::Mutex<Work>,
     board: Arc<Board>,
 }
@@ -374,27 +368,17 @@ impl Engine {
         let net = if opts.peers.is_empty() {
             None
         } else {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .thread_name("ferry-net")
-                .on_thread_start(lower_thread_priority)
-                .enable_all()
-                .build()?;
             let id = opts
                 .identity
                 .as_ref()
                 .ok_or_else(|| anyhow!("peers are configured but this node has no key"))?;
             let pinned: Vec<Fingerprint> = opts.peers.iter().map(|p| p.fingerprint).collect();
-            let ep = {
-                let _guard = rt.enter();
-                transport::client(
-                    id,
-                    &pinned,
-                    "0.0.0.0:0".parse().expect("an address"),
-                    opts.congestion,
-                )?
+            let threads = Threads {
+                count: 2,
+                name: "ferry-net",
+                on_start: lower_thread_priority,
             };
-            Some(Net { rt, ep })
+            Some(Node::client(id, &pinned, opts.congestion, threads)?)
         };
         let required = opts.required.min(opts.peers.len());
         let board = Arc::new(Board::new(board::View {
@@ -767,7 +751,7 @@ impl Engine {
             })
             .collect();
         let (node, params) = (self.node.clone(), self.params);
-        let (shipped, probed) = net.rt.block_on(async {
+        let (shipped, probed) = net.block_on(async {
             let futs = jobs.into_iter().map(|(name, addr, known, buckets)| {
                 let how = Shipment {
                     src: src.clone(),
@@ -776,7 +760,7 @@ impl Engine {
                     tamper: None,
                 };
                 let drive = Drive {
-                    ep: net.ep.clone(),
+                    ep: net.endpoint().clone(),
                     board: self.board.clone(),
                     node: node.clone(),
                     params,
@@ -784,7 +768,7 @@ impl Engine {
                 drive.run(name, addr, g.clone(), known, how, timeout)
             });
             let probed = futures_join_all(probes.into_iter().map(|(i, addr)| {
-                let ep = net.ep.clone();
+                let ep = net.endpoint().clone();
                 async move {
                     let r =
                         tokio::time::timeout(Duration::from_secs(5), ship::probe(&ep, addr)).await;
