@@ -349,6 +349,7 @@ fn replica_cmd(path: &std::path::Path) -> Result<()> {
         store: rc.store,
         listen: rc.listen,
         primaries: rc.primaries,
+        metrics: config.node.metrics,
     })
 }
 

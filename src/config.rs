@@ -48,6 +48,9 @@ pub struct Node {
     pub key_dir: PathBuf,
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// Where to serve Prometheus metrics (opt-in), e.g. 127.0.0.1:9477.
+    #[serde(default)]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -156,6 +159,7 @@ impl Default for Node {
             name: default_name(),
             key_dir: default_key_dir(),
             state_dir: default_state_dir(),
+            metrics: None,
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod dirty;
 pub mod durable;
 pub mod fs;
 pub mod manifest;
+pub mod metrics;
 pub mod mount;
 pub mod net;
 pub mod replica;

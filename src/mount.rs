@@ -388,6 +388,16 @@ fn serve(
                 }
             })?;
     }
+    if let Some(addr) = config.node.metrics {
+        let mut reg = prometheus_client::registry::Registry::default();
+        let m = crate::sync::metrics::SyncMetrics::register(&mut reg);
+        engine.on_report(Box::new(move |r| m.observe(r)));
+        reg.register_collector(Box::new(crate::sync::metrics::StatusCollector {
+            engine: engine.clone(),
+            rpo: config.primary.sync_interval,
+        }));
+        crate::metrics::serve(addr, reg, "mount");
+    }
     let scheduler = crate::sync::trigger::Scheduler::start(
         engine.clone(),
         config.primary.sync_interval,
@@ -473,6 +483,10 @@ fn serve(
         })?;
     if let Some(ready) = ready {
         ready();
+    }
+    // systemd (Type=notify, a foreground mount run as a service): the mount is live.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        log::warn!("cannot tell systemd the mount is ready: {e}");
     }
     session.run().context("FUSE session failed")?;
     Ok(())

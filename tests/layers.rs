@@ -11,6 +11,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("durable", &[]),
     // The control socket's client finds the socket through the mount's root xattr.
     ("control", &["fs"]),
+    // The Prometheus endpoint and its gauge helper.
+    ("metrics", &[]),
     ("testutil", &["chunk"]),
     ("dirty", &["durable"]),
     ("manifest", &["durable"]),
@@ -23,7 +25,10 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "sync",
         &["fs", "chunk", "manifest", "wire", "net", "dirty", "durable"],
     ),
-    ("replica", &["wire", "net", "manifest", "chunk", "durable"]),
+    (
+        "replica",
+        &["wire", "net", "manifest", "chunk", "durable", "metrics"],
+    ),
     ("wan", &[]),
 ];
 

@@ -27,6 +27,8 @@ pub struct Options {
     pub listen: SocketAddr,
     /// The primaries it accepts.
     pub primaries: Vec<Fingerprint>,
+    /// Where to serve Prometheus metrics.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Runs the replica daemon in the foreground until SIGTERM or SIGINT.
@@ -38,18 +40,25 @@ pub fn run(opts: Options) -> Result<()> {
         on_start: || {},
     };
     let node = Node::server(&opts.identity, &opts.primaries, opts.listen, threads)?;
+    let root = store.root().display().to_string();
+    let store: SharedStore = Arc::new(parking_lot::Mutex::new(store));
+    if let Some(addr) = opts.metrics {
+        crate::metrics::serve(addr, super::metrics::registry(&store), "replica");
+    }
     log::info!(
-        "replica listening on {} (fingerprint {}), store {}, {} pinned primaries",
+        "replica listening on {} (fingerprint {}), store {root}, {} pinned primaries",
         node.endpoint().local_addr()?,
         opts.identity.fingerprint(),
-        store.root().display(),
         opts.primaries.len()
     );
+    // systemd (Type=notify): ready once the store is replayed and the endpoint listens.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        log::warn!("cannot tell systemd the replica is ready: {e}");
+    }
     node.block_on(serve(store, node.endpoint().clone()))
 }
 
-async fn serve(store: Store, ep: quinn::Endpoint) -> Result<()> {
-    let store: SharedStore = Arc::new(parking_lot::Mutex::new(store));
+async fn serve(store: SharedStore, ep: quinn::Endpoint) -> Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
@@ -65,6 +74,7 @@ async fn serve(store: Store, ep: quinn::Endpoint) -> Result<()> {
             }
             _ = term.recv() => {
                 log::info!("SIGTERM: stopping");
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
                 break;
             }
             _ = tokio::signal::ctrl_c() => {

@@ -19,6 +19,7 @@
 
 pub mod daemon;
 mod journal;
+pub mod metrics;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
@@ -65,6 +66,22 @@ pub struct Store {
     /// Where each chunk of the committed images lives: (image, offset, length).
     index: HashMap<Hash, (String, u64, u64)>,
     journal: Journal,
+    /// Seconds each commit took (metrics), when someone watches.
+    apply_seconds: Option<prometheus_client::metrics::histogram::Histogram>,
+}
+
+/// A store's figures, for metrics.
+#[derive(Clone, Debug, Default)]
+pub struct Figures {
+    pub generation: u64,
+    pub epoch: u64,
+    pub images: usize,
+    pub image_bytes: u64,
+    /// Bytes of chunks staged for the next generation.
+    pub staged_bytes: u64,
+    pub staged_chunks: usize,
+    /// Distinct chunks of the committed images.
+    pub chunks: usize,
 }
 
 fn hash_from_hex(s: &str) -> Result<Hash> {
@@ -105,6 +122,7 @@ impl Store {
             manifests: BTreeMap::new(),
             index: HashMap::new(),
             journal,
+            apply_seconds: None,
         };
         store.replay()?;
         store.load_manifests()?;
@@ -116,6 +134,24 @@ impl Store {
             store.journal.len()
         );
         Ok(store)
+    }
+
+    /// The figures metrics show.
+    pub fn figures(&self) -> Figures {
+        Figures {
+            generation: self.record.generation,
+            epoch: self.record.epoch,
+            images: self.manifests.len(),
+            image_bytes: self.manifests.values().map(|m| m.size()).sum(),
+            staged_bytes: self.journal.bytes(),
+            staged_chunks: self.journal.len(),
+            chunks: self.index.len(),
+        }
+    }
+
+    /// Observes the duration of every commit (verify, journal, apply) in `h`.
+    pub fn time_commits(&mut self, h: prometheus_client::metrics::histogram::Histogram) {
+        self.apply_seconds = Some(h);
     }
 
     pub fn root(&self) -> &Path {
@@ -399,6 +435,17 @@ impl ReplicaStore for Store {
     }
 
     fn commit(&mut self, g: &Generation) -> Result<()> {
+        let t = std::time::Instant::now();
+        let r = self.commit_timed(g);
+        if let Some(h) = &self.apply_seconds {
+            h.observe(t.elapsed().as_secs_f64());
+        }
+        r
+    }
+}
+
+impl Store {
+    fn commit_timed(&mut self, g: &Generation) -> Result<()> {
         // 1. Chunks the store holds elsewhere are copied into the journal (and verified), so
         //    applying never reads from an image it is changing. Only the entries that applying
         //    writes are needed: the others are in place already (an image the generation

@@ -21,6 +21,7 @@ pub mod board;
 pub mod bucket;
 pub mod cut;
 pub mod link;
+pub mod metrics;
 pub mod select;
 pub mod ship;
 pub mod trigger;
@@ -169,6 +170,9 @@ struct Work {
     broken: BTreeMap<String, String>,
 }
 
+/// What is told every sync's report.
+pub type OnReport = Box<dyn Fn(&Report) + Send + Sync>;
+
 /// The sync engine of one mount.
 pub struct Engine {
     root: PathBuf,
@@ -183,6 +187,8 @@ pub struct Engine {
     net: Option<Node>,
     work: parking_lot::Mutex<Work>,
     board: Arc<Board>,
+    /// Told every sync's report (metrics).
+    on_report: parking_lot::Mutex<Option<OnReport>>,
 }
 
 /// A sync's result, as `ferry sync --json` prints it.
@@ -407,7 +413,25 @@ impl Engine {
                 broken: BTreeMap::new(),
             }),
             board,
+            on_report: parking_lot::Mutex::new(None),
         })
+    }
+
+    /// Runs `f` with every sync's report.
+    pub fn on_report(&self, f: OnReport) {
+        *self.on_report.lock() = Some(f);
+    }
+
+    /// Bytes changed since the last sync point, per image.
+    pub fn unsynced(&self) -> Vec<(String, u64)> {
+        self.tracker
+            .dirty()
+            .into_iter()
+            .map(|(p, r)| {
+                let n = r.iter().map(|r| r.end - r.start).sum();
+                (p.to_string_lossy().into_owned(), n)
+            })
+            .collect()
     }
 
     fn active(&self) -> ManifestDir {
@@ -551,6 +575,9 @@ impl Engine {
         };
         let last = serde_json::to_value(&report)?;
         self.board.update(|v| v.last_sync = Some(last));
+        if let Some(f) = &*self.on_report.lock() {
+            f(&report);
+        }
         Ok(report)
     }
 

@@ -1,0 +1,237 @@
+//! The primary's Prometheus metrics: gauges read at scrape time from the engine's board (the
+//! same snapshot `ferry status` prints, so the two always agree) and the tracker, and counters
+//! and histograms that each sync's report feeds.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use serde_json::Value;
+
+use super::{Engine, Report};
+use crate::metrics::Gauges;
+
+type Labels = Vec<(String, String)>;
+
+/// Counters and histograms over the syncs of a mount.
+pub struct SyncMetrics {
+    syncs: Family<Labels, Counter>,
+    duration: Histogram,
+    dirty: Histogram,
+    sent: Family<Labels, Counter>,
+    wire: Family<Labels, Counter>,
+    chunks: Family<Labels, Counter>,
+    patches: Family<Labels, Counter>,
+    retries: Family<Labels, Counter>,
+}
+
+impl SyncMetrics {
+    /// Registers the metrics (names prefixed `ferry_`).
+    pub fn register(reg: &mut Registry) -> Arc<SyncMetrics> {
+        let m = SyncMetrics {
+            syncs: Family::default(),
+            duration: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
+            dirty: Histogram::new(exponential_buckets(4096.0, 4.0, 14)),
+            sent: Family::default(),
+            wire: Family::default(),
+            chunks: Family::default(),
+            patches: Family::default(),
+            retries: Family::default(),
+        };
+        let reg = reg.sub_registry_with_prefix("ferry");
+        reg.register(
+            "syncs",
+            "Sync points by result (committed: the required replicas committed)",
+            m.syncs.clone(),
+        );
+        reg.register(
+            "sync_duration_seconds",
+            "Time from a sync point to the last acknowledgement",
+            m.duration.clone(),
+        );
+        reg.register(
+            "sync_dirty_bytes",
+            "Bytes changed since the previous sync point, per sync point",
+            m.dirty.clone(),
+        );
+        reg.register(
+            "sent_bytes",
+            "Chunk and patch payload sent (after compression)",
+            m.sent.clone(),
+        );
+        reg.register(
+            "wire_bytes",
+            "UDP bytes sent, all overhead included",
+            m.wire.clone(),
+        );
+        reg.register("chunks_sent", "Whole chunks sent", m.chunks.clone());
+        reg.register("patches_sent", "Patches sent", m.patches.clone());
+        reg.register(
+            "retries",
+            "Connections retried after a failed attempt",
+            m.retries.clone(),
+        );
+        Arc::new(m)
+    }
+
+    /// Takes one sync's figures.
+    pub fn observe(&self, r: &Report) {
+        let result = if r.committed >= r.required {
+            "committed"
+        } else {
+            "failed"
+        };
+        self.syncs
+            .get_or_create(&vec![("result".into(), result.into())])
+            .inc();
+        self.duration.observe(r.duration_ms as f64 / 1000.0);
+        self.dirty.observe(r.dirty_bytes as f64);
+        for o in &r.replicas {
+            let l = vec![("replica".to_string(), o.name.clone())];
+            self.sent.get_or_create(&l).inc_by(o.bytes_sent);
+            self.wire.get_or_create(&l).inc_by(o.wire_bytes);
+            self.chunks.get_or_create(&l).inc_by(o.chunks_sent);
+            self.patches.get_or_create(&l).inc_by(o.patches_sent);
+            self.retries
+                .get_or_create(&l)
+                .inc_by(o.attempts.saturating_sub(1) as u64);
+        }
+    }
+}
+
+/// Gauges of a mount, read at scrape time.
+pub struct StatusCollector {
+    pub engine: Arc<Engine>,
+    /// The RPO target (`sync_interval`), if there is one.
+    pub rpo: Option<Duration>,
+}
+
+impl std::fmt::Debug for StatusCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StatusCollector")
+    }
+}
+
+impl Collector for StatusCollector {
+    fn encode(&self, enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = self.engine.status();
+        let mut g = Gauges::new(enc);
+        let num = |v: &Value| v.as_f64().unwrap_or(0.0);
+        g.one(
+            "ferry_generation",
+            "The last generation this primary cut",
+            num(&s["generation"]),
+        )?;
+        let run = &s["running"];
+        g.one(
+            "ferry_sync_running",
+            "1 while a sync runs",
+            if run.is_object() { 1.0 } else { 0.0 },
+        )?;
+        g.one(
+            "ferry_sync_bytes_done",
+            "Bytes of image sent of those the replicas asked for, in the running sync",
+            num(&run["bytes_done"]),
+        )?;
+        g.one(
+            "ferry_sync_bytes_total",
+            "Bytes of image the replicas asked for in the running sync",
+            num(&run["bytes_total"]),
+        )?;
+        let unsynced: Vec<_> = self
+            .engine
+            .unsynced()
+            .into_iter()
+            .map(|(p, n)| (vec![("image", p)], n as f64))
+            .collect();
+        g.family(
+            "ferry_unsynced_bytes",
+            "Bytes changed since the last sync point, per image",
+            &unsynced,
+        )?;
+        g.one(
+            "ferry_images_broken",
+            "Images that cannot be read as regular files (not replicating)",
+            s["broken"].as_array().map_or(0, |a| a.len()) as f64,
+        )?;
+        if let Some(t) = self.rpo {
+            g.one(
+                "ferry_rpo_target_seconds",
+                "The RPO target (sync_interval)",
+                t.as_secs_f64(),
+            )?;
+        }
+        let replicas = s["replicas"].as_array().cloned().unwrap_or_default();
+        let per = |f: &dyn Fn(&Value) -> Option<f64>| -> Vec<(Vec<(&str, String)>, f64)> {
+            replicas
+                .iter()
+                .filter_map(|r| {
+                    let name = r["name"].as_str().unwrap_or("?").to_string();
+                    f(r).map(|v| (vec![("replica", name)], v))
+                })
+                .collect()
+        };
+        g.family(
+            "ferry_replica_generation",
+            "The generation each replica committed",
+            &per(&|r| r["generation"].as_f64()),
+        )?;
+        g.family(
+            "ferry_replica_lag_generations",
+            "Generations each replica is behind",
+            &per(&|r| r["lag_generations"].as_f64()),
+        )?;
+        g.family(
+            "ferry_replica_lag_bytes",
+            "Bytes of new content of the last generation each replica lacks",
+            &per(&|r| r["lag_bytes"].as_f64()),
+        )?;
+        g.family(
+            "ferry_replica_seconds_since_commit",
+            "Seconds since each replica last committed",
+            &per(&|r| r["since_commit_s"].as_f64()),
+        )?;
+        g.family(
+            "ferry_replica_selected",
+            "1 when the selection ships to the replica",
+            &per(&|r| Some(if r["selected"] == true { 1.0 } else { 0.0 })),
+        )?;
+        let mut states = Vec::new();
+        for r in &replicas {
+            for st in ["committed", "shipping", "failing", "behind"] {
+                let labels = vec![
+                    ("replica", r["name"].as_str().unwrap_or("?").to_string()),
+                    ("state", st.to_string()),
+                ];
+                states.push((labels, if r["state"] == st { 1.0 } else { 0.0 }));
+            }
+        }
+        g.family(
+            "ferry_replica_state",
+            "Each replica's state, one of committed, shipping, failing, behind",
+            &states,
+        )?;
+        if let Some(t) = self.rpo {
+            // Met when the replica committed within the target plus the time the last sync
+            // took to reach it (a replica that commits every sync point is always met).
+            let took = s["last_sync"]["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0;
+            let limit = t.as_secs_f64() + took;
+            g.family(
+                "ferry_replica_rpo_met",
+                "1 when the replica committed within the RPO target (plus the last sync's duration)",
+                &per(&|r| {
+                    Some(match r["since_commit_s"].as_f64() {
+                        Some(s) if s <= limit => 1.0,
+                        _ => 0.0,
+                    })
+                }),
+            )?;
+        }
+        Ok(())
+    }
+}
