@@ -43,8 +43,18 @@ pub enum Command {
     /// (`--json`: root, dirty_bytes, bytes_sent, chunks_sent, patches_sent, duration_ms and per
     /// replica its name, state and committed root). Exits non-zero if they did not commit.
     Sync(SyncArgs),
-    /// Show what a mount tracks: unsynced bytes per image, the generation, each replica's
-    /// state and lag.
+    /// Show a mount's replication: the generation, the sync in progress, each replica's state
+    /// and lag, and the unsynced bytes per image.
+    ///
+    /// Answers at once, even while a sync runs: the daemon publishes a snapshot at each step of
+    /// a sync. Shows the last generation cut and how many replicas hold it; the sync in
+    /// progress (its phase and the bytes sent of those the replicas asked for); one row per
+    /// replica with its state (committed, shipping X of Y, failing with the cause and what to do,
+    /// or behind), the generation it committed, its lag (bytes of the last generation it lacks,
+    /// and generations), when it last committed and whether the selection ships to it; the
+    /// bytes changed since the last sync point; and one row per image with unsynced bytes or
+    /// bytes some replica lacks. docs/OPERATIONS.md lists every field of --json and every
+    /// failure cause.
     Status(StatusArgs),
     /// Check that the generation's manifests describe the images' bytes.
     ///
@@ -81,6 +91,16 @@ pub enum Command {
     ///
     /// Reads only DIR/node.crt (public), so it works without access to the private key.
     Id(IdArgs),
+    /// Write the man pages (ferry.1 and one per command) into DIR; for installers.
+    #[command(hide = true)]
+    Manpages(ManpagesArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ManpagesArgs {
+    /// Directory for the pages, e.g. /usr/local/share/man/man1.
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -245,7 +265,30 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Manifest(a) => manifest_cmd(a),
         Command::Keygen(a) => keygen_cmd(a),
         Command::Id(a) => id_cmd(a),
+        Command::Manpages(a) => manpages_cmd(&a.dir),
     }
+}
+
+/// ferry.1 and ferry-COMMAND.1 for every visible command, generated from the same clap
+/// definitions as `--help`, so they cannot drift.
+fn manpages_cmd(dir: &std::path::Path) -> Result<()> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let cmd = Cli::command();
+    let write = |name: &str, c: clap::Command| -> Result<()> {
+        let path = dir.join(format!("{name}.1"));
+        let mut out = Vec::new();
+        clap_mangen::Man::new(c).render(&mut out)?;
+        std::fs::write(&path, out).with_context(|| format!("cannot write {}", path.display()))?;
+        println!("{}", path.display());
+        Ok(())
+    };
+    for sub in cmd.get_subcommands().filter(|c| !c.is_hide_set()) {
+        // clap names are &'static str; this process ends right after.
+        let name: &'static str = Box::leak(format!("ferry-{}", sub.get_name()).into_boxed_str());
+        write(name, sub.clone().name(name))?;
+    }
+    write("ferry", cmd)
 }
 
 fn keygen_cmd(a: KeygenArgs) -> Result<()> {
