@@ -181,11 +181,15 @@ pub struct VerifyArgs {
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
-    /// The mountpoint of a running `ferry mount`.
-    pub mountpoint: PathBuf,
-    /// Print one JSON object instead of text.
+    /// The mountpoint of a running `ferry mount`; without it, every ferry mount on this host
+    /// (and the replica daemons running here are listed).
+    pub mountpoint: Option<PathBuf>,
+    /// Print one JSON object instead of text (without MOUNTPOINT: an array, one per mount).
     #[arg(long)]
     pub json: bool,
+    /// Refresh every SECS seconds (default 2) until interrupted, like watch(1).
+    #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "2")]
+    pub watch: Option<f64>,
     /// Include every dirty byte range, not only the totals.
     #[arg(long)]
     pub ranges: bool,
@@ -397,16 +401,135 @@ fn replica_cmd(path: &std::path::Path) -> Result<()> {
 }
 
 fn status_cmd(a: StatusArgs) -> Result<()> {
-    let socket = crate::control::socket_of(&a.mountpoint)?;
-    let v = crate::control::request(
-        &socket,
-        &serde_json::json!({"cmd": "status", "ranges": a.ranges}),
-        Some(std::time::Duration::from_secs(30)),
-    )?;
-    if a.json {
-        println!("{v}");
+    let Some(secs) = a.watch else {
+        return status_once(&a);
+    };
+    if !(secs > 0.0 && secs.is_finite()) {
+        anyhow::bail!("--watch takes a number of seconds above 0, e.g. --watch 2");
+    }
+    loop {
+        if !a.json {
+            // Clear the screen and go home, as watch(1) does.
+            print!("\x1b[H\x1b[2J");
+            println!("every {secs} s: ferry status (Ctrl-C to stop)\n");
+        }
+        if let Err(e) = status_once(&a) {
+            println!("ferry: {e:#}");
+        }
+        std::thread::sleep(std::time::Duration::from_secs_f64(secs));
+    }
+}
+
+/// The status of the mount named, or of every ferry mount on the host.
+fn status_once(a: &StatusArgs) -> Result<()> {
+    let ask = |mnt: &std::path::Path| -> Result<serde_json::Value> {
+        let socket = crate::control::socket_of(mnt)?;
+        crate::control::request(
+            &socket,
+            &serde_json::json!({"cmd": "status", "ranges": a.ranges}),
+            Some(std::time::Duration::from_secs(30)),
+        )
+    };
+    if let Some(mnt) = &a.mountpoint {
+        let v = ask(mnt)?;
+        if a.json {
+            println!("{v}");
+        } else {
+            print_status(&v);
+        }
         return Ok(());
     }
+    let mounts = ferry_mounts()?;
+    let replicas = replica_daemons();
+    if a.json {
+        let all: Vec<serde_json::Value> = mounts
+            .iter()
+            .map(|m| {
+                ask(m).unwrap_or_else(
+                    |e| serde_json::json!({"mountpoint": m, "error": format!("{e:#}")}),
+                )
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"mounts": all, "replica_daemons": replicas})
+        );
+        return Ok(());
+    }
+    if mounts.is_empty() && replicas.is_empty() {
+        println!("no ferry mounts and no replica daemons on this host");
+    }
+    for m in &mounts {
+        match ask(m) {
+            Ok(v) => print_status(&v),
+            Err(e) => println!("{}: {e:#}", m.display()),
+        }
+    }
+    for r in &replicas {
+        println!(
+            "replica daemon: pid {}, config {}",
+            r["pid"],
+            r["config"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(())
+}
+
+/// Mountpoints of every ferry mount on this host: FUSE mounts in /proc/self/mountinfo (type
+/// `fuse`, or `fuse.ferry` through mount.fuse3) whose root answers ferry's control xattr.
+fn ferry_mounts() -> Result<Vec<PathBuf>> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .context("cannot read /proc/self/mountinfo")?;
+    let unescape = |s: &str| {
+        s.replace("\\040", " ")
+            .replace("\\011", "\t")
+            .replace("\\134", "\\")
+    };
+    Ok(info
+        .lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let mnt = PathBuf::from(unescape(left.split_whitespace().nth(4)?));
+            let fstype = right.split_whitespace().next()?;
+            (matches!(fstype, "fuse" | "fuse.ferry") && crate::control::socket_of(&mnt).is_ok())
+                .then_some(mnt)
+        })
+        .collect())
+}
+
+/// `ferry replica` processes on this host: pid and config file.
+fn replica_daemons() -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let is_ferry = args.first().is_some_and(|a| {
+            std::path::Path::new(a)
+                .file_name()
+                .is_some_and(|n| n == "ferry")
+        });
+        if is_ferry && args.get(1).is_some_and(|a| a == "replica") {
+            let config = args
+                .iter()
+                .position(|a| a == "--config")
+                .and_then(|i| args.get(i + 1))
+                .cloned();
+            out.push(serde_json::json!({"pid": pid, "config": config}));
+        }
+    }
+    out
+}
+
+/// One mount's status as text.
+fn print_status(v: &serde_json::Value) {
     println!(
         "{} on {}",
         v["source"].as_str().unwrap_or("?"),
@@ -437,8 +560,7 @@ fn status_cmd(a: StatusArgs) -> Result<()> {
     if v["sync"]["outside_watch"] == false && v["tracking"] == true {
         println!("  writes to the backing files that bypass the mount are NOT watched (see log)");
     }
-    print_images(&v);
-    Ok(())
+    print_images(v);
 }
 
 /// Human size.

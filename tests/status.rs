@@ -150,3 +150,54 @@ fn status_after_a_restart_knows_each_replica_from_its_saved_state() {
     assert!(r["lag_bytes"].as_u64().unwrap() >= 1 << 20, "{s}");
     assert!(r["since_commit_s"].as_u64().is_some(), "{s}");
 }
+
+#[test]
+fn status_without_a_mountpoint_lists_every_mount_and_replica_daemon() {
+    common::require_root();
+    let p = Pair::new();
+    let out = run(Command::new(FERRY).args(["status", "--json"]));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mnt = p.primary.mnt.to_str().unwrap();
+    assert!(
+        v["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["mountpoint"] == mnt && m["sync"]["replicas"][0]["name"] == "site-b"),
+        "{v}"
+    );
+    let config = p.replica.config.to_str().unwrap();
+    assert!(
+        v["replica_daemons"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["config"] == config),
+        "{v}"
+    );
+    let out = run(Command::new(FERRY).arg("status"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("on {mnt}")), "{text}");
+    assert!(text.contains("replica daemon: pid"), "{text}");
+}
+
+#[test]
+fn status_watch_refreshes_until_interrupted() {
+    common::require_root();
+    let p = Pair::new();
+    let mut child = Command::new(FERRY)
+        .args(["status", "--watch", "0.2"])
+        .arg(&p.primary.mnt)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.matches("every 0.2 s: ferry status").count() >= 2,
+        "{text}"
+    );
+    assert!(text.contains("REPLICA"), "{text}");
+}
