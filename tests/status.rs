@@ -119,6 +119,14 @@ fn a_replica_that_missed_a_generation_is_shown_behind_with_its_cause() {
     assert!(text.contains("held by 0 of 1 replicas"), "{text}");
     assert!(text.contains("failing for"), "{text}");
     assert!(text.contains("unreachable"), "{text}");
+    // The log has one line per sync point with its figures and each replica's outcome.
+    let log = p.primary.log_text();
+    assert!(
+        log.lines().any(|l| l.contains("sync: generation 2 (")
+            && l.contains("0 of 1 required committed")
+            && l.contains("site-b failed (unreachable)")),
+        "{log}"
+    );
 
     // Back up: the next sync catches it up and status says so.
     p.replica.start();

@@ -47,9 +47,18 @@ fn the_systemd_units_verify() {
 fn man_pages_are_generated_for_every_command() {
     let dir = tempfile::tempdir().unwrap();
     common::run(Command::new(FERRY).arg("manpages").arg(dir.path()));
-    for page in ["ferry", "ferry-mount", "ferry-sync", "ferry-status", "ferry-replica"] {
+    for page in [
+        "ferry",
+        "ferry-mount",
+        "ferry-sync",
+        "ferry-status",
+        "ferry-replica",
+    ] {
         let text = std::fs::read_to_string(dir.path().join(format!("{page}.1"))).unwrap();
-        assert!(text.contains(".SH NAME") && text.contains(page), "{page}.1:\n{text}");
+        assert!(
+            text.contains(".SH NAME") && text.contains(page),
+            "{page}.1:\n{text}"
+        );
     }
     let status = std::fs::read_to_string(dir.path().join("ferry-status.1")).unwrap();
     assert!(status.contains("\\-\\-watch"), "{status}");

@@ -573,6 +573,7 @@ impl Engine {
             required: self.required,
             replicas: outcomes,
         };
+        log::info!("{}", summary(&report));
         let last = serde_json::to_value(&report)?;
         self.board.update(|v| v.last_sync = Some(last));
         if let Some(f) = &*self.on_report.lock() {
@@ -1032,6 +1033,28 @@ impl Drive {
             failed_since: first_failure,
         }
     }
+}
+
+/// One line per sync point for the log: its figures and each replica's outcome.
+fn summary(r: &Report) -> String {
+    let mut line = format!(
+        "sync: generation {} ({}): {} dirty, {} sent, {} on the wire, {} ms; {} of {} required committed",
+        r.generation,
+        &r.root[..16],
+        r.dirty_bytes,
+        r.bytes_sent,
+        r.wire_bytes,
+        r.duration_ms,
+        r.committed,
+        r.required
+    );
+    for o in &r.replicas {
+        line += &format!("; {} {}", o.name, o.state);
+        if let Some(c) = o.cause {
+            line += &format!(" ({c})");
+        }
+    }
+    line
 }
 
 /// "directory", "symbolic link", ...: what a path that should be an image is instead.
