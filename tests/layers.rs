@@ -23,7 +23,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("config", &["chunk", "net"]),
     (
         "sync",
-        &["fs", "chunk", "manifest", "wire", "net", "dirty", "durable"],
+        &[
+            "fs", "chunk", "manifest", "wire", "net", "dirty", "durable", "metrics",
+        ],
     ),
     (
         "replica",
