@@ -173,6 +173,30 @@ fn attempt(
     panic!("the attempt neither ended nor stalled");
 }
 
+/// A replica holding image `a` = `old` at generation 1, and what the primary knows of it.
+fn replica_at_1(old: &[u8]) -> (MemStore, PeerKnowledge) {
+    let mut store = MemStore::default();
+    store.seed("a", old.to_vec());
+    store.generation = 1;
+    let known = PeerKnowledge {
+        generation: 1,
+        manifests: BTreeMap::from([("a".to_string(), Arc::new(store.images["a"].1.clone()))]),
+        dirty: BTreeMap::new(),
+    };
+    (store, known)
+}
+
+/// Generation 2 of `images`, and a reader of them.
+fn generation_2(images: &BTreeMap<String, Vec<u8>>) -> (Arc<Generation>, Src) {
+    let ms = manifests(images);
+    let g = Arc::new(Generation {
+        number: 2,
+        group_root: primary::group_root(&ms),
+        images: ms,
+    });
+    (g, Src(images.clone()))
+}
+
 /// The images and manifests of the store, to compare before and after.
 fn snapshot(store: &MemStore) -> (u64, [u8; 32], BTreeMap<String, Vec<u8>>) {
     let (g, root) = store.generation();
@@ -195,16 +219,8 @@ proptest! {
         second_image in any::<bool>(),
         schedule in prop::collection::vec(fault(), 0..400),
     ) {
-        // The replica holds generation 1; the primary ships generation 2.
         let old = random(base_len, 21);
-        let mut store = MemStore::default();
-        store.seed("a", old.clone());
-        store.generation = 1;
-        let known = PeerKnowledge {
-            generation: 1,
-            manifests: BTreeMap::from([("a".to_string(), Arc::new(store.images["a"].1.clone()))]),
-            dirty: BTreeMap::new(),
-        };
+        let (mut store, known) = replica_at_1(&old);
         let mut new = old.clone();
         new.resize(base_len + grow, 0);
         for (at, n, b) in &writes {
@@ -216,13 +232,7 @@ proptest! {
         if second_image {
             images.insert("b".into(), random(40_000, 22));
         }
-        let ms = manifests(&images);
-        let g = Arc::new(Generation {
-            number: 2,
-            group_root: primary::group_root(&ms),
-            images: ms,
-        });
-        let src = Src(images.clone());
+        let (g, src) = generation_2(&images);
         let before = snapshot(&store);
         // Invariant 2: at every instant the replica holds a committed generation, the old one
         // or the new one (it may have committed while its acknowledgement was lost).
@@ -267,26 +277,12 @@ proptest! {
 /// Without faults every schedule commits: the property above is not passing by failing.
 #[test]
 fn a_clean_link_commits_and_a_cut_resumes_without_resending() {
-    let old = random(60_000, 31);
-    let mut store = MemStore::default();
-    store.seed("a", old.clone());
-    store.generation = 1;
-    let known = PeerKnowledge {
-        generation: 1,
-        manifests: BTreeMap::from([("a".to_string(), Arc::new(store.images["a"].1.clone()))]),
-        dirty: BTreeMap::new(),
-    };
+    let (mut store, known) = replica_at_1(&random(60_000, 31));
     let images = BTreeMap::from([
         ("a".to_string(), random(60_000, 32)),
         ("b".to_string(), random(50_000, 33)),
     ]);
-    let ms = manifests(&images);
-    let g = Arc::new(Generation {
-        number: 2,
-        group_root: primary::group_root(&ms),
-        images: ms,
-    });
-    let src = Src(images.clone());
+    let (g, src) = generation_2(&images);
     // Cut after 30 frames: some chunks are staged.
     let mut faults = (0..30).map(|_| Fault::Pass).chain([Fault::Cut]);
     let (end, _) = attempt(&g, &known, &src, &mut store, &mut faults);

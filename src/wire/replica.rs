@@ -178,29 +178,7 @@ impl ReplicaSession {
                 self.state = State::Receiving(Box::new(pending));
                 Ok(out)
             }
-            (
-                State::Receiving(p),
-                Frame::Plan {
-                    generation,
-                    path,
-                    base_root,
-                    new_size,
-                    new_root,
-                    splices,
-                    last,
-                },
-            ) => p.plan(
-                store,
-                PlanPart {
-                    generation,
-                    path,
-                    base_root,
-                    new_size,
-                    new_root,
-                    splices,
-                    last,
-                },
-            ),
+            (State::Receiving(p), f @ Frame::Plan { .. }) => p.plan(store, f),
             (State::Receiving(p), Frame::Chunk { hash, zstd, data }) => {
                 p.chunk(store, hash, zstd, data, dups)
             }
@@ -389,22 +367,11 @@ fn begin(
     Ok((pending, out))
 }
 
-/// One `Plan` frame's fields.
-struct PlanPart {
-    generation: u64,
-    path: String,
-    base_root: Hash,
-    new_size: u64,
-    new_root: Hash,
-    splices: Vec<Splice>,
-    last: bool,
-}
-
 impl Pending {
     /// `Plan`: part of one image's plan, checked against the base the store holds; the
     /// last image's plan is answered with the `Want` list.
-    fn plan(&mut self, store: &dyn ReplicaStore, part: PlanPart) -> Result<Vec<Frame>, Refusal> {
-        let PlanPart {
+    fn plan(&mut self, store: &dyn ReplicaStore, f: Frame) -> Result<Vec<Frame>, Refusal> {
+        let Frame::Plan {
             generation,
             path,
             base_root,
@@ -412,7 +379,10 @@ impl Pending {
             new_root,
             splices,
             last,
-        } = part;
+        } = f
+        else {
+            return Err(format!("expected a plan, got {}", frame_name(&f)).into());
+        };
         if generation != self.number {
             return Err(format!("plan for generation {generation} inside {}", self.number).into());
         }
