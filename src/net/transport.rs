@@ -44,8 +44,8 @@ pub fn client(
     bind: SocketAddr,
     cc: Congestion,
 ) -> Result<quinn::Endpoint> {
-    let mut ep = quinn::Endpoint::client(bind)
-        .with_context(|| format!("cannot open a UDP socket on {bind}"))?;
+    let socket = udp_socket(bind).with_context(|| format!("cannot open a UDP socket on {bind}"))?;
+    let mut ep = endpoint(socket, None)?;
     ep.set_default_client_config(client_config(id, pinned, cc)?);
     Ok(ep)
 }
@@ -56,8 +56,83 @@ pub fn server(
     pinned: &[Fingerprint],
     listen: SocketAddr,
 ) -> Result<quinn::Endpoint> {
-    quinn::Endpoint::server(server_config(id, pinned)?, listen)
-        .with_context(|| format!("cannot listen on {listen}"))
+    let socket = udp_socket(listen).with_context(|| format!("cannot listen on {listen}"))?;
+    endpoint(socket, Some(server_config(id, pinned)?))
+}
+
+fn endpoint(
+    socket: std::net::UdpSocket,
+    server: Option<quinn::ServerConfig>,
+) -> Result<quinn::Endpoint> {
+    let rt = quinn::default_runtime().context("no async runtime to run QUIC on")?;
+    Ok(quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        socket,
+        rt,
+    )?)
+}
+
+/// Socket buffers wanted on both sides. A connection may have 16 MiB in flight (the receive
+/// window); with the kernel's default buffer (about 200 KiB) a burst overflows it, the kernel
+/// drops datagrams (`UdpRcvbufErrors`) and QUIC sends them again: on loopback the link then
+/// carried 2.4-3.2x the payload.
+pub const SOCKET_BUFFER: usize = 16 << 20;
+
+/// A UDP socket bound to `addr` with [`SOCKET_BUFFER`] bytes of receive and send buffer: as
+/// much as `net.core.rmem_max`/`wmem_max` allow, or all of it with CAP_NET_ADMIN (root).
+fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        let _ = s.set_only_v6(false);
+    }
+    grow_buffers(&s);
+    s.bind(&addr.into())?;
+    Ok(s.into())
+}
+
+fn grow_buffers(s: &socket2::Socket) {
+    use std::os::fd::AsRawFd;
+    let want = SOCKET_BUFFER as libc::c_int;
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        // SAFETY: setsockopt on our own socket with a c_int value.
+        let forced = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                force,
+                (&want as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        } == 0;
+        if !forced {
+            // Without the capability: as much as the sysctl allows.
+            // SAFETY: as above.
+            unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    plain,
+                    (&want as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+        }
+    }
+    // The kernel reports twice what it was asked (its bookkeeping included).
+    match s.recv_buffer_size() {
+        Ok(got) if got / 2 < SOCKET_BUFFER => log::warn!(
+            "UDP receive buffer is {} KiB, not the {} KiB wanted: bursts may be dropped and sent \
+             again; raise net.core.rmem_max (sysctl) or run as root",
+            got / 2 / 1024,
+            SOCKET_BUFFER / 1024
+        ),
+        _ => {}
+    }
 }
 
 /// Why a connection could not be made.
