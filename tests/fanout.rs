@@ -150,3 +150,34 @@ fn a_replica_offline_for_several_generations_catches_up_in_one_plan() {
         .collect();
     assert_eq!(gens[0], gens[1], "{status}");
 }
+
+#[test]
+fn a_fan_out_makes_each_chunk_frame_once() {
+    common::require_root();
+    let f = fanout(3, "[primary]\nreplicas = 3\n", &["a", "b", "c"]);
+    fs::write(f.primary.path("vm.img"), common::random(24 << 20, 7)).unwrap();
+    let (v, ok) = f.sync();
+    assert!(ok, "{v}");
+    let rs = v["replicas"].as_array().unwrap();
+    assert_eq!(rs.len(), 3);
+    let chunks: Vec<u64> = rs
+        .iter()
+        .map(|r| r["chunks_sent"].as_u64().unwrap())
+        .collect();
+    let reused: u64 = rs
+        .iter()
+        .map(|r| r["chunks_reused"].as_u64().unwrap())
+        .sum();
+    assert!(chunks.iter().all(|c| *c == chunks[0] && *c > 100), "{v}");
+    // Every chunk was read, verified and compressed once, for whichever replica wanted it
+    // first; the two others took the frame made for it.
+    eprintln!(
+        "fan-out of 24 MiB to 3 replicas: {} ms, {reused} of {} chunk frames reused",
+        v["duration_ms"],
+        3 * chunks[0]
+    );
+    assert_eq!(reused, 2 * chunks[0], "{v}");
+    for i in 0..3 {
+        assert!(f.has(i, "vm.img"));
+    }
+}

@@ -185,6 +185,7 @@ fn a_corrupted_chunk_is_caught_and_nothing_is_applied() {
         stats: Arc::new(ShipStats::default()),
         buckets: vec![],
         tamper: Some(tamper),
+        cache: None,
     };
     let attempt = |how: &Shipment| {
         let (session, hello) =

@@ -58,6 +58,9 @@ use ship::{ShipStats, Shipment, ship};
 /// Memory for blocks saved by copy-before-write during a sync, before they spill to disk.
 const COW_MEMORY: u64 = 128 << 20;
 
+/// Memory for chunk frames shared by the shipments of one generation to several replicas.
+const FRAME_CACHE: u64 = 64 << 20;
+
 /// The nice value of every thread that does sync work (re-chunking, hashing, shipping). The
 /// mount's request threads stay at the daemon's own priority, so a VM's writes are served
 /// before a sync's CPU work (at nice 10 the scheduler gives such a thread about a tenth of
@@ -156,6 +159,8 @@ pub struct PeerOutcome {
     pub attempts: u32,
     /// Payload bytes of the last attempt alone.
     pub last_attempt_bytes: u64,
+    /// Chunks taken from the frames made for another replica of the same sync (fan-out).
+    pub chunks_reused: u64,
 }
 
 /// The engine's working state: one sync at a time holds it, from freeze to the last
@@ -779,6 +784,8 @@ impl Engine {
             })
             .collect();
         let (node, params) = (self.node.clone(), self.params);
+        // With one replica nothing is made twice: no cache.
+        let cache = (jobs.len() > 1).then(|| ship::FrameCache::new(FRAME_CACHE));
         let (shipped, probed) = net.block_on(async {
             let futs = jobs.into_iter().map(|(name, addr, known, buckets)| {
                 let how = Shipment {
@@ -786,6 +793,7 @@ impl Engine {
                     stats: Arc::new(ShipStats::default()),
                     buckets,
                     tamper: None,
+                    cache: cache.clone(),
                 };
                 let drive = Drive {
                     ep: net.endpoint().clone(),
@@ -847,6 +855,7 @@ impl Engine {
             duration_ms: s.took.as_millis() as u64,
             attempts: s.attempts,
             last_attempt_bytes: n(&s.last.bytes_sent),
+            chunks_reused: n(&s.total.chunks_reused),
         };
         match s.result {
             Ok(acked) => {

@@ -17,6 +17,64 @@ use crate::wire::primary::{Acked, ChunkSource, Job, Out, PrimarySession, make_fr
 /// Data streams per connection.
 pub const STREAMS: usize = 4;
 
+/// Chunk frames already made for one generation, shared by its shipments to every replica, so
+/// a fan-out reads, verifies and compresses each chunk once: the first shipment to want a
+/// chunk makes its frame, the others wait for it. Bounded: a frame pushed out (the oldest
+/// first) is made again if another replica still wants it.
+pub struct FrameCache {
+    limit: u64,
+    inner: parking_lot::Mutex<CacheInner>,
+}
+
+type Made = Arc<(Frame, u64)>;
+
+#[derive(Default)]
+struct CacheInner {
+    frames: std::collections::HashMap<[u8; 32], Arc<tokio::sync::OnceCell<Made>>>,
+    order: std::collections::VecDeque<([u8; 32], u64)>,
+    bytes: u64,
+}
+
+impl FrameCache {
+    /// A cache of at most `limit` bytes of frame payload.
+    pub fn new(limit: u64) -> Arc<FrameCache> {
+        Arc::new(FrameCache {
+            limit,
+            inner: Default::default(),
+        })
+    }
+
+    /// The frame of chunk `hash`, made by `make` unless another shipment made it (or is
+    /// making it). The flag says whether it was reused.
+    async fn get_or_make<F>(&self, hash: [u8; 32], make: F) -> Result<(Made, bool), Cause>
+    where
+        F: std::future::Future<Output = Result<(Frame, u64), Cause>>,
+    {
+        let cell = self.inner.lock().frames.entry(hash).or_default().clone();
+        let mut made_here = false;
+        let made = cell
+            .get_or_try_init(|| async {
+                made_here = true;
+                make.await.map(Arc::new)
+            })
+            .await?
+            .clone();
+        if made_here {
+            let mut c = self.inner.lock();
+            c.bytes += made.1;
+            c.order.push_back((hash, made.1));
+            while c.bytes > self.limit {
+                let Some((old, n)) = c.order.pop_front() else {
+                    break;
+                };
+                c.frames.remove(&old);
+                c.bytes -= n;
+            }
+        }
+        Ok((made, !made_here))
+    }
+}
+
 /// What a shipment cost.
 #[derive(Debug, Default)]
 pub struct ShipStats {
@@ -31,6 +89,9 @@ pub struct ShipStats {
     /// Bytes of image the replica asked for, and how many of them were sent (for progress).
     pub planned_bytes: AtomicU64,
     pub done_bytes: AtomicU64,
+    /// Chunk frames taken from the [`FrameCache`] (made for another replica) instead of read,
+    /// verified and compressed again.
+    pub chunks_reused: AtomicU64,
 }
 
 impl ShipStats {
@@ -43,6 +104,7 @@ impl ShipStats {
             (&self.wire_bytes, &o.wire_bytes),
             (&self.planned_bytes, &o.planned_bytes),
             (&self.done_bytes, &o.done_bytes),
+            (&self.chunks_reused, &o.chunks_reused),
         ] {
             a.fetch_add(b.load(Ordering::Relaxed), Ordering::Relaxed);
         }
@@ -62,6 +124,8 @@ pub struct Shipment {
     pub stats: Arc<ShipStats>,
     pub buckets: Vec<Arc<Bucket>>,
     pub tamper: Option<Tamper>,
+    /// Chunk frames shared with the other shipments of the same generation.
+    pub cache: Option<Arc<FrameCache>>,
 }
 
 /// Runs a session to completion against the replica at `addr`.
@@ -172,10 +236,26 @@ async fn send_data(
                 let Some(job) = job else { break };
                 let src = how.src.clone();
                 let (is_patch, len) = (matches!(job, Job::Patch { .. }), job.bytes());
-                let (mut frame, n) = tokio::task::spawn_blocking(move || make_frame(&job, &*src))
-                    .await
-                    .map_err(|e| Cause::Local(e.to_string()))?
-                    .map_err(Cause::Local)?;
+                let key = match (&job, &how.cache) {
+                    (Job::Chunk { hash, .. }, Some(cache)) => Some((*hash, cache.clone())),
+                    _ => None,
+                };
+                let make = async move {
+                    tokio::task::spawn_blocking(move || make_frame(&job, &*src))
+                        .await
+                        .map_err(|e| Cause::Local(e.to_string()))?
+                        .map_err(Cause::Local)
+                };
+                let (mut frame, n) = match key {
+                    Some((h, cache)) => {
+                        let (made, reused) = cache.get_or_make(h, make).await?;
+                        if reused {
+                            how.stats.chunks_reused.fetch_add(1, Ordering::Relaxed);
+                        }
+                        made.as_ref().clone()
+                    }
+                    None => make.await?,
+                };
                 if let Some(tamper) = &how.tamper {
                     tamper(&mut frame);
                 }
