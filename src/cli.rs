@@ -550,6 +550,24 @@ fn print_status(v: &serde_json::Value) {
             b["reason"].as_str().unwrap_or("?")
         );
     }
+    let skipped: Vec<String> = v["sync"]["skipped"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            format!(
+                "{} ({})",
+                s["path"].as_str().unwrap_or("?"),
+                s["kind"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    if !skipped.is_empty() {
+        println!(
+            "  not replicated (only regular files are images): {}",
+            skipped.join(", ")
+        );
+    }
     for o in v["sync"]["outside"].as_array().into_iter().flatten() {
         println!(
             "  changed outside the mount: {}: {}",

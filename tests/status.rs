@@ -209,3 +209,42 @@ fn status_watch_refreshes_until_interrupted() {
     );
     assert!(text.contains("REPLICA"), "{text}");
 }
+
+#[test]
+fn special_files_are_listed_as_not_replicated() {
+    common::require_root();
+    let p = Pair::new();
+    fs::write(p.primary.path("a.img"), random(1 << 20, 8)).unwrap();
+    let fifo = std::ffi::CString::new(p.primary.path("pipe").to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    let _sock = std::os::unix::net::UnixListener::bind(p.primary.path("sock")).unwrap();
+    std::os::unix::fs::symlink("a.img", p.primary.path("link")).unwrap();
+    p.sync_ok();
+    let s = p.primary.status();
+    let skipped: Vec<(String, String)> = s["sync"]["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["path"].as_str().unwrap().into(),
+                e["kind"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        skipped,
+        [
+            ("link".to_string(), "symbolic link".to_string()),
+            ("pipe".into(), "named pipe".into()),
+            ("sock".into(), "socket".into()),
+        ],
+        "{s}"
+    );
+    let text = status_text(&p);
+    assert!(
+        text.contains("not replicated (only regular files are images): link (symbolic link), pipe (named pipe), sock (socket)"),
+        "{text}"
+    );
+    assert!(p.replica_path("a.img").exists() && !p.replica_path("pipe").exists());
+}

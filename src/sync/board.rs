@@ -76,6 +76,9 @@ pub struct View {
     pub running: Option<Running>,
     pub last_sync: Option<Value>,
     pub broken: BTreeMap<String, String>,
+    /// What the last sync point found in the backing directory and did not replicate (not a
+    /// regular file, or a name that cannot be replicated), with what it is.
+    pub skipped: Vec<(String, String)>,
 }
 
 #[derive(Default)]
@@ -146,6 +149,12 @@ impl Board {
                 .broken
                 .iter()
                 .map(|(p, r)| json!({"path": p, "reason": r}))
+                .collect::<Vec<_>>(),
+            "skipped": v
+                .skipped
+                .iter()
+                .filter(|(p, _)| !v.broken.contains_key(p))
+                .map(|(p, k)| json!({"path": p, "kind": k}))
                 .collect::<Vec<_>>(),
         })
     }

@@ -233,9 +233,17 @@ impl ChunkSource for Frozen {
     }
 }
 
-/// Regular files under `root`, as UTF-8 relative paths (others are skipped with a warning).
-fn list_images(root: &Path) -> Result<Vec<String>> {
-    let mut out = Vec::new();
+/// What is under the backing directory: the images (regular files, as UTF-8 relative paths)
+/// and what is not replicated, with what it is (a named pipe, a socket, a device node, a
+/// symbolic link, a name that cannot be replicated).
+#[derive(Default)]
+struct Listing {
+    images: Vec<String>,
+    skipped: Vec<(String, String)>,
+}
+
+fn list_images(root: &Path) -> Result<Listing> {
+    let mut out = Listing::default();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         for ent in fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
@@ -244,16 +252,30 @@ fn list_images(root: &Path) -> Result<Vec<String>> {
             let p = ent.path();
             if ft.is_dir() {
                 stack.push(p);
-            } else if ft.is_file() {
-                let rel = p.strip_prefix(root).expect("under root");
-                match rel.to_str() {
-                    Some(s) if crate::wire::replica::valid_path(s) => out.push(s.to_string()),
-                    _ => log::warn!("{}: name cannot be replicated; skipped", rel.display()),
+                continue;
+            }
+            let rel = p.strip_prefix(root).expect("under root");
+            let name = rel.to_string_lossy().into_owned();
+            if !ft.is_file() {
+                let kind = ent
+                    .metadata()
+                    .map(|m| kind_of(&m))
+                    .unwrap_or("special file");
+                out.skipped.push((name, kind.to_string()));
+                continue;
+            }
+            match rel.to_str() {
+                Some(s) if crate::wire::replica::valid_path(s) => out.images.push(s.to_string()),
+                _ => {
+                    log::warn!("{}: name cannot be replicated; skipped", rel.display());
+                    out.skipped
+                        .push((name, "name that cannot be replicated".into()));
                 }
             }
         }
     }
-    out.sort();
+    out.images.sort();
+    out.skipped.sort();
     Ok(out)
 }
 
@@ -480,11 +502,13 @@ impl Engine {
         // Freeze, and open the copy-before-write window over every image, at one instant.
         let root = self.root.clone();
         let spill = self.state.join("cow.spill");
+        let mut skipped = Vec::new();
         let (frozen, window) = self
             .tracker
             .freeze_with(only.as_ref(), || {
-                let paths = list_images(&root).map_err(std::io::Error::other)?;
-                Window::open(&root, &paths, &spill, COW_MEMORY).map(Some)
+                let listing = list_images(&root).map_err(std::io::Error::other)?;
+                skipped = listing.skipped;
+                Window::open(&root, &listing.images, &spill, COW_MEMORY).map(Some)
             })
             .context("cannot open the copy-before-write window")?;
         let window = Arc::new(window.expect("opened above"));
@@ -493,6 +517,7 @@ impl Engine {
             if let Some(r) = &mut v.running {
                 r.dirty_bytes = dirty_bytes;
             }
+            v.skipped = skipped;
         });
         let changed = match self.cut(work, &frozen, only.as_ref(), &window) {
             Ok(c) => c,
