@@ -56,6 +56,22 @@ pub struct Replica {
     pub last: Option<Value>,
 }
 
+impl Replica {
+    /// After a cut or at the end of a sync: committed when it holds the last generation and
+    /// lacks nothing of it, behind otherwise; a shipment in flight or a failure stays as it is
+    /// (a failing replica stays failing until it commits).
+    pub fn settle(&mut self, generation: u64) {
+        if matches!(self.state, State::Shipping { .. } | State::Failing { .. }) {
+            return;
+        }
+        self.state = if self.generation >= generation && self.behind.is_empty() {
+            State::Committed
+        } else {
+            State::Behind
+        };
+    }
+}
+
 /// A sync in progress.
 #[derive(Clone, Debug, Serialize)]
 pub struct Running {
@@ -225,4 +241,80 @@ fn replica_json(r: &Replica, v: &View, now: Instant, wall: SystemTime) -> Value 
         "shipping": shipping,
         "last": r.last,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replica(generation: u64, behind: u64) -> Replica {
+        Replica {
+            name: "b".into(),
+            addr: "127.0.0.1:1".into(),
+            zone: None,
+            selected: false,
+            reason: String::new(),
+            generation,
+            root: None,
+            committed_at: None,
+            behind: if behind > 0 {
+                BTreeMap::from([("a".to_string(), behind)])
+            } else {
+                BTreeMap::new()
+            },
+            state: State::Committed,
+            failing_since: None,
+            rtt: None,
+            throughput: None,
+            last: None,
+        }
+    }
+
+    #[test]
+    fn a_replica_is_committed_only_when_it_holds_the_last_generation_and_lacks_nothing() {
+        let mut r = replica(3, 0);
+        r.settle(3);
+        assert!(matches!(r.state, State::Committed));
+        // A new generation was cut: it lacks bytes, or at least the generation.
+        let mut r = replica(3, 4096);
+        r.settle(4);
+        assert!(matches!(r.state, State::Behind));
+        let mut r = replica(3, 0);
+        r.settle(4);
+        assert!(matches!(r.state, State::Behind));
+        // A failure stays until a commit; a shipment in flight stays in flight.
+        let mut r = replica(3, 0);
+        r.state = State::Failing {
+            since: SystemTime::now(),
+            cause: Cause::Unreachable("x".into()),
+        };
+        r.settle(3);
+        assert!(matches!(r.state, State::Failing { .. }));
+    }
+
+    #[test]
+    fn status_json_shows_state_lag_and_the_cause_in_words() {
+        let mut r = replica(1, 3 << 20);
+        r.state = State::Failing {
+            since: SystemTime::now(),
+            cause: Cause::Unreachable("no answer".into()),
+        };
+        let b = Board::new(View {
+            generation: 2,
+            required: 1,
+            replicas: vec![r],
+            ..Default::default()
+        });
+        let j = b.json();
+        let r = &j["replicas"][0];
+        assert_eq!(r["state"], "failing");
+        assert_eq!(r["cause"], "unreachable");
+        assert_eq!(r["lag_generations"], 1);
+        assert_eq!(r["lag_bytes"], 3 << 20);
+        assert!(
+            r["error"].as_str().unwrap().contains("ferry replica"),
+            "{j}"
+        );
+        assert!(j["running"].is_null());
+    }
 }

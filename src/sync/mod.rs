@@ -360,7 +360,7 @@ impl Engine {
                     .map(|(k, m)| (k, Arc::new(m)))
                     .collect();
             let lacks = behind(&images, &manifests);
-            views.push(board::Replica {
+            let mut view = board::Replica {
                 name: p.name.clone(),
                 addr: p.addr.to_string(),
                 zone: p.zone.clone(),
@@ -369,17 +369,15 @@ impl Engine {
                 generation: prec.generation,
                 root: prec.root().ok().filter(|_| prec.generation > 0),
                 committed_at: (prec.generation > 0).then(|| mtime(&rec_path)).flatten(),
-                state: if prec.generation == rec.generation && lacks.is_empty() {
-                    State::Committed
-                } else {
-                    State::Behind
-                },
+                state: State::Behind,
                 behind: lacks,
                 failing_since: None,
                 rtt: None,
                 throughput: None,
                 last: None,
-            });
+            };
+            view.settle(rec.generation);
+            views.push(view);
             peers.push(Peer {
                 name: p.name.clone(),
                 addr: p.addr,
@@ -713,10 +711,8 @@ impl Engine {
                 r.phase = "shipping";
             }
             for (r, lacks) in v.replicas.iter_mut().zip(lacks) {
-                if lacks.is_empty() && matches!(r.state, State::Behind) {
-                    r.state = State::Committed;
-                }
                 r.behind = lacks;
+                r.settle(work.generation);
             }
         });
     }
@@ -947,9 +943,7 @@ impl Engine {
                 r.rtt = p.rtt;
                 r.throughput = p.throughput;
                 r.behind = lacks;
-                if !p.selected && !matches!(r.state, State::Committed | State::Failing { .. }) {
-                    r.state = State::Behind;
-                }
+                r.settle(work.generation);
             });
         }
     }
