@@ -18,6 +18,9 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+mod common;
+
+use common::bytes;
 use ferry::dirty::{FILE_NAME, IntentLog};
 use ferry::fs::{Caller, Fs, Ino, ROOT, SetAttr, Tracker, falloc};
 use ferry::testutil::random;
@@ -229,21 +232,14 @@ fn apply(core: &mut Core, m: &mut Model, op: &Op) {
             let Some(f) = m.files.get_mut(&p) else { return };
             let data = fill(seed, len as usize);
             core.with_handle(&p, |fh| core.fs.write(fh, at, &data).unwrap());
-            let end = (at + len) as usize;
-            if f.len() < end {
-                f.resize(end, 0);
-            }
-            f[at as usize..end].copy_from_slice(&data);
+            bytes::write(f, at, &data);
         }
         Op::Punch { img, at, len } => {
             let p = m.name(img);
             let Some(f) = m.files.get_mut(&p) else { return };
             let mode = falloc::PUNCH_HOLE | falloc::KEEP_SIZE;
             core.with_handle(&p, |fh| core.fs.fallocate(fh, at, len, mode).unwrap());
-            let end = ((at + len) as usize).min(f.len());
-            if (at as usize) < end {
-                f[at as usize..end].fill(0);
-            }
+            bytes::zero(f, at, len, true);
         }
         Op::ZeroRange {
             img,
@@ -255,14 +251,7 @@ fn apply(core: &mut Core, m: &mut Model, op: &Op) {
             let Some(f) = m.files.get_mut(&p) else { return };
             let mode = falloc::ZERO_RANGE | if keep_size { falloc::KEEP_SIZE } else { 0 };
             core.with_handle(&p, |fh| core.fs.fallocate(fh, at, len, mode).unwrap());
-            let end = (at + len) as usize;
-            if !keep_size && f.len() < end {
-                f.resize(end, 0);
-            }
-            let end = end.min(f.len());
-            if (at as usize) < end {
-                f[at as usize..end].fill(0);
-            }
+            bytes::zero(f, at, len, keep_size);
         }
         Op::Truncate { img, to } => {
             let p = m.name(img);

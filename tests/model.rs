@@ -40,6 +40,7 @@ use std::path::Path;
 
 use proptest::prelude::*;
 
+use common::bytes::write as put;
 use common::{Mount, covers};
 
 /// The intent log's extent size in these tests.
@@ -290,15 +291,6 @@ struct Case {
     crashed: bool,
 }
 
-/// `data` written at `off` (growing the image if needed).
-fn put(d: &mut Vec<u8>, off: u64, data: &[u8]) {
-    let end = off as usize + data.len();
-    if d.len() < end {
-        d.resize(end, 0);
-    }
-    d[off as usize..end].copy_from_slice(data);
-}
-
 fn cpath(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes()).unwrap()
 }
@@ -501,11 +493,7 @@ impl Case {
                 let f = self.open(&p);
                 let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
                 fallocate(&f, mode, off, len, &p);
-                let d = &mut self.images.get_mut(&p).unwrap().data;
-                let end = ((off + len) as usize).min(d.len());
-                if (off as usize) < end {
-                    d[off as usize..end].fill(0);
-                }
+                common::bytes::zero(&mut self.images.get_mut(&p).unwrap().data, off, len, true);
             }
             Op::ZeroRange {
                 img,
@@ -524,14 +512,7 @@ impl Case {
                     };
                 fallocate(&f, mode, off, len, &p);
                 let d = &mut self.images.get_mut(&p).unwrap().data;
-                let end = (off + len) as usize;
-                if !keep_size && d.len() < end {
-                    d.resize(end, 0);
-                }
-                let end = end.min(d.len());
-                if (off as usize) < end {
-                    d[off as usize..end].fill(0);
-                }
+                common::bytes::zero(d, off, len, keep_size);
             }
             Op::Truncate { img, to, by_path } => {
                 let Some(p) = self.pick(img) else { return };

@@ -94,35 +94,22 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
 
 fn grow_buffers(s: &socket2::Socket) {
     use std::os::fd::AsRawFd;
-    let want = SOCKET_BUFFER as libc::c_int;
-    for (force, plain) in [
-        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
-        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
-    ] {
+    let set = |opt: libc::c_int| {
+        let want = SOCKET_BUFFER as libc::c_int;
         // SAFETY: setsockopt on our own socket with a c_int value.
-        let forced = unsafe {
+        unsafe {
             libc::setsockopt(
                 s.as_raw_fd(),
                 libc::SOL_SOCKET,
-                force,
+                opt,
                 (&want as *const libc::c_int).cast(),
                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        } == 0;
-        if !forced {
-            // Without the capability: as much as the sysctl allows.
-            // SAFETY: as above.
-            unsafe {
-                libc::setsockopt(
-                    s.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    plain,
-                    (&want as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
+            ) == 0
         }
-    }
+    };
+    // With CAP_NET_ADMIN whatever the sysctl says; without, as much as it allows.
+    let _ = set(libc::SO_RCVBUFFORCE) || set(libc::SO_RCVBUF);
+    let _ = set(libc::SO_SNDBUFFORCE) || set(libc::SO_SNDBUF);
     // The kernel reports twice what it was asked (its bookkeeping included).
     match s.recv_buffer_size() {
         Ok(got) if got / 2 < SOCKET_BUFFER => log::warn!(

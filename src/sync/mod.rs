@@ -911,6 +911,8 @@ impl Engine {
                     r.root = Some(acked.group_root);
                     r.committed_at = Some(SystemTime::now());
                     r.state = State::Committed;
+                    // It holds the generation just cut: it lacks nothing of it.
+                    r.behind.clear();
                 });
             }
             Err(cause) => {
@@ -932,17 +934,16 @@ impl Engine {
         o
     }
 
-    /// Health, selection and what each replica lacks, after a sync's shipments.
+    /// Health and selection after a sync's shipments (what each replica lacks was published
+    /// at the cut, and cleared for those that committed).
     fn publish_peers(&self, work: &Work) {
         for p in &work.peers {
-            let lacks = behind(&work.images, &p.known.manifests);
             self.board.replica(&p.name, |r| {
                 r.selected = p.selected;
                 r.reason = p.reason.clone();
                 r.failing_since = p.failing_since;
                 r.rtt = p.rtt;
                 r.throughput = p.throughput;
-                r.behind = lacks;
                 r.settle(work.generation);
             });
         }

@@ -435,3 +435,29 @@ pub fn find_file(dir: &Path, name: &str) -> PathBuf {
     }
     panic!("no {name} under {}", dir.display());
 }
+
+/// How an image's bytes change, for the reference-model tests (tests/model.rs through the
+/// kernel, tests/core.rs in-process).
+pub mod bytes {
+    /// `data` written at `off`, growing the image if needed.
+    pub fn write(d: &mut Vec<u8>, off: u64, data: &[u8]) {
+        let end = off as usize + data.len();
+        if d.len() < end {
+            d.resize(end, 0);
+        }
+        d[off as usize..end].copy_from_slice(data);
+    }
+
+    /// fallocate(ZERO_RANGE) (growing the image unless `keep_size`), or PUNCH_HOLE with
+    /// `keep_size`: `[off, off + len)` reads as zeros.
+    pub fn zero(d: &mut Vec<u8>, off: u64, len: u64, keep_size: bool) {
+        let end = (off + len) as usize;
+        if !keep_size && d.len() < end {
+            d.resize(end, 0);
+        }
+        let end = end.min(d.len());
+        if (off as usize) < end {
+            d[off as usize..end].fill(0);
+        }
+    }
+}
