@@ -25,10 +25,20 @@ pub struct Journal {
 impl Journal {
     /// Opens (or creates) the journal at `path`, keeping its valid prefix.
     pub fn open(path: &Path, max_chunk: u32) -> io::Result<Journal> {
+        Journal::open_with(path, max_chunk, true)
+    }
+
+    /// Opens the journal at `path` to read it while its owner may append: a torn tail is
+    /// ignored, not cut.
+    pub fn open_read_only(path: &Path, max_chunk: u32) -> io::Result<Journal> {
+        Journal::open_with(path, max_chunk, false)
+    }
+
+    fn open_with(path: &Path, max_chunk: u32, writable: bool) -> io::Result<Journal> {
         let file = OpenOptions::new()
             .read(true)
-            .write(true)
-            .create(true)
+            .write(writable)
+            .create(writable)
             .truncate(false)
             .open(path)?;
         let len = file.metadata()?.len();
@@ -51,9 +61,9 @@ impl Journal {
             index.insert(hash, (pos + HEADER, n));
             pos += HEADER + n as u64;
         }
-        if pos < len {
+        if pos < len && writable {
             log::warn!(
-                "staging journal {}: dropping {} bytes of torn or corrupt tail at offset {pos}",
+                "{}: dropping {} bytes of torn or corrupt tail at offset {pos}",
                 path.display(),
                 len - pos
             );
@@ -122,6 +132,31 @@ impl Journal {
             ));
         }
         Ok(Some(data))
+    }
+
+    /// Reads `buf.len()` bytes of a chunk from `skip` bytes into it, unverified (the record was
+    /// verified when the journal was opened or appended). False if the journal lacks it.
+    pub fn read_part(&self, hash: &[u8; 32], skip: u64, buf: &mut [u8]) -> io::Result<bool> {
+        let Some(&(off, n)) = self.index.get(hash) else {
+            return Ok(false);
+        };
+        if skip + buf.len() as u64 > n as u64 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "read past the end of a chunk",
+            ));
+        }
+        self.file.read_exact_at(buf, off + skip)?;
+        Ok(true)
+    }
+
+    /// Every chunk held, with its length.
+    pub fn chunks(&self) -> impl Iterator<Item = (&[u8; 32], u32)> {
+        self.index.iter().map(|(h, &(_, n))| (h, n))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     pub fn sync(&self) -> io::Result<()> {

@@ -18,8 +18,12 @@
 //! interrupted transfer resumes without sending those chunks again.
 
 pub mod daemon;
+pub mod history;
 mod journal;
+pub mod keep;
+mod kept;
 pub mod metrics;
+pub mod view;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
@@ -27,6 +31,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -36,8 +41,11 @@ use crate::durable;
 use crate::manifest::{self, Entry, Kind, Manifest, ManifestDir};
 use crate::wire::frame::{Hash, ImageState, NsChange};
 use crate::wire::replica::{Generation, ReplicaStore};
+use std::time::SystemTime;
 
 pub use journal::Journal;
+pub use keep::Policy;
+pub use view::View;
 
 /// The store's metadata directory (an image path may not start with it).
 pub use crate::wire::replica::META_DIR;
@@ -66,6 +74,8 @@ pub struct Store {
     /// Where each chunk of the committed images lives: (image, offset, length).
     index: HashMap<Hash, (String, u64, u64)>,
     journal: Journal,
+    /// Every held generation, read by the replica mount (set once the store is open).
+    view: Option<Arc<View>>,
     /// Seconds each commit took (metrics), when someone watches.
     apply_seconds: Option<prometheus_client::metrics::histogram::Histogram>,
 }
@@ -92,9 +102,15 @@ fn hash_from_hex(s: &str) -> Result<Hash> {
 }
 
 impl Store {
-    /// Opens the store at `root`, replaying a committed but unapplied generation and indexing
-    /// every image (images without a manifest, e.g. seeded by hand, are chunked now).
+    /// Opens the store at `root` keeping no restore points (see [`Store::open_with`]).
     pub fn open(root: &Path, params: ChunkParams) -> Result<Store> {
+        Store::open_with(root, params, Policy::default())
+    }
+
+    /// Opens the store at `root`, replaying a committed but unapplied generation and indexing
+    /// every image (images without a manifest, e.g. seeded by hand, are chunked now), with
+    /// restore points kept as `policy` says.
+    pub fn open_with(root: &Path, params: ChunkParams, policy: Policy) -> Result<Store> {
         fs::create_dir_all(root.join(META_DIR).join("manifests"))
             .with_context(|| format!("cannot create store {}", root.display()))?;
         fs::create_dir_all(root.join(META_DIR).join("staging").join("manifests"))?;
@@ -122,10 +138,23 @@ impl Store {
             manifests: BTreeMap::new(),
             index: HashMap::new(),
             journal,
+            view: None,
             apply_seconds: None,
         };
         store.replay()?;
         store.load_manifests()?;
+        // The applied generation's point is made again from the committed manifests: a crash
+        // may have come before it was recorded, or (after a replay) recorded an older state.
+        let number = store.record.generation;
+        let committed = store
+            .history()
+            .list(false)?
+            .into_iter()
+            .find(|p| p.generation == number)
+            .map_or_else(SystemTime::now, |p| p.committed_at());
+        store.record_point(committed)?;
+        let view = View::open(&store.root, params, policy, number, false)?;
+        store.view = Some(Arc::new(view));
         log::info!(
             "store {}: generation {}, {} images, {} chunks staged",
             store.root.display(),
@@ -156,6 +185,31 @@ impl Store {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// What the replica mount reads.
+    pub fn view(&self) -> &Arc<View> {
+        self.view.as_ref().expect("set when the store opened")
+    }
+
+    fn history(&self) -> history::History {
+        history::History::new(&self.meta())
+    }
+
+    /// Records the applied generation as a restore point.
+    fn record_point(&self, committed: SystemTime) -> Result<history::Point> {
+        let p = history::Point {
+            generation: self.record.generation,
+            group_root: self.record.group_root.clone(),
+            epoch: self.record.epoch,
+            committed: committed
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs(),
+        };
+        self.history()
+            .record(&p, &self.manifests_in("manifests"), self.manifests.keys())?;
+        Ok(p)
     }
 
     fn meta(&self) -> PathBuf {
@@ -337,7 +391,10 @@ impl Store {
 
 /// The entries of `new` that are not identical (same offset, length and content) in `old`:
 /// what applying `new` over an image holding `old` writes.
-fn changed_entries<'a>(old: &'a Manifest, new: &'a Manifest) -> impl Iterator<Item = &'a Entry> {
+pub(crate) fn changed_entries<'a>(
+    old: &'a Manifest,
+    new: &'a Manifest,
+) -> impl Iterator<Item = &'a Entry> {
     let o = old.entries();
     let mut i = 0;
     new.entries().iter().filter(move |e| {
@@ -445,6 +502,49 @@ impl ReplicaStore for Store {
 }
 
 impl Store {
+    /// Keeps every chunk of the committed images that applying `g` overwrites (verified), in
+    /// the pack of generation `g`, and makes it durable before the commit record exists.
+    fn keep_overwritten(&self, g: &Generation, view: &View) -> Result<()> {
+        let empty = Manifest::empty(self.params);
+        let removed: Vec<&String> = g
+            .changes
+            .iter()
+            .filter_map(|c| match c {
+                NsChange::Remove { path } => Some(path),
+                _ => None,
+            })
+            .collect();
+        let mut kept = 0u64;
+        for (path, old) in &self.manifests {
+            let new = match g.images.get(path) {
+                Some(m) => m,
+                None if removed.contains(&path) => &empty,
+                None => continue,
+            };
+            for e in changed_entries(new, old) {
+                let Some(h) = e.hash() else { continue };
+                let h = *h.as_bytes();
+                if view.is_kept(&h) {
+                    continue;
+                }
+                let data = self.read_image(path, e.offset, e.len)?;
+                if *blake3::hash(&data).as_bytes() != h {
+                    log::warn!(
+                        "{path} at offset {} does not match its manifest: the store is                          damaged there, so older generations cannot be read at that chunk; run                          `ferry verify --deep`",
+                        e.offset
+                    );
+                    continue;
+                }
+                view.keep(g.number, &h, &data)?;
+                kept += e.len;
+            }
+        }
+        view.sync_kept(g.number)
+            .context("cannot make the kept chunks durable")?;
+        log::debug!("generation {}: kept {kept} overwritten bytes", g.number);
+        Ok(())
+    }
+
     fn commit_timed(&mut self, g: &Generation) -> Result<()> {
         // 1. Chunks the store holds elsewhere are copied into the journal (and verified), so
         //    applying never reads from an image it is changing. Only the entries that applying
@@ -485,6 +585,12 @@ impl Store {
             }
         }
         self.journal.sync()?;
+        // 1b. What applying overwrites, kept for the restore points and open files.
+        let view = self.view().clone();
+        let _writer = view.writer();
+        if view.keeps_overwritten() {
+            self.keep_overwritten(g, &view)?;
+        }
         // 2. Staged manifests.
         for (path, m) in &g.images {
             self.save_manifest("staging/manifests", path, m)?;
@@ -500,8 +606,32 @@ impl Store {
             &self.meta().join("staging").join("commit"),
             &serde_json::to_vec(&commit)?,
         )?;
-        // 4-6.
-        self.apply(&commit, &g.images)?;
+        // 4-6, readers of the previous generation reading what changes from the kept chunks.
+        let mut changes: BTreeMap<String, Option<Arc<Manifest>>> = g
+            .changes
+            .iter()
+            .filter_map(|c| match c {
+                NsChange::Remove { path } => Some((path.clone(), None)),
+                _ => None,
+            })
+            .collect();
+        for (path, m) in &g.images {
+            changes.insert(path.clone(), Some(Arc::new(m.clone())));
+        }
+        view.begin_apply(changes);
+        let applied = self.apply(&commit, &g.images);
+        let point = applied.and_then(|()| self.record_point(SystemTime::now()));
+        match point {
+            Ok(p) => view.end_apply(p),
+            Err(e) => {
+                // The images are as the commit record says only after a replay: serve the
+                // previous generation from the kept chunks until then.
+                return Err(e);
+            }
+        }
+        if let Err(e) = view.expire(&_writer) {
+            log::warn!("cannot expire restore points: {e:#}");
+        }
         log::info!(
             "store {}: generation {} committed ({} images changed)",
             self.root.display(),
@@ -588,5 +718,97 @@ mod tests {
         store.commit(&g).unwrap();
         assert_eq!(fs::read(dir.path().join("b")).unwrap(), old);
         assert_eq!(store.images().len(), 2);
+    }
+
+    /// Reads all of `path` as generation `n` has it, through the view.
+    fn read_view(view: &View, n: u64, path: &str) -> Vec<u8> {
+        let mut buf = vec![0u8; 1 << 20];
+        let got = view.read(n, path, 0, &mut buf).unwrap();
+        buf.truncate(got);
+        buf
+    }
+
+    /// Restore points: each kept generation reads back exactly as it was committed, after
+    /// newer ones overwrote it in place, across a reopen; expiry frees the chunks only the
+    /// expired ones needed, and the packs cost what was overwritten, not whole images.
+    #[test]
+    fn restore_points_read_back_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = Policy {
+            keep: Some(3),
+            keep_for: None,
+        };
+        let mut store = Store::open_with(dir.path(), params(), policy).unwrap();
+        let mut versions = vec![];
+        let mut img = random(300_000, 3);
+        for n in 1..=5u64 {
+            let at = (n as usize * 37_000) % 250_000;
+            img[at..at + 5_000].fill(n as u8);
+            if n == 4 {
+                img.truncate(200_000);
+            }
+            let g = generation(n, vec![("img", &img)]);
+            stage_missing(&mut store, &g, &BTreeMap::from([("img", img.clone())]));
+            store.commit(&g).unwrap();
+            versions.push(img.clone());
+        }
+        let view = store.view().clone();
+        assert_eq!(view.generations(), vec![3, 4, 5]);
+        for n in 3..=5u64 {
+            assert_eq!(
+                read_view(&view, n, "img"),
+                versions[n as usize - 1],
+                "generation {n}"
+            );
+        }
+        // A read in the middle of a chunk, across entries.
+        let mut buf = vec![0u8; 10_000];
+        assert_eq!(view.read(3, "img", 111_111, &mut buf).unwrap(), 10_000);
+        assert_eq!(buf, versions[2][111_111..121_111]);
+        let (kept_bytes, _) = view.kept_figures();
+        assert!(
+            kept_bytes < 150_000,
+            "kept {kept_bytes} bytes for 2 small changes"
+        );
+        let points = view.points();
+        assert_eq!(points.len(), 3);
+        assert!(points[0].own_bytes > 0 && points[2].own_bytes == 0);
+        drop((store, view));
+
+        let store = Store::open_with(dir.path(), params(), policy).unwrap();
+        let view = store.view().clone();
+        for n in 3..=5u64 {
+            assert_eq!(
+                read_view(&view, n, "img"),
+                versions[n as usize - 1],
+                "reopened {n}"
+            );
+        }
+        assert!(!dir.path().join(".ferry/generations/2").exists());
+    }
+
+    /// A file open at a generation goes on reading it after newer ones are committed (even
+    /// with no restore points kept), and the generation goes when the file is closed.
+    #[test]
+    fn an_open_file_keeps_its_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path(), params()).unwrap();
+        store.view().serve_mount();
+        let a = random(200_000, 4);
+        let g = generation(1, vec![("a", &a)]);
+        stage_missing(&mut store, &g, &BTreeMap::from([("a", a.clone())]));
+        store.commit(&g).unwrap();
+        let view = store.view().clone();
+        let pinned = view.pin_applied();
+        assert_eq!(pinned, 1);
+        let b = random(200_000, 5);
+        let g = generation(2, vec![("a", &b)]);
+        stage_missing(&mut store, &g, &BTreeMap::from([("a", b.clone())]));
+        store.commit(&g).unwrap();
+        assert_eq!(read_view(&view, 1, "a"), a);
+        assert_eq!(read_view(&view, 2, "a"), b);
+        view.unpin(1);
+        assert_eq!(view.generations(), vec![2]);
+        assert_eq!(view.kept_figures().0, 0);
     }
 }
