@@ -72,7 +72,26 @@ pub enum Command {
     /// each image under `[replica] store` at the same relative path as on the primary, and
     /// applies every generation atomically: a crash at any point leaves the last committed
     /// generation, or the new one after restart.
+    ///
+    /// With --mount (or `[replica] mount`) it also serves the store read-only at MNT: every
+    /// image at its path as the newest committed generation has it, never a half-applied one.
+    /// A file keeps the generation it was opened at until it is closed (a VM booted from the
+    /// replica for a disaster-recovery test keeps a consistent disk while newer generations
+    /// arrive); a new open sees the newest. Restore points (`[replica] keep`, `keep_for`) are
+    /// under MNT/.ferry/generations/<N>/, which the root does not list.
     Replica(ReplicaArgs),
+    /// List a replica's restore points: number, time, group root, bytes each holds alone.
+    ///
+    /// Reads the store named by `[replica] store` (the daemon may be running or not). "Own
+    /// bytes" are the kept chunks only that generation needs: what expiring it alone frees.
+    Generations(GenerationsArgs),
+    /// Write out one image as a restore point of a replica has it.
+    ///
+    /// Writes FILE (sparse: zero extents become holes), every chunk verified against the
+    /// generation's manifest, then prints the image's root. Refuses to overwrite an existing
+    /// FILE. The daemon may be running: a generation that expires meanwhile ends the restore
+    /// with an error, never a wrong file.
+    Restore(RestoreArgs),
     /// Chunk a file and print its Merkle root, chunk count and chunk sizes.
     ///
     /// Reads FILE once (holes are skipped, not read), cuts it into content-defined chunks with
@@ -162,6 +181,35 @@ pub struct ReplicaArgs {
     /// The node's config file (with a [replica] section).
     #[arg(long, value_name = "FILE")]
     pub config: PathBuf,
+    /// Serve the read-only replica mount here (overrides `[replica] mount`).
+    #[arg(long, value_name = "MNT")]
+    pub mount: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct GenerationsArgs {
+    /// The node's config file (with a [replica] section).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Print one JSON object (generations: generation, committed, group_root, epoch, images,
+    /// own_bytes, pinned; kept_bytes).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// The node's config file (with a [replica] section).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// The image's path in the store (as on the primary's mount).
+    pub image: String,
+    /// The restore point (see `ferry generations`).
+    #[arg(long, value_name = "N")]
+    pub generation: u64,
+    /// Where to write the image.
+    #[arg(long, value_name = "FILE")]
+    pub to: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -265,7 +313,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Sync(a) => sync_cmd(a),
         Command::Status(a) => status_cmd(a),
         Command::Verify(a) => verify_cmd(a),
-        Command::Replica(a) => replica_cmd(&a.config),
+        Command::Replica(a) => replica_cmd(&a),
+        Command::Generations(a) => generations_cmd(&a),
+        Command::Restore(a) => restore_cmd(&a),
         Command::Manifest(a) => manifest_cmd(a),
         Command::Keygen(a) => keygen_cmd(a),
         Command::Id(a) => id_cmd(a),
@@ -381,8 +431,10 @@ fn manifest_cmd(a: ManifestArgs) -> Result<()> {
     Ok(())
 }
 
-/// `ferry replica --config FILE`: the replica daemon with what the config file says.
-fn replica_cmd(path: &std::path::Path) -> Result<()> {
+/// The config file's `[replica]` section, or an error that says what to add.
+fn replica_config(
+    path: &std::path::Path,
+) -> Result<(crate::config::Config, crate::config::Replica)> {
     let config = crate::config::Config::load(path)?;
     let rc = config.replica.clone().ok_or_else(|| {
         anyhow::anyhow!(
@@ -390,11 +442,121 @@ fn replica_cmd(path: &std::path::Path) -> Result<()> {
             path.display()
         )
     })?;
+    Ok((config, rc))
+}
+
+/// The restore points of the store a config names, read beside the daemon.
+fn replica_view(path: &std::path::Path) -> Result<crate::replica::View> {
+    let (config, rc) = replica_config(path)?;
+    let params = config.chunk_params().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let root = rc.store.canonicalize().with_context(|| {
+        format!(
+            "replica store {} not found (the config's [replica] store)",
+            rc.store.display()
+        )
+    })?;
+    crate::replica::View::open(&root, params, rc.policy(), u64::MAX, true)
+}
+
+/// `ferry generations --config FILE`.
+fn generations_cmd(a: &GenerationsArgs) -> Result<()> {
+    let view = replica_view(&a.config)?;
+    let points = view.points();
+    let (kept_bytes, _) = view.kept_figures();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"generations": points, "kept_bytes": kept_bytes})
+        );
+        return Ok(());
+    }
+    println!(
+        "{:>10}  {:<20}  {:<16}  {:>6}  {:>12}",
+        "GENERATION", "COMMITTED (UTC)", "GROUP ROOT", "IMAGES", "OWN BYTES"
+    );
+    for p in &points {
+        let at = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(p.committed),
+        );
+        println!(
+            "{:>10}  {:<20}  {:<16}  {:>6}  {:>12}",
+            p.generation,
+            at.to_string().trim_end_matches('Z').replace('T', " "),
+            &p.group_root[..p.group_root.len().min(16)],
+            p.images,
+            p.own_bytes
+        );
+    }
+    println!("kept chunks: {kept_bytes} bytes");
+    Ok(())
+}
+
+/// `ferry restore --config FILE IMAGE --generation N --to FILE`.
+fn restore_cmd(a: &RestoreArgs) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let view = replica_view(&a.config)?;
+    let m = view.manifest(a.generation, &a.image).ok_or_else(|| {
+        let held = view.generations();
+        if held.contains(&a.generation) {
+            anyhow::anyhow!(
+                "{} is not in generation {}; `ls MNT/.ferry/generations/{}` on the replica \
+                 mount lists what is",
+                a.image,
+                a.generation,
+                a.generation
+            )
+        } else {
+            anyhow::anyhow!(
+                "generation {} is not kept here (kept: {held:?}); `ferry generations` lists them",
+                a.generation
+            )
+        }
+    })?;
+    let out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&a.to)
+        .with_context(|| format!("cannot create {} (it must not exist)", a.to.display()))?;
+    let result = (|| -> Result<()> {
+        for e in m.entries().iter().filter(|e| !e.is_zero()) {
+            let data = view.chunk(a.generation, &a.image, e)?;
+            out.write_all_at(&data, e.offset)
+                .with_context(|| format!("cannot write {}", a.to.display()))?;
+        }
+        out.set_len(m.size())?;
+        out.sync_all()?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&a.to);
+        return Err(e.context(format!(
+            "restore of {} (generation {}) failed; {} removed",
+            a.image,
+            a.generation,
+            a.to.display()
+        )));
+    }
+    println!(
+        "{}: {} bytes of {} at generation {}, root {}",
+        a.to.display(),
+        m.size(),
+        a.image,
+        a.generation,
+        m.root().to_hex()
+    );
+    Ok(())
+}
+
+/// `ferry replica --config FILE`: the replica daemon with what the config file says.
+fn replica_cmd(a: &ReplicaArgs) -> Result<()> {
+    let (config, rc) = replica_config(&a.config)?;
     crate::replica::daemon::run(crate::replica::daemon::Options {
         identity: crate::net::Identity::load(&config.node.key_dir)?,
         params: config.chunk_params().map_err(|e| anyhow::anyhow!("{e}"))?,
-        store: rc.store,
+        store: rc.store.clone(),
         listen: rc.listen,
+        mount: a.mount.clone().or(rc.mount.clone()),
+        keep: rc.policy(),
         primaries: rc.primaries,
         metrics: config.node.metrics,
     })

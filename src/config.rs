@@ -102,6 +102,24 @@ pub struct Replica {
     pub listen: SocketAddr,
     pub store: PathBuf,
     pub primaries: Vec<Fingerprint>,
+    /// Serve the read-only replica mount here.
+    #[serde(default)]
+    pub mount: Option<PathBuf>,
+    /// Restore points kept by count (the newest generation counts)...
+    #[serde(default)]
+    pub keep: Option<usize>,
+    /// ... and by age.
+    #[serde(default, deserialize_with = "duration_opt")]
+    pub keep_for: Option<Duration>,
+}
+
+impl Replica {
+    pub fn policy(&self) -> crate::replica::Policy {
+        crate::replica::Policy {
+            keep: self.keep,
+            keep_for: self.keep_for,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -286,6 +304,11 @@ impl Config {
                         .into(),
                 );
             }
+            if r.keep == Some(0) {
+                return Err("replica.keep = 0: give 1 or more (1 keeps only the newest \
+                            generation)"
+                    .into());
+            }
         }
         Ok(())
     }
@@ -340,6 +363,9 @@ zone = "eu-west"
 listen = "0.0.0.0:7443"
 store = "/var/lib/ferry/replica"
 primaries = ["{FP}"]
+mount = "/srv/replica"
+keep = 24
+keep_for = "7d"
 "#
         ))
         .unwrap();
@@ -348,7 +374,14 @@ primaries = ["{FP}"]
         assert_eq!(c.primary.bandwidth_limit, Some(100 << 20));
         assert_eq!(c.peers[0].addr, "192.0.2.10:7443".parse().unwrap());
         assert_eq!(c.peers[0].zone.as_deref(), Some("eu-west"));
-        assert_eq!(c.replica.unwrap().primaries.len(), 1);
+        let r = c.replica.unwrap();
+        assert_eq!(r.primaries.len(), 1);
+        assert_eq!(r.keep, Some(24));
+        assert_eq!(r.keep_for, Some(Duration::from_secs(7 * 86400)));
+        assert_eq!(
+            r.mount.as_deref(),
+            Some(std::path::Path::new("/srv/replica"))
+        );
         assert_eq!(parse("").unwrap().primary.replicas, 1);
         assert_eq!(parse("").unwrap().primary.congestion, Congestion::Bbr);
         let cubic = parse("[primary]\ncongestion = \"cubic\"").unwrap();

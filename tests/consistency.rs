@@ -3,74 +3,16 @@
 
 mod common;
 
-use std::alloc::{Layout, alloc_zeroed, dealloc};
-use std::fs::{self, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::fs;
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::Pair;
+use common::stamps::{Aligned, BLOCK, open_direct, prefix, stamp};
 
-const BLOCK: usize = 4096;
 const BLOCKS: u64 = 4096;
-
-/// A 4 KiB buffer aligned for O_DIRECT.
-struct Aligned(*mut u8);
-
-impl Aligned {
-    fn new() -> Aligned {
-        Aligned(unsafe { alloc_zeroed(Layout::from_size_align(BLOCK, BLOCK).unwrap()) })
-    }
-    fn bytes(&mut self) -> &mut [u8] {
-        unsafe { std::slice::from_raw_parts_mut(self.0, BLOCK) }
-    }
-}
-
-impl Drop for Aligned {
-    fn drop(&mut self) {
-        unsafe { dealloc(self.0, Layout::from_size_align(BLOCK, BLOCK).unwrap()) }
-    }
-}
-
-fn stamp(i: u64) -> Vec<u8> {
-    let mut b = vec![(i % 251) as u8 + 1; BLOCK];
-    b[..8].copy_from_slice(&i.to_le_bytes());
-    b
-}
-
-/// The number of leading stamped blocks, checking that every other block is zero.
-fn prefix(image: &[u8]) -> u64 {
-    let mut m = 0;
-    for (j, blk) in image.chunks(BLOCK).enumerate() {
-        let i = j as u64 + 1;
-        if blk.iter().all(|&b| b == 0) {
-            continue;
-        }
-        assert_eq!(
-            blk,
-            &stamp(i)[..],
-            "block {j} holds a torn or foreign stamp"
-        );
-        assert_eq!(
-            m,
-            i - 1,
-            "stamp {i} present but stamp {} missing: not a prefix",
-            m + 1
-        );
-        m = i;
-    }
-    m
-}
-
-/// Opens `path` for O_DIRECT writes, as QEMU's `cache=none` does.
-fn open_direct(path: &std::path::Path) -> fs::File {
-    OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .unwrap()
-}
 
 #[test]
 fn every_generation_holds_exactly_the_stamps_1_to_m() {

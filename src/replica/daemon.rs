@@ -29,11 +29,19 @@ pub struct Options {
     pub primaries: Vec<Fingerprint>,
     /// Where to serve Prometheus metrics.
     pub metrics: Option<SocketAddr>,
+    /// Where to serve the read-only replica mount.
+    pub mount: Option<PathBuf>,
+    /// The restore points kept.
+    pub keep: super::Policy,
 }
 
 /// Runs the replica daemon in the foreground until SIGTERM or SIGINT.
 pub fn run(opts: Options) -> Result<()> {
-    let store = Store::open(&opts.store, opts.params)?;
+    let store = Store::open_with(&opts.store, opts.params, opts.keep)?;
+    let mount = match &opts.mount {
+        Some(mnt) => Some(mount(&store, mnt)?),
+        None => None,
+    };
     let threads = Threads {
         count: 4,
         name: "ferry-replica",
@@ -55,7 +63,49 @@ pub fn run(opts: Options) -> Result<()> {
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         log::warn!("cannot tell systemd the replica is ready: {e}");
     }
-    node.block_on(serve(store, node.endpoint().clone()))
+    let r = node.block_on(serve(store, node.endpoint().clone()));
+    if let Some(m) = mount {
+        drop(m);
+        log::info!("replica mount unmounted");
+    }
+    r
+}
+
+/// Serves the read-only replica mount at `mnt` from `store`'s view, until dropped.
+fn mount(store: &Store, mnt: &std::path::Path) -> Result<fuser::BackgroundSession> {
+    use fuser::{MountOption, SessionACL};
+    clear_dead_mount(mnt);
+    let mnt = mnt.canonicalize().with_context(|| {
+        format!(
+            "replica mountpoint {} not found: create it first",
+            mnt.display()
+        )
+    })?;
+    store.view().serve_mount();
+    let fs = super::fuse::ReplicaFuse::new(store.view().clone(), store.root().to_path_buf());
+    let mut cfg = fuser::Config::default();
+    cfg.mount_options = vec![
+        MountOption::FSName(store.root().display().to_string()),
+        MountOption::Subtype("ferry".into()),
+        MountOption::RO,
+        MountOption::DefaultPermissions,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+    ];
+    // Hypervisors run QEMU as another user; the kernel checks each caller against the
+    // images' modes.
+    cfg.acl = SessionACL::All;
+    cfg.n_threads = Some(4);
+    let session = fuser::Session::new(fs, &mnt, &cfg)
+        .with_context(|| format!("cannot mount the replica on {}", mnt.display()))?
+        .spawn()
+        .context("cannot start the replica mount")?;
+    log::info!(
+        "replica mount {} serves generation {} (read-only; restore points under .ferry/generations)",
+        mnt.display(),
+        store.view().applied()
+    );
+    Ok(session)
 }
 
 async fn serve(store: SharedStore, ep: quinn::Endpoint) -> Result<()> {
@@ -206,4 +256,19 @@ async fn connection(incoming: quinn::Incoming, store: SharedStore) -> Result<()>
     conn.close(0u32.into(), b"session over");
     log::info!("primary {fp} disconnected");
     result
+}
+
+/// A replica mount left by a daemon that was killed answers ENOTCONN: detach it, so that the
+/// restarted daemon can mount there again.
+fn clear_dead_mount(mnt: &std::path::Path) {
+    if let Err(e) = std::fs::metadata(mnt)
+        && e.raw_os_error() == Some(libc::ENOTCONN)
+        && let Ok(c) = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes())
+    {
+        log::warn!(
+            "{}: a dead replica mount is left from a stopped daemon; detaching it",
+            mnt.display()
+        );
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
 }

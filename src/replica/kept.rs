@@ -123,6 +123,7 @@ impl Kept {
     }
 
     /// A kept chunk, verified against its hash.
+    #[cfg(test)]
     pub fn get(&self, hash: &[u8; 32]) -> io::Result<Option<Vec<u8>>> {
         match self.index.get(hash).and_then(|p| self.packs.get(p)) {
             Some(j) => j.get(hash),

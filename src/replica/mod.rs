@@ -18,6 +18,7 @@
 //! interrupted transfer resumes without sending those chunks again.
 
 pub mod daemon;
+mod fuse;
 pub mod history;
 mod journal;
 pub mod keep;
@@ -587,7 +588,7 @@ impl Store {
         self.journal.sync()?;
         // 1b. What applying overwrites, kept for the restore points and open files.
         let view = self.view().clone();
-        let _writer = view.writer();
+        let writer = view.writer();
         if view.keeps_overwritten() {
             self.keep_overwritten(g, &view)?;
         }
@@ -629,9 +630,11 @@ impl Store {
                 return Err(e);
             }
         }
-        if let Err(e) = view.expire(&_writer) {
+        if let Err(e) = view.expire(&writer) {
             log::warn!("cannot expire restore points: {e:#}");
         }
+        drop(writer);
+        view.expire_if_due();
         log::info!(
             "store {}: generation {} committed ({} images changed)",
             self.root.display(),

@@ -118,6 +118,8 @@ pub struct View {
     pins: Mutex<BTreeMap<u64, usize>>,
     /// Held by a commit from keeping chunks to expiring points, and by expiry alone.
     writer: Mutex<()>,
+    /// A file was closed: a generation may have lost its last reader.
+    expire_due: AtomicBool,
 }
 
 fn read_full(f: &File, buf: &mut [u8], mut off: u64) -> io::Result<()> {
@@ -204,6 +206,7 @@ impl View {
             kept: RwLock::new(kept),
             pins: Mutex::new(BTreeMap::new()),
             writer: Mutex::new(()),
+            expire_due: AtomicBool::new(false),
         })
     }
 
@@ -311,14 +314,24 @@ impl View {
             }
             last
         };
-        // A generation kept only for its readers can go now (unless a commit is running:
-        // it expires what is due when it ends).
-        if last
-            && number != self.applied()
-            && let Some(w) = self.writer.try_lock()
-            && let Err(e) = self.expire(&w)
-        {
-            log::warn!("cannot expire restore points: {e:#}");
+        if last && number != self.applied() {
+            self.expire_due.store(true, Ordering::SeqCst);
+            self.expire_if_due();
+        }
+    }
+
+    /// Expires what a closed file left unneeded, unless a commit or another expiry holds the
+    /// writer: whoever holds it looks again when it lets go.
+    pub fn expire_if_due(&self) {
+        while self.expire_due.load(Ordering::SeqCst) {
+            let Some(w) = self.writer.try_lock() else {
+                return;
+            };
+            if self.expire_due.swap(false, Ordering::SeqCst)
+                && let Err(e) = self.expire(&w)
+            {
+                log::warn!("cannot expire restore points: {e:#}");
+            }
         }
     }
 

@@ -256,6 +256,8 @@ pub fn keygen(dir: &Path) -> String {
 /// A replica daemon (`ferry replica --config`) run as a child process.
 pub struct Replica {
     pub dir: tempfile::TempDir,
+    /// The replica mount's mountpoint (mounted when the config says `mount = "{mnt}"`).
+    pub mnt: PathBuf,
     pub store: PathBuf,
     pub config: PathBuf,
     pub log: PathBuf,
@@ -267,7 +269,16 @@ pub struct Replica {
 impl Replica {
     /// A replica that trusts the primaries with these fingerprints.
     pub fn new(primaries: &[&str]) -> Replica {
+        Replica::with(primaries, "")
+    }
+
+    /// A replica with more lines in its `[replica]` section (`{mnt}` stands for a mountpoint
+    /// made for it, [`Replica::mnt`]).
+    pub fn with(primaries: &[&str], extra: &str) -> Replica {
         let dir = tempfile::tempdir().unwrap();
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let extra = extra.replace("{mnt}", &mnt.display().to_string());
         let store = dir.path().join("store");
         let fingerprint = keygen(&dir.path().join("keys"));
         let port = free_port();
@@ -277,7 +288,7 @@ impl Replica {
             &config,
             format!(
                 "[node]\nname = \"replica\"\nkey_dir = \"{}\"\nstate_dir = \"{}\"\n\
-                 [replica]\nlisten = \"127.0.0.1:{port}\"\nstore = \"{}\"\nprimaries = [{}]\n",
+                 [replica]\nlisten = \"127.0.0.1:{port}\"\nstore = \"{}\"\nprimaries = [{}]\n{extra}\n",
                 dir.path().join("keys").display(),
                 dir.path().join("state").display(),
                 store.display(),
@@ -288,6 +299,7 @@ impl Replica {
         let log = dir.path().join("replica.log");
         let mut r = Replica {
             dir,
+            mnt,
             store,
             config,
             log,
@@ -334,8 +346,23 @@ impl Replica {
         }
     }
 
+    /// SIGTERM, and wait until the daemon has exited (its mount unmounted).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn is_mounted(&self) -> bool {
+        std::fs::read_to_string("/proc/self/mounts")
+            .unwrap()
+            .lines()
+            .any(|l| l.split(' ').nth(1) == Some(self.mnt.to_str().unwrap()))
     }
 
     /// The `[[peer]]` section a primary needs to ship to this replica.
@@ -350,6 +377,9 @@ impl Replica {
 impl Drop for Replica {
     fn drop(&mut self) {
         self.kill9();
+        if self.is_mounted() {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
     }
 }
 
@@ -372,10 +402,15 @@ impl Pair {
     /// A pair with environment variables for the mount daemon and more primary config (e.g. a
     /// `[primary]` section).
     pub fn with(env: &[(&str, &str)], toml: &str) -> Pair {
+        Pair::with_replica(env, toml, "")
+    }
+
+    /// A pair whose replica has more lines in its `[replica]` section (see [`Replica::with`]).
+    pub fn with_replica(env: &[(&str, &str)], toml: &str, replica: &str) -> Pair {
         let primary = Mount::prepare_with("", toml);
 
         let fp = keygen(&primary.dir.path().join("keys"));
-        let replica = Replica::new(&[&fp]);
+        let replica = Replica::with(&[&fp], replica);
         let config = std::fs::read_to_string(&primary.config).unwrap() + &replica.peer_toml();
         std::fs::write(&primary.config, config).unwrap();
         let mut cmd = Command::new(FERRY);
@@ -459,5 +494,72 @@ pub mod bytes {
         if (off as usize) < end {
             d[off as usize..end].fill(0);
         }
+    }
+}
+
+/// Stamped blocks: block i - 1 of an image holds stamp i, written in order with O_DIRECT, so a
+/// point-in-time copy holds exactly the stamps 1..m.
+pub mod stamps {
+    use std::alloc::{Layout, alloc_zeroed, dealloc};
+    use std::fs::{self, OpenOptions};
+    use std::os::unix::fs::OpenOptionsExt;
+
+    pub const BLOCK: usize = 4096;
+
+    /// A 4 KiB buffer aligned for O_DIRECT.
+    pub struct Aligned(*mut u8);
+
+    impl Aligned {
+        pub fn new() -> Aligned {
+            Aligned(unsafe { alloc_zeroed(Layout::from_size_align(BLOCK, BLOCK).unwrap()) })
+        }
+        pub fn bytes(&mut self) -> &mut [u8] {
+            unsafe { std::slice::from_raw_parts_mut(self.0, BLOCK) }
+        }
+    }
+
+    impl Drop for Aligned {
+        fn drop(&mut self) {
+            unsafe { dealloc(self.0, Layout::from_size_align(BLOCK, BLOCK).unwrap()) }
+        }
+    }
+
+    pub fn stamp(i: u64) -> Vec<u8> {
+        let mut b = vec![(i % 251) as u8 + 1; BLOCK];
+        b[..8].copy_from_slice(&i.to_le_bytes());
+        b
+    }
+
+    /// The number of leading stamped blocks, checking that every other block is zero.
+    pub fn prefix(image: &[u8]) -> u64 {
+        let mut m = 0;
+        for (j, blk) in image.chunks(BLOCK).enumerate() {
+            let i = j as u64 + 1;
+            if blk.iter().all(|&b| b == 0) {
+                continue;
+            }
+            assert_eq!(
+                blk,
+                &stamp(i)[..],
+                "block {j} holds a torn or foreign stamp"
+            );
+            assert_eq!(
+                m,
+                i - 1,
+                "stamp {i} present but stamp {} missing: not a prefix",
+                m + 1
+            );
+            m = i;
+        }
+        m
+    }
+
+    /// Opens `path` for O_DIRECT writes, as QEMU's `cache=none` does.
+    pub fn open_direct(path: &std::path::Path) -> fs::File {
+        OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .unwrap()
     }
 }

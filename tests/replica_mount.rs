@@ -1,0 +1,291 @@
+//! The read-only replica mount (invariant 7) and restore points: real mounts on both sides,
+//! real QUIC on loopback, qemu tools reading the replica as another user.
+
+mod common;
+
+use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::stamps::{Aligned, BLOCK, open_direct, prefix, stamp};
+use common::{FERRY, Pair, require};
+use serde_json::Value;
+
+/// What QEMU runs as on a hypervisor host: not root.
+const QEMU_UID: u32 = 65534;
+
+/// Reads all of `f` from the daemon, not from the page cache (its pages are dropped first).
+fn read_all(f: &File) -> Vec<u8> {
+    use std::os::fd::AsRawFd;
+    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    let len = f.metadata().unwrap().len();
+    let mut buf = vec![0u8; len as usize];
+    f.read_exact_at(&mut buf, 0).unwrap();
+    buf
+}
+
+/// The generation an image of the replica mount shows (`user.ferry.generation`).
+fn generation_of(path: &Path) -> u64 {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let mut buf = [0u8; 32];
+    let n = unsafe {
+        libc::getxattr(
+            c.as_ptr(),
+            c"user.ferry.generation".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    assert!(
+        n > 0,
+        "getxattr {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    std::str::from_utf8(&buf[..n as usize])
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// `ferry generations --json` of the pair's replica.
+fn generations(p: &Pair) -> Value {
+    let out = Command::new(FERRY)
+        .args(["generations", "--json", "--config"])
+        .arg(&p.replica.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn numbers(v: &Value) -> Vec<u64> {
+    v["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["generation"].as_u64().unwrap())
+        .collect()
+}
+
+/// An O_DIRECT writer stamps blocks in order into two disks (A then B) while syncs run; files
+/// opened on the replica mount read exactly the stamps 1..m of the generation current at
+/// their open, for as long as they stay open, and two disks showing one generation are cut at
+/// one instant. Another user reads the newest generation too. Closed, the old generations go.
+#[test]
+fn a_file_open_on_the_replica_mount_keeps_its_generation() {
+    const BLOCKS: u64 = 2048;
+    let p = Pair::with_replica(&[], "", "mount = \"{mnt}\"");
+    assert!(p.replica.is_mounted(), "{}", p.replica.log_text());
+    let (a, b) = (p.primary.path("disk-a.img"), p.primary.path("disk-b.img"));
+    for path in [&a, &b] {
+        File::create(path)
+            .unwrap()
+            .set_len(BLOCKS * BLOCK as u64)
+            .unwrap();
+    }
+    p.sync_ok();
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (done, a, b) = (done.clone(), a.clone(), b.clone());
+        std::thread::spawn(move || {
+            let (fa, fb) = (open_direct(&a), open_direct(&b));
+            let mut buf = Aligned::new();
+            for i in 1..=BLOCKS {
+                buf.bytes().copy_from_slice(&stamp(i));
+                fa.write_all_at(buf.bytes(), (i - 1) * BLOCK as u64)
+                    .unwrap();
+                fb.write_all_at(buf.bytes(), (i - 1) * BLOCK as u64)
+                    .unwrap();
+                std::thread::sleep(Duration::from_micros(1500));
+            }
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+    let (ra, rb) = (
+        p.replica.mnt.join("disk-a.img"),
+        p.replica.mnt.join("disk-b.img"),
+    );
+    // Files opened on the replica mount: the file, its generation, what it read first.
+    let mut open: Vec<(File, u64, Vec<u8>)> = Vec::new();
+    let mut same_generation_pairs = 0;
+    loop {
+        let finished = done.load(Ordering::SeqCst);
+        let v = p.sync_ok();
+        let g = v["generation"].as_u64().unwrap();
+        // A new open sees the newest generation.
+        assert_eq!(generation_of(&ra), g);
+        let fa = File::open(&ra).unwrap();
+        let first = read_all(&fa);
+        let m = prefix(&first);
+        let fb = File::open(&rb).unwrap();
+        if generation_of(&rb) == g {
+            let mb = prefix(&read_all(&fb));
+            assert!(mb == m || mb + 1 == m, "A holds {m} stamps, B {mb}");
+            same_generation_pairs += 1;
+        }
+        // Another user (QEMU's) reads the same generation through the mount.
+        let out = Command::new("cat")
+            .arg(&ra)
+            .uid(QEMU_UID)
+            .gid(QEMU_UID)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert!(out.stdout == first, "uid {QEMU_UID} read other bytes");
+        open.push((fa, g, first));
+        // Every file opened earlier still reads its own generation.
+        for (f, g, first) in &open {
+            assert!(
+                read_all(f) == *first,
+                "a file opened at generation {g} changed"
+            );
+        }
+        if finished {
+            break;
+        }
+    }
+    writer.join().unwrap();
+    let ms: Vec<u64> = open.iter().map(|(_, _, b)| prefix(b)).collect();
+    assert_eq!(*ms.last().unwrap(), BLOCKS);
+    assert!(
+        ms.iter().filter(|&&m| m > 0 && m < BLOCKS).count() >= 2,
+        "syncs must land while the writer runs: {ms:?}"
+    );
+    assert!(same_generation_pairs >= 2);
+    let held = numbers(&generations(&p));
+    assert!(
+        held.len() >= 3,
+        "open files pin their generations: {held:?}"
+    );
+
+    // Closed, only the newest is kept (no `keep`), and so are no overwritten chunks.
+    let newest = open.last().unwrap().1;
+    drop(open);
+    std::thread::sleep(Duration::from_millis(300));
+    let v = generations(&p);
+    assert_eq!(numbers(&v), vec![newest], "{v}");
+    assert_eq!(v["kept_bytes"], 0, "{v}");
+    // The restore points are reachable by name but not listed at the root.
+    let root: Vec<String> = fs::read_dir(&p.replica.mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(root.len(), 2, "{root:?}");
+    assert!(!root.iter().any(|n| n.starts_with('.')));
+    assert!(
+        p.replica
+            .mnt
+            .join(format!(".ferry/generations/{newest}/disk-a.img"))
+            .exists()
+    );
+}
+
+/// `keep = 3`: the replica mount shows the three newest generations under
+/// `.ferry/generations/<N>/`, each equal to the primary's image at its sync (qemu-img check
+/// run by another user on them), `ferry restore` writes one out, an expired one is refused
+/// with a clear message, and a killed daemon restarts with its restore points and its mount.
+#[test]
+fn restore_points_are_served_listed_and_restored() {
+    require("qemu-img", "qemu-utils");
+    require("qemu-io", "qemu-utils");
+    let mut p = Pair::with_replica(&[], "", "mount = \"{mnt}\"\nkeep = 3");
+    let img = "vm.qcow2";
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(p.primary.path(img))
+        .arg("64M")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let saved = tempfile::tempdir().unwrap();
+    let mut at: Vec<(u64, std::path::PathBuf)> = Vec::new();
+    for n in 1..=5u8 {
+        // The same guest megabyte each time, so the image is overwritten in place.
+        let out = Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", &format!("write -P {n} 1M 1M")])
+            .arg(p.primary.path(img))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let g = p.sync_ok()["generation"].as_u64().unwrap();
+        let copy = saved.path().join(format!("{g}.qcow2"));
+        fs::copy(p.primary.backing(img), &copy).unwrap();
+        at.push((g, copy));
+    }
+    let v = generations(&p);
+    let kept: Vec<u64> = at[2..].iter().map(|(g, _)| *g).collect();
+    assert_eq!(numbers(&v), kept, "{v}");
+    let kept_bytes = v["kept_bytes"].as_u64().unwrap();
+    assert!(
+        kept_bytes > 0 && kept_bytes < 6 << 20,
+        "two restore points of 1 MiB changes cost {kept_bytes} bytes"
+    );
+    assert!(
+        v["generations"][0]["own_bytes"].as_u64().unwrap() > 0,
+        "{v}"
+    );
+
+    let check = |p: &Pair| {
+        for (g, copy) in &at[2..] {
+            let shown = p.replica.mnt.join(format!(".ferry/generations/{g}/{img}"));
+            common::cmp(&shown, copy);
+            let out = Command::new("qemu-img")
+                .args(["check", "-q", "-f", "qcow2"])
+                .arg(&shown)
+                .uid(QEMU_UID)
+                .gid(QEMU_UID)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "qemu-img check of generation {g}: {out:?}"
+            );
+        }
+        common::cmp(&p.replica.mnt.join(img), &at[4].1);
+    };
+    check(&p);
+
+    let (oldest, copy) = &at[2];
+    let to = saved.path().join("restored.qcow2");
+    let out = Command::new(FERRY)
+        .args(["restore", img, "--generation", &oldest.to_string(), "--to"])
+        .arg(&to)
+        .arg("--config")
+        .arg(&p.replica.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    common::cmp(&to, copy);
+    let expired = at[1].0;
+    let out = Command::new(FERRY)
+        .args(["restore", img, "--generation", &expired.to_string(), "--to"])
+        .arg(saved.path().join("no.qcow2"))
+        .arg("--config")
+        .arg(&p.replica.config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!("generation {expired} is not kept")),
+        "{err}"
+    );
+    assert!(!saved.path().join("no.qcow2").exists());
+
+    // kill -9: the mount is left dead; the restarted daemon mounts again and serves the same.
+    p.replica.kill9();
+    p.replica.start();
+    assert!(p.replica.is_mounted());
+    check(&p);
+    p.replica.stop();
+    assert!(
+        !p.replica.is_mounted(),
+        "SIGTERM unmounts the replica mount"
+    );
+}
