@@ -432,22 +432,22 @@ fn manifest_cmd(a: ManifestArgs) -> Result<()> {
 }
 
 /// The config file's `[replica]` section, or an error that says what to add.
-fn replica_config(
+fn replica_section(
+    config: &crate::config::Config,
     path: &std::path::Path,
-) -> Result<(crate::config::Config, crate::config::Replica)> {
-    let config = crate::config::Config::load(path)?;
-    let rc = config.replica.clone().ok_or_else(|| {
+) -> Result<crate::config::Replica> {
+    config.replica.clone().ok_or_else(|| {
         anyhow::anyhow!(
             "{} has no [replica] section: add listen, store and primaries",
             path.display()
         )
-    })?;
-    Ok((config, rc))
+    })
 }
 
 /// The restore points of the store a config names, read beside the daemon.
 fn replica_view(path: &std::path::Path) -> Result<crate::replica::View> {
-    let (config, rc) = replica_config(path)?;
+    let config = crate::config::Config::load(path)?;
+    let rc = replica_section(&config, path)?;
     let params = config.chunk_params().map_err(|e| anyhow::anyhow!("{e}"))?;
     let root = rc.store.canonicalize().with_context(|| {
         format!(
@@ -549,14 +549,25 @@ fn restore_cmd(a: &RestoreArgs) -> Result<()> {
 
 /// `ferry replica --config FILE`: the replica daemon with what the config file says.
 fn replica_cmd(a: &ReplicaArgs) -> Result<()> {
-    let (config, rc) = replica_config(&a.config)?;
-    crate::replica::daemon::run(crate::replica::daemon::Options {
+    let config = crate::config::Config::load(&a.config)?;
+    crate::replica::daemon::run(replica_options(&config, &a.config, a.mount.clone())?, None)
+}
+
+/// The replica daemon's options from a config file (`mount` overrides `[replica] mount`).
+pub fn replica_options(
+    config: &crate::config::Config,
+    path: &std::path::Path,
+    mount: Option<PathBuf>,
+) -> Result<crate::replica::daemon::Options> {
+    let rc = replica_section(config, path)?;
+    Ok(crate::replica::daemon::Options {
         identity: crate::net::Identity::load(&config.node.key_dir)?,
         params: config.chunk_params().map_err(|e| anyhow::anyhow!("{e}"))?,
         store: rc.store.clone(),
         listen: rc.listen,
-        mount: a.mount.clone().or(rc.mount.clone()),
+        mount: mount.or(rc.mount.clone()),
         keep: rc.policy(),
+        stop_on_unmount: false,
         primaries: rc.primaries,
         metrics: config.node.metrics,
     })
@@ -678,12 +689,27 @@ fn replica_daemons() -> Vec<serde_json::Value> {
                 .file_name()
                 .is_some_and(|n| n == "ferry")
         });
-        if is_ferry && args.get(1).is_some_and(|a| a == "replica") {
-            let config = args
-                .iter()
+        // `ferry replica --config FILE`, or the mount-helper form `-o replica,config=FILE`.
+        let helper_opts: Vec<&str> = args
+            .iter()
+            .position(|a| a == "-o")
+            .and_then(|i| args.get(i + 1))
+            .map(|o| o.split(',').collect())
+            .unwrap_or_default();
+        let config = if args.get(1).is_some_and(|a| a == "replica") {
+            args.iter()
                 .position(|a| a == "--config")
                 .and_then(|i| args.get(i + 1))
-                .cloned();
+                .cloned()
+        } else if helper_opts.contains(&"replica") {
+            helper_opts
+                .iter()
+                .find_map(|o| o.strip_prefix("config="))
+                .map(str::to_string)
+        } else {
+            continue;
+        };
+        if is_ferry {
             out.push(serde_json::json!({"pid": pid, "config": config}));
         }
     }

@@ -40,9 +40,11 @@ pub struct MountOptions {
     pub notrack: bool,
     /// Refuse to mount unless only root can reach the backing directory.
     pub private_backing: bool,
+    /// SOURCE is a replica store: start the replica daemon with its read-only mount.
+    pub replica: bool,
 }
 
-const ACCEPTED: &str = "config=FILE, allow_other, allow_root, default_permissions, ro, rw, \
+const ACCEPTED: &str = "config=FILE, replica, allow_other, allow_root, default_permissions, ro, rw, \
     fsname=NAME, threads=N, private_backing, dev, nodev, suid, nosuid, exec, noexec, atime, noatime, sync, \
     async, dirsync, and fstab-only options (defaults, auto, noauto, user, users, _netdev, \
     nofail, x-*)";
@@ -80,6 +82,7 @@ impl MountOptions {
                         .ok_or_else(|| anyhow!("mount option threads={v}: give 1 to 64"))?
                 }
                 ("notrack", None) => o.notrack = true,
+                ("replica", None) => o.replica = true,
                 ("private_backing", None) => o.private_backing = true,
                 ("dev", None) => o.kernel.push(MountOption::Dev),
                 ("nodev", None) => o.kernel.push(MountOption::NoDev),
@@ -141,6 +144,9 @@ pub struct MountRequest {
 
 /// Runs `ferry mount`: returns once the mount is live (daemon) or when it ends (`-f`).
 pub fn run(req: MountRequest) -> Result<()> {
+    if req.options.replica {
+        return run_replica(req);
+    }
     let config = match &req.options.config {
         Some(p) => Config::load(p)?,
         None => Config::default(),
@@ -200,6 +206,45 @@ pub fn run(req: MountRequest) -> Result<()> {
             &req.options,
             Some(ready),
         )
+    })
+}
+
+/// `mount -t fuse.ferry STORE MNT -o replica,config=FILE`: the replica daemon of that config,
+/// serving its read-only mount at MNT; returns once both listen (without `-f`). Its log goes
+/// to STATE_DIR/replica.log.
+fn run_replica(req: MountRequest) -> Result<()> {
+    let config_path = req.options.config.as_ref().ok_or_else(|| {
+        anyhow!("-o replica needs config=FILE: the replica's config file with a [replica] section")
+    })?;
+    let config = Config::load(config_path)?;
+    let mut opts = crate::cli::replica_options(&config, config_path, Some(req.mountpoint.clone()))?;
+    opts.stop_on_unmount = true;
+    let same = |a: &Path, b: &Path| a.canonicalize().ok() == b.canonicalize().ok();
+    if !same(&req.source, &opts.store) {
+        bail!(
+            "SOURCE {} is not the replica store of {} ([replica] store = {}): give that store",
+            req.source.display(),
+            config_path.display(),
+            opts.store.display()
+        );
+    }
+    if let Some(m) = mounted_at(&req.mountpoint) {
+        bail!(
+            "{} is already a mountpoint ({m}): unmount it first",
+            req.mountpoint.display()
+        );
+    }
+    if req.foreground {
+        return crate::replica::daemon::run(opts, None);
+    }
+    std::fs::create_dir_all(&config.node.state_dir).with_context(|| {
+        format!(
+            "cannot create state directory {}",
+            config.node.state_dir.display()
+        )
+    })?;
+    daemonize(&config.node.state_dir.join("replica.log"), |ready| {
+        crate::replica::daemon::run(opts, Some(ready))
     })
 }
 

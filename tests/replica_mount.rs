@@ -289,3 +289,62 @@ fn restore_points_are_served_listed_and_restored() {
         "SIGTERM unmounts the replica mount"
     );
 }
+
+/// Processes whose command line names `needle`.
+fn processes_naming(needle: &str) -> Vec<i32> {
+    fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+        })
+        .collect()
+}
+
+/// `ferry STORE MNT -o replica,config=FILE` (what `mount -t fuse.ferry` and an fstab line
+/// run) starts the replica daemon with its mount and returns once both are live; `umount MNT`
+/// stops it.
+#[test]
+fn the_mount_helper_form_starts_the_replica_with_its_mount() {
+    let mut p = Pair::new();
+    fs::write(p.primary.path("a.img"), vec![7u8; 100_000]).unwrap();
+    p.replica.stop();
+    let mnt = p.replica.mnt.clone();
+    let options = format!("replica,config={}", p.replica.config.display());
+    common::run(
+        Command::new(FERRY)
+            .arg(&p.replica.store)
+            .arg(&mnt)
+            .arg("-o")
+            .arg(&options),
+    );
+    assert!(p.replica.is_mounted());
+    p.sync_ok();
+    assert_eq!(fs::read(mnt.join("a.img")).unwrap(), vec![7u8; 100_000]);
+
+    // A store other than the config's is refused, saying which one the config names.
+    let out = Command::new(FERRY)
+        .arg(p.replica.dir.path())
+        .arg(p.primary.dir.path())
+        .arg("-o")
+        .arg(&options)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("is not the replica store"),
+        "{err}"
+    );
+
+    common::run(Command::new("umount").arg(&mnt));
+    let config = p.replica.config.display().to_string();
+    let t = std::time::Instant::now();
+    while !processes_naming(&config).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "umount did not stop the daemon"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

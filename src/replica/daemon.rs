@@ -33,13 +33,17 @@ pub struct Options {
     pub mount: Option<PathBuf>,
     /// The restore points kept.
     pub keep: super::Policy,
+    /// An unmount of the replica mount stops the daemon (the mount-helper form, where the
+    /// mount is the service); otherwise the daemon goes on receiving.
+    pub stop_on_unmount: bool,
 }
 
-/// Runs the replica daemon in the foreground until SIGTERM or SIGINT.
-pub fn run(opts: Options) -> Result<()> {
+/// Runs the replica daemon in the foreground until SIGTERM or SIGINT; `ready` is called once
+/// it listens (and its mount is live).
+pub fn run(opts: Options, ready: Option<Box<dyn FnOnce()>>) -> Result<()> {
     let store = Store::open_with(&opts.store, opts.params, opts.keep)?;
     let mount = match &opts.mount {
-        Some(mnt) => Some(mount(&store, mnt)?),
+        Some(mnt) => Some(mount(&store, mnt, opts.stop_on_unmount)?),
         None => None,
     };
     let threads = Threads {
@@ -59,20 +63,45 @@ pub fn run(opts: Options) -> Result<()> {
         opts.identity.fingerprint(),
         opts.primaries.len()
     );
+    if let Some(ready) = ready {
+        ready();
+    }
     // systemd (Type=notify): ready once the store is replayed and the endpoint listens.
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         log::warn!("cannot tell systemd the replica is ready: {e}");
     }
     let r = node.block_on(serve(store, node.endpoint().clone()));
     if let Some(m) = mount {
-        drop(m);
-        log::info!("replica mount unmounted");
+        m.unmount();
     }
     r
 }
 
-/// Serves the read-only replica mount at `mnt` from `store`'s view, until dropped.
-fn mount(store: &Store, mnt: &std::path::Path) -> Result<fuser::BackgroundSession> {
+/// The replica mount being served.
+struct Served {
+    mnt: PathBuf,
+    unmounter: fuser::SessionUnmounter,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Served {
+    fn unmount(mut self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Err(e) = self.unmounter.unmount() {
+            log::warn!(
+                "cannot unmount the replica mount {}: {e}",
+                self.mnt.display()
+            );
+        }
+        let _ = self.thread.join();
+        log::info!("replica mount {} unmounted", self.mnt.display());
+    }
+}
+
+/// Serves the read-only replica mount at `mnt` from `store`'s view.
+fn mount(store: &Store, mnt: &std::path::Path, stop_on_unmount: bool) -> Result<Served> {
     use fuser::{MountOption, SessionACL};
     clear_dead_mount(mnt);
     let mnt = mnt.canonicalize().with_context(|| {
@@ -96,16 +125,45 @@ fn mount(store: &Store, mnt: &std::path::Path) -> Result<fuser::BackgroundSessio
     // images' modes.
     cfg.acl = SessionACL::All;
     cfg.n_threads = Some(4);
-    let session = fuser::Session::new(fs, &mnt, &cfg)
-        .with_context(|| format!("cannot mount the replica on {}", mnt.display()))?
-        .spawn()
-        .context("cannot start the replica mount")?;
+    let mut session = fuser::Session::new(fs, &mnt, &cfg)
+        .with_context(|| format!("cannot mount the replica on {}", mnt.display()))?;
+    let unmounter = session.unmount_callable();
+    let background = session.spawn().context("cannot start the replica mount")?;
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let thread = {
+        let (stopping, mnt) = (stopping.clone(), mnt.clone());
+        std::thread::Builder::new()
+            .name("replica-mount".into())
+            .spawn(move || {
+                if let Err(e) = background.join() {
+                    log::error!("replica mount {}: {e}", mnt.display());
+                }
+                if stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                if stop_on_unmount {
+                    log::info!("replica mount {} unmounted: stopping", mnt.display());
+                    unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+                } else {
+                    log::warn!(
+                        "replica mount {} was unmounted; the daemon goes on receiving \
+                         (restart it to serve the mount again)",
+                        mnt.display()
+                    );
+                }
+            })?
+    };
     log::info!(
         "replica mount {} serves generation {} (read-only; restore points under .ferry/generations)",
         mnt.display(),
         store.view().applied()
     );
-    Ok(session)
+    Ok(Served {
+        mnt,
+        unmounter,
+        stopping,
+        thread,
+    })
 }
 
 async fn serve(store: SharedStore, ep: quinn::Endpoint) -> Result<()> {

@@ -69,6 +69,9 @@ impl Inodes {
     }
 }
 
+/// A directory entry as readdir gives it: inode, type, name.
+type DirEntry = (u64, FileType, String);
+
 fn join(dir: &str, name: &str) -> String {
     if dir.is_empty() {
         name.to_string()
@@ -84,7 +87,7 @@ pub struct ReplicaFuse {
     /// Open files: the generation and image each reads.
     files: Mutex<HashMap<u64, (u64, String)>>,
     /// Open directories: their entries when opened.
-    dirs: Mutex<HashMap<u64, Vec<(u64, FileType, String)>>>,
+    dirs: Mutex<HashMap<u64, Vec<DirEntry>>>,
     next_fh: AtomicU64,
 }
 
