@@ -95,7 +95,15 @@ impl Served {
                 self.mnt.display()
             );
         }
-        let _ = self.thread.join();
+        // Files still open on it keep the session: detach it (they read on until closed,
+        // then the kernel ends the session), and wait only a little for that.
+        if let Ok(c) = std::ffi::CString::new(self.mnt.as_os_str().as_encoded_bytes()) {
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+        let t = std::time::Instant::now();
+        while !self.thread.is_finished() && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         log::info!("replica mount {} unmounted", self.mnt.display());
     }
 }
