@@ -93,8 +93,13 @@ impl Collector for StoreCollector {
         )?;
         g.one(
             "ferry_store_kept_generations",
-            "Generations the store can serve (restore points are not kept yet: the committed one)",
-            if f.generation > 0 { 1.0 } else { 0.0 },
+            "Generations the store can serve: restore points, the newest one included",
+            f.kept_generations as f64,
+        )?;
+        g.one(
+            "ferry_store_kept_bytes",
+            "Bytes of kept chunks (what newer generations overwrote and restore points need)",
+            f.kept_bytes as f64,
         )?;
         if let Some((free, total)) = space(&self.root) {
             g.one(

@@ -93,6 +93,10 @@ pub struct Figures {
     pub staged_chunks: usize,
     /// Distinct chunks of the committed images.
     pub chunks: usize,
+    /// Restore points held (the newest generation included).
+    pub kept_generations: usize,
+    /// Bytes in the packs of kept chunks.
+    pub kept_bytes: u64,
 }
 
 fn hash_from_hex(s: &str) -> Result<Hash> {
@@ -176,6 +180,8 @@ impl Store {
             staged_bytes: self.journal.bytes(),
             staged_chunks: self.journal.len(),
             chunks: self.index.len(),
+            kept_generations: self.view().generations().len(),
+            kept_bytes: self.view().kept_figures().0,
         }
     }
 
