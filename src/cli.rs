@@ -431,23 +431,10 @@ fn manifest_cmd(a: ManifestArgs) -> Result<()> {
     Ok(())
 }
 
-/// The config file's `[replica]` section, or an error that says what to add.
-fn replica_section(
-    config: &crate::config::Config,
-    path: &std::path::Path,
-) -> Result<crate::config::Replica> {
-    config.replica.clone().ok_or_else(|| {
-        anyhow::anyhow!(
-            "{} has no [replica] section: add listen, store and primaries",
-            path.display()
-        )
-    })
-}
-
 /// The restore points of the store a config names, read beside the daemon.
 fn replica_view(path: &std::path::Path) -> Result<crate::replica::View> {
     let config = crate::config::Config::load(path)?;
-    let rc = replica_section(&config, path)?;
+    let rc = crate::mount::replica_section(&config, path)?;
     let params = config.chunk_params().map_err(|e| anyhow::anyhow!("{e}"))?;
     let root = rc.store.canonicalize().with_context(|| {
         format!(
@@ -455,7 +442,7 @@ fn replica_view(path: &std::path::Path) -> Result<crate::replica::View> {
             rc.store.display()
         )
     })?;
-    crate::replica::View::open(&root, params, rc.policy(), u64::MAX, true)
+    crate::replica::View::open(&root, params, crate::mount::policy(&rc), u64::MAX, true)
 }
 
 /// `ferry generations --config FILE`.
@@ -550,27 +537,10 @@ fn restore_cmd(a: &RestoreArgs) -> Result<()> {
 /// `ferry replica --config FILE`: the replica daemon with what the config file says.
 fn replica_cmd(a: &ReplicaArgs) -> Result<()> {
     let config = crate::config::Config::load(&a.config)?;
-    crate::replica::daemon::run(replica_options(&config, &a.config, a.mount.clone())?, None)
-}
-
-/// The replica daemon's options from a config file (`mount` overrides `[replica] mount`).
-pub fn replica_options(
-    config: &crate::config::Config,
-    path: &std::path::Path,
-    mount: Option<PathBuf>,
-) -> Result<crate::replica::daemon::Options> {
-    let rc = replica_section(config, path)?;
-    Ok(crate::replica::daemon::Options {
-        identity: crate::net::Identity::load(&config.node.key_dir)?,
-        params: config.chunk_params().map_err(|e| anyhow::anyhow!("{e}"))?,
-        store: rc.store.clone(),
-        listen: rc.listen,
-        mount: mount.or(rc.mount.clone()),
-        keep: rc.policy(),
-        stop_on_unmount: false,
-        primaries: rc.primaries,
-        metrics: config.node.metrics,
-    })
+    crate::replica::daemon::run(
+        crate::mount::replica_options(&config, &a.config, a.mount.clone())?,
+        None,
+    )
 }
 
 fn status_cmd(a: StatusArgs) -> Result<()> {

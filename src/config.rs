@@ -113,15 +113,6 @@ pub struct Replica {
     pub keep_for: Option<Duration>,
 }
 
-impl Replica {
-    pub fn policy(&self) -> crate::replica::Policy {
-        crate::replica::Policy {
-            keep: self.keep,
-            keep_for: self.keep_for,
-        }
-    }
-}
-
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Chunking {

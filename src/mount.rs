@@ -217,7 +217,7 @@ fn run_replica(req: MountRequest) -> Result<()> {
         anyhow!("-o replica needs config=FILE: the replica's config file with a [replica] section")
     })?;
     let config = Config::load(config_path)?;
-    let mut opts = crate::cli::replica_options(&config, config_path, Some(req.mountpoint.clone()))?;
+    let mut opts = replica_options(&config, config_path, Some(req.mountpoint.clone()))?;
     opts.stop_on_unmount = true;
     let same = |a: &Path, b: &Path| a.canonicalize().ok() == b.canonicalize().ok();
     if !same(&req.source, &opts.store) {
@@ -656,6 +656,47 @@ fn control_handler(
         }
         other => bail!("unknown control command {other:?}"),
     })
+}
+
+/// The config file's `[replica]` section, or an error that says what to add.
+pub fn replica_section(
+    config: &crate::config::Config,
+    path: &std::path::Path,
+) -> Result<crate::config::Replica> {
+    config.replica.clone().ok_or_else(|| {
+        anyhow::anyhow!(
+            "{} has no [replica] section: add listen, store and primaries",
+            path.display()
+        )
+    })
+}
+
+/// The replica daemon's options from a config file (`mount` overrides `[replica] mount`).
+pub fn replica_options(
+    config: &crate::config::Config,
+    path: &std::path::Path,
+    mount: Option<std::path::PathBuf>,
+) -> Result<crate::replica::daemon::Options> {
+    let rc = replica_section(config, path)?;
+    Ok(crate::replica::daemon::Options {
+        identity: crate::net::Identity::load(&config.node.key_dir)?,
+        params: config.chunk_params().map_err(|e| anyhow::anyhow!("{e}"))?,
+        store: rc.store.clone(),
+        listen: rc.listen,
+        mount: mount.or(rc.mount.clone()),
+        keep: policy(&rc),
+        stop_on_unmount: false,
+        primaries: rc.primaries,
+        metrics: config.node.metrics,
+    })
+}
+
+/// The restore points a `[replica]` section keeps.
+pub fn policy(rc: &crate::config::Replica) -> crate::replica::Policy {
+    crate::replica::Policy {
+        keep: rc.keep,
+        keep_for: rc.keep_for,
+    }
 }
 
 #[cfg(test)]
