@@ -8,11 +8,9 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::stamps::{Aligned, BLOCK, open_direct, prefix, stamp};
+use common::stamps::{self, Stamper, prefix};
 use common::{FERRY, Pair, require};
 use serde_json::Value;
 
@@ -82,31 +80,10 @@ fn a_file_open_on_the_replica_mount_keeps_its_generation() {
     const BLOCKS: u64 = 2048;
     let p = Pair::with_replica(&[], "", "mount = \"{mnt}\"");
     assert!(p.replica.is_mounted(), "{}", p.replica.log_text());
-    let (a, b) = (p.primary.path("disk-a.img"), p.primary.path("disk-b.img"));
-    for path in [&a, &b] {
-        File::create(path)
-            .unwrap()
-            .set_len(BLOCKS * BLOCK as u64)
-            .unwrap();
-    }
+    let disks = [p.primary.path("disk-a.img"), p.primary.path("disk-b.img")];
+    stamps::create(&disks, BLOCKS);
     p.sync_ok();
-    let done = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (done, a, b) = (done.clone(), a.clone(), b.clone());
-        std::thread::spawn(move || {
-            let (fa, fb) = (open_direct(&a), open_direct(&b));
-            let mut buf = Aligned::new();
-            for i in 1..=BLOCKS {
-                buf.bytes().copy_from_slice(&stamp(i));
-                fa.write_all_at(buf.bytes(), (i - 1) * BLOCK as u64)
-                    .unwrap();
-                fb.write_all_at(buf.bytes(), (i - 1) * BLOCK as u64)
-                    .unwrap();
-                std::thread::sleep(Duration::from_micros(1500));
-            }
-            done.store(true, Ordering::SeqCst);
-        })
-    };
+    let writer = Stamper::start(&disks, BLOCKS, Duration::from_micros(750));
     let (ra, rb) = (
         p.replica.mnt.join("disk-a.img"),
         p.replica.mnt.join("disk-b.img"),
@@ -115,7 +92,7 @@ fn a_file_open_on_the_replica_mount_keeps_its_generation() {
     let mut open: Vec<(File, u64, Vec<u8>)> = Vec::new();
     let mut same_generation_pairs = 0;
     loop {
-        let finished = done.load(Ordering::SeqCst);
+        let finished = writer.done();
         let v = p.sync_ok();
         let g = v["generation"].as_u64().unwrap();
         // A new open sees the newest generation.
@@ -150,7 +127,7 @@ fn a_file_open_on_the_replica_mount_keeps_its_generation() {
             break;
         }
     }
-    writer.join().unwrap();
+    writer.join();
     let ms: Vec<u64> = open.iter().map(|(_, _, b)| prefix(b)).collect();
     assert_eq!(*ms.last().unwrap(), BLOCKS);
     assert!(

@@ -562,4 +562,56 @@ pub mod stamps {
             .open(path)
             .unwrap()
     }
+
+    /// Images of `blocks` zero blocks at `paths` (before the first sync).
+    pub fn create(paths: &[std::path::PathBuf], blocks: u64) {
+        for p in paths {
+            fs::File::create(p)
+                .unwrap()
+                .set_len(blocks * BLOCK as u64)
+                .unwrap();
+        }
+    }
+
+    /// A thread writing stamp i into each image in turn (O_DIRECT, as QEMU's `cache=none`),
+    /// for i in 1..=blocks, pausing after every write: at any instant a later image holds i or
+    /// i - 1 stamps when an earlier one holds i.
+    pub struct Stamper {
+        done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        thread: std::thread::JoinHandle<()>,
+    }
+
+    impl Stamper {
+        pub fn start(
+            paths: &[std::path::PathBuf],
+            blocks: u64,
+            pause: std::time::Duration,
+        ) -> Stamper {
+            use std::os::unix::fs::FileExt;
+            let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let files: Vec<fs::File> = paths.iter().map(|p| open_direct(p)).collect();
+            let flag = done.clone();
+            let thread = std::thread::spawn(move || {
+                let mut buf = Aligned::new();
+                for i in 1..=blocks {
+                    buf.bytes().copy_from_slice(&stamp(i));
+                    for f in &files {
+                        f.write_all_at(buf.bytes(), (i - 1) * BLOCK as u64).unwrap();
+                        std::thread::sleep(pause);
+                    }
+                }
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            });
+            Stamper { done, thread }
+        }
+
+        /// Whether every stamp is written.
+        pub fn done(&self) -> bool {
+            self.done.load(std::sync::atomic::Ordering::SeqCst)
+        }
+
+        pub fn join(self) {
+            self.thread.join().unwrap();
+        }
+    }
 }
