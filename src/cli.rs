@@ -56,15 +56,23 @@ pub enum Command {
     /// bytes some replica lacks. docs/OPERATIONS.md lists every field of --json and every
     /// failure cause.
     Status(StatusArgs),
-    /// Check that the generation's manifests describe the images' bytes.
+    /// Check that the replicas (or, with --primary, this primary) hold what their manifests say.
     ///
-    /// With --primary, on a primary mount: re-reads every image in its backing directory and
-    /// re-hashes each chunk against the manifest of the last generation cut, so a change that
-    /// bypassed the mount and escaped detection (or bit rot in the backing file) is found.
-    /// Bytes written through the mount since the last sync point are skipped (the next sync
-    /// point re-chunks them). Prints each image that differs and the byte ranges; exits
-    /// non-zero if any does. With --repair, marks those ranges changed, so the next `ferry
-    /// sync` ships them. Reads every image in full: run it when the disks can spare the I/O.
+    /// Without --primary, on a primary mount: asks every replica what it holds and compares
+    /// its generation and each image's size and Merkle root with this primary's manifests of
+    /// the generation that replica last committed; prints each replica and the images that
+    /// differ. With --deep, each replica also re-reads and re-hashes every image and every kept
+    /// chunk of its restore points and reports each damaged chunk by image, offset and length
+    /// (it reads its whole store: minutes per 100 GiB). With --deep --repair, each replica
+    /// mends damaged chunks from good copies in its own store; what it cannot, its manifest
+    /// stops claiming, and a sync point then ships the right bytes as a new generation (applied
+    /// atomically); the check then runs again. Exits non-zero while anything differs.
+    ///
+    /// With --primary: re-reads every image in its backing directory and re-hashes each chunk
+    /// against the manifest of the last generation cut, so a change that bypassed the mount
+    /// and escaped detection (or bit rot in the backing file) is found. Bytes written through
+    /// the mount since the last sync point are skipped (the next sync point re-chunks them).
+    /// With --repair, marks what differs changed, so the next `ferry sync` ships it.
     Verify(VerifyArgs),
     /// Run the replica daemon (foreground, systemd style).
     ///
@@ -216,13 +224,20 @@ pub struct RestoreArgs {
 pub struct VerifyArgs {
     /// The mountpoint of a running `ferry mount`.
     pub mountpoint: PathBuf,
-    /// Re-hash this primary's own images against its manifests.
-    #[arg(long)]
+    /// Re-hash this primary's own images against its manifests (not the replicas').
+    #[arg(long, conflicts_with = "deep")]
     pub primary: bool,
-    /// Mark what differs as changed, so the next sync point ships it.
+    /// Each replica re-reads and re-hashes its images and kept chunks.
+    #[arg(long)]
+    pub deep: bool,
+    /// Mend what differs (see above); with neither --primary nor --deep, a sync point that
+    /// brings each differing replica to the primary's bytes.
     #[arg(long)]
     pub repair: bool,
-    /// Print one JSON object (ok, repaired, images: path, ok, mismatched, size, error).
+    /// Print one JSON object: ok, and replicas (name, ok, generation, expected_generation,
+    /// differing, error, deep: images, bytes, kept_chunks, damage: path, offset, len, hash,
+    /// generations, state) and, after a repair, repair (the first pass and the sync's report);
+    /// with --primary: ok, repaired, images (path, ok, mismatched, size, error).
     #[arg(long)]
     pub json: bool,
 }
@@ -868,16 +883,15 @@ fn print_images(v: &serde_json::Value) {
 }
 
 fn verify_cmd(a: VerifyArgs) -> Result<()> {
-    if !a.primary {
-        anyhow::bail!(
-            "ferry verify: give --primary (re-hash this primary's images against its \
-             manifests); checking the replicas' copies is not available in this version"
-        );
-    }
     let socket = crate::control::socket_of(&a.mountpoint)?;
     let mut v = crate::control::request(
         &socket,
-        &serde_json::json!({"cmd": "verify", "primary": true, "repair": a.repair}),
+        &serde_json::json!({
+            "cmd": "verify",
+            "primary": a.primary,
+            "deep": a.deep,
+            "repair": a.repair,
+        }),
         None,
     )?;
     // The control protocol's `ok` says the request was answered; the check's verdict is
@@ -889,49 +903,122 @@ fn verify_cmd(a: VerifyArgs) -> Result<()> {
     }
     if a.json {
         println!("{v}");
+    } else if a.primary {
+        print_primary_check(&v, ok);
     } else {
-        for img in v["images"].as_array().into_iter().flatten() {
-            let path = img["path"].as_str().unwrap_or("?");
-            if img["ok"] == true {
-                println!(
-                    "  ok       {path} ({} in {} chunks{})",
-                    iec(img["bytes"].as_u64().unwrap_or(0)),
-                    img["chunks"],
-                    match img["skipped_bytes"].as_u64().unwrap_or(0) {
-                        0 => String::new(),
-                        n => format!(", {} unsynced skipped", iec(n)),
-                    }
-                );
-                continue;
-            }
-            println!("  DIFFERS  {path}");
-            if let Some(e) = img["error"].as_str() {
-                println!("           {e}");
-            }
-            if let Some(s) = img["size"].as_array() {
-                println!("           size {} in the manifest, {} on disk", s[0], s[1]);
-            }
-            for r in img["mismatched"].as_array().into_iter().flatten() {
-                println!("           bytes {}..{}", r[0], r[1]);
-            }
+        if v["replicas"].as_array().is_none_or(|r| r.is_empty()) {
+            println!("this primary has no replicas ([[peer]] in its config) to verify");
         }
-        if ok {
-            println!("every image matches generation {}", v["generation"]);
-        } else if v["repaired"] == true {
-            println!("marked as changed: run `ferry sync` to ship them");
+        if let Some(first) = v["repair"]["replicas"].as_array() {
+            println!("repair:");
+            first.iter().for_each(print_replica_check);
+            if let Some(e) = v["repair"]["sync"]["error"].as_str() {
+                println!("  the sync point that ships the right bytes failed: {e}");
+            } else {
+                println!("  synced generation {}", v["repair"]["sync"]["generation"]);
+            }
+            println!("after the repair:");
         }
+        v["replicas"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .for_each(print_replica_check);
     }
     if !ok {
         anyhow::bail!(
-            "some images differ from their manifests{}",
-            if a.repair {
-                "; they are marked changed and the next sync ships them"
-            } else {
-                ": run `ferry verify --primary --repair`, then `ferry sync`"
+            "{}",
+            match (a.primary, a.repair) {
+                (true, false) =>
+                    "some images differ from their manifests: run `ferry verify --primary --repair`, then `ferry sync`",
+                (true, true) =>
+                    "some images differ from their manifests; they are marked changed and the next sync ships them",
+                (false, false) =>
+                    "some replicas differ from this primary: run `ferry verify --deep --repair`",
+                (false, true) =>
+                    "some replicas still differ after the repair: see above (a lost kept chunk cannot come back; an unreachable replica is repaired at its next sync)",
             }
         );
     }
     Ok(())
+}
+
+fn print_replica_check(r: &serde_json::Value) {
+    let name = r["name"].as_str().unwrap_or("?");
+    let verdict = if r["ok"] == true {
+        "ok     "
+    } else {
+        "DIFFERS"
+    };
+    println!("  {name:<16} {verdict}  generation {}", r["generation"]);
+    if let Some(e) = r["error"].as_str() {
+        println!("      {e}");
+    }
+    for p in r["differing"].as_array().into_iter().flatten() {
+        println!(
+            "      {} differs from this primary's manifest",
+            p.as_str().unwrap_or("?")
+        );
+    }
+    let d = &r["deep"];
+    if d.is_null() {
+        return;
+    }
+    println!(
+        "      deep: {} images ({}) and {} kept chunks re-hashed, {} damaged",
+        d["images"],
+        iec(d["bytes"].as_u64().unwrap_or(0)),
+        d["kept_chunks"],
+        d["damage"].as_array().map_or(0, |a| a.len() as u64) + d["unlisted"].as_u64().unwrap_or(0)
+    );
+    for x in d["damage"].as_array().into_iter().flatten() {
+        let state = x["state"].as_str().unwrap_or("?");
+        match x["path"].as_str() {
+            Some(p) => {
+                let off = x["offset"].as_u64().unwrap_or(0);
+                let end = off + x["len"].as_u64().unwrap_or(0);
+                println!("        {p} bytes {off}..{end}: {state}");
+            }
+            None => println!(
+                "        kept chunk {} (restore points {}): {state}",
+                x["hash"].as_str().unwrap_or("?"),
+                x["generations"]
+            ),
+        }
+    }
+}
+
+fn print_primary_check(v: &serde_json::Value, ok: bool) {
+    for img in v["images"].as_array().into_iter().flatten() {
+        let path = img["path"].as_str().unwrap_or("?");
+        if img["ok"] == true {
+            println!(
+                "  ok       {path} ({} in {} chunks{})",
+                iec(img["bytes"].as_u64().unwrap_or(0)),
+                img["chunks"],
+                match img["skipped_bytes"].as_u64().unwrap_or(0) {
+                    0 => String::new(),
+                    n => format!(", {} unsynced skipped", iec(n)),
+                }
+            );
+            continue;
+        }
+        println!("  DIFFERS  {path}");
+        if let Some(e) = img["error"].as_str() {
+            println!("           {e}");
+        }
+        if let Some(s) = img["size"].as_array() {
+            println!("           size {} in the manifest, {} on disk", s[0], s[1]);
+        }
+        for r in img["mismatched"].as_array().into_iter().flatten() {
+            println!("           bytes {}..{}", r[0], r[1]);
+        }
+    }
+    if ok {
+        println!("every image matches generation {}", v["generation"]);
+    } else if v["repaired"] == true {
+        println!("marked as changed: run `ferry sync` to ship them");
+    }
 }
 
 fn sync_cmd(a: SyncArgs) -> Result<()> {

@@ -634,10 +634,31 @@ fn control_handler(
                 .map_err(|e| anyhow!(e))
         }
         Some("verify") => {
-            if req["primary"].as_bool() != Some(true) {
-                bail!("only `ferry verify --primary` is available on a primary mount");
+            let repair = req["repair"].as_bool().unwrap_or(false);
+            if req["primary"].as_bool() == Some(true) {
+                return Ok(engine.verify_primary(repair));
             }
-            Ok(engine.verify_primary(req["repair"].as_bool().unwrap_or(false)))
+            let deep = req["deep"].as_bool().unwrap_or(false);
+            let checks = engine.verify_replicas(deep, repair);
+            let all_ok = |c: &[crate::sync::verify::ReplicaCheck]| c.iter().all(|c| c.ok);
+            if !repair || all_ok(&checks) {
+                return Ok(serde_json::json!({"matches": all_ok(&checks), "replicas": checks}));
+            }
+            // What the replicas could not mend from their own stores, the next generation
+            // brings (each replica's manifest now says what it holds; the session finds the
+            // difference by Merkle descent); then the check runs again, repairing nothing.
+            let ticket = scheduler.request_within(None);
+            let timeout = std::time::Duration::from_secs(3600);
+            let synced = scheduler.wait(ticket, timeout);
+            let after = engine.verify_replicas(deep, false);
+            Ok(serde_json::json!({
+                "matches": all_ok(&after),
+                "replicas": after,
+                "repair": {
+                    "replicas": checks,
+                    "sync": synced.unwrap_or_else(|e| serde_json::json!({"error": e})),
+                },
+            }))
         }
         Some("status") => {
             // Writes that bypassed the mount show at once, not at the next poll.

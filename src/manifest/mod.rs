@@ -48,6 +48,38 @@ impl Entry {
     pub fn is_zero(&self) -> bool {
         self.kind == Kind::Zero
     }
+
+    /// Whether `f` (of `size` bytes: zeros past its end) holds this entry's bytes: a chunk
+    /// whose BLAKE3 hash matches, or only zeros (read a MiB at a time: a zero extent may be
+    /// any length).
+    pub fn is_held_by(&self, f: &std::fs::File, size: u64) -> std::io::Result<bool> {
+        use std::os::unix::fs::FileExt;
+        let piece = match self.kind {
+            Kind::Data(_) => self.len,
+            Kind::Zero => self.len.min(1 << 20),
+        };
+        let mut buf = vec![0u8; piece as usize];
+        let mut hasher = blake3::Hasher::new();
+        let mut off = self.offset;
+        while off < self.end() {
+            let n = (self.end() - off).min(piece) as usize;
+            let avail = size.saturating_sub(off).min(n as u64) as usize;
+            f.read_exact_at(&mut buf[..avail], off)?;
+            buf[avail..n].fill(0);
+            match self.kind {
+                Kind::Data(_) => {
+                    hasher.update(&buf[..n]);
+                }
+                Kind::Zero if buf[..n].iter().any(|&b| b != 0) => return Ok(false),
+                Kind::Zero => {}
+            }
+            off += n as u64;
+        }
+        Ok(match self.kind {
+            Kind::Data(h) => hasher.finalize() == h,
+            Kind::Zero => true,
+        })
+    }
 }
 
 /// Why a list of entries is not a manifest.

@@ -302,6 +302,9 @@ async fn connection(incoming: quinn::Incoming, store: SharedStore) -> Result<()>
     let result = loop {
         tokio::select! {
             r = read_frame(&mut recv) => match r {
+                Ok(Some(Frame::Scrub { repair })) if session.lock().is_ready() => {
+                    let _ = tx.send(scrub(store.clone(), repair, &fp).await);
+                }
                 Ok(Some(f)) => {
                     if !handle(f, &tx) {
                         break Ok(());
@@ -322,6 +325,30 @@ async fn connection(incoming: quinn::Incoming, store: SharedStore) -> Result<()>
     conn.close(0u32.into(), b"session over");
     log::info!("primary {fp} disconnected");
     result
+}
+
+/// Runs a deep verify asked by primary `fp` (its session waits; commits go on) and answers it.
+async fn scrub(store: SharedStore, repair: bool, fp: &Fingerprint) -> Frame {
+    log::info!(
+        "primary {fp} asked for a deep verify{}",
+        if repair { " with repair" } else { "" }
+    );
+    let done = tokio::task::spawn_blocking(move || super::scrub::scrub(&store, repair)).await;
+    match done.map_err(anyhow::Error::from).and_then(|r| r) {
+        Ok(r) => {
+            log::info!(
+                "deep verify of generation {}: {} images, {} bytes, {} kept chunks; {} damaged, {} left",
+                r.generation,
+                r.images,
+                r.bytes,
+                r.kept_chunks,
+                r.damage.len(),
+                r.left()
+            );
+            Frame::Scrubbed { report: r }
+        }
+        Err(e) => Refusal::new(RefuseCode::Store, format!("deep verify failed: {e:#}")).frame(),
+    }
 }
 
 /// A replica mount left by a daemon that was killed answers ENOTCONN: detach it, so that the

@@ -1,6 +1,9 @@
 //! The staging journal: verified chunks of the generation being received, appended to one file
 //! and found again by hash. Each record is self-checking (its key is the BLAKE3 hash of its
-//! bytes), so after a crash the valid prefix is kept and a torn tail is cut off. Chunks staged
+//! bytes), so after a crash the valid prefix is kept and a torn tail is cut off. A record in
+//! the middle whose bytes no longer match its hash (bit rot) is skipped and listed as damaged,
+//! not cut with everything after it: kept-chunk packs use this format too, and one flipped
+//! byte must cost one chunk, which `ferry verify --deep` can then repair in place. Chunks staged
 //! for a transfer that was interrupted stay staged: the resumed transfer does not ask for them
 //! again.
 //!
@@ -20,6 +23,8 @@ pub struct Journal {
     file: File,
     end: u64,
     index: HashMap<[u8; 32], (u64, u32)>,
+    /// Records whose bytes do not match the hash in their header: (hash, data offset, length).
+    damaged: Vec<([u8; 32], u64, u32)>,
 }
 
 impl Journal {
@@ -43,6 +48,7 @@ impl Journal {
             .open(path)?;
         let len = file.metadata()?.len();
         let mut index = HashMap::new();
+        let mut damaged = Vec::new();
         let mut pos = 0u64;
         let mut head = [0u8; HEADER as usize];
         let mut data = Vec::new();
@@ -55,11 +61,22 @@ impl Journal {
             data.resize(n as usize, 0);
             file.read_exact_at(&mut data, pos + HEADER)?;
             let hash: [u8; 32] = head[4..36].try_into().expect("32 bytes");
+            let end = pos + HEADER + n as u64;
             if *blake3::hash(&data).as_bytes() != hash {
-                break;
+                if end == len {
+                    // The last record: a write torn by a crash.
+                    break;
+                }
+                log::warn!(
+                    "{}: the chunk record at offset {pos} does not match its hash (damaged); \
+                     skipping it: run `ferry verify --deep --repair`",
+                    path.display()
+                );
+                damaged.push((hash, pos + HEADER, n));
+            } else {
+                index.insert(hash, (pos + HEADER, n));
             }
-            index.insert(hash, (pos + HEADER, n));
-            pos += HEADER + n as u64;
+            pos = end;
         }
         if pos < len && writable {
             log::warn!(
@@ -74,6 +91,7 @@ impl Journal {
             file,
             end: pos,
             index,
+            damaged,
         })
     }
 
@@ -150,6 +168,40 @@ impl Journal {
         Ok(true)
     }
 
+    /// Re-reads every record: the hashes of those whose bytes no longer match (found damaged
+    /// when the journal was opened, or since).
+    pub fn verify(&self) -> io::Result<Vec<[u8; 32]>> {
+        let mut bad: Vec<[u8; 32]> = self.damaged.iter().map(|d| d.0).collect();
+        let mut data = Vec::new();
+        for (hash, &(off, n)) in &self.index {
+            data.resize(n as usize, 0);
+            self.file.read_exact_at(&mut data, off)?;
+            if blake3::hash(&data).as_bytes() != hash {
+                bad.push(*hash);
+            }
+        }
+        Ok(bad)
+    }
+
+    /// Writes the right bytes (verified by the caller) over a damaged record of `hash` of the
+    /// same length, and makes them durable; false if no such record is here.
+    pub fn rewrite(&mut self, hash: &[u8; 32], data: &[u8]) -> io::Result<bool> {
+        let found = self.index.get(hash).copied().or_else(|| {
+            self.damaged
+                .iter()
+                .find(|d| &d.0 == hash)
+                .map(|d| (d.1, d.2))
+        });
+        let Some((off, n)) = found.filter(|&(_, n)| n as usize == data.len()) else {
+            return Ok(false);
+        };
+        self.file.write_all_at(data, off)?;
+        self.file.sync_data()?;
+        self.damaged.retain(|d| &d.0 != hash);
+        self.index.insert(*hash, (off, n));
+        Ok(true)
+    }
+
     /// Every chunk held, with its length.
     pub fn chunks(&self) -> impl Iterator<Item = (&[u8; 32], u32)> {
         self.index.iter().map(|(h, &(_, n))| (h, n))
@@ -168,6 +220,7 @@ impl Journal {
         self.file.set_len(0)?;
         self.file.sync_all()?;
         self.index.clear();
+        self.damaged.clear();
         self.end = 0;
         Ok(())
     }
@@ -206,18 +259,38 @@ mod tests {
     }
 
     #[test]
-    fn a_flipped_byte_ends_the_valid_prefix() {
+    fn a_flipped_byte_costs_one_record_which_verify_names_and_rewrite_mends() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("journal");
         let mut j = Journal::open(&p, 1 << 20).unwrap();
-        for i in 0..3u8 {
-            let c = vec![i; 500];
-            j.append(blake3::hash(&c).as_bytes(), &c).unwrap();
+        let chunks: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 500]).collect();
+        for c in &chunks {
+            j.append(blake3::hash(c).as_bytes(), c).unwrap();
         }
+        assert!(j.verify().unwrap().is_empty());
+        let flip = |at: u64| {
+            let f = OpenOptions::new().write(true).open(&p).unwrap();
+            f.write_all_at(&[0xFF], at).unwrap();
+        };
+        let second = *blake3::hash(&chunks[1]).as_bytes();
+        // Damaged while open: verify names it.
+        flip(540 + 100);
+        assert_eq!(j.verify().unwrap(), vec![second]);
         drop(j);
-        let f = OpenOptions::new().write(true).open(&p).unwrap();
-        f.write_all_at(&[0xFF], 540 + 100).unwrap(); // inside the second record's data
-        drop(f);
-        assert_eq!(Journal::open(&p, 1 << 20).unwrap().len(), 1);
+        // Reopened: the damaged record is skipped, the ones after it stay.
+        let mut j = Journal::open(&p, 1 << 20).unwrap();
+        assert_eq!(j.len(), 2);
+        assert!(j.contains(blake3::hash(&chunks[2]).as_bytes()));
+        assert_eq!(j.verify().unwrap(), vec![second]);
+        assert!(
+            !j.rewrite(&second, &chunks[1][..499]).unwrap(),
+            "length differs"
+        );
+        assert!(j.rewrite(&second, &chunks[1]).unwrap());
+        assert!(j.verify().unwrap().is_empty());
+        drop(j);
+        let j = Journal::open(&p, 1 << 20).unwrap();
+        assert_eq!(j.len(), 3);
+        assert_eq!(j.get(&second).unwrap().as_deref(), Some(&chunks[1][..]));
     }
 }

@@ -123,12 +123,33 @@ impl Kept {
     }
 
     /// A kept chunk, verified against its hash.
-    #[cfg(test)]
     pub fn get(&self, hash: &[u8; 32]) -> io::Result<Option<Vec<u8>>> {
         match self.index.get(hash).and_then(|p| self.packs.get(p)) {
             Some(j) => j.get(hash),
             None => Ok(None),
         }
+    }
+
+    /// Re-reads every kept chunk: those whose bytes no longer match their hash, with the pack
+    /// that holds each.
+    pub fn verify(&self) -> io::Result<Vec<([u8; 32], u64)>> {
+        let mut bad = Vec::new();
+        for (n, j) in &self.packs {
+            bad.extend(j.verify()?.into_iter().map(|h| (h, *n)));
+        }
+        Ok(bad)
+    }
+
+    /// Writes the right bytes (verified by the caller) over the damaged kept chunk `hash`;
+    /// false if no pack has a record of it.
+    pub fn repair(&mut self, hash: &[u8; 32], data: &[u8]) -> io::Result<bool> {
+        for (n, j) in self.packs.iter_mut() {
+            if j.rewrite(hash, data)? {
+                self.index.insert(*hash, *n);
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Bytes in all packs (headers included): what the restore points cost on disk.

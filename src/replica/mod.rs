@@ -24,6 +24,7 @@ mod journal;
 pub mod keep;
 mod kept;
 pub mod metrics;
+pub mod scrub;
 pub mod view;
 
 use std::collections::{BTreeMap, HashMap};

@@ -437,6 +437,37 @@ impl View {
         self.kept.write().put(number, hash, data)
     }
 
+    /// Re-reads every kept chunk (see [`Kept::verify`]).
+    pub fn verify_kept(&self) -> io::Result<Vec<([u8; 32], u64)>> {
+        self.kept.read().verify()
+    }
+
+    /// A kept chunk, verified.
+    pub fn kept_chunk(&self, hash: &[u8; 32]) -> io::Result<Option<Vec<u8>>> {
+        self.kept.read().get(hash)
+    }
+
+    /// Mends a damaged kept chunk with the right bytes, verified by the caller.
+    pub fn repair_kept(&self, hash: &[u8; 32], data: &[u8]) -> io::Result<bool> {
+        self.kept.write().repair(hash, data)
+    }
+
+    /// The held generations whose images have chunk `hash`.
+    pub fn generations_with(&self, hash: &[u8; 32]) -> Vec<u64> {
+        let st = self.state.read();
+        st.gens
+            .iter()
+            .filter(|(_, g)| {
+                g.images.values().any(|m| {
+                    m.entries()
+                        .iter()
+                        .any(|e| e.hash().is_some_and(|h| h.as_bytes() == hash))
+                })
+            })
+            .map(|(n, _)| *n)
+            .collect()
+    }
+
     pub fn sync_kept(&self, number: u64) -> io::Result<()> {
         self.kept.read().sync(number)
     }

@@ -46,6 +46,7 @@ use crate::fs::outside::Outside;
 use crate::fs::{Frozen as FrozenChanges, Tracker};
 use crate::manifest::{self, GenRecord, Kind, Manifest, ManifestDir, hex};
 use crate::net::{Congestion, Fingerprint, Identity, Node, Threads};
+use crate::wire::Frame;
 use crate::wire::primary::{
     Acked, ChunkSource, Generation, PeerKnowledge, PrimarySession, group_root,
 };
@@ -771,6 +772,47 @@ impl Engine {
             "generation": work.generation,
             "images": checks,
         })
+    }
+
+    /// `ferry verify` (the replicas): asks every replica what it holds and compares it with
+    /// this primary's manifests of the generation it last committed; with `deep`, each replica
+    /// re-hashes its store too, mending what it can when `repair` (see `replica/scrub.rs`).
+    pub fn verify_replicas(&self, deep: bool, repair: bool) -> Vec<verify::ReplicaCheck> {
+        let Some(net) = &self.net else {
+            return vec![];
+        };
+        let peers: Vec<_> = self
+            .work
+            .lock()
+            .peers
+            .iter()
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    p.addr,
+                    p.known.generation,
+                    p.known.manifests.clone(),
+                )
+            })
+            .collect();
+        let hello = Frame::Hello {
+            version: crate::wire::VERSION,
+            epoch: 0,
+            node: self.node.clone(),
+            params: self.params,
+        };
+        net.block_on(futures_join_all(peers.into_iter().map(
+            |(name, addr, expected, known)| {
+                let (ep, hello) = (net.endpoint().clone(), hello.clone());
+                async move {
+                    let held = ship::check(&ep, addr, hello, deep.then_some(repair))
+                        .await
+                        .map(|c| (c.generation, c.images, c.scrub))
+                        .map_err(|e| e.to_string());
+                    verify::compare(&name, expected, &known, held)
+                }
+            },
+        )))
     }
 
     /// Ships a generation to every selected peer at once and probes the others; returns the

@@ -293,3 +293,71 @@ pub async fn probe(ep: &quinn::Endpoint, addr: SocketAddr) -> Result<std::time::
     conn.close(0u32.into(), b"probe");
     Ok(rtt)
 }
+
+/// What a replica said it holds and, when a deep verify was asked, the report of it.
+pub struct Checked {
+    pub generation: u64,
+    pub images: Vec<crate::wire::frame::ImageState>,
+    /// The replica's deep-verify report.
+    pub scrub: Option<crate::wire::scrub::Report>,
+}
+
+/// Asks the replica at `addr` what it holds (`hello` → `Welcome`) and, with `scrub`, to
+/// re-hash its store (repairing when `scrub` is `Some(true)`). The deep verify may take as long
+/// as reading the store takes: no deadline but the connection's idle timeout.
+pub async fn check(
+    ep: &quinn::Endpoint,
+    addr: SocketAddr,
+    hello: Frame,
+    scrub: Option<bool>,
+) -> Result<Checked, Cause> {
+    let conn = connect(ep, addr).await.map_err(|e| match e {
+        e @ ConnectError::Trust { .. } => Cause::Trust(e.to_string()),
+        e => Cause::Unreachable(e.to_string()),
+    })?;
+    let r = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(e.into()))?;
+        write_frame(&mut send, &hello).await.map_err(lost)?;
+        let mut next = async || match read_frame(&mut recv).await.map_err(lost)? {
+            Some(Frame::Refuse { code, reason }) => Err(Cause::Refused(Refusal { code, reason })),
+            Some(f) => Ok(f),
+            None => Err(lost(anyhow!("replica closed the session"))),
+        };
+        let (generation, images) = match next().await? {
+            Frame::Welcome {
+                generation, images, ..
+            } => (generation, images),
+            f => {
+                return Err(Cause::Broken(format!(
+                    "unexpected {} instead of Welcome",
+                    crate::wire::replica::frame_name(&f)
+                )));
+            }
+        };
+        let scrub = match scrub {
+            None => None,
+            Some(repair) => {
+                write_frame(&mut send, &Frame::Scrub { repair })
+                    .await
+                    .map_err(lost)?;
+                match next().await? {
+                    Frame::Scrubbed { report } => Some(report),
+                    f => {
+                        return Err(Cause::Broken(format!(
+                            "unexpected {} instead of a deep-verify report",
+                            crate::wire::replica::frame_name(&f)
+                        )));
+                    }
+                }
+            }
+        };
+        Ok(Checked {
+            generation,
+            images,
+            scrub,
+        })
+    }
+    .await;
+    conn.close(0u32.into(), b"checked");
+    r
+}

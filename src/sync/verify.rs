@@ -2,17 +2,26 @@
 //! so a manifest that no longer describes its image (a change that bypassed the mount and
 //! escaped detection, bit rot in the backing file) is found. Chunks that overlap bytes written
 //! since the last sync point are skipped: the next sync point re-chunks them anyway.
+//!
+//! `ferry verify` (the replicas): [`compare`] judges what a replica says it holds (its
+//! generation, and each image's size and Merkle root) against this primary's manifests of the
+//! generation it last saw that replica commit, with the replica's deep verify when one was
+//! asked.
 
 use std::fs::File;
 use std::io;
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::manifest::{Kind, Manifest};
+use crate::manifest::Manifest;
+use crate::wire::frame::ImageState;
+use crate::wire::scrub::Report;
 
 /// What re-hashing one image found.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -71,16 +80,7 @@ pub fn check(path: &str, file: &Path, manifest: &Manifest, skip: &[Range<u64>]) 
         .entries()
         .par_iter()
         .filter(|e| !overlaps(skip, &(e.offset..e.end())))
-        .map(|e| {
-            let mut buf = vec![0u8; e.len as usize];
-            let avail = size.saturating_sub(e.offset).min(e.len) as usize;
-            f.read_exact_at(&mut buf[..avail], e.offset)?;
-            let same = match e.kind {
-                Kind::Data(h) => avail == buf.len() && blake3::hash(&buf) == h,
-                Kind::Zero => buf.iter().all(|&b| b == 0),
-            };
-            Ok((!same).then_some(e.offset..e.end()))
-        })
+        .map(|e| Ok((!e.is_held_by(&f, size)?).then_some(e.offset..e.end())))
         .collect();
     for e in manifest.entries() {
         if overlaps(skip, &(e.offset..e.end())) {
@@ -104,6 +104,77 @@ pub fn check(path: &str, file: &Path, manifest: &Manifest, skip: &[Range<u64>]) 
         }
     }
     out.settle();
+    out
+}
+
+/// What `ferry verify` found on one replica.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReplicaCheck {
+    pub name: String,
+    pub ok: bool,
+    /// The generation the replica holds (none: it could not be asked).
+    pub generation: Option<u64>,
+    /// The generation this primary last saw it commit.
+    pub expected_generation: u64,
+    /// Images whose size or root differs from this primary's manifests of that generation,
+    /// or that only one side has.
+    pub differing: Vec<String>,
+    pub error: Option<String>,
+    /// The replica's deep verify, when asked.
+    pub deep: Option<Report>,
+}
+
+/// Judges what replica `name` holds (`held`: its generation and images, or why it could not
+/// be asked) against `known`, the manifests of generation `expected` that it last committed.
+pub fn compare(
+    name: &str,
+    expected: u64,
+    known: &BTreeMap<String, Arc<Manifest>>,
+    held: Result<(u64, Vec<ImageState>, Option<Report>), String>,
+) -> ReplicaCheck {
+    let mut out = ReplicaCheck {
+        name: name.to_string(),
+        ok: false,
+        generation: None,
+        expected_generation: expected,
+        differing: Vec::new(),
+        error: None,
+        deep: None,
+    };
+    let (generation, images, deep) = match held {
+        Ok(h) => h,
+        Err(e) => {
+            out.error = Some(e);
+            return out;
+        }
+    };
+    out.generation = Some(generation);
+    if generation != expected {
+        out.error = Some(format!(
+            "it holds generation {generation}, but this primary last saw it commit {expected}: \
+             run `ferry sync`, then verify again"
+        ));
+    }
+    let theirs: BTreeMap<&str, &ImageState> = images.iter().map(|i| (i.path.as_str(), i)).collect();
+    for (path, m) in known {
+        let same = theirs
+            .get(path.as_str())
+            .is_some_and(|i| i.size == m.size() && i.root == *m.root().as_bytes());
+        if !same {
+            out.differing.push(path.clone());
+        }
+    }
+    out.differing.extend(
+        theirs
+            .keys()
+            .filter(|p| !known.contains_key(**p))
+            .map(|p| p.to_string()),
+    );
+    out.differing.sort();
+    out.ok = out.error.is_none()
+        && out.differing.is_empty()
+        && deep.as_ref().is_none_or(|d| d.left() == 0);
+    out.deep = deep;
     out
 }
 

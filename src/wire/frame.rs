@@ -238,6 +238,12 @@ pub enum Frame {
         group_root: Hash,
         images: Vec<ImageState>,
     },
+
+    /// Primary → replica, after `Welcome` instead of a generation (`ferry verify --deep`):
+    /// re-hash the store's images and kept chunks; with `repair`, mend what differs.
+    Scrub { repair: bool },
+    /// Replica → primary: what the deep verify found and did.
+    Scrubbed { report: super::scrub::Report },
 }
 
 /// A frame that cannot be decoded.

@@ -7,6 +7,7 @@ pub mod frame;
 pub mod plan;
 pub mod primary;
 pub mod replica;
+pub mod scrub;
 
 pub use frame::{Frame, FrameError, MAX_FRAME, VERSION};
 

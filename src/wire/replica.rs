@@ -104,6 +104,12 @@ impl ReplicaSession {
         matches!(self.state, State::Closed)
     }
 
+    /// Welcomed and between generations: a deep verify (`Scrub`, run by the daemon beside the
+    /// session) may be asked now.
+    pub fn is_ready(&self) -> bool {
+        matches!(self.state, State::Ready)
+    }
+
     /// Closes the session (the transport refused on its behalf: a frame it could not decode).
     pub fn close(&mut self) {
         self.state = State::Closed;
@@ -619,5 +625,7 @@ pub fn frame_name(f: &Frame) -> &'static str {
         Frame::NeedFull { .. } => "NeedFull",
         Frame::Commit { .. } => "Commit",
         Frame::Ack { .. } => "Ack",
+        Frame::Scrub { .. } => "Scrub",
+        Frame::Scrubbed { .. } => "Scrubbed",
     }
 }

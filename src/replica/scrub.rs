@@ -1,0 +1,228 @@
+//! Deep verify of a replica's store (`ferry verify --deep`, `[replica] scrub_interval`):
+//! every committed image and every kept chunk is read again and re-hashed against the
+//! manifests. With `repair`, what differs is mended:
+//!
+//! * a damaged chunk of an image from a good copy the store holds (a kept chunk, the same
+//!   chunk elsewhere in an image, a staged chunk), verified, written in place and fsynced; a
+//!   damaged zero extent by punching it again;
+//! * a damaged chunk with no good copy here: the image's manifest is made to describe what the
+//!   image holds (that entry's hash becomes the hash of the bytes there), so the image's root
+//!   no longer claims the generation's bytes. The primary's next session sees the root differ,
+//!   finds the chunk by Merkle descent and ships it in its next generation, which is applied
+//!   atomically like any other (state `resync` until then);
+//! * a damaged kept chunk from the same chunk in an image or the staging journal; with no
+//!   copy anywhere, the restore points that read it are named (`lost`).
+//!
+//! Images are hashed without the store's lock, so commits go on; what looks damaged is checked
+//! again under the lock against the manifest current then, so a commit that raced the read is
+//! not reported.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use anyhow::{Context, Result};
+use parking_lot::Mutex;
+use rayon::prelude::*;
+
+use super::{Store, write_entry};
+use crate::manifest::{self, Entry, Kind, Manifest};
+pub use crate::wire::scrub::{Damage, Report, State};
+
+/// Re-hashes the store's images and kept chunks; with `repair`, mends what it can.
+pub fn scrub(store: &Mutex<Store>, repair: bool) -> Result<Report> {
+    let (root, paths, generation, view) = {
+        let s = store.lock();
+        let paths: Vec<String> = s.manifests.keys().cloned().collect();
+        (s.root.clone(), paths, s.record.generation, s.view().clone())
+    };
+    let mut report = Report {
+        generation,
+        ..Report::default()
+    };
+    for path in paths {
+        let Some(m) = store.lock().manifests.get(&path).cloned() else {
+            continue; // removed by a generation meanwhile
+        };
+        report.images += 1;
+        report.bytes += m.size();
+        let file = root.join(&path);
+        let suspects =
+            differing(&file, &m).with_context(|| format!("cannot read {}", file.display()))?;
+        if suspects.is_empty() {
+            continue;
+        }
+        let mut s = store.lock();
+        let Some(current) = s.manifests.get(&path) else {
+            continue;
+        };
+        let f = File::open(&file)?;
+        let size = f.metadata()?.len();
+        let mut confirmed = Vec::new();
+        for e in suspects {
+            let still = current
+                .index_starting_at(e.offset)
+                .is_some_and(|i| current.entries()[i] == e);
+            if still && !e.is_held_by(&f, size)? {
+                confirmed.push(e);
+            }
+        }
+        let mut resync = Vec::new();
+        for e in &confirmed {
+            let state = if repair {
+                s.mend(&path, e, &confirmed)?
+            } else {
+                State::Found
+            };
+            if state == State::Resync {
+                resync.push(*e);
+            }
+            log::warn!(
+                "verify: {} bytes {}..{} do not match the manifest ({})",
+                file.display(),
+                e.offset,
+                e.end(),
+                match state {
+                    State::Found => "found; `ferry verify --deep --repair` mends it",
+                    State::Repaired => "repaired from a good copy in the store",
+                    State::Resync => "the primary's next generation brings the right bytes",
+                    State::Lost => "lost",
+                }
+            );
+            report.push(Damage {
+                path: Some(path.clone()),
+                offset: Some(e.offset),
+                len: e.len,
+                hash: e
+                    .hash()
+                    .map(|h| manifest::hex(h.as_bytes()))
+                    .unwrap_or_default(),
+                generations: Vec::new(),
+                state,
+            });
+        }
+        if !resync.is_empty() {
+            s.describe_as_held(&path, &resync)?;
+        }
+    }
+    report.kept_chunks = view.kept_figures().1;
+    for (hash, pack) in view.verify_kept()? {
+        let generations = view.generations_with(&hash);
+        let state = if !repair {
+            State::Found
+        } else {
+            let copy = store.lock().good_copy(&hash, &[], false)?;
+            match copy {
+                Some(data) if view.repair_kept(&hash, &data)? => State::Repaired,
+                _ => State::Lost,
+            }
+        };
+        log::warn!(
+            "verify: kept chunk {} in pack {pack} is damaged ({}); restore points that read it: {:?}",
+            manifest::hex(&hash),
+            match state {
+                State::Found => "found; `ferry verify --deep --repair` mends it",
+                State::Repaired => "repaired from the same chunk in an image",
+                _ => "no good copy in this store: those restore points lost it",
+            },
+            generations
+        );
+        report.push(Damage {
+            path: None,
+            offset: None,
+            len: 0,
+            hash: manifest::hex(&hash),
+            generations,
+            state,
+        });
+    }
+    Ok(report)
+}
+
+/// The entries of `m` whose bytes `file` does not hold.
+fn differing(file: &std::path::Path, m: &Manifest) -> io::Result<Vec<Entry>> {
+    let f = File::open(file)?;
+    let size = f.metadata()?.len();
+    let bad: io::Result<Vec<Option<Entry>>> = m
+        .entries()
+        .par_iter()
+        .map(|e| Ok((!e.is_held_by(&f, size)?).then_some(*e)))
+        .collect();
+    Ok(bad?.into_iter().flatten().collect())
+}
+
+impl Store {
+    /// Mends damaged entry `e` of `path` from a good copy here (not from the other damaged
+    /// entries `damaged`).
+    fn mend(&self, path: &str, e: &Entry, damaged: &[Entry]) -> Result<State> {
+        let file = self.root.join(path);
+        let f = OpenOptions::new().write(true).open(&file)?;
+        let data = match e.kind {
+            Kind::Zero => {
+                write_entry(&f, e, &self.journal)?;
+                f.sync_data()?;
+                return Ok(State::Repaired);
+            }
+            Kind::Data(h) => {
+                let skip: Vec<(&str, u64)> = damaged.iter().map(|d| (path, d.offset)).collect();
+                self.good_copy(h.as_bytes(), &skip, true)?
+            }
+        };
+        let Some(data) = data else {
+            return Ok(State::Resync);
+        };
+        f.write_all_at(&data, e.offset)
+            .with_context(|| format!("cannot write {}", file.display()))?;
+        f.sync_data()?;
+        Ok(State::Repaired)
+    }
+
+    /// A verified copy of chunk `hash` from the images (not at the places `skip`), the staging
+    /// journal, and (when `kept`) the kept chunks.
+    fn good_copy(
+        &self,
+        hash: &[u8; 32],
+        skip: &[(&str, u64)],
+        kept: bool,
+    ) -> io::Result<Option<Vec<u8>>> {
+        let good = |d: &Vec<u8>| blake3::hash(d).as_bytes() == hash;
+        if kept && let Ok(Some(d)) = self.view().kept_chunk(hash) {
+            return Ok(Some(d));
+        }
+        if let Ok(Some(d)) = self.journal.get(hash) {
+            return Ok(Some(d));
+        }
+        for (path, m) in &self.manifests {
+            for e in m.entries() {
+                if e.hash().is_some_and(|h| h.as_bytes() == hash)
+                    && !skip.contains(&(path.as_str(), e.offset))
+                {
+                    let d = self.read_image(path, e.offset, e.len)?;
+                    if good(&d) {
+                        return Ok(Some(d));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Makes the committed manifest of `path` describe the bytes its damaged `entries` hold,
+    /// so the primary's next session finds and resends them (see the module comment).
+    fn describe_as_held(&mut self, path: &str, entries: &[Entry]) -> Result<()> {
+        let m = &self.manifests[path];
+        let mut list = m.entries().to_vec();
+        for e in entries {
+            let Some(i) = m.index_starting_at(e.offset) else {
+                continue;
+            };
+            let data = self.read_image(path, e.offset, e.len)?;
+            list[i].kind = Kind::Data(blake3::hash(&data));
+        }
+        let held = Manifest::new(self.params, m.size(), list)?;
+        self.save_manifest("manifests", path, &held)?;
+        self.manifests.insert(path.to_string(), held);
+        self.rebuild_index();
+        Ok(())
+    }
+}
