@@ -452,17 +452,21 @@ impl View {
         self.kept.write().repair(hash, data)
     }
 
-    /// The held generations whose images have chunk `hash`.
+    /// The held generations that read chunk `hash` from the kept chunks (not in place).
     pub fn generations_with(&self, hash: &[u8; 32]) -> Vec<u64> {
         let st = self.state.read();
         st.gens
             .iter()
-            .filter(|(_, g)| {
-                g.images.values().any(|m| {
-                    m.entries()
-                        .iter()
-                        .any(|e| e.hash().is_some_and(|h| h.as_bytes() == hash))
-                })
+            .filter(|(n, g)| {
+                **n != st.applied
+                    && g.images.iter().any(|(path, m)| {
+                        let mut entries: Box<dyn Iterator<Item = &Entry>> =
+                            match st.current().get(path) {
+                                Some(c) => Box::new(changed_entries(c, m)),
+                                None => Box::new(m.entries().iter()),
+                            };
+                        entries.any(|e| e.hash().is_some_and(|h| h.as_bytes() == hash))
+                    })
             })
             .map(|(n, _)| *n)
             .collect()
