@@ -111,6 +111,9 @@ pub struct Replica {
     /// ... and by age.
     #[serde(default, deserialize_with = "duration_opt")]
     pub keep_for: Option<Duration>,
+    /// Re-hash the whole store this often and mend what differs (a deep verify).
+    #[serde(default, deserialize_with = "duration_opt")]
+    pub scrub_interval: Option<Duration>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -357,6 +360,7 @@ primaries = ["{FP}"]
 mount = "/srv/replica"
 keep = 24
 keep_for = "7d"
+scrub_interval = "30d"
 "#
         ))
         .unwrap();
@@ -369,6 +373,7 @@ keep_for = "7d"
         assert_eq!(r.primaries.len(), 1);
         assert_eq!(r.keep, Some(24));
         assert_eq!(r.keep_for, Some(Duration::from_secs(7 * 86400)));
+        assert_eq!(r.scrub_interval, Some(Duration::from_secs(30 * 86400)));
         assert_eq!(
             r.mount.as_deref(),
             Some(std::path::Path::new("/srv/replica"))

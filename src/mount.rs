@@ -706,6 +706,7 @@ pub fn replica_options(
         listen: rc.listen,
         mount: mount.or(rc.mount.clone()),
         keep: policy(&rc),
+        scrub_interval: rc.scrub_interval,
         stop_on_unmount: false,
         primaries: rc.primaries,
         metrics: config.node.metrics,

@@ -325,3 +325,116 @@ fn the_mount_helper_form_starts_the_replica_with_its_mount() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// `ferry verify MNT [--deep] [--repair] --json` on the primary.
+fn verify(p: &Pair, args: &[&str]) -> (Value, bool) {
+    let out = Command::new(FERRY)
+        .arg("verify")
+        .args(args)
+        .arg("--json")
+        .arg(&p.primary.mnt)
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{out:?}\nreplica log:\n{}", p.replica.log_text()));
+    assert_eq!(v["ok"] == true, out.status.success(), "{v}");
+    (v, out.status.success())
+}
+
+/// (image or null, offset, state) of each damaged chunk a replica's deep verify reported.
+fn damage(check: &Value) -> Vec<(Value, Value, String)> {
+    check["deep"]["damage"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no deep report: {check}"))
+        .iter()
+        .map(|d| {
+            let state = d["state"].as_str().unwrap().to_string();
+            (d["path"].clone(), d["offset"].clone(), state)
+        })
+        .collect()
+}
+
+/// One flipped byte in a replica's image and one in a kept chunk of a restore point:
+/// `ferry verify --deep` names both (image and offset; the restore point), `--repair` mends the
+/// kept chunk from the same chunk in another image of the store and the image chunk through a
+/// new generation from the primary, and a second verify is clean: every image and restore
+/// point reads back as the primary had it.
+#[test]
+fn verify_deep_names_a_flipped_byte_in_an_image_and_a_kept_chunk_and_repair_mends_both() {
+    let p = Pair::with_replica(&[], "", "mount = \"{mnt}\"\nkeep = 3");
+    let old = common::random(4 << 20, 11);
+    fs::write(p.primary.path("a.img"), &old).unwrap();
+    fs::write(p.primary.path("b.img"), &old).unwrap();
+    let g1 = p.sync_ok()["generation"].as_u64().unwrap();
+    // a is rewritten: its old chunks are kept for generation g1 (and live in b).
+    let new = common::random(4 << 20, 12);
+    fs::write(p.primary.path("a.img"), &new).unwrap();
+    p.sync_ok();
+    let (v, ok) = verify(&p, &["--deep"]);
+    assert!(ok, "{v}");
+    assert!(
+        v["replicas"][0]["deep"]["kept_chunks"].as_u64().unwrap() > 10,
+        "{v}"
+    );
+
+    let packs: Vec<_> = fs::read_dir(p.replica.store.join(".ferry/kept"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(packs.len(), 1, "{packs:?}");
+    let flip = |path: &Path, at: u64| {
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        let mut b = [0u8];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x5a], at).unwrap();
+    };
+    flip(&p.replica_path("a.img"), 3_000_000);
+    // Inside the data of the pack's third record (header 40 bytes: magic, hash, length).
+    let pack = fs::read(&packs[0]).unwrap();
+    let mut at = 0usize;
+    for _ in 0..2 {
+        at += 40 + u32::from_le_bytes(pack[at + 36..at + 40].try_into().unwrap()) as usize;
+    }
+    flip(&packs[0], at as u64 + 40 + 100);
+
+    // Shallow: the replica still claims the generation's roots.
+    assert!(verify(&p, &[]).1);
+    let (v, ok) = verify(&p, &["--deep"]);
+    assert!(!ok);
+    let found = damage(&v["replicas"][0]);
+    assert_eq!(found.len(), 2, "{v}");
+    assert_eq!(found[0].0, "a.img");
+    let off = found[0].1.as_u64().unwrap();
+    let len = v["replicas"][0]["deep"]["damage"][0]["len"]
+        .as_u64()
+        .unwrap();
+    assert!(off <= 3_000_000 && 3_000_000 < off + len, "{v}");
+    assert_eq!(
+        (found[1].0.clone(), found[1].2.as_str()),
+        (Value::Null, "found")
+    );
+    assert_eq!(
+        v["replicas"][0]["deep"]["damage"][1]["generations"],
+        serde_json::json!([g1])
+    );
+
+    let (v, ok) = verify(&p, &["--deep", "--repair"]);
+    assert!(ok, "{v}\nreplica log:\n{}", p.replica.log_text());
+    let states: Vec<String> = damage(&v["repair"]["replicas"][0])
+        .into_iter()
+        .map(|d| d.2)
+        .collect();
+    assert_eq!(states, ["resync", "repaired"], "{v}");
+    assert!(damage(&v["replicas"][0]).is_empty(), "{v}");
+    assert!(verify(&p, &["--deep"]).1);
+    assert_eq!(fs::read(p.replica_path("a.img")).unwrap(), new);
+    let restore_point = p.replica.mnt.join(format!(".ferry/generations/{g1}/a.img"));
+    assert!(
+        fs::read(restore_point).unwrap() == old,
+        "the restore point reads back"
+    );
+}

@@ -33,6 +33,8 @@ pub struct Options {
     pub mount: Option<PathBuf>,
     /// The restore points kept.
     pub keep: super::Policy,
+    /// A deep verify with repair this often (the first one an interval after start).
+    pub scrub_interval: Option<Duration>,
     /// An unmount of the replica mount stops the daemon (the mount-helper form, where the
     /// mount is the service); otherwise the daemon goes on receiving.
     pub stop_on_unmount: bool,
@@ -54,6 +56,20 @@ pub fn run(opts: Options, ready: Option<Box<dyn FnOnce()>>) -> Result<()> {
     let node = Node::server(&opts.identity, &opts.primaries, opts.listen, threads)?;
     let root = store.root().display().to_string();
     let store: SharedStore = Arc::new(parking_lot::Mutex::new(store));
+    if let Some(every) = opts.scrub_interval {
+        let store = store.clone();
+        std::thread::Builder::new()
+            .name("ferry-scrub".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(every);
+                    log::info!("scheduled deep verify of the store (scrub_interval)");
+                    if let Err(e) = super::scrub::scrub(&store, true) {
+                        log::error!("scheduled deep verify failed: {e:#}");
+                    }
+                }
+            })?;
+    }
     if let Some(addr) = opts.metrics {
         crate::metrics::serve(addr, super::metrics::registry(&store), "replica");
     }
@@ -335,18 +351,7 @@ async fn scrub(store: SharedStore, repair: bool, fp: &Fingerprint) -> Frame {
     );
     let done = tokio::task::spawn_blocking(move || super::scrub::scrub(&store, repair)).await;
     match done.map_err(anyhow::Error::from).and_then(|r| r) {
-        Ok(r) => {
-            log::info!(
-                "deep verify of generation {}: {} images, {} bytes, {} kept chunks; {} damaged, {} left",
-                r.generation,
-                r.images,
-                r.bytes,
-                r.kept_chunks,
-                r.damage.len(),
-                r.left()
-            );
-            Frame::Scrubbed { report: r }
-        }
+        Ok(report) => Frame::Scrubbed { report },
         Err(e) => Refusal::new(RefuseCode::Store, format!("deep verify failed: {e:#}")).frame(),
     }
 }

@@ -101,6 +101,18 @@ impl Collector for StoreCollector {
             "Bytes of kept chunks (what newer generations overwrote and restore points need)",
             f.kept_bytes as f64,
         )?;
+        if let Some((at, left)) = f.verified {
+            g.one(
+                "ferry_store_verified_timestamp_seconds",
+                "When the last deep verify of the store (ferry verify --deep, scrub_interval) ended",
+                at as f64,
+            )?;
+            g.one(
+                "ferry_store_damaged_chunks",
+                "Damaged chunks the last deep verify found and could not mend in place",
+                left as f64,
+            )?;
+        }
         if let Some((free, total)) = space(&self.root) {
             g.one(
                 "ferry_store_free_bytes",

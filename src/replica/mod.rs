@@ -80,6 +80,8 @@ pub struct Store {
     view: Option<Arc<View>>,
     /// Seconds each commit took (metrics), when someone watches.
     apply_seconds: Option<prometheus_client::metrics::histogram::Histogram>,
+    /// When the last deep verify ended, and the damaged chunks it left.
+    verified: Option<(SystemTime, u64)>,
 }
 
 /// A store's figures, for metrics.
@@ -98,6 +100,8 @@ pub struct Figures {
     pub kept_generations: usize,
     /// Bytes in the packs of kept chunks.
     pub kept_bytes: u64,
+    /// When the last deep verify ended (Unix seconds), and the damaged chunks it left.
+    pub verified: Option<(u64, u64)>,
 }
 
 fn hash_from_hex(s: &str) -> Result<Hash> {
@@ -146,6 +150,7 @@ impl Store {
             journal,
             view: None,
             apply_seconds: None,
+            verified: None,
         };
         store.replay()?;
         store.load_manifests()?;
@@ -183,6 +188,10 @@ impl Store {
             chunks: self.index.len(),
             kept_generations: self.view().generations().len(),
             kept_bytes: self.view().kept_figures().0,
+            verified: self.verified.map(|(t, left)| {
+                let secs = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+                (secs.as_secs(), left)
+            }),
         }
     }
 

@@ -136,6 +136,17 @@ pub fn scrub(store: &Mutex<Store>, repair: bool) -> Result<Report> {
             state,
         });
     }
+    store.lock().verified = Some((std::time::SystemTime::now(), report.left()));
+    log::info!(
+        "deep verify of generation {}: {} images ({} bytes) and {} kept chunks re-hashed; {} \
+         damaged chunks, {} not mended",
+        report.generation,
+        report.images,
+        report.bytes,
+        report.kept_chunks,
+        report.damage.len() as u64 + report.unlisted,
+        report.left()
+    );
     Ok(report)
 }
 
