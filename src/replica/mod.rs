@@ -918,7 +918,7 @@ mod tests {
         assert_eq!(fs::read(dir.path().join("b")).unwrap(), old);
         let after = scrub::scrub(&store, false).unwrap();
         assert!(after.damage.is_empty(), "{after:?}");
-        let mut store = store.into_inner();
+        let store = store.into_inner();
         let a_now = store.images().into_iter().find(|i| i.path == "a").unwrap();
         assert_ne!(
             a_now.root,
