@@ -3,7 +3,8 @@
 //!
 //! A generation is kept while it is among the newest `keep` *and* younger than `keep_for`
 //! (each bound applies when it is set; neither set keeps only the newest). The newest
-//! generation is always kept, and so is every generation an open file reads.
+//! generation is always kept, and so is every generation an open file reads. Generation 0 (the
+//! store before its first commit) is not a restore point: it goes once a newer one exists.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
@@ -46,7 +47,7 @@ pub fn expired(
             let too_old = policy
                 .keep_for
                 .is_some_and(|age| now.duration_since(at).unwrap_or_default() > age);
-            !newest && !pinned.contains(&n) && (too_many || too_old)
+            !newest && !pinned.contains(&n) && (too_many || too_old || n == 0)
         })
         .map(|(_, &(n, _))| n)
         .collect();
@@ -105,6 +106,19 @@ mod tests {
         };
         assert_eq!(expired(p, &h, &BTreeSet::from([2]), now), vec![1, 3, 4]);
         assert!(expired(p, &h[4..], &BTreeSet::new(), now).is_empty());
+    }
+
+    #[test]
+    fn the_empty_store_is_not_a_restore_point() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 30);
+        let h = vec![(0, now - H), (1, now)];
+        let keep = Policy {
+            keep: Some(24),
+            keep_for: None,
+        };
+        assert_eq!(expired(keep, &h, &BTreeSet::new(), now), vec![0]);
+        assert!(expired(keep, &h, &BTreeSet::from([0]), now).is_empty());
+        assert!(expired(keep, &h[..1], &BTreeSet::new(), now).is_empty());
     }
 
     #[test]
