@@ -148,7 +148,10 @@ fn mount(store: &Store, mnt: &std::path::Path, stop_on_unmount: bool) -> Result<
     // Hypervisors run QEMU as another user; the kernel checks each caller against the
     // images' modes.
     cfg.acl = SessionACL::All;
-    cfg.n_threads = Some(4);
+    // Virtio queues keep up to 32 and more reads in flight: each worker thread has its own
+    // /dev/fuse descriptor, so they are answered in parallel.
+    cfg.n_threads = Some(8);
+    cfg.clone_fd = true;
     let mut session = fuser::Session::new(fs, &mnt, &cfg)
         .with_context(|| format!("cannot mount the replica on {}", mnt.display()))?;
     let unmounter = session.unmount_callable();

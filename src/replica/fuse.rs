@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
     ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
@@ -225,6 +225,10 @@ impl Filesystem for ReplicaFuse {
             let _ = config.set_max_readahead(max);
         }
         let _ = config.set_max_background(64);
+        // O_DIRECT reads with many in flight (libaio, io_uring) reach the daemon together.
+        if config.add_capabilities(InitFlags::FUSE_ASYNC_DIO).is_err() {
+            log::info!("this kernel does not offer asynchronous direct I/O through FUSE");
+        }
         Ok(())
     }
 
@@ -270,7 +274,14 @@ impl Filesystem for ReplicaFuse {
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.files.lock().insert(fh, (n, path));
-        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+        // An O_DIRECT open (QEMU's cache=none) is served as FUSE direct I/O: each read goes
+        // to the daemon, many at once; the others share the page cache across opens.
+        let direct = if flags.0 & libc::O_DIRECT != 0 {
+            FopenFlags::FOPEN_DIRECT_IO
+        } else {
+            FopenFlags::empty()
+        };
+        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE | direct);
     }
 
     fn read(

@@ -130,14 +130,18 @@ impl Kept {
         }
     }
 
-    /// Re-reads every kept chunk: those whose bytes no longer match their hash, with the pack
-    /// that holds each.
-    pub fn verify(&self) -> io::Result<Vec<([u8; 32], u64)>> {
-        let mut bad = Vec::new();
-        for (n, j) in &self.packs {
-            bad.extend(j.verify()?.into_iter().map(|h| (h, *n)));
+    /// The packs held, by number.
+    pub fn packs(&self) -> Vec<u64> {
+        self.packs.keys().copied().collect()
+    }
+
+    /// Re-reads every chunk of pack `n` (if it is still there): those whose bytes no longer
+    /// match their hash.
+    pub fn verify(&self, n: u64) -> io::Result<Vec<[u8; 32]>> {
+        match self.packs.get(&n) {
+            Some(j) => j.verify(),
+            None => Ok(Vec::new()),
         }
-        Ok(bad)
     }
 
     /// Writes the right bytes (verified by the caller) over the damaged kept chunk `hash`;

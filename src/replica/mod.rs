@@ -950,5 +950,26 @@ mod tests {
         stage_missing(&mut store, &g3, &bytes);
         store.commit(&g3).unwrap();
         assert_eq!(fs::read(dir.path().join("a")).unwrap(), new);
+
+        // An image gone from the disk is damaged whole; repaired, the store forgets it, so
+        // the next generation sends it whole.
+        fs::remove_file(dir.path().join("b")).unwrap();
+        let store = parking_lot::Mutex::new(store);
+        let found = scrub::scrub(&store, false).unwrap();
+        let d = &found.damage[0];
+        assert_eq!(
+            (d.path.as_deref(), d.offset, d.len),
+            (Some("b"), Some(0), 200_000)
+        );
+        assert_eq!(
+            scrub::scrub(&store, true).unwrap().damage[0].state,
+            State::Resync
+        );
+        let mut store = store.into_inner();
+        assert!(store.images().iter().all(|i| i.path != "b"));
+        let g4 = generation(4, vec![("a", &new), ("b", &old)]);
+        stage_missing(&mut store, &g4, &bytes);
+        store.commit(&g4).unwrap();
+        assert_eq!(fs::read(dir.path().join("b")).unwrap(), old);
     }
 }

@@ -26,6 +26,7 @@ use parking_lot::Mutex;
 use rayon::prelude::*;
 
 use super::{Store, write_entry};
+use crate::durable;
 use crate::manifest::{self, Entry, Kind, Manifest};
 pub use crate::wire::scrub::{Damage, Report, State};
 
@@ -47,8 +48,28 @@ pub fn scrub(store: &Mutex<Store>, repair: bool) -> Result<Report> {
         report.images += 1;
         report.bytes += m.size();
         let file = root.join(&path);
-        let suspects =
-            differing(&file, &m).with_context(|| format!("cannot read {}", file.display()))?;
+        let suspects = match differing(&file, &m) {
+            Ok(s) => s,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // Gone from the disk: the whole image is damaged; forgotten by the store, the
+                // primary's next generation sends it whole.
+                let state = if repair { State::Resync } else { State::Found };
+                log::warn!("verify: image {} is missing", file.display());
+                report.push(Damage {
+                    path: Some(path.clone()),
+                    offset: Some(0),
+                    len: m.size(),
+                    hash: String::new(),
+                    generations: Vec::new(),
+                    state,
+                });
+                if repair {
+                    store.lock().forget(&path)?;
+                }
+                continue;
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", file.display())),
+        };
         if suspects.is_empty() {
             continue;
         }
@@ -216,6 +237,19 @@ impl Store {
             }
         }
         Ok(None)
+    }
+
+    /// Forgets image `path` (its file is gone): the primary's next session sees the store
+    /// without it and sends it whole.
+    fn forget(&mut self, path: &str) -> Result<()> {
+        let dir = self.manifests_in("manifests");
+        dir.remove(path);
+        if let Some(parent) = dir.file(path).parent() {
+            durable::fsync_dir(parent)?;
+        }
+        self.manifests.remove(path);
+        self.rebuild_index();
+        Ok(())
     }
 
     /// Makes the committed manifest of `path` describe the bytes its damaged `entries` hold,

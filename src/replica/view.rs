@@ -437,9 +437,16 @@ impl View {
         self.kept.write().put(number, hash, data)
     }
 
-    /// Re-reads every kept chunk (see [`Kept::verify`]).
+    /// Re-reads every kept chunk: those whose bytes no longer match their hash, with their
+    /// pack. One pack at a time under the lock, so commits wait for one pack's read at most.
     pub fn verify_kept(&self) -> io::Result<Vec<([u8; 32], u64)>> {
-        self.kept.read().verify()
+        let mut bad = Vec::new();
+        let packs = self.kept.read().packs();
+        for n in packs {
+            let found = self.kept.read().verify(n)?;
+            bad.extend(found.into_iter().map(|h| (h, n)));
+        }
+        Ok(bad)
     }
 
     /// A kept chunk, verified.
