@@ -55,6 +55,11 @@ pub enum Command {
     /// bytes changed since the last sync point; and one row per image with unsynced bytes or
     /// bytes some replica lacks. docs/OPERATIONS.md lists every field of --json and every
     /// failure cause.
+    ///
+    /// On a replica host, `ferry status` (or `ferry status --config FILE` for one replica,
+    /// running or not) shows each replica store: the generation it committed and when (how long
+    /// ago), its epoch, images, restore points and what they cost, the bytes staged for the
+    /// next generation, and the daemon's pid, listen address and mount.
     Status(StatusArgs),
     /// Check that the replicas (or, with --primary, this primary) hold what their manifests say.
     ///
@@ -256,6 +261,9 @@ pub struct StatusArgs {
     /// Include every dirty byte range, not only the totals.
     #[arg(long)]
     pub ranges: bool,
+    /// A replica node's config file: show that replica's store (the daemon may be stopped).
+    #[arg(long, value_name = "FILE", conflicts_with = "mountpoint")]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -588,6 +596,19 @@ fn status_once(a: &StatusArgs) -> Result<()> {
             Some(std::time::Duration::from_secs(30)),
         )
     };
+    if let Some(config) = &a.config {
+        let pid = replica_daemons()
+            .into_iter()
+            .find(|d| same_file(&d["config"], config))
+            .map(|d| d["pid"].clone());
+        let v = replica_status(config, pid.unwrap_or_default())?;
+        if a.json {
+            println!("{v}");
+        } else {
+            print_replica_status(&v);
+        }
+        return Ok(());
+    }
     if let Some(mnt) = &a.mountpoint {
         let v = ask(mnt)?;
         if a.json {
@@ -598,7 +619,15 @@ fn status_once(a: &StatusArgs) -> Result<()> {
         return Ok(());
     }
     let mounts = ferry_mounts()?;
-    let replicas = replica_daemons();
+    let replicas: Vec<serde_json::Value> = replica_daemons()
+        .into_iter()
+        .map(|d| {
+            let config = PathBuf::from(d["config"].as_str().unwrap_or_default());
+            replica_status(&config, d["pid"].clone()).unwrap_or_else(|e| {
+                serde_json::json!({"pid": d["pid"], "config": config, "error": format!("{e:#}")})
+            })
+        })
+        .collect();
     if a.json {
         let all: Vec<serde_json::Value> = mounts
             .iter()
@@ -623,14 +652,94 @@ fn status_once(a: &StatusArgs) -> Result<()> {
             Err(e) => println!("{}: {e:#}", m.display()),
         }
     }
-    for r in &replicas {
-        println!(
-            "replica daemon: pid {}, config {}",
-            r["pid"],
-            r["config"].as_str().unwrap_or("?")
-        );
-    }
+    replicas.iter().for_each(print_replica_status);
     Ok(())
+}
+
+fn same_file(a: &serde_json::Value, b: &std::path::Path) -> bool {
+    let a = a.as_str().map(std::path::Path::new);
+    match (a.and_then(|a| a.canonicalize().ok()), b.canonicalize().ok()) {
+        (Some(a), Some(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// A replica store's state as `ferry status` shows it, read beside its daemon (`pid`, or null
+/// when it is not running).
+fn replica_status(config: &std::path::Path, pid: serde_json::Value) -> Result<serde_json::Value> {
+    let c = crate::config::Config::load(config)?;
+    let rc = crate::mount::replica_section(&c, config)?;
+    let view = replica_view(config)?;
+    let points = view.points();
+    let newest = points.last();
+    let (kept_bytes, _) = view.kept_figures();
+    let staged = std::fs::metadata(rc.store.join(".ferry/staging/journal")).map_or(0, |m| m.len());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    Ok(serde_json::json!({
+        "config": config,
+        "pid": pid,
+        "store": rc.store,
+        "listen": rc.listen.to_string(),
+        "mount": rc.mount,
+        "generation": newest.map_or(0, |p| p.generation),
+        "committed": newest.map(|p| p.committed),
+        "committed_ago_s": newest.map(|p| now.saturating_sub(p.committed)),
+        "group_root": newest.map(|p| p.group_root.clone()),
+        "epoch": newest.map_or(0, |p| p.epoch),
+        "images": newest.map_or(0, |p| p.images),
+        "restore_points": points.iter().map(|p| p.generation).collect::<Vec<_>>(),
+        "kept_bytes": kept_bytes,
+        "staged_bytes": staged,
+    }))
+}
+
+fn print_replica_status(r: &serde_json::Value) {
+    let running = match r["pid"].as_u64() {
+        Some(pid) => format!("pid {pid}"),
+        None => "NOT RUNNING".to_string(),
+    };
+    println!(
+        "replica store {} ({running}, config {})",
+        r["store"].as_str().unwrap_or("?"),
+        r["config"].as_str().unwrap_or("?")
+    );
+    if let Some(e) = r["error"].as_str() {
+        println!("  cannot read it: {e}");
+        return;
+    }
+    let ago = r["committed_ago_s"]
+        .as_u64()
+        .map_or("never".to_string(), |s| {
+            format!(
+                "{} ago",
+                humantime::format_duration(std::time::Duration::from_secs(s))
+            )
+        });
+    println!(
+        "  generation {} (root {}), committed {ago}, epoch {}, {} images",
+        r["generation"],
+        r["group_root"]
+            .as_str()
+            .map_or("-", |g| &g[..g.len().min(16)]),
+        r["epoch"],
+        r["images"]
+    );
+    println!(
+        "  restore points {} ({} of kept chunks); {} staged for the next generation",
+        r["restore_points"],
+        iec(r["kept_bytes"].as_u64().unwrap_or(0)),
+        iec(r["staged_bytes"].as_u64().unwrap_or(0))
+    );
+    println!(
+        "  listening on {}{}",
+        r["listen"].as_str().unwrap_or("?"),
+        r["mount"]
+            .as_str()
+            .map_or(String::new(), |m| format!(", mount {m}"))
+    );
 }
 
 /// Mountpoints of every ferry mount on this host: FUSE mounts in /proc/self/mountinfo (type

@@ -260,10 +260,31 @@ fn restore_points_are_served_listed_and_restored() {
     p.replica.start();
     assert!(p.replica.is_mounted());
     check(&p);
+    // The replica host's status: the store's generation, restore points and daemon.
+    let status = |p: &Pair| {
+        let out = Command::new(FERRY)
+            .args(["status", "--json", "--config"])
+            .arg(&p.replica.config)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let v = status(&p);
+    assert_eq!(v["generation"], at[4].0, "{v}");
+    assert_eq!(v["restore_points"], serde_json::json!(kept), "{v}");
+    assert!(v["pid"].as_u64().is_some(), "{v}");
+    assert!(v["committed_ago_s"].as_u64().unwrap() < 600, "{v}");
     p.replica.stop();
     assert!(
         !p.replica.is_mounted(),
         "SIGTERM unmounts the replica mount"
+    );
+    let v = status(&p);
+    assert_eq!(
+        (v["pid"].clone(), v["generation"].clone()),
+        (Value::Null, at[4].0.into()),
+        "{v}"
     );
 }
 
