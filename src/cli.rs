@@ -240,7 +240,7 @@ pub struct VerifyArgs {
     #[arg(long)]
     pub repair: bool,
     /// Print one JSON object: ok, and replicas (name, ok, generation, expected_generation,
-    /// differing, error, deep: images, bytes, kept_chunks, damage: path, offset, len, hash,
+    /// differing: path, ranges, error, deep: images, bytes, kept_chunks, damage: path, offset, len, hash,
     /// generations, state) and, after a repair, repair (the first pass and the sync's report);
     /// with --primary: ok, repaired, images (path, ok, mismatched, size, error).
     #[arg(long)]
@@ -1063,11 +1063,14 @@ fn print_replica_check(r: &serde_json::Value) {
     if let Some(e) = r["error"].as_str() {
         println!("      {e}");
     }
-    for p in r["differing"].as_array().into_iter().flatten() {
+    for d in r["differing"].as_array().into_iter().flatten() {
         println!(
             "      {} differs from this primary's manifest",
-            p.as_str().unwrap_or("?")
+            d["path"].as_str().unwrap_or("?")
         );
+        for x in d["ranges"].as_array().into_iter().flatten() {
+            println!("        bytes {}..{}", x[0], x[1]);
+        }
     }
     let d = &r["deep"];
     if d.is_null() {

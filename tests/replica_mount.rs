@@ -379,10 +379,11 @@ fn damage(check: &Value) -> Vec<(Value, Value, String)> {
 /// `ferry verify --deep` names both (image and offset; the restore point), `--repair` mends the
 /// kept chunk from the same chunk in another image of the store and the image chunk through a
 /// new generation from the primary, and a second verify is clean: every image and restore
-/// point reads back as the primary had it.
+/// point reads back as the primary had it. The scheduled deep verify (`scrub_interval`) does
+/// the same by itself, and the plain `ferry verify` then names the chunk's byte range.
 #[test]
 fn verify_deep_names_a_flipped_byte_in_an_image_and_a_kept_chunk_and_repair_mends_both() {
-    let p = Pair::with_replica(&[], "", "mount = \"{mnt}\"\nkeep = 3");
+    let mut p = Pair::with_replica(&[], "", "mount = \"{mnt}\"\nkeep = 3");
     let old = common::random(4 << 20, 11);
     fs::write(p.primary.path("a.img"), &old).unwrap();
     fs::write(p.primary.path("b.img"), &old).unwrap();
@@ -455,7 +456,41 @@ fn verify_deep_names_a_flipped_byte_in_an_image_and_a_kept_chunk_and_repair_mend
     assert_eq!(fs::read(p.replica_path("a.img")).unwrap(), new);
     let restore_point = p.replica.mnt.join(format!(".ferry/generations/{g1}/a.img"));
     assert!(
-        fs::read(restore_point).unwrap() == old,
+        fs::read(&restore_point).unwrap() == old,
         "the restore point reads back"
     );
+
+    // The scheduled deep verify finds damage by itself; then the replica no longer claims the
+    // damaged chunk, and the plain `ferry verify` names the image and the byte range (by
+    // Merkle descent); `--repair` ships the chunk.
+    flip(&p.replica_path("a.img"), 1_000_000);
+    p.replica.stop();
+    let config = fs::read_to_string(&p.replica.config).unwrap() + "scrub_interval = \"1s\"\n";
+    fs::write(&p.replica.config, config).unwrap();
+    let from = p.replica.log_text().len();
+    p.replica.start();
+    let t = std::time::Instant::now();
+    while !p.replica.log_text()[from..].contains("deep verify of generation") {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{}",
+            p.replica.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (v, ok) = verify(&p, &[]);
+    assert!(!ok);
+    let differs = &v["replicas"][0]["differing"];
+    assert_eq!(differs.as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(differs[0]["path"], "a.img");
+    let r = &differs[0]["ranges"];
+    assert_eq!(r.as_array().unwrap().len(), 1, "{v}");
+    let (start, end) = (r[0][0].as_u64().unwrap(), r[0][1].as_u64().unwrap());
+    assert!(
+        start <= 1_000_000 && 1_000_000 < end && end - start < 1 << 20,
+        "{v}"
+    );
+    assert!(verify(&p, &["--repair"]).1);
+    assert!(verify(&p, &["--deep"]).1);
+    assert_eq!(fs::read(p.replica_path("a.img")).unwrap(), new);
 }

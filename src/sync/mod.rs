@@ -46,7 +46,6 @@ use crate::fs::outside::Outside;
 use crate::fs::{Frozen as FrozenChanges, Tracker};
 use crate::manifest::{self, GenRecord, Kind, Manifest, ManifestDir, hex};
 use crate::net::{Congestion, Fingerprint, Identity, Node, Threads};
-use crate::wire::Frame;
 use crate::wire::primary::{
     Acked, ChunkSource, Generation, PeerKnowledge, PrimarySession, group_root,
 };
@@ -795,20 +794,20 @@ impl Engine {
                 )
             })
             .collect();
-        let hello = Frame::Hello {
-            version: crate::wire::VERSION,
-            epoch: 0,
-            node: self.node.clone(),
-            params: self.params,
-        };
+        let (node, params) = (self.node.clone(), self.params);
         net.block_on(futures_join_all(peers.into_iter().map(
             |(name, addr, expected, known)| {
-                let (ep, hello) = (net.endpoint().clone(), hello.clone());
+                let (ep, node) = (net.endpoint().clone(), node.clone());
                 async move {
-                    let held = ship::check(&ep, addr, hello, deep.then_some(repair))
-                        .await
-                        .map(|c| (c.generation, c.images, c.scrub))
-                        .map_err(|e| e.to_string());
+                    let held = ship::check(
+                        &ep,
+                        addr,
+                        (&node, params),
+                        (expected, &known),
+                        deep.then_some(repair),
+                    )
+                    .await
+                    .map_err(|e| e.to_string());
                     verify::compare(&name, expected, &known, held)
                 }
             },

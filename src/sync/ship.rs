@@ -2,6 +2,7 @@
 //! [`PrimarySession`]. Control frames go on one bidirectional stream; data frames are produced
 //! on worker threads (read, verify, compress) and sent on several unidirectional streams.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,9 +11,13 @@ use anyhow::anyhow;
 
 use super::bucket::{Bucket, pace};
 use super::link::Cause;
+use crate::chunk::ChunkParams;
+use crate::manifest::Manifest;
 use crate::net::transport::{ConnectError, connect, read_frame, refused_by_tls, write_frame};
 use crate::wire::frame::{Frame, Refusal};
-use crate::wire::primary::{Acked, ChunkSource, Job, Out, PrimarySession, make_frame};
+use crate::wire::primary::{
+    Acked, ChunkSource, Generation, Job, Out, PeerKnowledge, PrimarySession, group_root, make_frame,
+};
 
 /// Data streams per connection.
 pub const STREAMS: usize = 4;
@@ -298,19 +303,31 @@ pub async fn probe(ep: &quinn::Endpoint, addr: SocketAddr) -> Result<std::time::
 pub struct Checked {
     pub generation: u64,
     pub images: Vec<crate::wire::frame::ImageState>,
+    /// The replica's manifest of each image it shares with `known` (those whose roots differ
+    /// rebuilt by Merkle descent).
+    pub manifests: BTreeMap<String, Arc<Manifest>>,
     /// The replica's deep-verify report.
     pub scrub: Option<crate::wire::scrub::Report>,
 }
 
-/// Asks the replica at `addr` what it holds (`hello` → `Welcome`) and, with `scrub`, to
-/// re-hash its store (repairing when `scrub` is `Some(true)`). The deep verify may take as long
-/// as reading the store takes: no deadline but the connection's idle timeout.
+/// Asks the replica at `addr` what it holds, and finds where it differs from `known` (the
+/// manifests of generation `expected`, which this primary last saw it commit) by descending
+/// the Merkle trees of the images whose roots differ, as a shipping session finds an unknown
+/// base, but ships nothing. With `scrub`, the replica then re-hashes its store (repairing when
+/// `scrub` is `Some(true)`): no deadline but the connection's idle timeout.
 pub async fn check(
     ep: &quinn::Endpoint,
     addr: SocketAddr,
-    hello: Frame,
+    (node, params): (&str, ChunkParams),
+    (expected, known): (u64, &BTreeMap<String, Arc<Manifest>>),
     scrub: Option<bool>,
 ) -> Result<Checked, Cause> {
+    let g = Arc::new(Generation {
+        number: expected,
+        group_root: group_root(known),
+        images: known.clone(),
+    });
+    let (mut session, hello) = PrimarySession::new(node, 0, params, g, PeerKnowledge::default());
     let conn = connect(ep, addr).await.map_err(|e| match e {
         e @ ConnectError::Trust { .. } => Cause::Trust(e.to_string()),
         e => Cause::Unreachable(e.to_string()),
@@ -323,17 +340,30 @@ pub async fn check(
             Some(f) => Ok(f),
             None => Err(lost(anyhow!("replica closed the session"))),
         };
-        let (generation, images) = match next().await? {
-            Frame::Welcome {
+        let mut held = None;
+        // Until the session has every base and would begin a generation.
+        'descent: loop {
+            let f = next().await?;
+            if let Frame::Welcome {
                 generation, images, ..
-            } => (generation, images),
-            f => {
-                return Err(Cause::Broken(format!(
-                    "unexpected {} instead of Welcome",
-                    crate::wire::replica::frame_name(&f)
-                )));
+            } = &f
+            {
+                held = Some((*generation, images.clone()));
             }
-        };
+            for o in session.handle(f) {
+                match o {
+                    Out::Send(Frame::Begin { .. }) => break 'descent,
+                    Out::Send(f) => write_frame(&mut send, &f).await.map_err(lost)?,
+                    Out::Done(Err(e)) => return Err(e.into()),
+                    Out::Jobs | Out::Done(Ok(_)) => {
+                        return Err(Cause::Broken(
+                            "the replica acknowledged nothing sent".into(),
+                        ));
+                    }
+                }
+            }
+        }
+        let (generation, images) = held.ok_or_else(|| Cause::Broken("no Welcome".into()))?;
         let scrub = match scrub {
             None => None,
             Some(repair) => {
@@ -354,6 +384,7 @@ pub async fn check(
         Ok(Checked {
             generation,
             images,
+            manifests: session.bases().clone(),
             scrub,
         })
     }

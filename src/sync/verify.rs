@@ -19,6 +19,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 use serde::Serialize;
 
+use super::ship::Checked;
 use crate::manifest::Manifest;
 use crate::wire::frame::ImageState;
 use crate::wire::scrub::Report;
@@ -118,19 +119,28 @@ pub struct ReplicaCheck {
     pub expected_generation: u64,
     /// Images whose size or root differs from this primary's manifests of that generation,
     /// or that only one side has.
-    pub differing: Vec<String>,
+    pub differing: Vec<Differs>,
     pub error: Option<String>,
     /// The replica's deep verify, when asked.
     pub deep: Option<Report>,
 }
 
-/// Judges what replica `name` holds (`held`: its generation and images, or why it could not
-/// be asked) against `known`, the manifests of generation `expected` that it last committed.
+/// One image a replica holds otherwise than this primary's manifest says.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Differs {
+    pub path: String,
+    /// The byte ranges whose chunks differ (`[start, end)`, merged; all of it when one side
+    /// lacks the image).
+    pub ranges: Vec<[u64; 2]>,
+}
+
+/// Judges what replica `name` holds (`held`, or why it could not be asked) against `known`,
+/// the manifests of generation `expected` that it last committed.
 pub fn compare(
     name: &str,
     expected: u64,
     known: &BTreeMap<String, Arc<Manifest>>,
-    held: Result<(u64, Vec<ImageState>, Option<Report>), String>,
+    held: Result<Checked, String>,
 ) -> ReplicaCheck {
     let mut out = ReplicaCheck {
         name: name.to_string(),
@@ -141,40 +151,78 @@ pub fn compare(
         error: None,
         deep: None,
     };
-    let (generation, images, deep) = match held {
+    let held = match held {
         Ok(h) => h,
         Err(e) => {
             out.error = Some(e);
             return out;
         }
     };
-    out.generation = Some(generation);
-    if generation != expected {
+    out.generation = Some(held.generation);
+    if held.generation != expected {
         out.error = Some(format!(
-            "it holds generation {generation}, but this primary last saw it commit {expected}: \
-             run `ferry sync`, then verify again"
+            "it holds generation {}, but this primary last saw it commit {expected}: \
+             run `ferry sync`, then verify again",
+            held.generation
         ));
     }
-    let theirs: BTreeMap<&str, &ImageState> = images.iter().map(|i| (i.path.as_str(), i)).collect();
+    let theirs: BTreeMap<&str, &ImageState> =
+        held.images.iter().map(|i| (i.path.as_str(), i)).collect();
     for (path, m) in known {
-        let same = theirs
-            .get(path.as_str())
-            .is_some_and(|i| i.size == m.size() && i.root == *m.root().as_bytes());
-        if !same {
-            out.differing.push(path.clone());
+        let Some(i) = theirs.get(path.as_str()) else {
+            out.differing.push(Differs {
+                path: path.clone(),
+                ranges: vec![[0, m.size()]],
+            });
+            continue;
+        };
+        if i.size == m.size() && i.root == *m.root().as_bytes() {
+            continue;
+        }
+        let ranges = match held.manifests.get(path) {
+            Some(t) => differing_ranges(m, t),
+            None => vec![[0, m.size().max(i.size)]],
+        };
+        out.differing.push(Differs {
+            path: path.clone(),
+            ranges,
+        });
+    }
+    for (path, i) in &theirs {
+        if !known.contains_key(*path) {
+            out.differing.push(Differs {
+                path: path.to_string(),
+                ranges: vec![[0, i.size]],
+            });
         }
     }
-    out.differing.extend(
-        theirs
-            .keys()
-            .filter(|p| !known.contains_key(**p))
-            .map(|p| p.to_string()),
-    );
-    out.differing.sort();
+    out.differing.sort_by(|a, b| a.path.cmp(&b.path));
     out.ok = out.error.is_none()
         && out.differing.is_empty()
-        && deep.as_ref().is_none_or(|d| d.left() == 0);
-    out.deep = deep;
+        && held.scrub.as_ref().is_none_or(|d| d.left() == 0);
+    out.deep = held.scrub;
+    out
+}
+
+/// The byte ranges where `a` and `b` describe other bytes, merged: the entries of `a` that `b`
+/// does not have with the same span and content, and the tail where their sizes differ.
+fn differing_ranges(a: &Manifest, b: &Manifest) -> Vec<[u64; 2]> {
+    let theirs: std::collections::HashSet<&crate::manifest::Entry> = b.entries().iter().collect();
+    let mut out: Vec<[u64; 2]> = Vec::new();
+    let mut spans: Vec<[u64; 2]> = a
+        .entries()
+        .iter()
+        .filter(|e| !theirs.contains(e))
+        .map(|e| [e.offset, e.end()])
+        .chain((a.size() != b.size()).then(|| [a.size().min(b.size()), a.size().max(b.size())]))
+        .collect();
+    spans.sort_unstable();
+    for r in spans {
+        match out.last_mut() {
+            Some(last) if last[1] >= r[0] => last[1] = last[1].max(r[1]),
+            _ => out.push(r),
+        }
+    }
     out
 }
 
