@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use common::stamps::{self, Stamper, prefix};
 use common::{FERRY, Pair, require};
+use ferry::testutil::flip_byte as flip;
 use serde_json::Value;
 
 /// What QEMU runs as on a hypervisor host: not root.
@@ -404,24 +405,10 @@ fn verify_deep_names_a_flipped_byte_in_an_image_and_a_kept_chunk_and_repair_mend
         .map(|e| e.unwrap().path())
         .collect();
     assert_eq!(packs.len(), 1, "{packs:?}");
-    let flip = |path: &Path, at: u64| {
-        let f = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .unwrap();
-        let mut b = [0u8];
-        f.read_exact_at(&mut b, at).unwrap();
-        f.write_all_at(&[b[0] ^ 0x5a], at).unwrap();
-    };
     flip(&p.replica_path("a.img"), 3_000_000);
-    // Inside the data of the pack's third record (header 40 bytes: magic, hash, length).
-    let pack = fs::read(&packs[0]).unwrap();
-    let mut at = 0usize;
-    for _ in 0..2 {
-        at += 40 + u32::from_le_bytes(pack[at + 36..at + 40].try_into().unwrap()) as usize;
-    }
-    flip(&packs[0], at as u64 + 40 + 100);
+    // Inside the data of the pack's third record.
+    let third = ferry::testutil::journal_records(&packs[0])[2].0;
+    flip(&packs[0], third + 100);
 
     // Shallow: the replica still claims the generation's roots.
     assert!(verify(&p, &[]).1);

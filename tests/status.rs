@@ -186,7 +186,8 @@ fn status_without_a_mountpoint_lists_every_mount_and_replica_daemon() {
     let out = run(Command::new(FERRY).arg("status"));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&format!("on {mnt}")), "{text}");
-    assert!(text.contains("replica daemon: pid"), "{text}");
+    let store = format!("replica store {} (pid", p.replica.store.display());
+    assert!(text.contains(&store), "{text}");
 }
 
 #[test]

@@ -666,7 +666,7 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
-    use crate::testutil::{random, small_params as params};
+    use crate::testutil::{flip_byte, journal_records, random, small_params as params};
 
     fn generation(number: u64, images: Vec<(&str, &[u8])>) -> Generation {
         Generation {
@@ -831,29 +831,6 @@ mod tests {
         assert_eq!(view.kept_figures().0, 0);
     }
 
-    /// The offsets (data start, length) of the records of a pack or journal file.
-    fn records(path: &Path) -> Vec<(u64, u64)> {
-        let b = fs::read(path).unwrap();
-        let (mut pos, mut out) = (0usize, vec![]);
-        while pos + 40 <= b.len() {
-            let n = u32::from_le_bytes(b[pos + 36..pos + 40].try_into().unwrap()) as usize;
-            out.push((pos as u64 + 40, n as u64));
-            pos += 40 + n;
-        }
-        out
-    }
-
-    fn flip(path: &Path, at: u64) {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .unwrap();
-        let mut b = [0u8];
-        f.read_exact_at(&mut b, at).unwrap();
-        f.write_all_at(&[b[0] ^ 0x5a], at).unwrap();
-    }
-
     /// Deep verify: a flipped byte in an image and in a kept chunk is named; repair mends both
     /// from good copies in the store, and an image chunk with no copy here stops being claimed
     /// by the manifest, so the next generation brings it (and applies it like any other).
@@ -877,7 +854,7 @@ mod tests {
         }
         let g2 = generation(2, vec![("a", &new), ("b", &old)]);
         let pack = dir.path().join(".ferry/kept/2.pack");
-        let recs = records(&pack);
+        let recs = journal_records(&pack);
         assert!(recs.len() > 10, "the old chunks of a are kept");
         let store = parking_lot::Mutex::new(store);
         let clean = scrub::scrub(&store, false).unwrap();
@@ -887,9 +864,9 @@ mod tests {
         );
         assert_eq!(clean.kept_chunks, recs.len());
 
-        flip(&dir.path().join("b"), 1_000); // a copy is kept
-        flip(&dir.path().join("a"), 50_000); // new data: no copy here
-        flip(&pack, recs[5].0 + 3); // a kept chunk, live in b
+        flip_byte(&dir.path().join("b"), 1_000); // a copy is kept
+        flip_byte(&dir.path().join("a"), 50_000); // new data: no copy here
+        flip_byte(&pack, recs[5].0 + 3); // a kept chunk, live in b
         let found = scrub::scrub(&store, false).unwrap();
         let where_: Vec<(Option<&str>, Option<u64>, State)> = found
             .damage
@@ -930,7 +907,7 @@ mod tests {
 
         drop(store);
         // Reopened, a pack with a damaged record in the middle loses that record only.
-        flip(&pack, recs[5].0 + 3);
+        flip_byte(&pack, recs[5].0 + 3);
         let store = Store::open_with(dir.path(), params(), policy).unwrap();
         let store = parking_lot::Mutex::new(store);
         let report = scrub::scrub(&store, true).unwrap();
