@@ -52,15 +52,20 @@ fn generation_of(path: &Path) -> u64 {
         .unwrap()
 }
 
-/// `ferry generations --json` of the pair's replica.
-fn generations(p: &Pair) -> Value {
+/// `ferry COMMAND --json --config FILE` on the pair's replica.
+fn replica_json(p: &Pair, command: &str) -> Value {
     let out = Command::new(FERRY)
-        .args(["generations", "--json", "--config"])
+        .args([command, "--json", "--config"])
         .arg(&p.replica.config)
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `ferry generations --json` of the pair's replica.
+fn generations(p: &Pair) -> Value {
+    replica_json(p, "generations")
 }
 
 fn numbers(v: &Value) -> Vec<u64> {
@@ -262,15 +267,7 @@ fn restore_points_are_served_listed_and_restored() {
     assert!(p.replica.is_mounted());
     check(&p);
     // The replica host's status: the store's generation, restore points and daemon.
-    let status = |p: &Pair| {
-        let out = Command::new(FERRY)
-            .args(["status", "--json", "--config"])
-            .arg(&p.replica.config)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        serde_json::from_slice::<Value>(&out.stdout).unwrap()
-    };
+    let status = |p: &Pair| replica_json(p, "status");
     let v = status(&p);
     assert_eq!(v["generation"], at[4].0, "{v}");
     assert_eq!(v["restore_points"], serde_json::json!(kept), "{v}");

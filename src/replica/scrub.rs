@@ -52,7 +52,12 @@ pub fn scrub(store: &Mutex<Store>, repair: bool) -> Result<Report> {
             Ok(s) => s,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 // Gone from the disk: the whole image is damaged; forgotten by the store, the
-                // primary's next generation sends it whole.
+                // primary's next generation sends it whole. (Unless a generation removed it
+                // meanwhile: checked under the lock.)
+                let mut s = store.lock();
+                if !s.manifests.contains_key(&path) || file.exists() {
+                    continue;
+                }
                 let state = if repair { State::Resync } else { State::Found };
                 log::warn!("verify: image {} is missing", file.display());
                 report.push(Damage {
@@ -64,7 +69,7 @@ pub fn scrub(store: &Mutex<Store>, repair: bool) -> Result<Report> {
                     state,
                 });
                 if repair {
-                    store.lock().forget(&path)?;
+                    s.forget(&path)?;
                 }
                 continue;
             }
