@@ -63,23 +63,26 @@ impl State {
         now && next && self.files.contains_key(path)
     }
 
-    /// The chunks that held generations other than the applied one need from the packs.
-    fn needed(&self) -> HashSet<[u8; 32]> {
-        let mut out = HashSet::new();
-        for (n, g) in &self.gens {
-            if *n == self.applied {
-                continue;
-            }
-            for (path, m) in &g.images {
+    /// The chunks held generation `n` reads from the packs, not in place (none for the
+    /// applied one).
+    fn read_from_packs(&self, n: u64) -> impl Iterator<Item = [u8; 32]> + '_ {
+        let images = self.gens.get(&n).filter(|_| n != self.applied);
+        images
+            .into_iter()
+            .flat_map(|g| &g.images)
+            .flat_map(|(path, m)| {
                 let entries: Box<dyn Iterator<Item = &Entry>> = match self.current().get(path) {
-                    Some(c) if Arc::ptr_eq(c, m) => continue,
+                    Some(c) if Arc::ptr_eq(c, m) => Box::new(std::iter::empty()),
                     Some(c) => Box::new(changed_entries(c, m)),
                     None => Box::new(m.entries().iter()),
                 };
-                out.extend(entries.filter_map(|e| e.hash()).map(|h| *h.as_bytes()));
-            }
-        }
-        out
+                entries.filter_map(|e| e.hash()).map(|h| *h.as_bytes())
+            })
+    }
+
+    /// The chunks that held generations other than the applied one need from the packs.
+    fn needed(&self) -> HashSet<[u8; 32]> {
+        self.gens.keys().flat_map(|n| self.read_from_packs(*n)).collect()
     }
 }
 
@@ -463,19 +466,9 @@ impl View {
     pub fn generations_with(&self, hash: &[u8; 32]) -> Vec<u64> {
         let st = self.state.read();
         st.gens
-            .iter()
-            .filter(|(n, g)| {
-                **n != st.applied
-                    && g.images.iter().any(|(path, m)| {
-                        let mut entries: Box<dyn Iterator<Item = &Entry>> =
-                            match st.current().get(path) {
-                                Some(c) => Box::new(changed_entries(c, m)),
-                                None => Box::new(m.entries().iter()),
-                            };
-                        entries.any(|e| e.hash().is_some_and(|h| h.as_bytes() == hash))
-                    })
-            })
-            .map(|(n, _)| *n)
+            .keys()
+            .copied()
+            .filter(|n| st.read_from_packs(*n).any(|h| h == *hash))
             .collect()
     }
 
