@@ -121,6 +121,19 @@ fn a_file_open_on_the_replica_mount_keeps_its_generation() {
             .unwrap();
         assert!(out.status.success(), "{out:?}");
         assert!(out.stdout == first, "uid {QEMU_UID} read other bytes");
+        // And with O_DIRECT (QEMU's cache=none), served as FUSE direct I/O.
+        let out = Command::new("dd")
+            .arg(format!("if={}", ra.display()))
+            .args(["iflag=direct", "bs=1M", "status=none"])
+            .uid(QEMU_UID)
+            .gid(QEMU_UID)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert!(
+            out.stdout == first,
+            "uid {QEMU_UID} read other bytes with O_DIRECT"
+        );
         open.push((fa, g, first));
         // Every file opened earlier still reads its own generation.
         for (f, g, first) in &open {
