@@ -82,7 +82,10 @@ impl State {
 
     /// The chunks that held generations other than the applied one need from the packs.
     fn needed(&self) -> HashSet<[u8; 32]> {
-        self.gens.keys().flat_map(|n| self.read_from_packs(*n)).collect()
+        self.gens
+            .keys()
+            .flat_map(|n| self.read_from_packs(*n))
+            .collect()
     }
 }
 

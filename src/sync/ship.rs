@@ -141,10 +141,7 @@ pub async fn ship(
     hello: Frame,
     how: &Shipment,
 ) -> Result<Acked, Cause> {
-    let conn = connect(ep, addr).await.map_err(|e| match e {
-        e @ ConnectError::Trust { .. } => Cause::Trust(e.to_string()),
-        e => Cause::Unreachable(e.to_string()),
-    })?;
+    let conn = reach(ep, addr).await?;
     let r = run(&conn, session, hello, how).await;
     let stats = &how.stats;
     stats
@@ -288,12 +285,17 @@ async fn send_data(
     Ok(())
 }
 
-/// Checks that a peer answers (a full handshake, so its certificate too); its round-trip time.
-pub async fn probe(ep: &quinn::Endpoint, addr: SocketAddr) -> Result<std::time::Duration, Cause> {
-    let conn = connect(ep, addr).await.map_err(|e| match e {
+/// A connection to the peer at `addr`, or why there is none.
+async fn reach(ep: &quinn::Endpoint, addr: SocketAddr) -> Result<quinn::Connection, Cause> {
+    connect(ep, addr).await.map_err(|e| match e {
         e @ ConnectError::Trust { .. } => Cause::Trust(e.to_string()),
         e => Cause::Unreachable(e.to_string()),
-    })?;
+    })
+}
+
+/// Checks that a peer answers (a full handshake, so its certificate too); its round-trip time.
+pub async fn probe(ep: &quinn::Endpoint, addr: SocketAddr) -> Result<std::time::Duration, Cause> {
+    let conn = reach(ep, addr).await?;
     let rtt = conn.rtt();
     conn.close(0u32.into(), b"probe");
     Ok(rtt)
@@ -328,10 +330,7 @@ pub async fn check(
         images: known.clone(),
     });
     let (mut session, hello) = PrimarySession::new(node, 0, params, g, PeerKnowledge::default());
-    let conn = connect(ep, addr).await.map_err(|e| match e {
-        e @ ConnectError::Trust { .. } => Cause::Trust(e.to_string()),
-        e => Cause::Unreachable(e.to_string()),
-    })?;
+    let conn = reach(ep, addr).await?;
     let r = async {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(e.into()))?;
         write_frame(&mut send, &hello).await.map_err(lost)?;
