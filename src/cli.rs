@@ -81,17 +81,20 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Run the replica daemon (foreground, systemd style).
     ///
-    /// Listens on `[replica] listen` for the primaries pinned in `[replica] primaries`, keeps
-    /// each image under `[replica] store` at the same relative path as on the primary, and
-    /// applies every generation atomically: a crash at any point leaves the last committed
-    /// generation, or the new one after restart.
+    /// Listens on `[replica] listen` for the primaries pinned in `[replica] primaries`. Each
+    /// primary has its own namespace in `[replica] store`, the directory STORE/NAME named by
+    /// its [node] name (bound to its key on first contact: no other primary can reach it), with
+    /// its own generations, restore points and epoch; each image keeps there the relative path
+    /// it has on the primary's mount. Every generation is applied atomically: a crash at any
+    /// point leaves the last committed generation, or the new one after restart.
     ///
-    /// With --mount (or `[replica] mount`) it also serves the store read-only at MNT: every
-    /// image at its path as the newest committed generation has it, never a half-applied one.
-    /// A file keeps the generation it was opened at until it is closed (a VM booted from the
-    /// replica for a disaster-recovery test keeps a consistent disk while newer generations
-    /// arrive); a new open sees the newest. Restore points (`[replica] keep`, `keep_for`) are
-    /// under MNT/.ferry/generations/<N>/, which the root does not list.
+    /// With --mount (or `[replica] mount`) it also serves the store read-only at MNT, a
+    /// directory per primary: every image at MNT/NAME/PATH as the newest committed generation
+    /// has it, never a half-applied one. A file keeps the generation it was opened at until it
+    /// is closed (a VM booted from the replica for a disaster-recovery test keeps a consistent
+    /// disk while newer generations arrive); a new open sees the newest. Restore points
+    /// (`[replica] keep`, `keep_for`) are under MNT/NAME/.ferry/generations/<N>/, which is not
+    /// listed.
     Replica(ReplicaArgs),
     /// List a replica's restore points: number, time, group root, bytes each holds alone.
     ///
@@ -204,8 +207,11 @@ pub struct GenerationsArgs {
     /// The node's config file (with a [replica] section).
     #[arg(long, value_name = "FILE")]
     pub config: PathBuf,
-    /// Print one JSON object (generations: generation, committed, group_root, epoch, images,
-    /// own_bytes, pinned; kept_bytes).
+    /// Only the restore points of this primary (its [node] name); all of them by default.
+    #[arg(long, value_name = "NAME")]
+    pub primary: Option<String>,
+    /// Print one JSON object: primaries, each with primary, fingerprint, generations
+    /// (generation, committed, group_root, epoch, images, own_bytes, pinned) and kept_bytes.
     #[arg(long)]
     pub json: bool,
 }
@@ -215,7 +221,8 @@ pub struct RestoreArgs {
     /// The node's config file (with a [replica] section).
     #[arg(long, value_name = "FILE")]
     pub config: PathBuf,
-    /// The image's path in the store (as on the primary's mount).
+    /// The image as the replica mount shows it: PRIMARY/PATH, the primary's [node] name and
+    /// the image's path under its mount.
     pub image: String,
     /// The restore point (see `ferry generations`).
     #[arg(long, value_name = "N")]
@@ -454,8 +461,8 @@ fn manifest_cmd(a: ManifestArgs) -> Result<()> {
     Ok(())
 }
 
-/// The restore points of the store a config names, read beside the daemon.
-fn replica_view(path: &std::path::Path) -> Result<crate::replica::View> {
+/// The namespaces of the store a config names (one per primary), read beside the daemon.
+fn replica_namespaces(path: &std::path::Path) -> Result<Vec<crate::replica::site::Namespace>> {
     let config = crate::config::Config::load(path)?;
     let rc = crate::mount::replica_section(&config, path)?;
     let params = config.chunk_params().map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -465,59 +472,98 @@ fn replica_view(path: &std::path::Path) -> Result<crate::replica::View> {
             rc.store.display()
         )
     })?;
-    crate::replica::View::open(&root, params, crate::mount::policy(&rc), u64::MAX, true)
+    crate::replica::site::read_only(&root, params, crate::mount::policy(&rc))
 }
 
-/// `ferry generations --config FILE`.
+/// The namespace of `name`'s primary, or an error that lists those there are.
+fn namespace<'a>(
+    all: &'a [crate::replica::site::Namespace],
+    name: &str,
+) -> Result<&'a crate::replica::site::Namespace> {
+    all.iter().find(|n| n.name == name).ok_or_else(|| {
+        let names: Vec<&str> = all.iter().map(|n| n.name.as_str()).collect();
+        anyhow::anyhow!(
+            "no primary {name:?} in this replica's store (it holds: {names:?}; a primary's \
+             namespace is its [node] name, created when it first syncs)"
+        )
+    })
+}
+
+/// `ferry generations --config FILE [--primary NAME]`.
 fn generations_cmd(a: &GenerationsArgs) -> Result<()> {
-    let view = replica_view(&a.config)?;
-    let points = view.points();
-    let (kept_bytes, _) = view.kept_figures();
+    let all = replica_namespaces(&a.config)?;
+    let chosen: Vec<&crate::replica::site::Namespace> = match &a.primary {
+        Some(name) => vec![namespace(&all, name)?],
+        None => all.iter().collect(),
+    };
     if a.json {
-        println!(
-            "{}",
-            serde_json::json!({"generations": points, "kept_bytes": kept_bytes})
-        );
+        let list: Vec<serde_json::Value> = chosen
+            .iter()
+            .map(|ns| {
+                serde_json::json!({
+                    "primary": ns.name,
+                    "fingerprint": ns.fingerprint,
+                    "generations": ns.view.points(),
+                    "kept_bytes": ns.view.kept_figures().0,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::json!({ "primaries": list }));
         return Ok(());
     }
-    println!(
-        "{:>10}  {:<20}  {:<16}  {:>6}  {:>12}",
-        "GENERATION", "COMMITTED (UTC)", "GROUP ROOT", "IMAGES", "OWN BYTES"
-    );
-    for p in &points {
-        let at = humantime::format_rfc3339_seconds(
-            std::time::UNIX_EPOCH + std::time::Duration::from_secs(p.committed),
-        );
-        println!(
-            "{:>10}  {:<20}  {:<16}  {:>6}  {:>12}",
-            p.generation,
-            at.to_string().trim_end_matches('Z').replace('T', " "),
-            &p.group_root[..p.group_root.len().min(16)],
-            p.images,
-            p.own_bytes
-        );
+    if chosen.is_empty() {
+        println!("no primary has synced to this replica yet");
     }
-    println!("kept chunks: {kept_bytes} bytes");
+    for ns in chosen {
+        println!("primary {} (key {}):", ns.name, ns.fingerprint);
+        println!(
+            "  {:>10}  {:<20}  {:<16}  {:>6}  {:>12}",
+            "GENERATION", "COMMITTED (UTC)", "GROUP ROOT", "IMAGES", "OWN BYTES"
+        );
+        for p in ns.view.points() {
+            let at = humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(p.committed),
+            );
+            println!(
+                "  {:>10}  {:<20}  {:<16}  {:>6}  {:>12}",
+                p.generation,
+                at.to_string().trim_end_matches('Z').replace('T', " "),
+                &p.group_root[..p.group_root.len().min(16)],
+                p.images,
+                p.own_bytes
+            );
+        }
+        println!("  kept chunks: {} bytes", ns.view.kept_figures().0);
+    }
     Ok(())
 }
 
 /// `ferry restore --config FILE IMAGE --generation N --to FILE`.
 fn restore_cmd(a: &RestoreArgs) -> Result<()> {
     use std::os::unix::fs::FileExt;
-    let view = replica_view(&a.config)?;
-    let m = view.manifest(a.generation, &a.image).ok_or_else(|| {
+    let all = replica_namespaces(&a.config)?;
+    let (primary, image) = a.image.split_once('/').ok_or_else(|| {
+        anyhow::anyhow!(
+            "{}: name the image as the replica mount shows it, PRIMARY/PATH (e.g. \
+             site-a/{}), PRIMARY being the primary's [node] name",
+            a.image,
+            a.image
+        )
+    })?;
+    let view = &namespace(&all, primary)?.view;
+    let m = view.manifest(a.generation, image).ok_or_else(|| {
         let held = view.generations();
         if held.contains(&a.generation) {
             anyhow::anyhow!(
-                "{} is not in generation {}; `ls MNT/.ferry/generations/{}` on the replica \
-                 mount lists what is",
-                a.image,
+                "{image} is not in generation {} of {primary}; `ls MNT/{primary}/.ferry/generations/{}` \
+                 on the replica mount lists what is",
                 a.generation,
                 a.generation
             )
         } else {
             anyhow::anyhow!(
-                "generation {} is not kept here (kept: {held:?}); `ferry generations` lists them",
+                "generation {} of {primary} is not kept here (kept: {held:?}); \
+                 `ferry generations` lists them",
                 a.generation
             )
         }
@@ -529,7 +575,7 @@ fn restore_cmd(a: &RestoreArgs) -> Result<()> {
         .with_context(|| format!("cannot create {} (it must not exist)", a.to.display()))?;
     let result = (|| -> Result<()> {
         for e in m.entries().iter().filter(|e| !e.is_zero()) {
-            let data = view.chunk(a.generation, &a.image, e)?;
+            let data = view.chunk(a.generation, image, e)?;
             out.write_all_at(&data, e.offset)
                 .with_context(|| format!("cannot write {}", a.to.display()))?;
         }
@@ -669,30 +715,39 @@ fn same_file(a: &serde_json::Value, b: &std::path::Path) -> bool {
 fn replica_status(config: &std::path::Path, pid: serde_json::Value) -> Result<serde_json::Value> {
     let c = crate::config::Config::load(config)?;
     let rc = crate::mount::replica_section(&c, config)?;
-    let view = replica_view(config)?;
-    let points = view.points();
-    let newest = points.last();
-    let (kept_bytes, _) = view.kept_figures();
-    let staged = std::fs::metadata(rc.store.join(".ferry/staging/journal")).map_or(0, |m| m.len());
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs();
+    let primaries: Vec<serde_json::Value> = replica_namespaces(config)?
+        .iter()
+        .map(|ns| {
+            let points = ns.view.points();
+            let newest = points.last();
+            let staged = std::fs::metadata(rc.store.join(&ns.name).join(".ferry/staging/journal"))
+                .map_or(0, |m| m.len());
+            serde_json::json!({
+                "primary": ns.name,
+                "fingerprint": ns.fingerprint,
+                "generation": newest.map_or(0, |p| p.generation),
+                "committed": newest.map(|p| p.committed),
+                "committed_ago_s": newest.map(|p| now.saturating_sub(p.committed)),
+                "group_root": newest.map(|p| p.group_root.clone()),
+                "epoch": newest.map_or(0, |p| p.epoch),
+                "images": newest.map_or(0, |p| p.images),
+                "restore_points": points.iter().map(|p| p.generation).collect::<Vec<_>>(),
+                "kept_bytes": ns.view.kept_figures().0,
+                "staged_bytes": staged,
+            })
+        })
+        .collect();
     Ok(serde_json::json!({
         "config": config,
         "pid": pid,
         "store": rc.store,
         "listen": rc.listen.to_string(),
         "mount": rc.mount,
-        "generation": newest.map_or(0, |p| p.generation),
-        "committed": newest.map(|p| p.committed),
-        "committed_ago_s": newest.map(|p| now.saturating_sub(p.committed)),
-        "group_root": newest.map(|p| p.group_root.clone()),
-        "epoch": newest.map_or(0, |p| p.epoch),
-        "images": newest.map_or(0, |p| p.images),
-        "restore_points": points.iter().map(|p| p.generation).collect::<Vec<_>>(),
-        "kept_bytes": kept_bytes,
-        "staged_bytes": staged,
+        "primaries": primaries,
     }))
 }
 
@@ -710,29 +765,6 @@ fn print_replica_status(r: &serde_json::Value) {
         println!("  cannot read it: {e}");
         return;
     }
-    let ago = r["committed_ago_s"]
-        .as_u64()
-        .map_or("never".to_string(), |s| {
-            format!(
-                "{} ago",
-                humantime::format_duration(std::time::Duration::from_secs(s))
-            )
-        });
-    println!(
-        "  generation {} (root {}), committed {ago}, epoch {}, {} images",
-        r["generation"],
-        r["group_root"]
-            .as_str()
-            .map_or("-", |g| &g[..g.len().min(16)]),
-        r["epoch"],
-        r["images"]
-    );
-    println!(
-        "  restore points {} ({} of kept chunks); {} staged for the next generation",
-        r["restore_points"],
-        iec(r["kept_bytes"].as_u64().unwrap_or(0)),
-        iec(r["staged_bytes"].as_u64().unwrap_or(0))
-    );
     println!(
         "  listening on {}{}",
         r["listen"].as_str().unwrap_or("?"),
@@ -740,6 +772,36 @@ fn print_replica_status(r: &serde_json::Value) {
             .as_str()
             .map_or(String::new(), |m| format!(", mount {m}"))
     );
+    let primaries = r["primaries"].as_array().cloned().unwrap_or_default();
+    if primaries.is_empty() {
+        println!("  no primary has synced to it yet");
+    }
+    for p in &primaries {
+        let ago = p["committed_ago_s"]
+            .as_u64()
+            .map_or("never".to_string(), |s| {
+                format!(
+                    "{} ago",
+                    humantime::format_duration(std::time::Duration::from_secs(s))
+                )
+            });
+        println!(
+            "  primary {}: generation {} (root {}), committed {ago}, epoch {}, {} images",
+            p["primary"].as_str().unwrap_or("?"),
+            p["generation"],
+            p["group_root"]
+                .as_str()
+                .map_or("-", |g| &g[..g.len().min(16)]),
+            p["epoch"],
+            p["images"]
+        );
+        println!(
+            "    restore points {} ({} of kept chunks); {} staged for the next generation",
+            p["restore_points"],
+            iec(p["kept_bytes"].as_u64().unwrap_or(0)),
+            iec(p["staged_bytes"].as_u64().unwrap_or(0))
+        );
+    }
 }
 
 /// Mountpoints of every ferry mount on this host: FUSE mounts in /proc/self/mountinfo (type

@@ -55,7 +55,9 @@ fn both_daemons_serve_metrics_that_agree_with_status() {
     fs::write(&p.replica.config, c).unwrap();
     p.replica.start();
     let before = scrape(rport);
-    assert_eq!(must(&before, "ferry_store_generation"), 0.0);
+    // The primary's namespace exists from its first contact (a probe at mount, or the sync).
+    let gen_key = "ferry_store_generation{primary=\"test\"}";
+    assert_eq!(sample(&before, gen_key).unwrap_or(0.0), 0.0, "{before}");
     assert!(must(&before, "ferry_store_free_bytes") > 0.0);
 
     fs::write(p.primary.path("a.img"), random(48 << 20, 1)).unwrap();
@@ -79,7 +81,7 @@ fn both_daemons_serve_metrics_that_agree_with_status() {
                 "{m}"
             );
             // The replica answers during the transfer too.
-            assert_eq!(must(&scrape(rport), "ferry_store_generation"), 0.0);
+            assert_eq!(must(&scrape(rport), gen_key), 0.0);
             break;
         }
         assert!(
@@ -128,11 +130,18 @@ fn both_daemons_serve_metrics_that_agree_with_status() {
     assert_eq!(must(&m, "ferry_replica_rpo_met{replica=\"site-b\"}"), 1.0);
 
     let rm = scrape(rport);
-    assert_eq!(must(&rm, "ferry_store_generation"), g);
-    assert_eq!(must(&rm, "ferry_store_images"), 1.0);
-    assert_eq!(must(&rm, "ferry_store_image_bytes"), (48 << 20) as f64);
-    assert_eq!(must(&rm, "ferry_store_staged_bytes"), 0.0);
-    assert_eq!(must(&rm, "ferry_store_commit_seconds_count"), 1.0);
+    assert_eq!(must(&rm, "ferry_store_namespaces"), 1.0);
+    assert_eq!(must(&rm, gen_key), g);
+    assert_eq!(must(&rm, "ferry_store_images{primary=\"test\"}"), 1.0);
+    assert_eq!(
+        must(&rm, "ferry_store_image_bytes{primary=\"test\"}"),
+        (48 << 20) as f64
+    );
+    assert_eq!(must(&rm, "ferry_store_staged_bytes{primary=\"test\"}"), 0.0);
+    assert_eq!(
+        must(&rm, "ferry_store_commit_seconds_count{primary=\"test\"}"),
+        1.0
+    );
 }
 
 #[test]

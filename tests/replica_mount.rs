@@ -63,9 +63,11 @@ fn replica_json(p: &Pair, command: &str) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// `ferry generations --json` of the pair's replica.
+/// `ferry generations --json` of the pair's replica: its primary's restore points.
 fn generations(p: &Pair) -> Value {
-    replica_json(p, "generations")
+    let v = replica_json(p, "generations");
+    assert_eq!(v["primaries"][0]["primary"], common::PRIMARY, "{v}");
+    v["primaries"][0].clone()
 }
 
 fn numbers(v: &Value) -> Vec<u64> {
@@ -91,8 +93,8 @@ fn a_file_open_on_the_replica_mount_keeps_its_generation() {
     p.sync_ok();
     let writer = Stamper::start(&disks, BLOCKS, Duration::from_micros(750));
     let (ra, rb) = (
-        p.replica.mnt.join("disk-a.img"),
-        p.replica.mnt.join("disk-b.img"),
+        p.replica.served.join("disk-a.img"),
+        p.replica.served.join("disk-b.img"),
     );
     // Files opened on the replica mount: the file, its generation, what it read first.
     let mut open: Vec<(File, u64, Vec<u8>)> = Vec::new();
@@ -167,16 +169,21 @@ fn a_file_open_on_the_replica_mount_keeps_its_generation() {
     let v = generations(&p);
     assert_eq!(numbers(&v), vec![newest], "{v}");
     assert_eq!(v["kept_bytes"], 0, "{v}");
-    // The restore points are reachable by name but not listed at the root.
-    let root: Vec<String> = fs::read_dir(&p.replica.mnt)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    assert_eq!(root.len(), 2, "{root:?}");
-    assert!(!root.iter().any(|n| n.starts_with('.')));
+    // The mount's root holds a directory per primary; in it, the restore points are
+    // reachable by name but not listed.
+    let names = |d: &std::path::Path| -> Vec<String> {
+        fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect()
+    };
+    assert_eq!(names(&p.replica.mnt), [common::PRIMARY]);
+    let listed = names(&p.replica.served);
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert!(!listed.iter().any(|n| n.starts_with('.')));
     assert!(
         p.replica
-            .mnt
+            .served
             .join(format!(".ferry/generations/{newest}/disk-a.img"))
             .exists()
     );
@@ -229,7 +236,7 @@ fn restore_points_are_served_listed_and_restored() {
 
     let check = |p: &Pair| {
         for (g, copy) in &at[2..] {
-            let shown = p.replica.mnt.join(format!(".ferry/generations/{g}/{img}"));
+            let shown = p.replica.served.join(format!(".ferry/generations/{g}/{img}"));
             common::cmp(&shown, copy);
             let out = Command::new("qemu-img")
                 .args(["check", "-q", "-f", "qcow2"])
@@ -243,14 +250,16 @@ fn restore_points_are_served_listed_and_restored() {
                 "qemu-img check of generation {g}: {out:?}"
             );
         }
-        common::cmp(&p.replica.mnt.join(img), &at[4].1);
+        common::cmp(&p.replica.served.join(img), &at[4].1);
     };
     check(&p);
 
     let (oldest, copy) = &at[2];
+    let shown = format!("{}/{img}", common::PRIMARY);
+    let shown = shown.as_str();
     let to = saved.path().join("restored.qcow2");
     let out = Command::new(FERRY)
-        .args(["restore", img, "--generation", &oldest.to_string(), "--to"])
+        .args(["restore", shown, "--generation", &oldest.to_string(), "--to"])
         .arg(&to)
         .arg("--config")
         .arg(&p.replica.config)
@@ -260,7 +269,7 @@ fn restore_points_are_served_listed_and_restored() {
     common::cmp(&to, copy);
     let expired = at[1].0;
     let out = Command::new(FERRY)
-        .args(["restore", img, "--generation", &expired.to_string(), "--to"])
+        .args(["restore", shown, "--generation", &expired.to_string(), "--to"])
         .arg(saved.path().join("no.qcow2"))
         .arg("--config")
         .arg(&p.replica.config)
@@ -282,10 +291,12 @@ fn restore_points_are_served_listed_and_restored() {
     // The replica host's status: the store's generation, restore points and daemon.
     let status = |p: &Pair| replica_json(p, "status");
     let v = status(&p);
-    assert_eq!(v["generation"], at[4].0, "{v}");
-    assert_eq!(v["restore_points"], serde_json::json!(kept), "{v}");
+    let ns = &v["primaries"][0];
+    assert_eq!(ns["primary"], common::PRIMARY, "{v}");
+    assert_eq!(ns["generation"], at[4].0, "{v}");
+    assert_eq!(ns["restore_points"], serde_json::json!(kept), "{v}");
     assert!(v["pid"].as_u64().is_some(), "{v}");
-    assert!(v["committed_ago_s"].as_u64().unwrap() < 600, "{v}");
+    assert!(ns["committed_ago_s"].as_u64().unwrap() < 600, "{v}");
     p.replica.stop();
     assert!(
         !p.replica.is_mounted(),
@@ -293,7 +304,7 @@ fn restore_points_are_served_listed_and_restored() {
     );
     let v = status(&p);
     assert_eq!(
-        (v["pid"].clone(), v["generation"].clone()),
+        (v["pid"].clone(), v["primaries"][0]["generation"].clone()),
         (Value::Null, at[4].0.into()),
         "{v}"
     );
@@ -320,6 +331,7 @@ fn the_mount_helper_form_starts_the_replica_with_its_mount() {
     fs::write(p.primary.path("a.img"), vec![7u8; 100_000]).unwrap();
     p.replica.stop();
     let mnt = p.replica.mnt.clone();
+    let served = p.replica.served.clone();
     let options = format!("replica,config={}", p.replica.config.display());
     common::run(
         Command::new(FERRY)
@@ -330,7 +342,7 @@ fn the_mount_helper_form_starts_the_replica_with_its_mount() {
     );
     assert!(p.replica.is_mounted());
     p.sync_ok();
-    assert_eq!(fs::read(mnt.join("a.img")).unwrap(), vec![7u8; 100_000]);
+    assert_eq!(fs::read(served.join("a.img")).unwrap(), vec![7u8; 100_000]);
 
     // A store other than the config's is refused, saying which one the config names.
     let out = Command::new(FERRY)
@@ -410,7 +422,7 @@ fn verify_deep_names_a_flipped_byte_in_an_image_and_a_kept_chunk_and_repair_mend
         "{v}"
     );
 
-    let packs: Vec<_> = fs::read_dir(p.replica.store.join(".ferry/kept"))
+    let packs: Vec<_> = fs::read_dir(p.replica.images.join(".ferry/kept"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
@@ -451,7 +463,7 @@ fn verify_deep_names_a_flipped_byte_in_an_image_and_a_kept_chunk_and_repair_mend
     assert!(damage(&v["replicas"][0]).is_empty(), "{v}");
     assert!(verify(&p, &["--deep"]).1);
     assert_eq!(fs::read(p.replica_path("a.img")).unwrap(), new);
-    let restore_point = p.replica.mnt.join(format!(".ferry/generations/{g1}/a.img"));
+    let restore_point = p.replica.served.join(format!(".ferry/generations/{g1}/a.img"));
     assert!(
         fs::read(&restore_point).unwrap() == old,
         "the restore point reads back"

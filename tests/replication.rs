@@ -117,7 +117,7 @@ fn an_unpinned_primary_is_refused_and_nothing_of_its_lands() {
     }
     let primary_fp = fs::read_to_string(p.primary.dir.path().join("keys/node.crt")).unwrap();
     assert!(!primary_fp.is_empty());
-    assert!(!r2.store.join("a.img").exists());
+    assert!(!r2.images.join("a.img").exists());
     r2.kill9();
 }
 
@@ -200,11 +200,11 @@ fn a_corrupted_chunk_is_caught_and_nothing_is_applied() {
         other => panic!("a corrupt chunk was not refused: {other:?}"),
     }
     assert!(!armed.load(Ordering::SeqCst));
-    assert!(!r.store.join("a.img").exists(), "nothing applied");
+    assert!(!r.images.join("a.img").exists(), "nothing applied");
     // The next session ships the same generation intact.
     let acked = attempt(&how).unwrap_or_else(|e| panic!("{e}\n{}", r.log_text()));
     assert_eq!(acked.generation, 1);
-    assert_eq!(fs::read(r.store.join("a.img")).unwrap(), bytes);
+    assert_eq!(fs::read(r.images.join("a.img")).unwrap(), bytes);
 }
 
 #[test]
@@ -225,7 +225,7 @@ fn a_replica_killed_mid_transfer_resumes_without_resending_what_it_staged() {
             .unwrap()
     });
     // Kill the replica once a good part of the image is staged.
-    let journal = p.replica.store.join(".ferry/staging/journal");
+    let journal = p.replica.images.join(".ferry/staging/journal");
     let t = Instant::now();
     loop {
         let staged = fs::metadata(&journal).map(|m| m.len()).unwrap_or(0);
@@ -296,7 +296,7 @@ fn a_replica_seeded_from_elsewhere_and_a_template_clone_ship_almost_nothing() {
     // Seed the replica by hand (as with a disk shipped by courier) while it is stopped; it
     // indexes the image when it starts.
     p.replica.kill9();
-    fs::create_dir_all(&p.replica.store).unwrap();
+    fs::create_dir_all(&p.replica.images).unwrap();
     fs::write(p.replica_path("golden.img"), &base).unwrap();
     p.replica.start();
     fs::write(p.primary.path("golden.img"), &base).unwrap();

@@ -334,7 +334,8 @@ struct NsReplica {
     // Drop order: the daemon is killed before its directory goes.
     _proc: Proc,
     _dir: tempfile::TempDir,
-    store: PathBuf,
+    /// The primary's namespace in the store.
+    images: PathBuf,
     log: PathBuf,
     fingerprint: String,
 }
@@ -343,6 +344,7 @@ impl NsReplica {
     fn start(net: &Net, primary: &str) -> NsReplica {
         let dir = tempfile::tempdir().unwrap();
         let store = dir.path().join("store");
+        let images = store.join(common::PRIMARY);
         let fingerprint = keygen(&dir.path().join("keys"));
         let config = dir.path().join("replica.toml");
         fs::write(
@@ -368,7 +370,7 @@ impl NsReplica {
             .unwrap();
         let r = NsReplica {
             _dir: dir,
-            store,
+            images,
             log,
             fingerprint,
             _proc: Proc(Some(child)),
@@ -446,11 +448,11 @@ impl NsPair {
     }
 
     fn identical(&self, name: &str) {
-        common::cmp(&self.primary.backing(name), &self.replica.store.join(name));
+        common::cmp(&self.primary.backing(name), &self.replica.images.join(name));
     }
 
     fn staged(&self) -> u64 {
-        fs::metadata(self.replica.store.join(".ferry/staging/journal"))
+        fs::metadata(self.replica.images.join(".ferry/staging/journal"))
             .map(|m| m.len())
             .unwrap_or(0)
     }
@@ -550,7 +552,7 @@ fn a_cut_link_mid_transfer_delays_the_sync_but_loses_and_resends_nothing() {
     // 2. A cut that outlasts the sync's timeout: the sync fails, saying so, and the replica
     // keeps generation 1; once the link is back, the next sync sends only what had not arrived.
     write_random(&p.primary.path("vm.img"), MIB as usize, 12);
-    let before = fs::read(p.replica.store.join("vm.img")).unwrap();
+    let before = fs::read(p.replica.images.join("vm.img")).unwrap();
     let sync = p.sync_bg(8);
     wait_for("a quarter to be staged", Duration::from_secs(60), || {
         p.staged() > size / 4
@@ -560,7 +562,7 @@ fn a_cut_link_mid_transfer_delays_the_sync_but_loses_and_resends_nothing() {
     assert!(!ok, "a sync with the link cut succeeded: {v}");
     assert_ne!(v["replicas"][0]["state"], "committed", "{v} {err}");
     assert!(
-        fs::read(p.replica.store.join("vm.img")).unwrap() == before,
+        fs::read(p.replica.images.join("vm.img")).unwrap() == before,
         "the replica's image changed without a commit"
     );
     let arrived = p.staged();

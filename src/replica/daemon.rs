@@ -10,14 +10,13 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio::sync::mpsc;
 
-use super::Store;
+use super::Site;
+use super::site::Shared as SharedStore;
 use crate::chunk::ChunkParams;
 use crate::net::transport::{self, read_frame, write_frame};
 use crate::net::{Fingerprint, Identity, Node, Threads};
 use crate::wire::frame::{Frame, Refusal, RefuseCode};
 use crate::wire::replica::ReplicaSession;
-
-type SharedStore = Arc<parking_lot::Mutex<Store>>;
 
 /// What the replica daemon is told by the face (built from the config file there).
 pub struct Options {
@@ -43,9 +42,9 @@ pub struct Options {
 /// Runs the replica daemon in the foreground until SIGTERM or SIGINT; `ready` is called once
 /// it listens (and its mount is live).
 pub fn run(opts: Options, ready: Option<Box<dyn FnOnce()>>) -> Result<()> {
-    let store = Store::open_with(&opts.store, opts.params, opts.keep)?;
+    let site = Arc::new(Site::open(&opts.store, opts.params, opts.keep)?);
     let mount = match &opts.mount {
-        Some(mnt) => Some(mount(&store, mnt, opts.stop_on_unmount)?),
+        Some(mnt) => Some(mount(&site, mnt, opts.stop_on_unmount)?),
         None => None,
     };
     let threads = Threads {
@@ -54,30 +53,33 @@ pub fn run(opts: Options, ready: Option<Box<dyn FnOnce()>>) -> Result<()> {
         on_start: || {},
     };
     let node = Node::server(&opts.identity, &opts.primaries, opts.listen, threads)?;
-    let root = store.root().display().to_string();
-    let store: SharedStore = Arc::new(parking_lot::Mutex::new(store));
+    let root = site.root().display().to_string();
     if let Some(every) = opts.scrub_interval {
-        let store = store.clone();
+        let site = site.clone();
         std::thread::Builder::new()
             .name("ferry-scrub".into())
             .spawn(move || {
                 loop {
                     std::thread::sleep(every);
-                    log::info!("scheduled deep verify of the store (scrub_interval)");
-                    if let Err(e) = super::scrub::scrub(&store, true) {
-                        log::error!("scheduled deep verify failed: {e:#}");
+                    for (name, store) in site.stores() {
+                        log::info!("scheduled deep verify of namespace {name} (scrub_interval)");
+                        if let Err(e) = super::scrub::scrub(&store, true) {
+                            log::error!("scheduled deep verify of namespace {name} failed: {e:#}");
+                        }
                     }
                 }
             })?;
     }
     if let Some(addr) = opts.metrics {
-        crate::metrics::serve(addr, super::metrics::registry(&store), "replica");
+        crate::metrics::serve(addr, super::metrics::registry(&site), "replica");
     }
     log::info!(
-        "replica listening on {} (fingerprint {}), store {root}, {} pinned primaries",
+        "replica listening on {} (fingerprint {}), store {root}, {} pinned primaries, \
+         namespaces {:?}",
         node.endpoint().local_addr()?,
         opts.identity.fingerprint(),
-        opts.primaries.len()
+        opts.primaries.len(),
+        site.names()
     );
     if let Some(ready) = ready {
         ready();
@@ -86,7 +88,7 @@ pub fn run(opts: Options, ready: Option<Box<dyn FnOnce()>>) -> Result<()> {
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         log::warn!("cannot tell systemd the replica is ready: {e}");
     }
-    let r = node.block_on(serve(store, node.endpoint().clone()));
+    let r = node.block_on(serve(site, node.endpoint().clone()));
     if let Some(m) = mount {
         m.unmount();
     }
@@ -124,8 +126,8 @@ impl Served {
     }
 }
 
-/// Serves the read-only replica mount at `mnt` from `store`'s view.
-fn mount(store: &Store, mnt: &std::path::Path, stop_on_unmount: bool) -> Result<Served> {
+/// Serves the read-only replica mount at `mnt`: a directory per namespace.
+fn mount(site: &Arc<Site>, mnt: &std::path::Path, stop_on_unmount: bool) -> Result<Served> {
     use fuser::{MountOption, SessionACL};
     clear_dead_mount(mnt);
     let mnt = mnt.canonicalize().with_context(|| {
@@ -134,11 +136,11 @@ fn mount(store: &Store, mnt: &std::path::Path, stop_on_unmount: bool) -> Result<
             mnt.display()
         )
     })?;
-    store.view().serve_mount();
-    let fs = super::fuse::ReplicaFuse::new(store.view().clone(), store.root().to_path_buf());
+    site.serve_mount();
+    let fs = super::fuse::ReplicaFuse::new(site.clone());
     let mut cfg = fuser::Config::default();
     cfg.mount_options = vec![
-        MountOption::FSName(store.root().display().to_string()),
+        MountOption::FSName(site.root().display().to_string()),
         MountOption::Subtype("ferry".into()),
         MountOption::RO,
         MountOption::DefaultPermissions,
@@ -181,9 +183,10 @@ fn mount(store: &Store, mnt: &std::path::Path, stop_on_unmount: bool) -> Result<
             })?
     };
     log::info!(
-        "replica mount {} serves generation {} (read-only; restore points under .ferry/generations)",
+        "replica mount {} serves namespaces {:?} (read-only; restore points under \
+         NAME/.ferry/generations)",
         mnt.display(),
-        store.view().applied()
+        site.names()
     );
     Ok(Served {
         mnt,
@@ -193,16 +196,16 @@ fn mount(store: &Store, mnt: &std::path::Path, stop_on_unmount: bool) -> Result<
     })
 }
 
-async fn serve(store: SharedStore, ep: quinn::Endpoint) -> Result<()> {
+async fn serve(site: Arc<Site>, ep: quinn::Endpoint) -> Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
             incoming = ep.accept() => {
                 let Some(incoming) = incoming else { break };
-                let store = store.clone();
+                let site = site.clone();
                 tokio::spawn(async move {
                     let remote = incoming.remote_address();
-                    if let Err(e) = connection(incoming, store).await {
+                    if let Err(e) = connection(incoming, site).await {
                         log::warn!("session with {remote} ended: {e:#}");
                     }
                 });
@@ -223,7 +226,7 @@ async fn serve(store: SharedStore, ep: quinn::Endpoint) -> Result<()> {
     Ok(())
 }
 
-async fn connection(incoming: quinn::Incoming, store: SharedStore) -> Result<()> {
+async fn connection(incoming: quinn::Incoming, site: Arc<Site>) -> Result<()> {
     let remote = incoming.remote_address();
     let conn = incoming
         .await
@@ -231,6 +234,26 @@ async fn connection(incoming: quinn::Incoming, store: SharedStore) -> Result<()>
     let fp = transport::fingerprint(&conn)?;
     log::info!("primary {fp} connected from {remote}");
     let (mut send, mut recv) = conn.accept_bi().await.context("no control stream")?;
+    // The first frame names the primary, hence its namespace: the only store this session
+    // can reach.
+    let first = read_frame(&mut recv).await?;
+    let claimed = match &first {
+        Some(Frame::Hello { node, .. }) => {
+            tokio::task::block_in_place(|| site.claim(node, &fp.to_string()))
+        }
+        _ => Err(Refusal::new(RefuseCode::Protocol, "expected Hello first")),
+    };
+    let store = match claimed {
+        Ok(store) => store,
+        Err(r) => {
+            log::warn!("primary {fp} from {remote} refused: {r}");
+            let _ = write_frame(&mut send, &r.frame()).await;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
+            conn.close(0u32.into(), b"refused");
+            return Ok(());
+        }
+    };
     let session = Arc::new(parking_lot::Mutex::new(ReplicaSession::default()));
     let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
     // Set when the session refuses: every reader stops.
@@ -318,6 +341,15 @@ async fn connection(incoming: quinn::Incoming, store: SharedStore) -> Result<()>
         })
     };
 
+    if let Some(hello) = first
+        && !handle(hello, &tx)
+    {
+        drop(tx);
+        let _ = writer.await;
+        data.abort();
+        conn.close(0u32.into(), b"session over");
+        return Ok(());
+    }
     let result = loop {
         tokio::select! {
             r = read_frame(&mut recv) => match r {

@@ -1,6 +1,6 @@
-//! The read-only replica mount: the newest generation's images at their paths, and every held
-//! generation under `.ferry/generations/<N>/` (looked up by name, never listed at the root,
-//! as ZFS hides `.zfs`).
+//! The read-only replica mount: a directory per namespace (the primary's node name), in it the
+//! newest generation's images at their paths, and every held generation under
+//! `NAME/.ferry/generations/<N>/` (looked up by name, never listed, as ZFS hides `.zfs`).
 //!
 //! An image's inode is (generation, path): its content never changes, so the kernel may cache
 //! its pages and attributes for good. A path of the newest generation is looked up again at
@@ -11,7 +11,6 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
@@ -23,6 +22,8 @@ use fuser::{
 };
 use parking_lot::Mutex;
 
+use super::META_DIR;
+use super::site::Site;
 use super::view::{Found, View};
 
 /// Attributes and names of a generation never change.
@@ -33,18 +34,36 @@ const MAX_READ: u32 = 1 << 20;
 /// Extended attribute of an image: the generation it shows.
 pub const GENERATION_XATTR: &str = "user.ferry.generation";
 
+/// A namespace: the primary's node name.
+type Ns = Arc<str>;
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Node {
-    /// A directory of the newest generation (`""`: the mount's root).
-    Live(String),
-    /// `.ferry`
-    Meta,
-    /// `.ferry/generations`
-    Points,
+    /// The mount's root: a directory per namespace.
+    Root,
+    /// A directory of a namespace's newest generation (`""`: the namespace's directory).
+    Live(Ns, String),
+    /// `NS/.ferry`
+    Meta(Ns),
+    /// `NS/.ferry/generations`
+    Points(Ns),
     /// A directory of a held generation.
-    PointDir(u64, String),
+    PointDir(Ns, u64, String),
     /// An image as a generation has it.
-    Image(u64, String),
+    Image(Ns, u64, String),
+}
+
+impl Node {
+    fn ns(&self) -> Option<&Ns> {
+        match self {
+            Node::Root => None,
+            Node::Live(ns, _)
+            | Node::Meta(ns)
+            | Node::Points(ns)
+            | Node::PointDir(ns, ..)
+            | Node::Image(ns, ..) => Some(ns),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -81,23 +100,21 @@ fn join(dir: &str, name: &str) -> String {
 }
 
 pub struct ReplicaFuse {
-    view: Arc<View>,
-    store: PathBuf,
+    site: Arc<Site>,
     inodes: Mutex<Inodes>,
-    /// Open files: the generation and image each reads.
-    files: Mutex<HashMap<u64, (u64, String)>>,
+    /// Open files: the view, generation and image each reads.
+    files: Mutex<HashMap<u64, (Arc<View>, u64, String)>>,
     /// Open directories: their entries when opened.
     dirs: Mutex<HashMap<u64, Vec<DirEntry>>>,
     next_fh: AtomicU64,
 }
 
 impl ReplicaFuse {
-    pub fn new(view: Arc<View>, store: PathBuf) -> ReplicaFuse {
+    pub fn new(site: Arc<Site>) -> ReplicaFuse {
         let mut inodes = Inodes::default();
-        inodes.ino(Node::Live(String::new()));
+        inodes.ino(Node::Root);
         ReplicaFuse {
-            view,
-            store,
+            site,
             inodes: Mutex::new(inodes),
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
@@ -109,113 +126,150 @@ impl ReplicaFuse {
         self.inodes.lock().node(ino.0).ok_or(Errno::ENOENT)
     }
 
+    fn view(&self, ns: &str) -> Result<Arc<View>, Errno> {
+        self.site.view(ns).ok_or(Errno::ENOENT)
+    }
+
     fn attr(&self, ino: u64, node: &Node) -> Result<FileAttr, Errno> {
+        let Some(ns) = node.ns() else {
+            return Ok(dir_attr(ino, SystemTime::now()));
+        };
+        let view = self.view(ns)?;
         let (number, kind, size) = match node {
-            Node::Live(_) | Node::Meta | Node::Points => {
-                (self.view.applied(), FileType::Directory, 0)
+            Node::Root => unreachable!("handled above"),
+            Node::Live(..) | Node::Meta(_) | Node::Points(_) => {
+                (view.applied(), FileType::Directory, 0)
             }
-            Node::PointDir(n, _) => (*n, FileType::Directory, 0),
-            Node::Image(n, p) => match self.view.find(*n, p) {
+            Node::PointDir(_, n, _) => (*n, FileType::Directory, 0),
+            Node::Image(_, n, p) => match view.find(*n, p) {
                 Some(Found::Image(size)) => (*n, FileType::RegularFile, size),
                 _ => return Err(Errno::ESTALE),
             },
         };
-        let at = self
-            .view
-            .committed_at(number)
-            .unwrap_or(SystemTime::UNIX_EPOCH);
-        let (mut perm, mut uid, mut gid) = (0o555, 0, 0);
-        if let Node::Image(_, p) = node {
-            perm = 0o444;
-            if let Some(md) = self.view.image_file(p).and_then(|f| f.metadata().ok()) {
-                perm = (md.mode() & 0o555) as u16;
-                uid = md.uid();
-                gid = md.gid();
+        let at = view.committed_at(number).unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut a = dir_attr(ino, at);
+        if let Node::Image(_, _, p) = node {
+            a.kind = kind;
+            a.size = size;
+            a.blocks = size.div_ceil(512);
+            a.nlink = 1;
+            a.perm = 0o444;
+            if let Some(md) = view.image_file(p).and_then(|f| f.metadata().ok()) {
+                a.perm = (md.mode() & 0o555) as u16;
+                a.uid = md.uid();
+                a.gid = md.gid();
             }
         }
-        Ok(FileAttr {
-            ino: INodeNo(ino),
-            size,
-            blocks: size.div_ceil(512),
-            atime: at,
-            mtime: at,
-            ctime: at,
-            crtime: at,
-            kind,
-            perm,
-            nlink: if kind == FileType::Directory { 2 } else { 1 },
-            uid,
-            gid,
-            rdev: 0,
-            blksize: 4096,
-            flags: 0,
-        })
+        Ok(a)
     }
 
     /// The child `name` of directory `parent`, and how long the kernel may cache the name.
     fn child(&self, parent: &Node, name: &str) -> Result<(Node, Duration), Errno> {
-        let found = |n: u64, p: String, dir: fn(u64, String) -> Node| match self.view.find(n, &p) {
-            Some(Found::Image(_)) => Ok(Node::Image(n, p)),
-            Some(Found::Dir) => Ok(dir(n, p)),
+        let Some(ns) = parent.ns() else {
+            // A namespace appears with its primary's first contact.
+            self.view(name)?;
+            return Ok((Node::Live(name.into(), String::new()), NOW));
+        };
+        let view = self.view(ns)?;
+        let ns = ns.clone();
+        let found = |n: u64, p: String, dir: fn(Ns, u64, String) -> Node| match view.find(n, &p)
+        {
+            Some(Found::Image(_)) => Ok(Node::Image(ns.clone(), n, p)),
+            Some(Found::Dir) => Ok(dir(ns.clone(), n, p)),
             None => Err(Errno::ENOENT),
         };
         match parent {
-            Node::Live(d) if d.is_empty() && name == ".ferry" => Ok((Node::Meta, FOREVER)),
-            Node::Live(d) => Ok((
-                found(self.view.applied(), join(d, name), |_, p| Node::Live(p))?,
+            Node::Root => unreachable!("handled above"),
+            Node::Live(_, d) if d.is_empty() && name == META_DIR => {
+                Ok((Node::Meta(ns.clone()), FOREVER))
+            }
+            Node::Live(_, d) => Ok((
+                found(view.applied(), join(d, name), |ns, _, p| Node::Live(ns, p))?,
                 NOW,
             )),
-            Node::Meta if name == "generations" => Ok((Node::Points, FOREVER)),
-            Node::Meta => Err(Errno::ENOENT),
-            Node::Points => {
+            Node::Meta(_) if name == "generations" => Ok((Node::Points(ns.clone()), FOREVER)),
+            Node::Meta(_) => Err(Errno::ENOENT),
+            Node::Points(_) => {
                 let n: u64 = name.parse().map_err(|_| Errno::ENOENT)?;
-                if !self.view.generations().contains(&n) {
+                if !view.generations().contains(&n) {
                     return Err(Errno::ENOENT);
                 }
-                Ok((Node::PointDir(n, String::new()), NOW))
+                Ok((Node::PointDir(ns.clone(), n, String::new()), NOW))
             }
-            Node::PointDir(n, d) => Ok((found(*n, join(d, name), Node::PointDir)?, FOREVER)),
+            Node::PointDir(_, n, d) => Ok((found(*n, join(d, name), Node::PointDir)?, FOREVER)),
             Node::Image(..) => Err(Errno::ENOTDIR),
         }
     }
 
     fn entries(&self, node: &Node) -> Result<Vec<(Node, FileType, String)>, Errno> {
-        let listed = |n: u64, d: &str, dir: fn(u64, String) -> Node| {
-            let list = self.view.list(n, d).ok_or(Errno::ESTALE)?;
+        let Some(ns) = node.ns() else {
+            return Ok(self
+                .site
+                .names()
+                .into_iter()
+                .map(|n| (Node::Live(n.as_str().into(), String::new()), FileType::Directory, n))
+                .collect());
+        };
+        let view = self.view(ns)?;
+        let listed = |n: u64, d: &str, dir: fn(Ns, u64, String) -> Node| {
+            let list = view.list(n, d).ok_or(Errno::ESTALE)?;
             Ok::<_, Errno>(
                 list.into_iter()
                     .map(|(name, f)| {
                         let p = join(d, &name);
                         match f {
-                            Found::Image(_) => (Node::Image(n, p), FileType::RegularFile, name),
-                            Found::Dir => (dir(n, p), FileType::Directory, name),
+                            Found::Image(_) => {
+                                (Node::Image(ns.clone(), n, p), FileType::RegularFile, name)
+                            }
+                            Found::Dir => (dir(ns.clone(), n, p), FileType::Directory, name),
                         }
                     })
                     .collect(),
             )
         };
         match node {
-            Node::Live(d) => listed(self.view.applied(), d, |_, p| Node::Live(p)),
-            Node::Meta => Ok(vec![(
-                Node::Points,
+            Node::Root => unreachable!("handled above"),
+            Node::Live(_, d) => listed(view.applied(), d, |ns, _, p| Node::Live(ns, p)),
+            Node::Meta(_) => Ok(vec![(
+                Node::Points(ns.clone()),
                 FileType::Directory,
                 "generations".into(),
             )]),
-            Node::Points => Ok(self
-                .view
+            Node::Points(_) => Ok(view
                 .generations()
                 .into_iter()
                 .map(|n| {
                     (
-                        Node::PointDir(n, String::new()),
+                        Node::PointDir(ns.clone(), n, String::new()),
                         FileType::Directory,
                         n.to_string(),
                     )
                 })
                 .collect()),
-            Node::PointDir(n, d) => listed(*n, d, Node::PointDir),
+            Node::PointDir(_, n, d) => listed(*n, d, Node::PointDir),
             Node::Image(..) => Err(Errno::ENOTDIR),
         }
+    }
+}
+
+/// A read-only directory's attributes, with time `at`.
+fn dir_attr(ino: u64, at: SystemTime) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size: 0,
+        blocks: 0,
+        atime: at,
+        mtime: at,
+        ctime: at,
+        crtime: at,
+        kind: FileType::Directory,
+        perm: 0o555,
+        nlink: 2,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
     }
 }
 
@@ -265,15 +319,19 @@ impl Filesystem for ReplicaFuse {
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
             return reply.error(Errno::EROFS);
         }
-        let Ok(Node::Image(n, path)) = self.node(ino) else {
+        let Ok(Node::Image(ns, n, path)) = self.node(ino) else {
             return reply.error(Errno::EISDIR);
         };
-        if !self.view.pin(n) {
+        let view = match self.view(&ns) {
+            Ok(v) => v,
+            Err(e) => return reply.error(e),
+        };
+        if !view.pin(n) {
             // Expired since the lookup: the kernel looks the path up again.
             return reply.error(Errno::ESTALE);
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.files.lock().insert(fh, (n, path));
+        self.files.lock().insert(fh, (view, n, path));
         // An O_DIRECT open (QEMU's cache=none) is served as FUSE direct I/O: each read goes
         // to the daemon, many at once; the others share the page cache across opens.
         let direct = if flags.0 & libc::O_DIRECT != 0 {
@@ -295,11 +353,11 @@ impl Filesystem for ReplicaFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let Some((n, path)) = self.files.lock().get(&fh.0).cloned() else {
+        let Some((view, n, path)) = self.files.lock().get(&fh.0).cloned() else {
             return reply.error(Errno::EBADF);
         };
         let mut buf = vec![0u8; size as usize];
-        match self.view.read(n, &path, offset, &mut buf) {
+        match view.read(n, &path, offset, &mut buf) {
             Ok(got) => reply.data(&buf[..got]),
             Err(e) => {
                 log::error!("read of {path} (generation {n}) at {offset}: {e}");
@@ -330,8 +388,8 @@ impl Filesystem for ReplicaFuse {
         reply: ReplyEmpty,
     ) {
         let opened = self.files.lock().remove(&fh.0);
-        if let Some((n, _)) = opened {
-            self.view.unpin(n);
+        if let Some((view, n, _)) = opened {
+            view.unpin(n);
         }
         reply.ok();
     }
@@ -400,7 +458,7 @@ impl Filesystem for ReplicaFuse {
     /// `user.ferry.generation` on an image: the generation it shows (what a file opened now,
     /// or opened through this inode, reads).
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let (Ok(Node::Image(n, _)), Some(GENERATION_XATTR)) = (self.node(ino), name.to_str())
+        let (Ok(Node::Image(_, n, _)), Some(GENERATION_XATTR)) = (self.node(ino), name.to_str())
         else {
             return reply.error(Errno::ENODATA);
         };
@@ -415,7 +473,7 @@ impl Filesystem for ReplicaFuse {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match nix_statvfs(&self.store) {
+        match nix_statvfs(self.site.root()) {
             Ok(s) => reply.statfs(
                 s.f_blocks,
                 s.f_bfree,

@@ -1,22 +1,23 @@
-//! The replica daemon's Prometheus metrics: the store's figures (read without waiting: while a
-//! commit holds the store, a scrape shows the figures of the previous scrape), its free space,
-//! and how long commits take.
+//! The replica daemon's Prometheus metrics: each namespace's figures, labelled with its
+//! primary's node name (read without waiting: while a commit holds a namespace, a scrape shows
+//! its figures of the previous scrape), the store's free space, and how long commits take.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use super::{Figures, Store};
+use super::{Figures, Site};
 use crate::metrics::Gauges;
 
 pub struct StoreCollector {
-    store: Arc<parking_lot::Mutex<Store>>,
-    root: PathBuf,
-    last: parking_lot::Mutex<Figures>,
+    site: Arc<Site>,
+    /// Each namespace's figures of the last scrape that found its store free.
+    last: parking_lot::Mutex<BTreeMap<String, Figures>>,
 }
 
 impl std::fmt::Debug for StoreCollector {
@@ -25,23 +26,30 @@ impl std::fmt::Debug for StoreCollector {
     }
 }
 
-/// The registry of a replica daemon serving `store`.
-pub fn registry(store: &Arc<parking_lot::Mutex<Store>>) -> Registry {
+/// The labels of a namespace's samples.
+type Labels = Vec<(String, String)>;
+
+/// The registry of a replica daemon serving `site`: the store's figures per namespace (label
+/// `primary`, the primary's node name).
+pub fn registry(site: &Arc<Site>) -> Registry {
     let mut reg = Registry::default();
-    let apply = Histogram::new(exponential_buckets(0.01, 2.0, 16));
+    let apply = Family::<Labels, Histogram>::new_with_constructor(
+        (|| Histogram::new(exponential_buckets(0.01, 2.0, 16))) as fn() -> Histogram,
+    );
     reg.register(
         "ferry_store_commit_seconds",
         "Time to commit a generation: verify, journal, apply",
         apply.clone(),
     );
-    let root = {
-        let mut s = store.lock();
-        s.time_commits(apply);
-        s.root().to_path_buf()
-    };
+    site.on_open(move |name, s| {
+        s.time_commits(
+            apply
+                .get_or_create(&vec![("primary".to_string(), name.to_string())])
+                .clone(),
+        )
+    });
     reg.register_collector(Box::new(StoreCollector {
-        store: store.clone(),
-        root,
+        site: site.clone(),
         last: Default::default(),
     }));
     reg
@@ -60,60 +68,75 @@ fn space(root: &std::path::Path) -> Option<(u64, u64)> {
 
 impl Collector for StoreCollector {
     fn encode(&self, enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let f = match self.store.try_lock() {
-            Some(s) => {
-                let f = s.figures();
-                *self.last.lock() = f.clone();
-                f
+        let figures: Vec<(String, Figures)> = {
+            let mut last = self.last.lock();
+            for (name, store) in self.site.stores() {
+                if let Some(s) = store.try_lock() {
+                    last.insert(name, s.figures());
+                }
             }
-            None => self.last.lock().clone(),
+            last.iter().map(|(n, f)| (n.clone(), f.clone())).collect()
         };
         let mut g = Gauges::new(enc);
         g.one(
+            "ferry_store_namespaces",
+            "Primaries with a namespace in the store",
+            figures.len() as f64,
+        )?;
+        let mut each = |name: &str, help: &str, v: fn(&Figures) -> Option<f64>| {
+            let samples: Vec<_> = figures
+                .iter()
+                .filter_map(|(ns, f)| Some((vec![("primary", ns.clone())], v(f)?)))
+                .collect();
+            g.family(name, help, &samples)
+        };
+        each(
             "ferry_store_generation",
-            "The generation the store committed",
-            f.generation as f64,
+            "The generation the namespace committed",
+            |f| Some(f.generation as f64),
         )?;
-        g.one("ferry_store_epoch", "The store's epoch", f.epoch as f64)?;
-        g.one("ferry_store_images", "Images in the store", f.images as f64)?;
-        g.one(
+        each("ferry_store_epoch", "The namespace's epoch", |f| {
+            Some(f.epoch as f64)
+        })?;
+        each("ferry_store_images", "Images in the namespace", |f| {
+            Some(f.images as f64)
+        })?;
+        each(
             "ferry_store_image_bytes",
-            "Bytes of the store's images (their sizes)",
-            f.image_bytes as f64,
+            "Bytes of the namespace's images (their sizes)",
+            |f| Some(f.image_bytes as f64),
         )?;
-        g.one(
+        each(
             "ferry_store_staged_bytes",
             "Bytes staged for the next generation",
-            f.staged_bytes as f64,
+            |f| Some(f.staged_bytes as f64),
         )?;
-        g.one(
+        each(
             "ferry_store_chunks",
             "Distinct chunks of the committed images",
-            f.chunks as f64,
+            |f| Some(f.chunks as f64),
         )?;
-        g.one(
+        each(
             "ferry_store_kept_generations",
-            "Generations the store can serve: restore points, the newest one included",
-            f.kept_generations as f64,
+            "Generations the namespace can serve: restore points, the newest one included",
+            |f| Some(f.kept_generations as f64),
         )?;
-        g.one(
+        each(
             "ferry_store_kept_bytes",
             "Bytes of kept chunks (what newer generations overwrote and restore points need)",
-            f.kept_bytes as f64,
+            |f| Some(f.kept_bytes as f64),
         )?;
-        if let Some((at, left)) = f.verified {
-            g.one(
-                "ferry_store_verified_timestamp_seconds",
-                "When the last deep verify of the store (ferry verify --deep, scrub_interval) ended",
-                at as f64,
-            )?;
-            g.one(
-                "ferry_store_damaged_chunks",
-                "Damaged chunks the last deep verify found and could not mend in place",
-                left as f64,
-            )?;
-        }
-        if let Some((free, total)) = space(&self.root) {
+        each(
+            "ferry_store_verified_timestamp_seconds",
+            "When the last deep verify of the namespace (ferry verify --deep, scrub_interval) ended",
+            |f| f.verified.map(|(at, _)| at as f64),
+        )?;
+        each(
+            "ferry_store_damaged_chunks",
+            "Damaged chunks the last deep verify found and could not mend in place",
+            |f| f.verified.map(|(_, left)| left as f64),
+        )?;
+        if let Some((free, total)) = space(self.site.root()) {
             g.one(
                 "ferry_store_free_bytes",
                 "Free bytes on the store's filesystem (for its user)",

@@ -25,6 +25,7 @@ pub mod keep;
 mod kept;
 pub mod metrics;
 pub mod scrub;
+pub mod site;
 pub mod view;
 
 use std::collections::{BTreeMap, HashMap};
@@ -47,6 +48,7 @@ use std::time::SystemTime;
 
 pub use journal::Journal;
 pub use keep::Policy;
+pub use site::Site;
 pub use view::View;
 
 /// The store's metadata directory (an image path may not start with it).

@@ -54,6 +54,7 @@ impl Cause {
                 RefuseCode::Corrupt => "corrupt_data",
                 RefuseCode::NoSpace => "no_space",
                 RefuseCode::Store => "store_error",
+                RefuseCode::Namespace => "namespace_taken",
             },
             Cause::Broken(_) => "protocol_error",
             Cause::Local(_) => "local_read_error",
@@ -101,7 +102,10 @@ impl fmt::Display for Cause {
                         "; data was damaged between this node's disk and the replica (memory \
                          or network): the replica kept its last generation"
                     }
-                    RefuseCode::Version | RefuseCode::Params | RefuseCode::Protocol => "",
+                    RefuseCode::Version
+                    | RefuseCode::Params
+                    | RefuseCode::Protocol
+                    | RefuseCode::Namespace => "",
                 };
                 write!(f, "replica refused: {}{todo}", r.reason)
             }

@@ -85,6 +85,9 @@ pub enum RefuseCode {
     NoSpace,
     /// The replica's store failed otherwise (an I/O error).
     Store,
+    /// The primary's node name names another primary's namespace on this replica (or the
+    /// primary sends there under another name).
+    Namespace,
 }
 
 /// A refusal: its code and the replica's words.

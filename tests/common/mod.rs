@@ -253,12 +253,20 @@ pub fn keygen(dir: &Path) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
+/// The node name of the primaries [`Mount::prepare`] makes: their namespace on a replica.
+pub const PRIMARY: &str = "test";
+
 /// A replica daemon (`ferry replica --config`) run as a child process.
 pub struct Replica {
     pub dir: tempfile::TempDir,
     /// The replica mount's mountpoint (mounted when the config says `mount = "{mnt}"`).
     pub mnt: PathBuf,
+    /// The [`PRIMARY`]'s directory on the replica mount.
+    pub served: PathBuf,
+    /// The store (`[replica] store`): a namespace per primary.
     pub store: PathBuf,
+    /// The [`PRIMARY`]'s namespace in the store: its images and their metadata.
+    pub images: PathBuf,
     pub config: PathBuf,
     pub log: PathBuf,
     pub port: u16,
@@ -299,7 +307,9 @@ impl Replica {
         let log = dir.path().join("replica.log");
         let mut r = Replica {
             dir,
+            served: mnt.join(PRIMARY),
             mnt,
+            images: store.join(PRIMARY),
             store,
             config,
             log,
@@ -451,7 +461,7 @@ impl Pair {
     }
 
     pub fn replica_path(&self, name: &str) -> PathBuf {
-        self.replica.store.join(name)
+        self.replica.images.join(name)
     }
 }
 
