@@ -236,7 +236,10 @@ fn restore_points_are_served_listed_and_restored() {
 
     let check = |p: &Pair| {
         for (g, copy) in &at[2..] {
-            let shown = p.replica.served.join(format!(".ferry/generations/{g}/{img}"));
+            let shown = p
+                .replica
+                .served
+                .join(format!(".ferry/generations/{g}/{img}"));
             common::cmp(&shown, copy);
             let out = Command::new("qemu-img")
                 .args(["check", "-q", "-f", "qcow2"])
@@ -259,7 +262,13 @@ fn restore_points_are_served_listed_and_restored() {
     let shown = shown.as_str();
     let to = saved.path().join("restored.qcow2");
     let out = Command::new(FERRY)
-        .args(["restore", shown, "--generation", &oldest.to_string(), "--to"])
+        .args([
+            "restore",
+            shown,
+            "--generation",
+            &oldest.to_string(),
+            "--to",
+        ])
         .arg(&to)
         .arg("--config")
         .arg(&p.replica.config)
@@ -269,7 +278,13 @@ fn restore_points_are_served_listed_and_restored() {
     common::cmp(&to, copy);
     let expired = at[1].0;
     let out = Command::new(FERRY)
-        .args(["restore", shown, "--generation", &expired.to_string(), "--to"])
+        .args([
+            "restore",
+            shown,
+            "--generation",
+            &expired.to_string(),
+            "--to",
+        ])
         .arg(saved.path().join("no.qcow2"))
         .arg("--config")
         .arg(&p.replica.config)
@@ -278,7 +293,7 @@ fn restore_points_are_served_listed_and_restored() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        err.contains(&format!("generation {expired} is not kept")),
+        err.contains(&format!("generation {expired} of test is not kept")),
         "{err}"
     );
     assert!(!saved.path().join("no.qcow2").exists());
@@ -463,7 +478,10 @@ fn verify_deep_names_a_flipped_byte_in_an_image_and_a_kept_chunk_and_repair_mend
     assert!(damage(&v["replicas"][0]).is_empty(), "{v}");
     assert!(verify(&p, &["--deep"]).1);
     assert_eq!(fs::read(p.replica_path("a.img")).unwrap(), new);
-    let restore_point = p.replica.served.join(format!(".ferry/generations/{g1}/a.img"));
+    let restore_point = p
+        .replica
+        .served
+        .join(format!(".ferry/generations/{g1}/a.img"));
     assert!(
         fs::read(&restore_point).unwrap() == old,
         "the restore point reads back"

@@ -88,6 +88,9 @@ impl Inodes {
     }
 }
 
+/// An open file: the view, generation and image it reads.
+type Opened = (Arc<View>, u64, String);
+
 /// A directory entry as readdir gives it: inode, type, name.
 type DirEntry = (u64, FileType, String);
 
@@ -102,8 +105,8 @@ fn join(dir: &str, name: &str) -> String {
 pub struct ReplicaFuse {
     site: Arc<Site>,
     inodes: Mutex<Inodes>,
-    /// Open files: the view, generation and image each reads.
-    files: Mutex<HashMap<u64, (Arc<View>, u64, String)>>,
+    /// Open files: what each reads.
+    files: Mutex<HashMap<u64, Opened>>,
     /// Open directories: their entries when opened.
     dirs: Mutex<HashMap<u64, Vec<DirEntry>>>,
     next_fh: AtomicU64,
@@ -172,8 +175,7 @@ impl ReplicaFuse {
         };
         let view = self.view(ns)?;
         let ns = ns.clone();
-        let found = |n: u64, p: String, dir: fn(Ns, u64, String) -> Node| match view.find(n, &p)
-        {
+        let found = |n: u64, p: String, dir: fn(Ns, u64, String) -> Node| match view.find(n, &p) {
             Some(Found::Image(_)) => Ok(Node::Image(ns.clone(), n, p)),
             Some(Found::Dir) => Ok(dir(ns.clone(), n, p)),
             None => Err(Errno::ENOENT),
@@ -207,7 +209,13 @@ impl ReplicaFuse {
                 .site
                 .names()
                 .into_iter()
-                .map(|n| (Node::Live(n.as_str().into(), String::new()), FileType::Directory, n))
+                .map(|n| {
+                    (
+                        Node::Live(n.as_str().into(), String::new()),
+                        FileType::Directory,
+                        n,
+                    )
+                })
                 .collect());
         };
         let view = self.view(ns)?;

@@ -31,11 +31,11 @@ const BINDINGS: &str = "primaries.json";
 
 /// Whether `name` can name a namespace: one path component, not hidden, at most 255 bytes.
 pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 255
-        && !name.starts_with('.')
-        && !name.contains(['/', '\0'])
+    !name.is_empty() && name.len() <= 255 && !name.starts_with('.') && !name.contains(['/', '\0'])
 }
+
+/// What is done with each namespace's store once it is open.
+type OnOpen = Box<dyn Fn(&str, &mut Store) + Send>;
 
 /// Name → fingerprint (hex), as persisted.
 type Bindings = BTreeMap<String, String>;
@@ -109,7 +109,7 @@ pub struct Site {
     /// Views of new namespaces serve a mount (they keep what commits overwrite).
     serve_mount: std::sync::atomic::AtomicBool,
     /// Called with each namespace's store once it is open (metrics time its commits).
-    on_open: Mutex<Option<Box<dyn Fn(&str, &mut Store) + Send>>>,
+    on_open: Mutex<Option<OnOpen>>,
 }
 
 impl Site {
@@ -229,8 +229,8 @@ impl Site {
             *bindings = next;
             log::info!("namespace {name} bound to primary {fp}");
         }
-        let mut s = Store::open_with(&self.root.join(name), self.params, self.policy)
-            .map_err(store_err)?;
+        let mut s =
+            Store::open_with(&self.root.join(name), self.params, self.policy).map_err(store_err)?;
         if self.serve_mount.load(std::sync::atomic::Ordering::SeqCst) {
             s.view().serve_mount();
         }
@@ -264,7 +264,10 @@ mod tests {
         // Another key under a bound name; a bound key under another name.
         let r = site.claim("site-a", "cc").err().unwrap();
         assert_eq!(r.code, RefuseCode::Namespace);
-        assert!(r.reason.contains("belongs to the primary with key aa"), "{r}");
+        assert!(
+            r.reason.contains("belongs to the primary with key aa"),
+            "{r}"
+        );
         let r = site.claim("site-x", "aa").err().unwrap();
         assert!(r.reason.contains("sends to namespace site-a"), "{r}");
         assert!(!dir.path().join("site-x").exists());
@@ -290,6 +293,9 @@ mod tests {
         let e = Site::open(dir.path(), params(), Policy::default())
             .err()
             .unwrap();
-        assert!(format!("{e:#}").contains("layout before namespaces"), "{e:#}");
+        assert!(
+            format!("{e:#}").contains("layout before namespaces"),
+            "{e:#}"
+        );
     }
 }

@@ -271,6 +271,8 @@ pub struct Replica {
     pub log: PathBuf,
     pub port: u16,
     pub fingerprint: String,
+    /// The network namespace the daemon runs in, if not this one.
+    net: Option<String>,
     child: Option<std::process::Child>,
 }
 
@@ -283,6 +285,12 @@ impl Replica {
     /// A replica with more lines in its `[replica]` section (`{mnt}` stands for a mountpoint
     /// made for it, [`Replica::mnt`]).
     pub fn with(primaries: &[&str], extra: &str) -> Replica {
+        Replica::with_net(primaries, extra, None)
+    }
+
+    /// Like [`Replica::with`], the daemon in network namespace `net` (listening on every
+    /// address there), or here on loopback.
+    pub fn with_net(primaries: &[&str], extra: &str, net: Option<&str>) -> Replica {
         let dir = tempfile::tempdir().unwrap();
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt).unwrap();
@@ -292,11 +300,16 @@ impl Replica {
         let port = free_port();
         let config = dir.path().join("replica.toml");
         let list: Vec<String> = primaries.iter().map(|p| format!("\"{p}\"")).collect();
+        let host = if net.is_some() {
+            "0.0.0.0"
+        } else {
+            "127.0.0.1"
+        };
         std::fs::write(
             &config,
             format!(
                 "[node]\nname = \"replica\"\nkey_dir = \"{}\"\nstate_dir = \"{}\"\n\
-                 [replica]\nlisten = \"127.0.0.1:{port}\"\nstore = \"{}\"\nprimaries = [{}]\n{extra}\n",
+                 [replica]\nlisten = \"{host}:{port}\"\nstore = \"{}\"\nprimaries = [{}]\n{extra}\n",
                 dir.path().join("keys").display(),
                 dir.path().join("state").display(),
                 store.display(),
@@ -315,6 +328,7 @@ impl Replica {
             log,
             port,
             fingerprint,
+            net: net.map(str::to_string),
             child: None,
         };
         r.start();
@@ -329,7 +343,17 @@ impl Replica {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(FERRY)
+        // `nsenter --net` enters only the network namespace: the replica mount made there is
+        // visible here (`ip netns exec` would make it in a private mount namespace).
+        let mut cmd = match &self.net {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg(FERRY);
+                c
+            }
+            None => Command::new(FERRY),
+        };
+        let child = cmd
             .args(["replica", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "info")
