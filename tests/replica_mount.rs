@@ -521,3 +521,71 @@ fn verify_deep_names_a_flipped_byte_in_an_image_and_a_kept_chunk_and_repair_mend
     assert!(verify(&p, &["--deep"]).1);
     assert_eq!(fs::read(p.replica_path("a.img")).unwrap(), new);
 }
+
+/// The store fills while the replica keeps what a generation overwrites (`keep = 3`): the
+/// generation is refused with "no space" and nothing of it shows; the mount goes on serving the
+/// newest committed generation and every restore point reads as before. With space back, the
+/// next sync commits without sending again what the replica had staged.
+#[test]
+fn a_store_full_while_keeping_chunks_loses_no_restore_point_and_resumes() {
+    let mut p = Pair::with_replica(&[], "", "mount = \"{mnt}\"\nkeep = 3");
+    // The store on a small filesystem of its own.
+    p.replica.stop();
+    let store = p.replica.store.clone();
+    fs::create_dir_all(&store).unwrap();
+    common::run(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=12m", "tmpfs"])
+            .arg(&store),
+    );
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).output();
+        }
+    }
+    let _u = Unmount(store.clone());
+    p.replica.start();
+
+    let img = p.primary.path("a.img");
+    fs::write(&img, common::random(4 << 20, 1)).unwrap();
+    let g1 = p.sync_ok()["generation"].as_u64().unwrap();
+    let at1 = fs::read(p.primary.backing("a.img")).unwrap();
+    let f = fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.write_all_at(&common::random(2 << 20, 2), 0).unwrap();
+    drop(f);
+    let g2 = p.sync_ok()["generation"].as_u64().unwrap();
+    let at2 = fs::read(p.primary.backing("a.img")).unwrap();
+
+    // Every byte changes: 4 MiB staged fits, keeping the 4 MiB it overwrites does not.
+    fs::write(&img, common::random(4 << 20, 3)).unwrap();
+    let (v, ok) = p.sync();
+    assert!(!ok, "a generation whose kept chunks do not fit committed: {v}");
+    assert_eq!(v["replicas"][0]["cause"], "no_space", "{v}");
+    let said = v["replicas"][0]["error"].as_str().unwrap();
+    assert!(
+        said.contains("cannot keep the chunk of a.img") && said.contains("free space"),
+        "{v}"
+    );
+    let shown = p.replica.served.join("a.img");
+    assert_eq!(fs::read(&shown).unwrap(), at2, "the mount serves the last commit");
+    assert_eq!(generation_of(&shown), g2);
+    let point = |g: u64| p.replica.served.join(format!(".ferry/generations/{g}/a.img"));
+    assert_eq!(fs::read(point(g1)).unwrap(), at1);
+    assert_eq!(numbers(&generations(&p)), [g1, g2]);
+
+    // Space back: the same generation's data goes through, the staged part not sent again.
+    common::run(
+        Command::new("mount")
+            .args(["-o", "remount,size=64m"])
+            .arg(&store),
+    );
+    let v = p.sync_ok();
+    let g3 = v["generation"].as_u64().unwrap();
+    let sent = v["replicas"][0]["bytes_sent"].as_u64().unwrap();
+    assert!(sent < 1 << 20, "resent {sent} bytes the replica had staged: {v}");
+    common::cmp(&p.primary.backing("a.img"), &p.replica.images.join("a.img"));
+    assert_eq!(numbers(&generations(&p)), [g1, g2, g3]);
+    assert_eq!(fs::read(point(g1)).unwrap(), at1);
+    assert_eq!(fs::read(point(g2)).unwrap(), at2);
+}

@@ -549,12 +549,20 @@ impl Store {
                 let data = self.read_image(path, e.offset, e.len)?;
                 if *blake3::hash(&data).as_bytes() != h {
                     log::warn!(
-                        "{path} at offset {} does not match its manifest: the store is                          damaged there, so older generations cannot be read at that chunk; run                          `ferry verify --deep`",
+                        "{path} at offset {} does not match its manifest: the store is \
+                         damaged there, so older generations cannot be read at that chunk; run \
+                         `ferry verify --deep`",
                         e.offset
                     );
                     continue;
                 }
-                view.keep(g.number, &h, &data)?;
+                view.keep(g.number, &h, &data).with_context(|| {
+                    format!(
+                        "cannot keep the chunk of {path} at offset {} that generation {} \
+                         overwrites (the restore points read it)",
+                        e.offset, g.number
+                    )
+                })?;
                 kept += e.len;
             }
         }
