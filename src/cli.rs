@@ -480,13 +480,20 @@ fn namespace<'a>(
     all: &'a [crate::replica::site::Namespace],
     name: &str,
 ) -> Result<&'a crate::replica::site::Namespace> {
-    all.iter().find(|n| n.name == name).ok_or_else(|| {
+    let ns = all.iter().find(|n| n.name == name).ok_or_else(|| {
         let names: Vec<&str> = all.iter().map(|n| n.name.as_str()).collect();
         anyhow::anyhow!(
             "no primary {name:?} in this replica's store (it holds: {names:?}; a primary's \
              namespace is its [node] name, created when it first syncs)"
         )
-    })
+    })?;
+    ns.view.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(ns)
+}
+
+/// A namespace's view, which [`namespace`] or the caller checked.
+fn view_of(ns: &crate::replica::site::Namespace) -> Result<&crate::replica::View> {
+    ns.view.as_ref().map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// `ferry generations --config FILE [--primary NAME]`.
@@ -499,13 +506,18 @@ fn generations_cmd(a: &GenerationsArgs) -> Result<()> {
     if a.json {
         let list: Vec<serde_json::Value> = chosen
             .iter()
-            .map(|ns| {
-                serde_json::json!({
+            .map(|ns| match &ns.view {
+                Ok(view) => serde_json::json!({
                     "primary": ns.name,
                     "fingerprint": ns.fingerprint,
-                    "generations": ns.view.points(),
-                    "kept_bytes": ns.view.kept_figures().0,
-                })
+                    "generations": view.points(),
+                    "kept_bytes": view.kept_figures().0,
+                }),
+                Err(e) => serde_json::json!({
+                    "primary": ns.name,
+                    "fingerprint": ns.fingerprint,
+                    "error": e,
+                }),
             })
             .collect();
         println!("{}", serde_json::json!({ "primaries": list }));
@@ -516,11 +528,18 @@ fn generations_cmd(a: &GenerationsArgs) -> Result<()> {
     }
     for ns in chosen {
         println!("primary {} (key {}):", ns.name, ns.fingerprint);
+        let view = match &ns.view {
+            Ok(v) => v,
+            Err(e) => {
+                println!("  cannot read it: {e}");
+                continue;
+            }
+        };
         println!(
             "  {:>10}  {:<20}  {:<16}  {:>6}  {:>12}",
             "GENERATION", "COMMITTED (UTC)", "GROUP ROOT", "IMAGES", "OWN BYTES"
         );
-        for p in ns.view.points() {
+        for p in view.points() {
             let at = humantime::format_rfc3339_seconds(
                 std::time::UNIX_EPOCH + std::time::Duration::from_secs(p.committed),
             );
@@ -533,7 +552,7 @@ fn generations_cmd(a: &GenerationsArgs) -> Result<()> {
                 p.own_bytes
             );
         }
-        println!("  kept chunks: {} bytes", ns.view.kept_figures().0);
+        println!("  kept chunks: {} bytes", view.kept_figures().0);
     }
     Ok(())
 }
@@ -550,7 +569,7 @@ fn restore_cmd(a: &RestoreArgs) -> Result<()> {
             a.image
         )
     })?;
-    let view = &namespace(&all, primary)?.view;
+    let view = view_of(namespace(&all, primary)?)?;
     let m = view.manifest(a.generation, image).ok_or_else(|| {
         let held = view.generations();
         if held.contains(&a.generation) {
@@ -722,7 +741,17 @@ fn replica_status(config: &std::path::Path, pid: serde_json::Value) -> Result<se
     let primaries: Vec<serde_json::Value> = replica_namespaces(config)?
         .iter()
         .map(|ns| {
-            let points = ns.view.points();
+            let view = match &ns.view {
+                Ok(v) => v,
+                Err(e) => {
+                    return serde_json::json!({
+                        "primary": ns.name,
+                        "fingerprint": ns.fingerprint,
+                        "error": e,
+                    });
+                }
+            };
+            let points = view.points();
             let newest = points.last();
             let staged = std::fs::metadata(rc.store.join(&ns.name).join(".ferry/staging/journal"))
                 .map_or(0, |m| m.len());
@@ -736,7 +765,7 @@ fn replica_status(config: &std::path::Path, pid: serde_json::Value) -> Result<se
                 "epoch": newest.map_or(0, |p| p.epoch),
                 "images": newest.map_or(0, |p| p.images),
                 "restore_points": points.iter().map(|p| p.generation).collect::<Vec<_>>(),
-                "kept_bytes": ns.view.kept_figures().0,
+                "kept_bytes": view.kept_figures().0,
                 "staged_bytes": staged,
             })
         })
@@ -777,6 +806,10 @@ fn print_replica_status(r: &serde_json::Value) {
         println!("  no primary has synced to it yet");
     }
     for p in &primaries {
+        if let Some(e) = p["error"].as_str() {
+            println!("  primary {}: {e}", p["primary"].as_str().unwrap_or("?"));
+            continue;
+        }
         let ago = p["committed_ago_s"]
             .as_u64()
             .map_or("never".to_string(), |s| {

@@ -560,7 +560,10 @@ fn a_store_full_while_keeping_chunks_loses_no_restore_point_and_resumes() {
     // Every byte changes: 4 MiB staged fits, keeping the 4 MiB it overwrites does not.
     fs::write(&img, common::random(4 << 20, 3)).unwrap();
     let (v, ok) = p.sync();
-    assert!(!ok, "a generation whose kept chunks do not fit committed: {v}");
+    assert!(
+        !ok,
+        "a generation whose kept chunks do not fit committed: {v}"
+    );
     assert_eq!(v["replicas"][0]["cause"], "no_space", "{v}");
     let said = v["replicas"][0]["error"].as_str().unwrap();
     assert!(
@@ -568,9 +571,17 @@ fn a_store_full_while_keeping_chunks_loses_no_restore_point_and_resumes() {
         "{v}"
     );
     let shown = p.replica.served.join("a.img");
-    assert_eq!(fs::read(&shown).unwrap(), at2, "the mount serves the last commit");
+    assert_eq!(
+        fs::read(&shown).unwrap(),
+        at2,
+        "the mount serves the last commit"
+    );
     assert_eq!(generation_of(&shown), g2);
-    let point = |g: u64| p.replica.served.join(format!(".ferry/generations/{g}/a.img"));
+    let point = |g: u64| {
+        p.replica
+            .served
+            .join(format!(".ferry/generations/{g}/a.img"))
+    };
     assert_eq!(fs::read(point(g1)).unwrap(), at1);
     assert_eq!(numbers(&generations(&p)), [g1, g2]);
 
@@ -583,7 +594,10 @@ fn a_store_full_while_keeping_chunks_loses_no_restore_point_and_resumes() {
     let v = p.sync_ok();
     let g3 = v["generation"].as_u64().unwrap();
     let sent = v["replicas"][0]["bytes_sent"].as_u64().unwrap();
-    assert!(sent < 1 << 20, "resent {sent} bytes the replica had staged: {v}");
+    assert!(
+        sent < 1 << 20,
+        "resent {sent} bytes the replica had staged: {v}"
+    );
     common::cmp(&p.primary.backing("a.img"), &p.replica.images.join("a.img"));
     assert_eq!(numbers(&generations(&p)), [g1, g2, g3]);
     assert_eq!(fs::read(point(g1)).unwrap(), at1);

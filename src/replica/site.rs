@@ -81,7 +81,7 @@ pub fn read_only(root: &Path, params: ChunkParams, policy: Policy) -> Result<Vec
             continue; // bound, but its store not created yet
         }
         let view = View::open(&dir, params, policy, u64::MAX, true)
-            .with_context(|| format!("namespace {name}"))?;
+            .map_err(|e| format!("namespace {name} cannot be read: {e:#}"));
         out.push(Namespace {
             name,
             fingerprint,
@@ -95,7 +95,8 @@ pub fn read_only(root: &Path, params: ChunkParams, policy: Policy) -> Result<Vec
 pub struct Namespace {
     pub name: String,
     pub fingerprint: String,
-    pub view: View,
+    /// Its generations, or why they cannot be read (damaged metadata).
+    pub view: Result<View, String>,
 }
 
 /// The site's store, as the replica daemon owns it.
@@ -114,7 +115,8 @@ pub struct Site {
 
 impl Site {
     /// Opens the site's store at `root`: every bound namespace is opened (replayed and indexed
-    /// as [`Store::open_with`] does).
+    /// as [`Store::open_with`] does). One that cannot be (damaged metadata) is logged and left
+    /// closed: the others are served, and its primary is refused with the cause until it opens.
     pub fn open(root: &Path, params: ChunkParams, policy: Policy) -> Result<Site> {
         fs::create_dir_all(root.join(META_DIR))
             .with_context(|| format!("cannot create store {}", root.display()))?;
@@ -123,10 +125,16 @@ impl Site {
         let bindings = read_bindings(&root)?;
         let mut stores = BTreeMap::new();
         for name in bindings.keys() {
-            let s = Store::open_with(&root.join(name), params, policy)
-                .with_context(|| format!("cannot open namespace {name}"))?;
-            let view = s.view().clone();
-            stores.insert(name.clone(), (Arc::new(Mutex::new(s)), view));
+            match Store::open_with(&root.join(name), params, policy) {
+                Ok(s) => {
+                    let view = s.view().clone();
+                    stores.insert(name.clone(), (Arc::new(Mutex::new(s)), view));
+                }
+                Err(e) => log::error!(
+                    "namespace {name} cannot be opened, its primary is refused until it can \
+                     (the other namespaces are served): {e:#}"
+                ),
+            }
         }
         Ok(Site {
             root,
@@ -218,7 +226,7 @@ impl Site {
             return Ok(s.clone());
         }
         let store_err = |e: anyhow::Error| {
-            Refusal::store(format!("cannot create namespace {name}: {e:#}"), e.as_ref())
+            Refusal::store(format!("cannot open namespace {name}: {e:#}"), e.as_ref())
         };
         if !bindings.contains_key(name) {
             let mut next = bindings.clone();
@@ -284,6 +292,32 @@ mod tests {
         let ns = read_only(dir.path(), params(), Policy::default()).unwrap();
         let seen: Vec<_> = ns.iter().map(|n| (&*n.name, &*n.fingerprint)).collect();
         assert_eq!(seen, [("site-a", "aa"), ("site-c", "cc")]);
+    }
+
+    #[test]
+    fn a_damaged_namespace_is_refused_with_its_cause_and_the_others_are_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let site = Site::open(dir.path(), params(), Policy::default()).unwrap();
+        site.claim("site-a", "aa").unwrap();
+        site.claim("site-c", "cc").unwrap();
+        drop(site);
+        let record = dir.path().join("site-a/.ferry/generation");
+        fs::write(&record, b"{not json").unwrap();
+        let site = Site::open(dir.path(), params(), Policy::default()).unwrap();
+        assert_eq!(site.names(), ["site-c"]);
+        let r = site.claim("site-a", "aa").err().unwrap();
+        assert_eq!(r.code, RefuseCode::Store);
+        assert!(
+            r.reason.contains("generation record") && r.reason.contains("corrupt"),
+            "{r}"
+        );
+        // Its restore points are still read beside the daemon (`ferry generations`).
+        let ns = read_only(dir.path(), params(), Policy::default()).unwrap();
+        assert!(ns.iter().all(|n| n.view.is_ok()));
+        // Mended, it opens at the next contact.
+        fs::remove_file(&record).unwrap();
+        site.claim("site-a", "aa").unwrap();
+        assert_eq!(site.names(), ["site-a", "site-c"]);
     }
 
     #[test]
