@@ -343,8 +343,12 @@ fn zero_extents_stay_holes_and_removals_and_renames_follow() {
     );
 }
 
+/// A replica whose store is too small for a generation: the sync pauses before sending any data,
+/// with a status and a message that say how much is free and how much is needed; the replica
+/// keeps its last generation; with space back the same sync resumes by itself and sends the
+/// generation once.
 #[test]
-fn a_full_replica_disk_refuses_the_generation_and_keeps_the_last_one() {
+fn a_full_replica_store_pauses_the_sync_which_resumes_when_space_returns() {
     common::require_root();
     let p = Pair::new();
     fs::write(p.primary.path("a.img"), random(1 << 20, 9)).unwrap();
@@ -371,23 +375,56 @@ fn a_full_replica_disk_refuses_the_generation_and_keeps_the_last_one() {
         .arg(&store));
     p.replica.start();
     fs::write(p.primary.path("b.img"), random(64 << 20, 10)).unwrap();
-    let (v, ok) = p.sync();
-    assert!(!ok, "a generation that does not fit must not commit: {v}");
-    let err = v["replicas"][0]["error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    assert!(err.contains("No space left"), "{v}");
-    assert!(err.contains("free space in the replica's store"), "{v}");
-    assert_eq!(v["replicas"][0]["cause"], "no_space", "{v}");
-    // The replica stopped the data streams: the primary did not send the whole image.
-    let sent = v["replicas"][0]["bytes_sent"].as_u64().unwrap();
+    // `ferry sync` in the background; the pair stays here (dropped, it stops its daemons).
+    let sync = {
+        let mnt = p.primary.mnt.clone();
+        std::thread::spawn(move || {
+            let out = Command::new(common::FERRY)
+                .args(["sync", "--json", "--timeout", "60"])
+                .arg(&mnt)
+                .output()
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            (v, out.status.success())
+        })
+    };
+    // Paused: the status says why, in numbers, and nothing of the generation was sent.
+    let t = std::time::Instant::now();
+    let r = loop {
+        let s = p.primary.status();
+        let r = s["sync"]["replicas"][0].clone();
+        if r["cause"] == "no_space" {
+            break r;
+        }
+        assert!(!sync.is_finished(), "the sync ended: {s}");
+        assert!(t.elapsed() < Duration::from_secs(30), "{s}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(r["state"], "failing", "{r}");
+    let said = r["error"].as_str().unwrap();
     assert!(
-        sent < 48 << 20,
-        "sent {sent} of 64 MiB into a full replica: {v}"
+        said.contains("no space in the store")
+            && said.contains(" free, ")
+            && said.contains("needed (64.0 MiB to stage")
+            && said.contains("asks again"),
+        "{r}"
     );
-    let s = p.primary.status();
-    assert_eq!(s["sync"]["replicas"][0]["cause"], "no_space", "{s}");
     identical(&p, "a.img");
     assert!(!p.replica_path("b.img").exists());
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !sync.is_finished(),
+        "a full store ends the sync instead of pausing it"
+    );
+
+    // Space back: the same sync goes on and commits, the generation sent once.
+    run(Command::new("mount")
+        .args(["-o", "remount,size=256m"])
+        .arg(&store));
+    let (v, ok) = sync.join().unwrap();
+    assert!(ok, "{v}");
+    let sent = v["replicas"][0]["bytes_sent"].as_u64().unwrap();
+    assert!(sent < 66 << 20, "sent {sent} bytes for 64 MiB: {v}");
+    identical(&p, "a.img");
+    identical(&p, "b.img");
 }

@@ -55,17 +55,6 @@ pub fn registry(site: &Arc<Site>) -> Registry {
     reg
 }
 
-/// Free and total bytes of the filesystem holding `root`.
-fn space(root: &std::path::Path) -> Option<(u64, u64)> {
-    let c = std::ffi::CString::new(root.as_os_str().as_encoded_bytes()).ok()?;
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid C string and a zeroed struct the call fills.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
-        return None;
-    }
-    Some((s.f_bavail * s.f_frsize, s.f_blocks * s.f_frsize))
-}
-
 impl Collector for StoreCollector {
     fn encode(&self, enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let figures: Vec<(String, Figures)> = {
@@ -136,7 +125,7 @@ impl Collector for StoreCollector {
             "Damaged chunks the last deep verify found and could not mend in place",
             |f| f.verified.map(|(_, left)| left as f64),
         )?;
-        if let Some((free, total)) = space(self.site.root()) {
+        if let Some((free, total)) = super::space(self.site.root()) {
             g.one(
                 "ferry_store_free_bytes",
                 "Free bytes on the store's filesystem (for its user)",

@@ -106,6 +106,36 @@ pub struct Figures {
     pub verified: Option<(u64, u64)>,
 }
 
+/// Free bytes (for this user) and size of the filesystem holding `root`.
+pub(crate) fn space(root: &Path) -> Option<(u64, u64)> {
+    let c = std::ffi::CString::new(root.as_os_str().as_encoded_bytes()).ok()?;
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a zeroed struct the call fills.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return None;
+    }
+    Some((s.f_bavail * s.f_frsize, s.f_blocks * s.f_frsize))
+}
+
+/// What committing a generation takes on the store's disk, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Needed {
+    /// New chunks into the staging journal (received, or copied from elsewhere in the store).
+    stage: u64,
+    /// Chunks it overwrites, kept for restore points and open files.
+    keep: u64,
+    /// Data the images gain (extents that were holes or past their end).
+    growth: u64,
+    /// Manifests, records and journal headers.
+    meta: u64,
+}
+
+impl Needed {
+    fn total(&self) -> u64 {
+        self.stage + self.keep + self.growth + self.meta
+    }
+}
+
 fn hash_from_hex(s: &str) -> Result<Hash> {
     if s.is_empty() {
         return Ok([0; 32]);
@@ -464,6 +494,49 @@ fn write_entry(f: &File, e: &Entry, journal: &Journal) -> Result<()> {
     Ok(())
 }
 
+impl Store {
+    /// What committing `images` (new manifests) over the committed ones takes on disk.
+    fn needed(&self, images: &BTreeMap<String, Manifest>) -> Needed {
+        let empty = Manifest::empty(self.params);
+        let keeping = self.view().keeps_overwritten();
+        let data = |m: &Manifest| -> u64 {
+            m.entries()
+                .iter()
+                .filter(|e| !e.is_zero())
+                .map(|e| e.len)
+                .sum()
+        };
+        let mut n = Needed::default();
+        let mut staged = std::collections::HashSet::new();
+        let mut kept = std::collections::HashSet::new();
+        for (path, new) in images {
+            let old = self.manifests.get(path).unwrap_or(&empty);
+            for e in changed_entries(old, new) {
+                if let Some(h) = e.hash()
+                    && staged.insert(*h.as_bytes())
+                    && !self.journal.contains(h.as_bytes())
+                {
+                    n.stage += e.len;
+                }
+            }
+            if keeping {
+                for e in changed_entries(new, old) {
+                    if let Some(h) = e.hash()
+                        && kept.insert(*h.as_bytes())
+                        && !self.view().is_kept(h.as_bytes())
+                    {
+                        n.keep += e.len;
+                    }
+                }
+            }
+            n.growth += data(new).saturating_sub(data(old));
+            n.meta += 2 * (new.entries().len() as u64 * 64 + 4096);
+        }
+        n.meta += n.stage / 64 + (1 << 20);
+        n
+    }
+}
+
 impl ReplicaStore for Store {
     fn params(&self) -> ChunkParams {
         self.params
@@ -508,6 +581,27 @@ impl ReplicaStore for Store {
 
     fn stage(&mut self, hash: &Hash, data: &[u8]) -> io::Result<()> {
         self.journal.append(hash, data)
+    }
+
+    fn room_for(&self, images: &BTreeMap<String, Manifest>) -> std::result::Result<(), String> {
+        let Some((free, _)) = space(&self.root) else {
+            return Ok(());
+        };
+        let n = self.needed(images);
+        if free >= n.total() {
+            return Ok(());
+        }
+        let b = |v: u64| bytesize::ByteSize(v).display().iec().to_string();
+        Err(format!(
+            "no space in the store {} for this generation: {} free, {} needed ({} to stage, {} \
+             to keep what it overwrites, {} of image growth)",
+            self.root.display(),
+            b(free),
+            b(n.total()),
+            b(n.stage),
+            b(n.keep),
+            b(n.growth)
+        ))
     }
 
     fn commit(&mut self, g: &Generation) -> Result<()> {

@@ -9,8 +9,11 @@
 //! * a replica that cannot be reached at all is retried for [`Policy::unreachable_for`] after
 //!   the last contact, then given up (the sync should not wait its whole timeout on a host
 //!   that is down);
-//! * a refusal, a broken protocol, a TLS refusal or a local read error is final: retrying
-//!   would give the same answer;
+//! * a replica whose store is full pauses the transfer: it is asked again, at the longest
+//!   backoff, until the sync's deadline, and resumes by itself when space returns (it sends
+//!   only what the replica lacks: the refusal comes before data, or keeps what was staged);
+//! * any other refusal, a broken protocol, a TLS refusal or a local read error is final:
+//!   retrying would give the same answer;
 //! * waits between attempts double from [`Policy::first_backoff`] up to
 //!   [`Policy::max_backoff`], and never run past the deadline.
 
@@ -64,7 +67,11 @@ impl Cause {
 
     /// Whether another attempt in the same sync could succeed.
     fn retryable(&self) -> bool {
-        matches!(self, Cause::Unreachable(_) | Cause::Lost(_))
+        matches!(self, Cause::Unreachable(_) | Cause::Lost(_)) || self.is_no_space()
+    }
+
+    fn is_no_space(&self) -> bool {
+        matches!(self, Cause::Refused(r) if r.code == RefuseCode::NoSpace)
     }
 }
 
@@ -91,8 +98,9 @@ impl fmt::Display for Cause {
             Cause::Refused(r) => {
                 let todo = match r.code {
                     RefuseCode::NoSpace => {
-                        "; free space in the replica's store (or grow it): the next sync \
-                         sends only what is missing"
+                        "; free space in the replica's store (or grow it): ferry asks again \
+                         until the sync's deadline, and at each sync point after it, and sends \
+                         only what is missing"
                     }
                     RefuseCode::Store => "; see the replica's log",
                     RefuseCode::Fenced => {
@@ -207,6 +215,10 @@ impl Link {
         if now + self.backoff >= self.deadline {
             return Next::GiveUp(cause);
         }
+        if cause.is_no_space() {
+            // Space comes back when someone frees it: ask at a steady pace.
+            self.backoff = self.policy.max_backoff;
+        }
         let wait = self.backoff;
         self.backoff = (self.backoff * 2).min(self.policy.max_backoff);
         Next::Retry(wait)
@@ -252,13 +264,21 @@ mod tests {
     }
 
     #[test]
-    fn a_refusal_is_final_at_once() {
+    fn a_full_store_is_asked_again_at_a_steady_pace_until_the_deadline() {
         let no_space = Cause::Refused(Refusal::new(RefuseCode::NoSpace, "ENOSPC"));
-        let (waits, c, _) = drive(Policy::new(secs(60.0)), |_| no_space.clone(), secs(0.1));
-        assert!(waits.is_empty());
+        let p = Policy::new(secs(60.0));
+        let (waits, c, took) = drive(p, |_| no_space.clone(), secs(0.1));
+        assert!(waits.len() >= 10, "{waits:?}");
+        assert!(waits.iter().all(|w| *w == p.max_backoff), "{waits:?}");
+        assert!(took <= secs(60.0), "{took:?}");
         assert_eq!(c.code(), "no_space");
         assert!(c.to_string().contains("free space"), "{c}");
+    }
+
+    #[test]
+    fn a_refusal_is_final_at_once() {
         for c in [
+            Cause::Refused(Refusal::new(RefuseCode::Params, "chunking")),
             Cause::Trust("x".into()),
             Cause::Broken("x".into()),
             Cause::Local("x".into()),

@@ -34,6 +34,11 @@ pub trait ReplicaStore {
     fn stage(&mut self, hash: &Hash, data: &[u8]) -> std::io::Result<()>;
     /// Commits and applies a generation whose chunks are all stored or staged.
     fn commit(&mut self, g: &Generation) -> anyhow::Result<()>;
+    /// Whether the store has room to stage and commit these new manifests: `Err` says how much
+    /// is free and how much is needed, before any data is sent.
+    fn room_for(&self, _images: &BTreeMap<String, Manifest>) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// A generation as the replica received it.
@@ -434,6 +439,9 @@ impl Pending {
         }
         self.images.insert(path, m);
         if self.images.len() as u32 == self.images_expected {
+            store
+                .room_for(&self.images)
+                .map_err(|e| Refusal::new(RefuseCode::NoSpace, e))?;
             let want: Vec<Hash> = self.outstanding.iter().copied().collect();
             let mut frames: Vec<Frame> = want
                 .chunks(MAX_ITEMS)
