@@ -83,6 +83,22 @@ fn parent(path: &Path) -> &Path {
     }
 }
 
+/// Whether any error of `e`'s chain says the filesystem is full (ENOSPC) or the quota is
+/// reached (EDQUOT).
+pub fn is_full(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cur {
+        if let Some(io) = c.downcast_ref::<io::Error>()
+            && (matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+                || io.kind() == io::ErrorKind::StorageFull)
+        {
+            return true;
+        }
+        cur = c.source();
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

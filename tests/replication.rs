@@ -428,3 +428,80 @@ fn a_full_replica_store_pauses_the_sync_which_resumes_when_space_returns() {
     identical(&p, "a.img");
     identical(&p, "b.img");
 }
+
+/// The primary's state directory fills up: the VM's writes go on (the intent log writes into
+/// room it reserved), the sync point cannot be cut and says why and where, and once there is
+/// space again the next sync ships everything written meanwhile.
+#[test]
+fn a_full_state_directory_keeps_the_vm_writing_and_says_the_sync_cannot_be_cut() {
+    common::require_root();
+    // 4 KiB extents: each scattered guest write below needs a mark of its own.
+    let m = common::Mount::prepare_with("", "[primary]\nintent_extent = \"4KiB\"\n");
+    let fp = keygen(&m.dir.path().join("keys"));
+    let r = Replica::new(&[&fp]);
+    let c = fs::read_to_string(&m.config).unwrap() + &r.peer_toml();
+    fs::write(&m.config, c).unwrap();
+    run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&m.state));
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).output();
+        }
+    }
+    let _u = Unmount(m.state.clone());
+    m.mount();
+    let sync = |mnt: &std::path::Path| {
+        let out = Command::new(common::FERRY)
+            .args(["sync", "--json", "--timeout", "30"])
+            .arg(mnt)
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        (v, out.status.success(), err)
+    };
+    fs::write(m.path("a.img"), random(1 << 20, 1)).unwrap();
+    let (v, ok, err) = sync(&m.mnt);
+    assert!(ok, "{v} {err}");
+
+    // Fill the state directory's filesystem.
+    let filler = m.state.join("filler");
+    let mut f = File::create(&filler).unwrap();
+    let block = vec![7u8; 64 << 10];
+    while f.write_all(&block).is_ok() {}
+    drop(f);
+    // The VM writes 4 KiB into every other block of 16 MiB: 2,048 extents never written
+    // before, each marked in the intent log before its write; then it fsyncs.
+    let img = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(m.path("b.img"))
+        .unwrap();
+    let data = random(4096, 100);
+    for i in 0..2048u64 {
+        img.write_all_at(&data, i * 8192)
+            .unwrap_or_else(|e| panic!("guest write {i} failed with a full state dir: {e}"));
+    }
+    img.sync_all().unwrap();
+    drop(img);
+    let (v, ok, err) = sync(&m.mnt);
+    assert!(!ok, "a sync point was cut into a full state directory: {v}");
+    let said = format!("{v} {err}");
+    assert!(
+        said.contains("cannot cut the sync point: the state directory")
+            && said.contains("is full; free space there")
+            && said.contains(m.state.to_str().unwrap()),
+        "{said}"
+    );
+
+    // Space again: the next sync ships everything.
+    fs::remove_file(&filler).unwrap();
+    let (v, ok, err) = sync(&m.mnt);
+    assert!(ok, "{v} {err}");
+    for name in ["a.img", "b.img"] {
+        common::cmp(&m.backing(name), &r.images.join(name));
+    }
+}

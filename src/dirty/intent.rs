@@ -16,6 +16,9 @@
 //!   kernel may have dropped the pages) the whole log is rewritten before the next append.
 //! * Opening always rewrites the log (atomically) with every recovered extent marked: that drops
 //!   a torn tail and turns a clean record back into an active log.
+//! * Each rewrite keeps [`RESERVE`] bytes allocated past the end: a state directory whose
+//!   filesystem fills does not stop the guests' writes (only the sync points, which save
+//!   manifests there, until space returns).
 //!
 //! Error policy: every fallible function returns [`IntentError`]. I/O errors carry the action
 //! and the log's path; the caller turns the error into an errno with [`IntentError::errno`], so
@@ -45,6 +48,10 @@ pub const DEFAULT_EXTENT_SIZE: u64 = 4 << 20;
 pub const FILE_NAME: &str = "intent.log";
 /// Smallest extent size accepted (one page).
 const MIN_EXTENT_SIZE: u64 = 4096;
+/// Room kept allocated past the log's end (its size unchanged), so that marks are still
+/// appended, and guest writes go on, when the state directory's filesystem fills: about 30,000
+/// marks, made again at each rewrite (every committed sync point compacts the log).
+const RESERVE: u64 = 1 << 20;
 
 /// An intent log that cannot be used or written. Each variant names the file (or the image) and
 /// says what to do.
@@ -600,6 +607,9 @@ impl IntentLog {
             // a torn record out of the file and frees its blocks). If even that fails, rewrite
             // the log before the next append.
             let cut = lf.file.as_ref().map(|f| f.set_len(end));
+            if let (Some(Ok(())), Some(f)) = (&cut, &lf.file) {
+                self.reserve(f, end);
+            }
             if !matches!(cut, Some(Ok(()))) {
                 log::warn!(
                     "intent log {}: cannot cut the failed append at offset {end} off; the log \
@@ -640,9 +650,34 @@ impl IntentLog {
             .write(true)
             .open(&self.path)
             .map_err(|e| self.io("reopen", e))?;
+        self.reserve(&file, bytes.len() as u64);
         lf.file = Some(file);
         lf.end = bytes.len() as u64;
         Ok(())
+    }
+
+    /// Allocates [`RESERVE`] bytes past `end` without changing the file's size: appends there
+    /// need no new blocks.
+    fn reserve(&self, file: &File, end: u64) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid descriptor; KEEP_SIZE only allocates blocks.
+        let r = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                libc::FALLOC_FL_KEEP_SIZE,
+                end as libc::off_t,
+                RESERVE as libc::off_t,
+            )
+        };
+        if r != 0 {
+            log::warn!(
+                "intent log {}: cannot reserve {} KiB past its end ({}): if its filesystem \
+                 fills, guest writes that need a new mark fail with ENOSPC",
+                self.path.display(),
+                RESERVE >> 10,
+                io::Error::last_os_error()
+            );
+        }
     }
 
     /// Waits until no one owns the file, then owns it.

@@ -522,6 +522,14 @@ impl Engine {
             Err(e) => {
                 self.tracker.close_window();
                 self.tracker.abort(frozen);
+                if crate::durable::is_full(e.as_ref()) {
+                    return Err(e.context(format!(
+                        "cannot cut the sync point: the state directory {} is full; free \
+                         space there. The VMs' writes go on meanwhile, and the next sync point \
+                         ships all of them",
+                        self.state.display()
+                    )));
+                }
                 return Err(e);
             }
         };

@@ -109,16 +109,7 @@ impl Refusal {
     /// The refusal for a store that failed with `e`, in words `reason`: [`RefuseCode::NoSpace`]
     /// when any error of `e`'s chain is ENOSPC or EDQUOT, [`RefuseCode::Store`] otherwise.
     pub fn store(reason: String, e: &(dyn std::error::Error + 'static)) -> Refusal {
-        let mut full = false;
-        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-        while let Some(c) = cur {
-            if let Some(io) = c.downcast_ref::<std::io::Error>() {
-                full |= matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
-                    || io.kind() == std::io::ErrorKind::StorageFull;
-            }
-            cur = c.source();
-        }
-        let code = if full {
+        let code = if crate::durable::is_full(e) {
             RefuseCode::NoSpace
         } else {
             RefuseCode::Store
