@@ -356,6 +356,38 @@ fn redirect_stdio(log: &Path) {
     }
 }
 
+/// Opens the mount's intent log. A damaged one (bit rot: it cannot say which ranges are
+/// unsynced) is moved aside together with the images' stamps, so that every image is re-read
+/// in full at the next sync point and only what differs from the replicas ships.
+fn open_intent_log(
+    path: &Path,
+    state: &Path,
+    extent: u64,
+) -> Result<(IntentLog, crate::dirty::Recovery)> {
+    use crate::dirty::IntentError;
+    match IntentLog::open(path, extent) {
+        Err(e @ (IntentError::Corrupt { .. } | IntentError::CorruptHeader { .. })) => {
+            let aside = path.with_extension(format!(
+                "log.damaged-{}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs()
+            ));
+            std::fs::rename(path, &aside)
+                .with_context(|| format!("{e}; and it cannot be moved aside"))?;
+            let _ = std::fs::remove_file(state.join("stamps.json"));
+            log::error!(
+                "{e}. Moved it to {} and forgot the images' stamps: every image is re-read in \
+                 full at the next sync point (only what differs from the replicas ships)",
+                aside.display()
+            );
+            Ok(IntentLog::open(path, extent)?)
+        }
+        r => Ok(r?),
+    }
+}
+
 /// Mounts and serves until unmounted.
 fn serve(
     config: &Config,
@@ -372,7 +404,7 @@ fn serve(
         Tracker::disabled()
     } else {
         let path = state.join("intent.log");
-        let (log, recovery) = IntentLog::open(&path, config.primary.intent_extent)?;
+        let (log, recovery) = open_intent_log(&path, state, config.primary.intent_extent)?;
         let bytes: u64 = recovery.dirty.values().map(|r| r.covered_bytes()).sum();
         if recovery.clean {
             log::info!(

@@ -81,16 +81,16 @@ pub enum IntentError {
     /// The header is damaged, so nothing in the file can be trusted.
     #[error(
         "intent log {path} has a corrupt header ({reason}): ferry cannot tell which ranges of \
-         the images are unsynced; move the file aside and resynchronise every image of this \
-         mount in full"
+         the images are unsynced, so every image must be re-read in full (a mount sets the file \
+         aside and does that)"
     )]
     CorruptHeader { path: PathBuf, reason: String },
     /// A record is damaged where a crash cannot have torn it: anywhere in a clean log (written
     /// atomically), or a record of an active log that passed its checksum but makes no sense.
     #[error(
         "intent log {path} is corrupt at offset {offset} ({reason}): ferry cannot tell which \
-         ranges of the images are unsynced; move the file aside and resynchronise every image \
-         of this mount in full"
+         ranges of the images are unsynced, so every image must be re-read in full (a mount \
+         sets the file aside and does that)"
     )]
     Corrupt {
         path: PathBuf,

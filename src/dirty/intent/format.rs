@@ -236,6 +236,13 @@ pub fn decode(path: &Path, b: &[u8]) -> Result<Decoded, IntentError> {
         };
         let (kind, body, next) = match record_at(b, off) {
             Ok(r) => r,
+            // A crash tears only the last append: a bad record with a good one after it is
+            // damage (bit rot, a stray write), and the marks past it cannot be trusted gone.
+            Err(reason) if state == State::Active && good_record_after(b, off) => {
+                return Err(corrupt(format!(
+                    "{reason}, with intact records after it: damage, not a write cut short"
+                )));
+            }
             Err(reason) if state == State::Active => {
                 d.torn = Some(Torn {
                     offset: off as u64,
@@ -296,6 +303,18 @@ pub fn decode(path: &Path, b: &[u8]) -> Result<Decoded, IntentError> {
         });
     }
     Ok(d)
+}
+
+/// Whether the bad record at `off` has a length that ends inside the file, followed by a
+/// valid record.
+fn good_record_after(b: &[u8], off: usize) -> bool {
+    let rest = &b[off..];
+    if rest.len() < PREFIX {
+        return false;
+    }
+    let n = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
+    let next = off + PREFIX + n + SUM;
+    n <= MAX_BODY && next < b.len() && record_at(b, next).is_ok()
 }
 
 /// The record at `off`: kind, body and the offset after it; or why there is no valid record.

@@ -132,6 +132,29 @@ fn a_torn_tail_is_ignored_and_the_valid_prefix_recovered() {
 }
 
 #[test]
+fn a_damaged_record_before_intact_ones_is_corruption_not_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(FILE_NAME);
+    let (log, _) = open(&path);
+    log.mark(p("a"), 0..1).unwrap();
+    log.mark(p("b"), ES..ES + 1).unwrap();
+    log.mark(p("c"), 0..1).unwrap();
+    drop(log);
+    // One flipped bit in the first record's image name ("a").
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes.iter().rposition(|&c| c == b'a').unwrap();
+    assert!(at < bytes.len() / 2, "the first record's name");
+    bytes[at] ^= 0x04;
+    std::fs::write(&path, &bytes).unwrap();
+    let e = IntentLog::open(&path, ES).unwrap_err();
+    assert!(matches!(e, IntentError::Corrupt { .. }), "{e}");
+    assert!(
+        e.to_string().contains("damage, not a write cut short"),
+        "{e}"
+    );
+}
+
+#[test]
 fn every_cut_of_the_log_opens_with_a_prefix_of_the_marks() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(FILE_NAME);
@@ -440,7 +463,11 @@ fn bad_files_and_arguments_are_clear_errors() {
     std::fs::write(&path, &bytes).unwrap();
     let e = IntentLog::open(&path, ES).unwrap_err();
     assert!(matches!(e, IntentError::CorruptHeader { .. }), "{e}");
-    assert!(e.to_string().contains("resynchronise every image"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("every image must be re-read in full"),
+        "{e}"
+    );
 
     std::fs::write(&path, b"#!/bin/sh\necho not a log\n").unwrap();
     let e = IntentLog::open(&path, ES).unwrap_err();
