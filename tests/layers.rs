@@ -17,7 +17,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("dirty", &["durable"]),
     ("manifest", &["durable"]),
     ("chunk", &["manifest"]),
-    ("wire", &["chunk", "manifest", "dirty"]),
+    ("wire", &["chunk", "manifest", "dirty", "durable"]),
     ("net", &["wire", "durable"]),
     ("fs", &["chunk", "dirty", "durable"]),
     ("config", &["chunk", "net"]),
