@@ -401,16 +401,7 @@ fn a_full_backing_filesystem_fails_the_write_with_enospc_and_loses_no_range() {
     common::require_root();
     let m = Mount::prepare("");
     // A 4 MiB tmpfs as the backing directory; the intent log lives elsewhere.
-    run(Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
-        .arg(&m.source));
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).output();
-        }
-    }
-    let _tmpfs = Unmount(m.source.clone());
+    let _tmpfs = common::Tmpfs::mount(&m.source, "4m");
     m.mount();
     let mut f = File::create(m.path("full.img")).unwrap();
     let chunk = vec![9u8; 1 << 20];

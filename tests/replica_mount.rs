@@ -533,18 +533,7 @@ fn a_store_without_room_to_keep_pauses_the_sync_and_loses_no_restore_point() {
     p.replica.stop();
     let store = p.replica.store.clone();
     fs::create_dir_all(&store).unwrap();
-    common::run(
-        Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=12m", "tmpfs"])
-            .arg(&store),
-    );
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).output();
-        }
-    }
-    let _u = Unmount(store.clone());
+    let tmpfs = common::Tmpfs::mount(&store, "12m");
     p.replica.start();
 
     let img = p.primary.path("a.img");
@@ -606,11 +595,7 @@ fn a_store_without_room_to_keep_pauses_the_sync_and_loses_no_restore_point() {
     assert_eq!(numbers(&generations(&p)), [g1, g2]);
 
     // Space back: the same sync goes on, and sends the generation once.
-    common::run(
-        Command::new("mount")
-            .args(["-o", "remount,size=64m"])
-            .arg(&store),
-    );
+    tmpfs.resize("64m");
     let (v, ok) = sync.join().unwrap();
     assert!(ok, "{v}");
     let g3 = v["generation"].as_u64().unwrap();

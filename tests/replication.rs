@@ -359,16 +359,7 @@ fn a_full_replica_store_pauses_the_sync_which_resumes_when_space_returns() {
     let store = p.replica.store.clone();
     let saved = p.replica.dir.path().join("saved");
     run(Command::new("cp").arg("-a").arg(&store).arg(&saved));
-    run(Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=6m", "tmpfs"])
-        .arg(&store));
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).output();
-        }
-    }
-    let _u = Unmount(store.clone());
+    let tmpfs = common::Tmpfs::mount(&store, "6m");
     run(Command::new("cp")
         .arg("-a")
         .arg(format!("{}/.", saved.display()))
@@ -418,9 +409,7 @@ fn a_full_replica_store_pauses_the_sync_which_resumes_when_space_returns() {
     );
 
     // Space back: the same sync goes on and commits, the generation sent once.
-    run(Command::new("mount")
-        .args(["-o", "remount,size=256m"])
-        .arg(&store));
+    tmpfs.resize("256m");
     let (v, ok) = sync.join().unwrap();
     assert!(ok, "{v}");
     let sent = v["replicas"][0]["bytes_sent"].as_u64().unwrap();
@@ -441,16 +430,7 @@ fn a_full_state_directory_keeps_the_vm_writing_and_says_the_sync_cannot_be_cut()
     let r = Replica::new(&[&fp]);
     let c = fs::read_to_string(&m.config).unwrap() + &r.peer_toml();
     fs::write(&m.config, c).unwrap();
-    run(Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
-        .arg(&m.state));
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).output();
-        }
-    }
-    let _u = Unmount(m.state.clone());
+    let _tmpfs = common::Tmpfs::mount(&m.state, "4m");
     m.mount();
     let sync = |mnt: &std::path::Path| {
         let out = Command::new(common::FERRY)

@@ -649,3 +649,29 @@ pub mod stamps {
         }
     }
 }
+
+/// A tmpfs of `size` (mount(8)'s syntax, e.g. "6m") mounted on `dir`, unmounted when dropped: a
+/// small filesystem to fill.
+pub struct Tmpfs(pub PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: &Path, size: &str) -> Tmpfs {
+        run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir));
+        Tmpfs(dir.to_path_buf())
+    }
+
+    /// Grows (or shrinks) it to `size`.
+    pub fn resize(&self, size: &str) {
+        run(Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0));
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).output();
+    }
+}

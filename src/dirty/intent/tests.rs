@@ -103,15 +103,19 @@ fn marking_an_extent_twice_writes_once() {
     assert_eq!(log.file.lock().test.syncs, 1);
 }
 
+/// A log at `path` with marks for a (extent 0), b (extent 1) and c (extent 0), one record each.
+fn three_marks(path: &Path) {
+    let (log, _) = open(path);
+    log.mark(p("a"), 0..1).unwrap();
+    log.mark(p("b"), ES..ES + 1).unwrap();
+    log.mark(p("c"), 0..1).unwrap();
+}
+
 #[test]
 fn a_torn_tail_is_ignored_and_the_valid_prefix_recovered() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(FILE_NAME);
-    let (log, _) = open(&path);
-    log.mark(p("a"), 0..1).unwrap();
-    log.mark(p("b"), ES..ES + 1).unwrap();
-    log.mark(p("c"), 0..1).unwrap();
-    drop(log);
+    three_marks(&path);
     // Cut the last record short and add garbage, as a crash mid-append could leave.
     let mut bytes = std::fs::read(&path).unwrap();
     bytes.truncate(bytes.len() - 3);
@@ -135,11 +139,7 @@ fn a_torn_tail_is_ignored_and_the_valid_prefix_recovered() {
 fn a_damaged_record_before_intact_ones_is_corruption_not_a_torn_tail() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(FILE_NAME);
-    let (log, _) = open(&path);
-    log.mark(p("a"), 0..1).unwrap();
-    log.mark(p("b"), ES..ES + 1).unwrap();
-    log.mark(p("c"), 0..1).unwrap();
-    drop(log);
+    three_marks(&path);
     // One flipped bit in the first record's image name ("a").
     let mut bytes = std::fs::read(&path).unwrap();
     let at = bytes.iter().rposition(|&c| c == b'a').unwrap();
