@@ -18,6 +18,9 @@ use crate::net::{Fingerprint, Identity, Node, Threads};
 use crate::wire::frame::{Frame, Refusal, RefuseCode};
 use crate::wire::replica::ReplicaSession;
 
+/// How long a connected primary has to send its `Hello`.
+const HELLO_WITHIN: Duration = Duration::from_secs(30);
+
 /// What the replica daemon is told by the face (built from the config file there).
 pub struct Options {
     pub identity: Identity,
@@ -235,8 +238,15 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>) -> Result<()> {
     log::info!("primary {fp} connected from {remote}");
     let (mut send, mut recv) = conn.accept_bi().await.context("no control stream")?;
     // The first frame names the primary, hence its namespace: the only store this session
-    // can reach.
-    let first = read_frame(&mut recv).await?;
+    // can reach. A peer that connects and says nothing is not waited for.
+    let first = tokio::time::timeout(HELLO_WITHIN, read_frame(&mut recv))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "primary {fp} sent no Hello within {} s",
+                HELLO_WITHIN.as_secs()
+            )
+        })??;
     let claimed = match &first {
         Some(Frame::Hello { node, .. }) => {
             tokio::task::block_in_place(|| site.claim(node, &fp.to_string()))
