@@ -14,11 +14,10 @@
 mod common;
 
 use std::fs;
-use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use common::{FERRY, Mount, Replica, keygen, random, require, require_root, run};
+use common::{FERRY, Mount, Replica, keygen, random, require, require_root, run, sync};
 use serde_json::Value;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -131,20 +130,6 @@ fn mount(m: &Mount, net: Option<&str>) {
     assert!(m.is_mounted());
 }
 
-/// `ferry sync --json` on `mnt`: the report, whether it committed, stderr.
-fn sync(mnt: &Path) -> (Value, bool, String) {
-    let out = Command::new(FERRY)
-        .args(["sync", "--json", "--timeout", "120"])
-        .arg(mnt)
-        .output()
-        .unwrap();
-    (
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null),
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// `ferry COMMAND --json --config FILE` of the replica.
 fn replica_json(r: &Replica, command: &str) -> Value {
     let out = run(Command::new(FERRY)
@@ -204,10 +189,7 @@ fn three_primaries_sync_at_once_each_into_its_own_namespace() {
         }
         let runs: Vec<_> = primaries
             .iter()
-            .map(|(_, m)| {
-                let mnt = m.mnt.clone();
-                std::thread::spawn(move || sync(&mnt))
-            })
+            .map(|(_, m)| common::sync_in_background(&m.mnt))
             .collect();
         for (i, r) in runs.into_iter().enumerate() {
             let (v, ok, err) = r.join().unwrap();

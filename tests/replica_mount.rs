@@ -548,18 +548,7 @@ fn a_store_without_room_to_keep_pauses_the_sync_and_loses_no_restore_point() {
 
     // Every byte changes: 4 MiB to stage and 4 MiB to keep do not fit.
     fs::write(&img, common::random(4 << 20, 3)).unwrap();
-    let sync = {
-        let mnt = p.primary.mnt.clone();
-        std::thread::spawn(move || {
-            let out = Command::new(FERRY)
-                .args(["sync", "--json", "--timeout", "60"])
-                .arg(&mnt)
-                .output()
-                .unwrap();
-            let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-            (v, out.status.success())
-        })
-    };
+    let sync = common::sync_in_background(&p.primary.mnt);
     let t = std::time::Instant::now();
     let r = loop {
         let r = p.primary.status()["sync"]["replicas"][0].clone();
@@ -596,8 +585,8 @@ fn a_store_without_room_to_keep_pauses_the_sync_and_loses_no_restore_point() {
 
     // Space back: the same sync goes on, and sends the generation once.
     tmpfs.resize("64m");
-    let (v, ok) = sync.join().unwrap();
-    assert!(ok, "{v}");
+    let (v, ok, err) = sync.join().unwrap();
+    assert!(ok, "{v} {err}");
     let g3 = v["generation"].as_u64().unwrap();
     let sent = v["replicas"][0]["bytes_sent"].as_u64().unwrap();
     assert!(

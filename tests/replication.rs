@@ -366,19 +366,7 @@ fn a_full_replica_store_pauses_the_sync_which_resumes_when_space_returns() {
         .arg(&store));
     p.replica.start();
     fs::write(p.primary.path("b.img"), random(64 << 20, 10)).unwrap();
-    // `ferry sync` in the background; the pair stays here (dropped, it stops its daemons).
-    let sync = {
-        let mnt = p.primary.mnt.clone();
-        std::thread::spawn(move || {
-            let out = Command::new(common::FERRY)
-                .args(["sync", "--json", "--timeout", "60"])
-                .arg(&mnt)
-                .output()
-                .unwrap();
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-            (v, out.status.success())
-        })
-    };
+    let sync = common::sync_in_background(&p.primary.mnt);
     // Paused: the status says why, in numbers, and nothing of the generation was sent.
     let t = std::time::Instant::now();
     let r = loop {
@@ -410,8 +398,8 @@ fn a_full_replica_store_pauses_the_sync_which_resumes_when_space_returns() {
 
     // Space back: the same sync goes on and commits, the generation sent once.
     tmpfs.resize("256m");
-    let (v, ok) = sync.join().unwrap();
-    assert!(ok, "{v}");
+    let (v, ok, err) = sync.join().unwrap();
+    assert!(ok, "{v} {err}");
     let sent = v["replicas"][0]["bytes_sent"].as_u64().unwrap();
     assert!(sent < 66 << 20, "sent {sent} bytes for 64 MiB: {v}");
     identical(&p, "a.img");
@@ -432,16 +420,7 @@ fn a_full_state_directory_keeps_the_vm_writing_and_says_the_sync_cannot_be_cut()
     fs::write(&m.config, c).unwrap();
     let _tmpfs = common::Tmpfs::mount(&m.state, "4m");
     m.mount();
-    let sync = |mnt: &std::path::Path| {
-        let out = Command::new(common::FERRY)
-            .args(["sync", "--json", "--timeout", "30"])
-            .arg(mnt)
-            .output()
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        (v, out.status.success(), err)
-    };
+    let sync = common::sync;
     fs::write(m.path("a.img"), random(1 << 20, 1)).unwrap();
     let (v, ok, err) = sync(&m.mnt);
     assert!(ok, "{v} {err}");

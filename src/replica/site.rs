@@ -262,12 +262,18 @@ mod tests {
         ChunkParams::default()
     }
 
+    /// A site at `dir` with namespaces site-a (key aa) and site-c (key cc).
+    fn two_namespaces(dir: &Path) -> Site {
+        let site = Site::open(dir, params(), Policy::default()).unwrap();
+        site.claim("site-a", "aa").unwrap();
+        site.claim("site-c", "cc").unwrap();
+        site
+    }
+
     #[test]
     fn a_name_is_bound_to_the_first_key_and_refused_to_others() {
         let dir = tempfile::tempdir().unwrap();
-        let site = Site::open(dir.path(), params(), Policy::default()).unwrap();
-        site.claim("site-a", "aa").unwrap();
-        site.claim("site-c", "cc").unwrap();
+        let site = two_namespaces(dir.path());
         assert_eq!(site.names(), ["site-a", "site-c"]);
         // Another key under a bound name; a bound key under another name.
         let r = site.claim("site-a", "cc").err().unwrap();
@@ -297,9 +303,7 @@ mod tests {
     #[test]
     fn a_damaged_namespace_is_refused_with_its_cause_and_the_others_are_served() {
         let dir = tempfile::tempdir().unwrap();
-        let site = Site::open(dir.path(), params(), Policy::default()).unwrap();
-        site.claim("site-a", "aa").unwrap();
-        site.claim("site-c", "cc").unwrap();
+        let site = two_namespaces(dir.path());
         drop(site);
         let record = dir.path().join("site-a/.ferry/generation");
         fs::write(&record, b"{not json").unwrap();

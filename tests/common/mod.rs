@@ -462,15 +462,11 @@ impl Pair {
 
     /// `ferry sync --json`; returns the report and whether the command succeeded.
     pub fn sync(&self) -> (Value, bool) {
-        let out = Command::new(FERRY)
-            .args(["sync", "--json", "--timeout", "60"])
-            .arg(&self.primary.mnt)
-            .output()
-            .unwrap();
-        let v = serde_json::from_slice(&out.stdout).unwrap_or_else(
-            |_| serde_json::json!({"stderr": String::from_utf8_lossy(&out.stderr)}),
-        );
-        (v, out.status.success())
+        let (v, ok, err) = sync(&self.primary.mnt);
+        if v.is_null() {
+            return (serde_json::json!({ "stderr": err }), ok);
+        }
+        (v, ok)
     }
 
     /// A sync that must commit.
@@ -674,4 +670,26 @@ impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).output();
     }
+}
+
+/// `ferry sync --json --timeout 60` on the mount at `mnt`: the report (null if none), whether
+/// it committed, its stderr.
+pub fn sync(mnt: &Path) -> (Value, bool, String) {
+    let out = Command::new(FERRY)
+        .args(["sync", "--json", "--timeout", "60"])
+        .arg(mnt)
+        .output()
+        .unwrap();
+    (
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null),
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// [`sync`] in a thread, so that a test can watch the sync meanwhile (the mount stays with
+/// the test, which stops its daemons when dropped).
+pub fn sync_in_background(mnt: &Path) -> std::thread::JoinHandle<(Value, bool, String)> {
+    let mnt = mnt.to_path_buf();
+    std::thread::spawn(move || sync(&mnt))
 }
