@@ -481,7 +481,7 @@ impl Filesystem for ReplicaFuse {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match nix_statvfs(self.site.root()) {
+        match super::statvfs(self.site.root()) {
             Ok(s) => reply.statfs(
                 s.f_blocks,
                 s.f_bfree,
@@ -495,13 +495,4 @@ impl Filesystem for ReplicaFuse {
             Err(e) => reply.error(Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))),
         }
     }
-}
-
-fn nix_statvfs(p: &std::path::Path) -> std::io::Result<libc::statvfs> {
-    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes())?;
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(s)
 }

@@ -106,14 +106,20 @@ pub struct Figures {
     pub verified: Option<(u64, u64)>,
 }
 
-/// Free bytes (for this user) and size of the filesystem holding `root`.
-pub(crate) fn space(root: &Path) -> Option<(u64, u64)> {
-    let c = std::ffi::CString::new(root.as_os_str().as_encoded_bytes()).ok()?;
+/// statvfs(3) of the filesystem holding `p`.
+pub(crate) fn statvfs(p: &Path) -> io::Result<libc::statvfs> {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes())?;
     let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: a valid C string and a zeroed struct the call fills.
     if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
-        return None;
+        return Err(io::Error::last_os_error());
     }
+    Ok(s)
+}
+
+/// Free bytes (for this user) and size of the filesystem holding `root`.
+pub(crate) fn space(root: &Path) -> Option<(u64, u64)> {
+    let s = statvfs(root).ok()?;
     Some((s.f_bavail * s.f_frsize, s.f_blocks * s.f_frsize))
 }
 
