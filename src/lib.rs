@@ -8,6 +8,7 @@ pub mod config;
 pub mod control;
 pub mod dirty;
 pub mod durable;
+pub mod epoch;
 pub mod fs;
 pub mod manifest;
 pub mod metrics;

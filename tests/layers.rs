@@ -15,6 +15,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("metrics", &[]),
     ("testutil", &["chunk"]),
     ("dirty", &["durable"]),
+    // Who may write a namespace: the primary's and the replica's epoch records.
+    ("epoch", &["durable"]),
     ("manifest", &["durable"]),
     ("chunk", &["manifest"]),
     ("wire", &["chunk", "manifest", "dirty", "durable"]),
@@ -24,12 +26,14 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "sync",
         &[
-            "fs", "chunk", "manifest", "wire", "net", "dirty", "durable", "metrics",
+            "fs", "chunk", "manifest", "wire", "net", "dirty", "durable", "metrics", "epoch",
         ],
     ),
     (
         "replica",
-        &["wire", "net", "manifest", "chunk", "durable", "metrics"],
+        &[
+            "wire", "net", "manifest", "chunk", "durable", "metrics", "epoch",
+        ],
     ),
     ("wan", &[]),
 ];

@@ -135,7 +135,7 @@ fn a_corrupted_chunk_is_caught_and_nothing_is_applied() {
     use ferry::sync::link::Cause;
     use ferry::sync::ship::{ShipStats, Shipment, ship};
     use ferry::wire::frame::{Frame, RefuseCode};
-    use ferry::wire::primary::{Generation, PeerKnowledge, PrimarySession, group_root};
+    use ferry::wire::primary::{Claim, Generation, PeerKnowledge, PrimarySession, group_root};
     use std::collections::BTreeMap;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -188,8 +188,12 @@ fn a_corrupted_chunk_is_caught_and_nothing_is_applied() {
         cache: None,
     };
     let attempt = |how: &Shipment| {
-        let (session, hello) =
-            PrimarySession::new("test", 0, params, g.clone(), PeerKnowledge::default());
+        let (session, hello) = PrimarySession::new(
+            &Claim::first("test"),
+            params,
+            g.clone(),
+            PeerKnowledge::default(),
+        );
         rt.block_on(ship(&ep, addr, session, hello, how))
     };
     match attempt(&how) {

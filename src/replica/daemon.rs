@@ -11,11 +11,11 @@ use anyhow::{Context, Result};
 use tokio::sync::mpsc;
 
 use super::Site;
-use super::site::Shared as SharedStore;
+use super::site::{Caller, Shared as SharedStore};
 use crate::chunk::ChunkParams;
 use crate::net::transport::{self, read_frame, write_frame};
 use crate::net::{Fingerprint, Identity, Node, Threads};
-use crate::wire::frame::{Frame, Refusal, RefuseCode};
+use crate::wire::frame::{Frame, Refusal, RefuseCode, VERSION};
 use crate::wire::replica::ReplicaSession;
 
 /// How long a connected primary has to send its `Hello`.
@@ -247,9 +247,40 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>) -> Result<()> {
                 HELLO_WITHIN.as_secs()
             )
         })??;
+    let fingerprint = fp.to_string();
     let claimed = match &first {
-        Some(Frame::Hello { node, .. }) => {
-            tokio::task::block_in_place(|| site.claim(node, &fp.to_string()))
+        Some(Frame::Hello {
+            node,
+            namespace,
+            epoch,
+            takeover,
+            ..
+        }) => {
+            let caller = Caller {
+                namespace,
+                node,
+                fingerprint: &fingerprint,
+                epoch: *epoch,
+                takeover: takeover.as_ref(),
+            };
+            tokio::task::block_in_place(|| site.claim(&caller))
+        }
+        // A node about to be promoted asks what a namespace holds, and goes.
+        Some(Frame::Probe { version, namespace }) => {
+            let answer = if *version == VERSION {
+                tokio::task::block_in_place(|| site.probe(namespace))
+            } else {
+                Refusal::new(
+                    RefuseCode::Version,
+                    format!("protocol version {version} is not supported (this replica speaks {VERSION})"),
+                )
+                .frame()
+            };
+            let _ = write_frame(&mut send, &answer).await;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
+            conn.close(0u32.into(), b"probed");
+            return Ok(());
         }
         _ => Err(Refusal::new(RefuseCode::Protocol, "expected Hello first")),
     };

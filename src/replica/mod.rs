@@ -41,6 +41,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::chunk::{ChunkParams, FileSource, chunk_full};
 use crate::durable;
+use crate::epoch::{self, Holder};
 use crate::manifest::{self, Entry, Kind, Manifest, ManifestDir};
 use crate::wire::frame::{Hash, ImageState, NsChange};
 use crate::wire::replica::{Generation, ReplicaStore};
@@ -84,6 +85,8 @@ pub struct Store {
     apply_seconds: Option<prometheus_client::metrics::histogram::Histogram>,
     /// When the last deep verify ended, and the damaged chunks it left.
     verified: Option<(SystemTime, u64)>,
+    /// The epoch this namespace accepts and who holds it (`.ferry/epoch.json`).
+    holder: Holder,
 }
 
 /// A store's figures, for metrics.
@@ -179,6 +182,13 @@ impl Store {
             &root.join(META_DIR).join("staging").join("journal"),
             params.max_size,
         )?;
+        let holder =
+            epoch::load::<Holder>(&root.join(META_DIR).join(epoch::FILE))?.unwrap_or_else(|| {
+                Holder {
+                    epoch: record.epoch,
+                    ..Holder::default()
+                }
+            });
         let mut store = Store {
             root,
             params,
@@ -189,6 +199,7 @@ impl Store {
             view: None,
             apply_seconds: None,
             verified: None,
+            holder,
         };
         store.replay()?;
         store.load_manifests()?;
@@ -203,6 +214,9 @@ impl Store {
             .map_or_else(SystemTime::now, |p| p.committed_at());
         store.record_point(committed)?;
         let view = View::open(&store.root, params, policy, number, false)?;
+        for f in &store.holder.forks {
+            view.keep_fork(f.first, f.last);
+        }
         store.view = Some(Arc::new(view));
         log::info!(
             "store {}: generation {}, {} images, {} chunks staged",
@@ -231,6 +245,34 @@ impl Store {
                 (secs.as_secs(), left)
             }),
         }
+    }
+
+    /// The epoch this namespace accepts, and who holds it.
+    pub fn holder(&self) -> &Holder {
+        &self.holder
+    }
+
+    /// The committed generation and its group root (hex).
+    pub fn committed(&self) -> (u64, &str) {
+        (self.record.generation, &self.record.group_root)
+    }
+
+    /// Whether this namespace holds (as its committed generation or a restore point) the
+    /// generation `generation` with group root `root` (hex).
+    pub fn holds(&self, generation: u64, root: &str) -> bool {
+        self.committed() == (generation, root) || self.view().holds(generation, root)
+    }
+
+    /// Records who holds the namespace from now on, durably, before any session of the
+    /// holder goes on; keeps the generations of its fork (if any) for good.
+    pub fn set_holder(&mut self, h: Holder) -> Result<()> {
+        let path = self.meta().join(epoch::FILE);
+        epoch::save(&path, &h).with_context(|| format!("cannot write {}", path.display()))?;
+        for f in &h.forks {
+            self.view().keep_fork(f.first, f.last);
+        }
+        self.holder = h;
+        Ok(())
     }
 
     /// Observes the duration of every commit (verify, journal, apply) in `h`.
@@ -390,7 +432,7 @@ impl Store {
         self.record = GenerationRecord {
             generation: commit.generation,
             group_root: commit.group_root.clone(),
-            epoch: self.record.epoch,
+            epoch: self.holder.epoch,
         };
         durable::write_atomic(
             &self.meta().join("generation"),
@@ -549,7 +591,7 @@ impl ReplicaStore for Store {
     }
 
     fn epoch(&self) -> u64 {
-        self.record.epoch
+        self.holder.epoch
     }
 
     fn generation(&self) -> (u64, Hash) {

@@ -122,6 +122,9 @@ pub struct View {
     kept: RwLock<Kept>,
     /// Open files per generation.
     pins: Mutex<BTreeMap<u64, usize>>,
+    /// Generations never expired: an older epoch's, past the base a new primary took over
+    /// from (see [`crate::epoch::Fork`]).
+    forks: Mutex<BTreeSet<u64>>,
     /// Held by a commit from keeping chunks to expiring points, and by expiry alone.
     writer: Mutex<()>,
     /// A file was closed: a generation may have lost its last reader.
@@ -211,6 +214,7 @@ impl View {
             }),
             kept: RwLock::new(kept),
             pins: Mutex::new(BTreeMap::new()),
+            forks: Mutex::new(BTreeSet::new()),
             writer: Mutex::new(()),
             expire_due: AtomicBool::new(false),
         })
@@ -220,6 +224,13 @@ impl View {
     /// at the previous generation can go on reading it.
     pub fn serve_mount(&self) {
         self.keeping.store(true, Ordering::Relaxed);
+    }
+
+    /// Keeps generations `first..=last` for good (what commits overwrite of them too): they
+    /// are a fork that exists nowhere else.
+    pub fn keep_fork(&self, first: u64, last: u64) {
+        self.keeping.store(true, Ordering::Relaxed);
+        self.forks.lock().extend(first..=last);
     }
 
     pub fn keeps_overwritten(&self) -> bool {
@@ -233,6 +244,15 @@ impl View {
     /// The held generations, oldest first.
     pub fn generations(&self) -> Vec<u64> {
         self.state.read().gens.keys().copied().collect()
+    }
+
+    /// Whether generation `number` is held with group root `root` (hex).
+    pub fn holds(&self, number: u64, root: &str) -> bool {
+        self.state
+            .read()
+            .gens
+            .get(&number)
+            .is_some_and(|g| g.point.group_root == root)
     }
 
     pub fn committed_at(&self, number: u64) -> Option<SystemTime> {
@@ -516,7 +536,8 @@ impl View {
     pub fn expire(&self, _writer: &MutexGuard<'_, ()>) -> Result<()> {
         let gone = {
             let mut st = self.state.write();
-            let pinned: BTreeSet<u64> = self.pins.lock().keys().copied().collect();
+            let mut pinned: BTreeSet<u64> = self.pins.lock().keys().copied().collect();
+            pinned.extend(self.forks.lock().iter().copied());
             let held: Vec<(u64, SystemTime)> = st
                 .gens
                 .iter()

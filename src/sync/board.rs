@@ -95,6 +95,8 @@ pub struct View {
     /// What the last sync point found in the backing directory and did not replicate (not a
     /// regular file, or a name that cannot be replicated), with what it is.
     pub skipped: Vec<(String, String)>,
+    /// Set once a replica refused this primary as fenced by a promotion.
+    pub fenced: Option<crate::epoch::Fence>,
 }
 
 #[derive(Default)]
@@ -160,6 +162,7 @@ impl Board {
             "required": v.required,
             "replicas": replicas,
             "running": running,
+            "fenced": v.fenced,
             "last_sync": v.last_sync,
             "broken": v
                 .broken

@@ -12,7 +12,9 @@
 //! * `active/generation.json` and `active/manifests/<image>.manifest`: the last generation the
 //!   primary cut (the "stale" side of the next re-chunk);
 //! * `peers/<name>/generation.json` and `peers/<name>/manifests/<image>.manifest`: what each
-//!   replica acknowledged (the base of its next plan).
+//!   replica acknowledged (the base of its next plan);
+//! * `epoch.json` ([`crate::epoch::Lineage`]): the namespace and epoch it writes under, when a
+//!   promotion made this mount the primary, and whether a replica fenced it.
 //!
 //! The tracker's freeze is committed (the intent log forgets its marks) once the new active
 //! manifests are on disk: from then on they, not the marks, say what each replica still lacks.
@@ -41,13 +43,15 @@ use serde_json::{Value, json};
 
 use crate::chunk::{ChunkParams, Source};
 use crate::dirty::RangeSet;
+use crate::epoch::{self, Fence, Lineage};
 use crate::fs::cow::Window;
 use crate::fs::outside::Outside;
 use crate::fs::{Frozen as FrozenChanges, Tracker};
 use crate::manifest::{self, GenRecord, Kind, Manifest, ManifestDir, hex};
 use crate::net::{Congestion, Fingerprint, Identity, Node, Threads};
+use crate::wire::frame::Takeover;
 use crate::wire::primary::{
-    Acked, ChunkSource, Generation, PeerKnowledge, PrimarySession, group_root,
+    Acked, ChunkSource, Claim, Generation, PeerKnowledge, PrimarySession, group_root,
 };
 
 use board::{Board, State};
@@ -183,6 +187,8 @@ pub struct Engine {
     root: PathBuf,
     state: PathBuf,
     node: String,
+    /// The namespace and epoch it writes under, and whether it was fenced (`epoch.json`).
+    lineage: parking_lot::Mutex<Lineage>,
     params: ChunkParams,
     required: usize,
     failover_after: Duration,
@@ -338,6 +344,11 @@ impl Engine {
             .build_global();
         let active = ManifestDir::new(state.join("active").join("manifests"));
         fs::create_dir_all(active.path())?;
+        let lineage = epoch::load::<Lineage>(&state.join(epoch::FILE))?
+            .unwrap_or_else(|| Lineage::first(&opts.node));
+        if let Some(f) = &lineage.fenced {
+            log::error!("{}", fenced_words(&lineage, f));
+        }
         let rec = GenRecord::read(&state.join("active").join("generation.json"))?;
         let group = rec
             .root()
@@ -417,12 +428,14 @@ impl Engine {
             root: group,
             required,
             replicas: views,
+            fenced: lineage.fenced.clone(),
             ..Default::default()
         }));
         Ok(Engine {
             root: root.to_path_buf(),
             state: state.to_path_buf(),
             node: opts.node,
+            lineage: parking_lot::Mutex::new(lineage),
             params,
             required,
             failover_after: opts.failover_after,
@@ -493,6 +506,11 @@ impl Engine {
         timeout: Duration,
         t0: Instant,
     ) -> Result<Report> {
+        // A fenced primary cuts nothing: its changes stay dirty (and in the intent log) for
+        // `ferry rejoin` to save aside.
+        if let Some(f) = &self.lineage.lock().fenced {
+            anyhow::bail!("{}", fenced_words(&self.lineage.lock(), f));
+        }
         // Writes that bypassed the mount, reported up to now, join this sync point.
         self.outside.drain(&self.tracker, true);
         let only: Option<HashSet<PathBuf>> =
@@ -580,6 +598,9 @@ impl Engine {
             log::info!("copy-before-write saved {saved} bytes written during the sync");
         }
         let committed = outcomes.iter().filter(|o| o.state == "committed").count();
+        if let Some(o) = outcomes.iter().find(|o| o.cause == Some("fenced")) {
+            self.fence(o);
+        }
         // A replica numbered this generation higher (this primary had lost count): go on from
         // there.
         if let Some(n) = outcomes.iter().map(|o| o.generation).max()
@@ -802,15 +823,15 @@ impl Engine {
                 )
             })
             .collect();
-        let (node, params) = (self.node.clone(), self.params);
+        let (claim, params) = (self.claim(), self.params);
         net.block_on(futures_join_all(peers.into_iter().map(
             |(name, addr, expected, known)| {
-                let (ep, node) = (net.endpoint().clone(), node.clone());
+                let (ep, claim) = (net.endpoint().clone(), claim.clone());
                 async move {
                     let held = ship::check(
                         &ep,
                         addr,
-                        (&node, params),
+                        (&claim, params),
                         (expected, &known),
                         deep.then_some(repair),
                     )
@@ -853,7 +874,7 @@ impl Engine {
                 (p.name.clone(), p.addr, p.known.clone(), buckets)
             })
             .collect();
-        let (node, params) = (self.node.clone(), self.params);
+        let (claim, params) = (self.claim(), self.params);
         // With one replica nothing is made twice: no cache.
         let cache = (jobs.len() > 1).then(|| ship::FrameCache::new(FRAME_CACHE));
         let (shipped, probed) = net.block_on(async {
@@ -868,7 +889,7 @@ impl Engine {
                 let drive = Drive {
                     ep: net.endpoint().clone(),
                     board: self.board.clone(),
-                    node: node.clone(),
+                    claim: claim.clone(),
                     params,
                 };
                 drive.run(name, addr, g.clone(), known, how, timeout)
@@ -998,6 +1019,41 @@ impl Engine {
         }
     }
 
+    /// Who this mount is to its replicas.
+    fn claim(&self) -> Claim {
+        let l = self.lineage.lock();
+        Claim {
+            node: self.node.clone(),
+            namespace: l.namespace.clone(),
+            epoch: l.epoch,
+            takeover: l.base.as_ref().map(|b| Takeover {
+                epoch: b.epoch,
+                generation: b.generation,
+                group_root: manifest::from_hex(&b.root).unwrap_or_default(),
+            }),
+        }
+    }
+
+    /// A replica refused this mount as fenced: another node holds its namespace at a higher
+    /// epoch. Recorded durably, so that no later sync point (after a restart too) ships.
+    fn fence(&self, refused: &PeerOutcome) {
+        let mut l = self.lineage.lock();
+        if l.fenced.is_some() {
+            return;
+        }
+        l.fenced = Some(Fence {
+            replica: refused.name.clone(),
+            reason: refused.error.clone().unwrap_or_default(),
+            at: epoch::now(),
+        });
+        if let Err(e) = epoch::save(&self.state.join(epoch::FILE), &*l) {
+            log::error!("cannot record that this primary was fenced: {e}");
+        }
+        log::error!("{}", fenced_words(&l, l.fenced.as_ref().expect("just set")));
+        let fenced = l.fenced.clone();
+        self.board.update(|v| v.fenced = fenced);
+    }
+
     /// Status for `ferry status`: a copy of the board, never waiting for a sync.
     pub fn status(&self) -> Value {
         let mut v = self.board.json();
@@ -1044,7 +1100,7 @@ fn remember(state: &Path, peer: &mut Peer, g: &Generation, number: u64) -> Resul
 struct Drive {
     ep: quinn::Endpoint,
     board: Arc<Board>,
-    node: String,
+    claim: Claim,
     params: ChunkParams,
 }
 
@@ -1077,7 +1133,7 @@ impl Drive {
                 }
             });
             let (session, hello) =
-                PrimarySession::new(&self.node, 0, self.params, g.clone(), known.clone());
+                PrimarySession::new(&self.claim, self.params, g.clone(), known.clone());
             let deadline = tokio::time::Instant::from_std(link.deadline());
             let r =
                 tokio::time::timeout_at(deadline, ship(&self.ep, addr, session, hello, &how)).await;
@@ -1114,6 +1170,21 @@ impl Drive {
 }
 
 /// One line per sync point for the log: its figures and each replica's outcome.
+/// What a fenced primary says, in its log, status and every refused sync.
+fn fenced_words(l: &Lineage, f: &Fence) -> String {
+    format!(
+        "this primary (namespace {}, epoch {}) was fenced: replica {} refused it at {}: {}. It \
+         ships nothing more; its VMs' writes stay on this host and are not lost. Run `ferry \
+         rejoin --config FILE` to make it a replica of the new primary (its writes since the \
+         promotion are saved aside first)",
+        l.namespace,
+        l.epoch,
+        f.replica,
+        epoch::when(f.at),
+        f.reason
+    )
+}
+
 fn summary(r: &Report) -> String {
     let mut line = format!(
         "sync: generation {} ({}): {} dirty, {} sent, {} on the wire, {} ms; {} of {} required committed",

@@ -16,7 +16,8 @@ use crate::manifest::Manifest;
 use crate::net::transport::{ConnectError, connect, read_frame, refused_by_tls, write_frame};
 use crate::wire::frame::{Frame, Refusal};
 use crate::wire::primary::{
-    Acked, ChunkSource, Generation, Job, Out, PeerKnowledge, PrimarySession, group_root, make_frame,
+    Acked, ChunkSource, Claim, Generation, Job, Out, PeerKnowledge, PrimarySession, group_root,
+    make_frame,
 };
 
 /// Data streams per connection.
@@ -320,7 +321,7 @@ pub struct Checked {
 pub async fn check(
     ep: &quinn::Endpoint,
     addr: SocketAddr,
-    (node, params): (&str, ChunkParams),
+    (claim, params): (&Claim, ChunkParams),
     (expected, known): (u64, &BTreeMap<String, Arc<Manifest>>),
     scrub: Option<bool>,
 ) -> Result<Checked, Cause> {
@@ -329,7 +330,7 @@ pub async fn check(
         group_root: group_root(known),
         images: known.clone(),
     });
-    let (mut session, hello) = PrimarySession::new(node, 0, params, g, PeerKnowledge::default());
+    let (mut session, hello) = PrimarySession::new(claim, params, g, PeerKnowledge::default());
     let conn = reach(ep, addr).await?;
     let r = async {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(e.into()))?;

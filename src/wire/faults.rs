@@ -12,7 +12,7 @@ use std::sync::Arc;
 use proptest::prelude::*;
 
 use super::frame::{self, Frame};
-use super::primary::{self, Ended, Generation, Out, PeerKnowledge, PrimarySession};
+use super::primary::{self, Claim, Ended, Generation, Out, PeerKnowledge, PrimarySession};
 use super::replica::{ReplicaSession, ReplicaStore};
 use super::sim::{MemStore, Src, manifests, params};
 use crate::testutil::random;
@@ -76,7 +76,8 @@ fn attempt(
 ) -> (End, usize) {
     let held_at_start: HashSet<[u8; 32]> = store.staged.keys().copied().collect();
     let mut resent = 0;
-    let (mut p, hello) = PrimarySession::new("test", 0, params(), g.clone(), known.clone());
+    let (mut p, hello) =
+        PrimarySession::new(&Claim::first("test"), params(), g.clone(), known.clone());
     let mut r = ReplicaSession::default();
     let mut wire: VecDeque<InFlight> = VecDeque::new();
     let mut silent = false;

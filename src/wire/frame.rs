@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 use crate::chunk::ChunkParams;
 
 /// Protocol version carried in the hello; a peer with another version is refused. Version 2:
-/// refusals carry a [`RefuseCode`].
-pub const VERSION: u16 = 2;
+/// refusals carry a [`RefuseCode`]. Version 3: `Hello` names the namespace and the takeover
+/// it writes under; `Probe`.
+pub const VERSION: u16 = 3;
 
 /// Largest encoded frame: the largest chunk FastCDC allows (16 MiB) plus room for its header.
 pub const MAX_FRAME: usize = (16 << 20) + (64 << 10);
@@ -138,14 +139,28 @@ impl From<&str> for Refusal {
     }
 }
 
+/// The generation a promoted primary took over from, as it names it in `Hello`: a replica
+/// that holds it lets the new primary write the namespace under a higher epoch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Takeover {
+    /// The epoch of that generation (the old primary's).
+    pub epoch: u64,
+    pub generation: u64,
+    pub group_root: Hash,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Frame {
     /// Primary → replica, first frame of a connection.
     Hello {
         version: u16,
         epoch: u64,
+        /// The primary's own node name.
         node: String,
         params: ChunkParams,
+        /// The namespace it writes: its node name, or the one it took over by a promotion.
+        namespace: String,
+        takeover: Option<Takeover>,
     },
     /// Replica → primary: accepted; what it holds.
     Welcome {
@@ -238,6 +253,18 @@ pub enum Frame {
     Scrub { repair: bool },
     /// Replica → primary: what the deep verify found and did.
     Scrubbed { report: super::scrub::Report },
+
+    /// A node about to be promoted → replica, first frame of a connection instead of `Hello`:
+    /// what does namespace `namespace` hold? Claims nothing.
+    Probe { version: u16, namespace: String },
+    /// Replica → asker: the namespace's committed generation (0 if it has none), its epoch and
+    /// the node that holds that epoch.
+    Probed {
+        epoch: u64,
+        holder: String,
+        generation: u64,
+        group_root: Hash,
+    },
 }
 
 /// A frame that cannot be decoded.
@@ -321,8 +348,24 @@ mod tests {
             Frame::Hello {
                 version: VERSION,
                 epoch: 3,
-                node: "site-a".into(),
+                node: "site-b".into(),
                 params: ChunkParams::default(),
+                namespace: "site-a".into(),
+                takeover: Some(Takeover {
+                    epoch: 2,
+                    generation: 7,
+                    group_root: [4; 32],
+                }),
+            },
+            Frame::Probe {
+                version: VERSION,
+                namespace: "site-a".into(),
+            },
+            Frame::Probed {
+                epoch: 3,
+                holder: "site-b".into(),
+                generation: 9,
+                group_root: [5; 32],
             },
             Frame::Plan {
                 generation: 9,

@@ -13,7 +13,9 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Range;
 use std::sync::Arc;
 
-use super::frame::{Frame, Hash, ImageState, MAX_ITEMS, NsChange, Refusal, Splice, VERSION};
+use super::frame::{
+    Frame, Hash, ImageState, MAX_ITEMS, NsChange, Refusal, Splice, Takeover, VERSION,
+};
 use super::plan::{self, from_wire};
 use crate::chunk::ChunkParams;
 use crate::dirty::RangeSet;
@@ -129,6 +131,41 @@ struct Recon {
     leaves: BTreeMap<u32, Vec<Entry>>,
 }
 
+/// Who a primary is to its replicas, as `Hello` says it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claim {
+    /// Its own node name.
+    pub node: String,
+    /// The namespace it writes (its node name, or the one it took over).
+    pub namespace: String,
+    pub epoch: u64,
+    /// The generation it took over from, if it was promoted.
+    pub takeover: Option<Takeover>,
+}
+
+impl Claim {
+    /// A primary that writes its own namespace at epoch 0 (tests, and nodes never promoted).
+    pub fn first(node: &str) -> Claim {
+        Claim {
+            node: node.to_string(),
+            namespace: node.to_string(),
+            epoch: 0,
+            takeover: None,
+        }
+    }
+
+    pub fn hello(&self, params: ChunkParams) -> Frame {
+        Frame::Hello {
+            version: VERSION,
+            epoch: self.epoch,
+            node: self.node.clone(),
+            params,
+            namespace: self.namespace.clone(),
+            takeover: self.takeover.clone(),
+        }
+    }
+}
+
 pub struct PrimarySession {
     node: String,
     epoch: u64,
@@ -157,21 +194,15 @@ impl PrimarySession {
     /// A session to ship `generation` to a replica the primary knows as `peer`. Returns the
     /// session and its first frame.
     pub fn new(
-        node: &str,
-        epoch: u64,
+        claim: &Claim,
         params: ChunkParams,
         generation: Arc<Generation>,
         peer: PeerKnowledge,
     ) -> (PrimarySession, Frame) {
-        let hello = Frame::Hello {
-            version: VERSION,
-            epoch,
-            node: node.to_string(),
-            params,
-        };
+        let hello = claim.hello(params);
         let s = PrimarySession {
-            node: node.to_string(),
-            epoch,
+            node: claim.node.clone(),
+            epoch: claim.epoch,
             params,
             generation,
             peer,
@@ -811,7 +842,7 @@ mod tests {
                 r
             })]),
         };
-        let (mut s, _hello) = PrimarySession::new("a", 0, params(), g, peer);
+        let (mut s, _hello) = PrimarySession::new(&Claim::first("a"), params(), g, peer);
         let out = s.handle(Frame::Welcome {
             version: VERSION,
             epoch: 0,

@@ -149,6 +149,7 @@ impl ReplicaSession {
                     epoch,
                     node,
                     params,
+                    ..
                 },
             ) => {
                 let out = hello(store, version, epoch, &node, params)?;
@@ -635,5 +636,7 @@ pub fn frame_name(f: &Frame) -> &'static str {
         Frame::Ack { .. } => "Ack",
         Frame::Scrub { .. } => "Scrub",
         Frame::Scrubbed { .. } => "Scrubbed",
+        Frame::Probe { .. } => "Probe",
+        Frame::Probed { .. } => "Probed",
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use proptest::prelude::*;
 
 use super::frame::{self, Frame, Hash, ImageState};
-use super::primary::{self, ChunkSource, Generation, Out, PeerKnowledge, PrimarySession};
+use super::primary::{self, ChunkSource, Claim, Generation, Out, PeerKnowledge, PrimarySession};
 use super::replica::{self, ReplicaSession, ReplicaStore};
 use crate::chunk::{ChunkParams, chunk_full, rechunk};
 use crate::dirty::RangeSet;
@@ -166,7 +166,7 @@ fn ship(
         images: manifests.clone(),
     });
     let src = Src(images.clone());
-    let (mut p, hello) = PrimarySession::new("test", 0, params(), g, known);
+    let (mut p, hello) = PrimarySession::new(&Claim::first("test"), params(), g, known);
     let mut r = ReplicaSession::default();
     let mut to_replica = vec![hello];
     let (mut data_bytes, mut patches) = (0, 0);
@@ -310,15 +310,7 @@ fn invalid_paths_are_refused() {
     }
     let mut store = MemStore::default();
     let mut s = ReplicaSession::default();
-    s.handle(
-        &mut store,
-        Frame::Hello {
-            version: frame::VERSION,
-            epoch: 0,
-            node: "x".into(),
-            params: params(),
-        },
-    );
+    s.handle(&mut store, Claim::first("x").hello(params()));
     let out = s.handle(
         &mut store,
         Frame::Begin {
