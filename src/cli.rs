@@ -108,6 +108,21 @@ pub enum Command {
     /// FILE. The daemon may be running: a generation that expires meanwhile ends the restore
     /// with an error, never a wrong file.
     Restore(RestoreArgs),
+    /// Make this replica the primary of a namespace: after a disaster at the primary's site.
+    ///
+    /// Asks the other replicas (the config's [[peer]]s) what they hold of the namespace, and
+    /// refuses, naming it, when one holds a newer generation (promote that one, or give
+    /// --force). Then records the next epoch durably (above every epoch any replica has seen)
+    /// and serves the namespace's images read-write as a primary mount at MNT, starting from
+    /// the committed generation: no image byte is copied or re-read. The mount replicates to
+    /// the [[peer]]s with the config's [primary] policy; they follow it when their [replica]
+    /// primaries pin this node's key, and from then on refuse the old primary as fenced (run
+    /// `ferry rejoin` there once it is back).
+    ///
+    /// The replica daemon must not run on the store meanwhile (stop it first; restart it
+    /// afterwards to go on serving other primaries' namespaces). Running promote again after
+    /// a crash, or after an unmount, finishes the same promotion and mounts again.
+    Promote(PromoteArgs),
     /// Chunk a file and print its Merkle root, chunk count and chunk sizes.
     ///
     /// Reads FILE once (holes are skipped, not read), cuts it into content-defined chunks with
@@ -212,6 +227,33 @@ pub struct GenerationsArgs {
     pub primary: Option<String>,
     /// Print one JSON object: primaries, each with primary, fingerprint, generations
     /// (generation, committed, group_root, epoch, images, own_bytes, pinned) and kept_bytes.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PromoteArgs {
+    /// The node's config file: [replica] store holds the namespace, [[peer]] names the other
+    /// replicas, [primary] is the sync policy once promoted.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Where to serve the images read-write (default: [replica] mount).
+    #[arg(long, value_name = "MNT")]
+    pub mount: Option<PathBuf>,
+    /// The namespace to take over: the old primary's [node] name (needed when the store
+    /// holds several).
+    #[arg(long, value_name = "NAME")]
+    pub primary: Option<String>,
+    /// Promote even though another replica holds a newer generation (its newer generations
+    /// stay there as restore points, kept for good).
+    #[arg(long)]
+    pub force: bool,
+    /// Mount options, as `ferry mount -o` takes them (e.g. allow_other for a hypervisor that
+    /// runs QEMU as another user).
+    #[arg(short = 'o', value_name = "OPTS")]
+    pub options: Vec<String>,
+    /// Print one JSON object: namespace, epoch, base (epoch, generation, root), backing,
+    /// mountpoint, replicas (what each said), took_ms, fstab.
     #[arg(long)]
     pub json: bool,
 }
@@ -346,6 +388,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Replica(a) => replica_cmd(&a),
         Command::Generations(a) => generations_cmd(&a),
         Command::Restore(a) => restore_cmd(&a),
+        Command::Promote(a) => promote_cmd(&a),
         Command::Manifest(a) => manifest_cmd(a),
         Command::Keygen(a) => keygen_cmd(a),
         Command::Id(a) => id_cmd(a),
@@ -474,6 +517,170 @@ fn replica_namespaces(path: &std::path::Path) -> Result<Vec<crate::replica::site
     })?;
     crate::replica::site::read_only(&root, params, crate::mount::policy(&rc))
 }
+
+/// `ferry promote --config FILE [--mount MNT] [--primary NAME] [--force]`.
+fn promote_cmd(a: &PromoteArgs) -> Result<()> {
+    use crate::replica::promote::{self, Held, Peer};
+    use serde_json::json;
+    let t0 = std::time::Instant::now();
+    let config = crate::config::Config::load(&a.config)?;
+    let rc = crate::mount::replica_section(&config, &a.config)?;
+    let params = config.chunk_params().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mnt = a.mount.clone().or(rc.mount.clone()).ok_or_else(|| {
+        anyhow::anyhow!("where should the promoted images be served? give --mount MNT")
+    })?;
+    let ns = match &a.primary {
+        Some(n) => n.clone(),
+        None => {
+            let all = replica_namespaces(&a.config)?;
+            let promoted = crate::replica::site::read_promoted(&rc.store)?;
+            let mut names: Vec<&String> = all.iter().map(|n| &n.name).collect();
+            names.extend(promoted.keys());
+            match names.as_slice() {
+                [one] => (*one).clone(),
+                [] => anyhow::bail!("store {} holds no primary's images", rc.store.display()),
+                many => anyhow::bail!(
+                    "store {} holds several primaries' images ({}): name one with --primary NAME",
+                    rc.store.display(),
+                    many.iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }
+        }
+    };
+    let identity = crate::net::Identity::load(&config.node.key_dir)?;
+    let mut answers = Vec::new();
+    let p = match promote::open(&rc.store, &ns, params, crate::mount::policy(&rc))? {
+        Err(done) => done,
+        Ok(opened) => {
+            let own = opened.held();
+            let peers: Vec<Peer> = config
+                .peers
+                .iter()
+                .map(|p| Peer {
+                    name: p.name.clone(),
+                    addr: p.addr,
+                    fingerprint: p.fingerprint,
+                })
+                .collect();
+            answers = promote::probe_peers(&identity, &peers, &ns, PROBE_WITHIN);
+            let epoch = promote::decide(&own, &answers, a.force).map_err(|e| anyhow::anyhow!(e))?;
+            promote::promote(
+                opened,
+                &config.node.name,
+                &identity.fingerprint().to_string(),
+                epoch,
+            )?
+        }
+    };
+    // Replicas that hold the very generation promoted need no Merkle descent.
+    let base = Held {
+        epoch: p.base.epoch,
+        generation: p.base.generation,
+        root: crate::manifest::from_hex(&p.base.root).unwrap_or_default(),
+    };
+    let agreed: Vec<String> = answers
+        .iter()
+        .filter(|(_, r)| {
+            r.as_ref()
+                .is_ok_and(|h| (h.generation, h.root) == (base.generation, base.root))
+        })
+        .map(|(n, _)| n.clone())
+        .collect();
+    crate::mount::seed_promoted(&config, &p, &agreed)?;
+    let mut opts = format!("config={}", a.config.canonicalize()?.display());
+    for o in &a.options {
+        opts.push(',');
+        opts.push_str(o);
+    }
+    let mounted = crate::control::socket_of(&mnt).is_ok();
+    if !mounted {
+        let exe = std::env::current_exe()?;
+        let out = std::process::Command::new(exe)
+            .arg("mount")
+            .arg(&p.backing)
+            .arg(&mnt)
+            .arg("-o")
+            .arg(&opts)
+            .output()?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "namespace {ns} is promoted (epoch {}), but its mount failed: {}; fix that and \
+                 run `ferry promote` again (it mounts what is promoted)",
+                p.epoch,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+    }
+    let took_ms = t0.elapsed().as_millis() as u64;
+    let fstab = format!(
+        "{} {} fuse.ferry {opts} 0 0",
+        p.backing.display(),
+        mnt.display()
+    );
+    let replicas: Vec<serde_json::Value> = answers
+        .iter()
+        .map(|(n, r)| match r {
+            Ok(h) => json!({"name": n, "epoch": h.epoch, "generation": h.generation,
+                "root": crate::manifest::hex(&h.root)}),
+            Err(e) => json!({"name": n, "error": e}),
+        })
+        .collect();
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "namespace": ns,
+                "epoch": p.epoch,
+                "promoted_now": p.now,
+                "base": p.base,
+                "backing": p.backing,
+                "mountpoint": mnt,
+                "replicas": replicas,
+                "took_ms": took_ms,
+                "fstab": fstab,
+            })
+        );
+        return Ok(());
+    }
+    if p.now {
+        println!(
+            "namespace {ns} promoted: epoch {} from generation {} of epoch {} (root {})",
+            p.epoch,
+            p.base.generation,
+            p.base.epoch,
+            &p.base.root[..16.min(p.base.root.len())]
+        );
+    } else {
+        println!("namespace {ns} was promoted already (epoch {})", p.epoch);
+    }
+    for (n, r) in &answers {
+        match r {
+            Ok(h) => println!(
+                "  replica {n}: generation {} of epoch {}",
+                h.generation, h.epoch
+            ),
+            Err(e) => println!("  replica {n}: not reached ({e})"),
+        }
+    }
+    println!(
+        "primary mount {} on {} {} ({took_ms} ms)",
+        p.backing.display(),
+        mnt.display(),
+        if mounted {
+            "was live already"
+        } else {
+            "is live"
+        }
+    );
+    println!("to mount it at boot, put this line into /etc/fstab:\n  {fstab}");
+    Ok(())
+}
+
+/// How long `ferry promote` waits for each other replica's answer.
+const PROBE_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The namespace of `name`'s primary, or an error that lists those there are.
 fn namespace<'a>(

@@ -134,6 +134,58 @@ pub fn state_dir(config: &Config, source: &Path) -> PathBuf {
         .join(format!("{readable}-{}", &id[..12]))
 }
 
+/// Makes the state directory of the primary mount a promotion starts: the promoted
+/// generation as the active one and as what each of `agreed` holds (replicas that answered
+/// with that very generation), the stamps of its images as they are now (nothing changed
+/// outside the mount), and last the lineage (namespace, epoch, base) the mount writes under.
+/// Done already for this epoch: nothing changes. Returns the state directory.
+pub fn seed_promoted(
+    config: &Config,
+    p: &crate::replica::promote::Promotion,
+    agreed: &[String],
+) -> Result<PathBuf> {
+    use crate::epoch::{self, Lineage};
+    use crate::fs::outside::stamp::{Record, Stamp};
+    let backing = p.backing.canonicalize()?;
+    let state = state_dir(config, &backing);
+    let lineage = state.join(epoch::FILE);
+    if epoch::load::<Lineage>(&lineage)?
+        .is_some_and(|l| l.epoch == p.epoch && l.namespace == p.namespace)
+    {
+        return Ok(state);
+    }
+    // An earlier mount of this directory left state of another lineage: not this one's.
+    if state.exists() {
+        std::fs::remove_dir_all(&state)
+            .with_context(|| format!("cannot clear {}", state.display()))?;
+    }
+    std::fs::create_dir_all(&state)
+        .with_context(|| format!("cannot create state directory {}", state.display()))?;
+    let params = config.chunk_params().map_err(|e| anyhow!("{e}"))?;
+    let base = (p.base.generation, p.base.root.as_str());
+    crate::sync::seed(&state, &p.manifests(), base, agreed, params)?;
+    let mut stamps = Record::default();
+    for image in p.manifests().load_all(params).into_keys() {
+        let m = std::fs::symlink_metadata(backing.join(&image)).with_context(|| {
+            format!(
+                "promoted image {image} is missing from {}",
+                backing.display()
+            )
+        })?;
+        stamps.images.insert(image, Stamp::of(&m));
+    }
+    stamps.save(&state.join("stamps.json"))?;
+    let l = Lineage {
+        namespace: p.namespace.clone(),
+        epoch: p.epoch,
+        since: crate::epoch::now(),
+        base: Some(p.base.clone()),
+        fenced: None,
+    };
+    epoch::save(&lineage, &l)?;
+    Ok(state)
+}
+
 /// What `ferry mount` was asked to do.
 pub struct MountRequest {
     pub source: PathBuf,

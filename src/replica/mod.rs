@@ -24,6 +24,7 @@ mod journal;
 pub mod keep;
 mod kept;
 pub mod metrics;
+pub mod promote;
 pub mod scrub;
 pub mod site;
 pub mod view;

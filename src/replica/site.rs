@@ -95,14 +95,17 @@ enum Verdict {
 }
 
 /// Judges a claim on a namespace bound to key `owner`, whose holder is `holder` and whose
-/// committed generation is `committed`; `holds_base` says whether it holds the generation the
-/// caller took over from. Pure: the caller does what the verdict says.
+/// committed generation is `committed`; `follows_base` says whether the namespace descends to
+/// the generation the caller took over from: it holds it, or that generation is of the epoch
+/// the namespace is at (one primary per epoch: its generations are one line, so the namespace
+/// is behind the base or past it on the same line).
+/// Pure: the caller does what the verdict says.
 fn judge(
     owner: &str,
     holder: &Holder,
     c: &Caller,
     committed: u64,
-    holds_base: bool,
+    follows_base: bool,
 ) -> Result<Verdict, Refusal> {
     let ns = c.namespace;
     let held_by = || {
@@ -139,7 +142,7 @@ fn judge(
         });
     }
     match c.takeover {
-        Some(t) if c.epoch > holder.epoch && holds_base => {
+        Some(t) if c.epoch > holder.epoch && follows_base => {
             let fork = (committed > t.generation).then(|| Fork {
                 epoch: holder.epoch,
                 first: t.generation + 1,
@@ -397,10 +400,11 @@ impl Site {
             };
             let mut st = store.lock();
             let (committed, _) = st.committed();
-            let holds_base = c
-                .takeover
-                .is_some_and(|t| st.holds(t.generation, &crate::manifest::hex(&t.group_root)));
-            match judge(&owner, st.holder(), c, committed, holds_base)? {
+            let follows_base = c.takeover.is_some_and(|t| {
+                st.holds(t.generation, &crate::manifest::hex(&t.group_root))
+                    || t.epoch == st.holder().epoch
+            });
+            match judge(&owner, st.holder(), c, committed, follows_base)? {
                 Verdict::Serve => {}
                 Verdict::Raise => st.set_holder(holder).map_err(store_err)?,
                 Verdict::TakeOver(fork) => {

@@ -508,8 +508,11 @@ impl Engine {
     ) -> Result<Report> {
         // A fenced primary cuts nothing: its changes stay dirty (and in the intent log) for
         // `ferry rejoin` to save aside.
-        if let Some(f) = &self.lineage.lock().fenced {
-            anyhow::bail!("{}", fenced_words(&self.lineage.lock(), f));
+        {
+            let l = self.lineage.lock();
+            if let Some(f) = &l.fenced {
+                anyhow::bail!("{}", fenced_words(&l, f));
+            }
         }
         // Writes that bypassed the mount, reported up to now, join this sync point.
         self.outside.drain(&self.tracker, true);
@@ -1061,6 +1064,36 @@ impl Engine {
         v["outside_watch"] = self.outside.watching().into();
         v
     }
+}
+
+/// Seeds the state directory of a mount whose images are a replica's committed generation
+/// `generation` (group root `root`, manifests in `from`): a promotion. That generation becomes
+/// the active one, and what each of `peers` acknowledged (replicas known to hold that very
+/// generation), so the first sync point re-chunks nothing and ships only what changed since.
+/// Replicas not named find their base by Merkle descent at their first session.
+pub fn seed(
+    state: &Path,
+    from: &ManifestDir,
+    (generation, root): (u64, &str),
+    peers: &[String],
+    params: ChunkParams,
+) -> Result<()> {
+    let manifests = from.load_all(params);
+    let record = GenRecord {
+        generation,
+        group_root: root.to_string(),
+    };
+    let dirs = std::iter::once(state.join("active"))
+        .chain(peers.iter().map(|p| state.join("peers").join(p)));
+    for dir in dirs {
+        let mdir = ManifestDir::new(dir.join("manifests"));
+        fs::create_dir_all(mdir.path())?;
+        for (image, m) in &manifests {
+            mdir.save(image, m)?;
+        }
+        record.write(&dir.join("generation.json"))?;
+    }
+    Ok(())
 }
 
 /// A replica acknowledged `g`: it is that replica's new base.
