@@ -1122,6 +1122,15 @@ fn print_status(v: &serde_json::Value) {
     if v["tracking"] == false {
         println!("  tracking OFF (mounted with notrack): changes are not replicated");
     }
+    let fenced = &v["sync"]["fenced"];
+    if !fenced.is_null() {
+        println!(
+            "  FENCED: replica {} refused this primary: {}. It ships nothing; the VMs' writes \
+             stay here. Run `ferry rejoin --config FILE`",
+            fenced["replica"].as_str().unwrap_or("?"),
+            fenced["reason"].as_str().unwrap_or("?")
+        );
+    }
     print_sync(&v["sync"]);
     println!(
         "  unsynced {} (changed since the last sync point)",
