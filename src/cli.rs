@@ -123,6 +123,19 @@ pub enum Command {
     /// afterwards to go on serving other primaries' namespaces). Running promote again after
     /// a crash, or after an unmount, finishes the same promotion and mounts again.
     Promote(PromoteArgs),
+    /// Make a fenced old primary a replica of the primary that replaced it.
+    ///
+    /// Run on the old primary once it is back and a promotion elsewhere has fenced it. Asks
+    /// the config's [[peer]]s who holds its namespace now (refused when no replica knows a
+    /// newer epoch: this node is still the primary), stops its primary mount (or finds it
+    /// stopped), brings its manifests up to date from the intent log, and saves every range it
+    /// wrote that the new primary never got (what differs from the generation the new primary
+    /// last acknowledged from it) as sparse files with an index.json under STATE_DIR/rejoin/,
+    /// before a byte is overwritten. Then its backing directory becomes its namespace in
+    /// [replica] store (a rename: same filesystem), bound to its own key, so that the new
+    /// primary, listing this node as a [[peer]], takes it over and sends only what differs.
+    /// Start the replica daemon afterwards.
+    Rejoin(RejoinArgs),
     /// Chunk a file and print its Merkle root, chunk count and chunk sizes.
     ///
     /// Reads FILE once (holes are skipped, not read), cuts it into content-defined chunks with
@@ -259,6 +272,20 @@ pub struct PromoteArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct RejoinArgs {
+    /// The node's config file: [replica] store receives the images, [[peer]] names the
+    /// replicas to ask who holds the namespace now.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// The fenced mount's backing directory (found in the state directory when omitted).
+    pub source: Option<PathBuf>,
+    /// Print one JSON object: namespace, new_primary, new_epoch, saved (directory), saved_bytes,
+    /// images, store.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct RestoreArgs {
     /// The node's config file (with a [replica] section).
     #[arg(long, value_name = "FILE")]
@@ -389,6 +416,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generations(a) => generations_cmd(&a),
         Command::Restore(a) => restore_cmd(&a),
         Command::Promote(a) => promote_cmd(&a),
+        Command::Rejoin(a) => rejoin_cmd(&a),
         Command::Manifest(a) => manifest_cmd(a),
         Command::Keygen(a) => keygen_cmd(a),
         Command::Id(a) => id_cmd(a),
@@ -578,6 +606,7 @@ fn promote_cmd(a: &PromoteArgs) -> Result<()> {
     // Replicas that hold the very generation promoted need no Merkle descent.
     let base = Held {
         epoch: p.base.epoch,
+        holder: String::new(),
         generation: p.base.generation,
         root: crate::manifest::from_hex(&p.base.root).unwrap_or_default(),
     };
@@ -676,6 +705,204 @@ fn promote_cmd(a: &PromoteArgs) -> Result<()> {
         }
     );
     println!("to mount it at boot, put this line into /etc/fstab:\n  {fstab}");
+    Ok(())
+}
+
+/// The backing directory of the one fenced mount whose state is under `state_dir`.
+fn fenced_source(state_dir: &std::path::Path) -> Result<PathBuf> {
+    use crate::epoch::{self, Lineage};
+    let mut found = Vec::new();
+    for d in std::fs::read_dir(state_dir.join("mounts"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if let Ok(Some(l)) = epoch::load::<Lineage>(&d.path().join(epoch::FILE))
+            && let Some(f) = l.fenced
+        {
+            found.push(f.source);
+        }
+    }
+    match found.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => anyhow::bail!(
+            "no mount of this node was fenced (none of {}/mounts/*/epoch.json says so): give \
+             the backing directory of the mount to rejoin",
+            state_dir.display()
+        ),
+        _ => anyhow::bail!("several mounts of this node were fenced: give the backing directory"),
+    }
+}
+
+/// Unmounts the ferry mount serving `source`, if one does, and waits for its daemon to exit.
+fn stop_mount_of(source: &std::path::Path) -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    let src = source.display().to_string();
+    for l in mounts.lines() {
+        let f: Vec<&str> = l.split(' ').collect();
+        if f.len() < 3 || f[0].replace("\\040", " ") != src || !f[2].starts_with("fuse") {
+            continue;
+        }
+        let mnt = PathBuf::from(f[1].replace("\\040", " "));
+        let pid = crate::control::socket_of(&mnt)
+            .and_then(|s| crate::control::request(&s, &serde_json::json!({"cmd": "status"}), None))
+            .ok()
+            .and_then(|v| v["pid"].as_i64());
+        let out = std::process::Command::new("umount").arg(&mnt).output()?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "cannot unmount {} ({}): stop the VMs using it first",
+                mnt.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        if let Some(pid) = pid {
+            let t = std::time::Instant::now();
+            while unsafe { libc::kill(pid as i32, 0) } == 0 && t.elapsed().as_secs() < 30 {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `ferry rejoin --config FILE [SOURCE]`.
+fn rejoin_cmd(a: &RejoinArgs) -> Result<()> {
+    use crate::epoch::{self, Holder, Lineage};
+    use crate::replica::promote::{self, Peer};
+    use crate::sync::rejoin;
+    let config = crate::config::Config::load(&a.config)?;
+    let rc = crate::mount::replica_section(&config, &a.config)?;
+    let params = config.chunk_params().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let source = match &a.source {
+        Some(s) => s.clone(),
+        None => fenced_source(&config.node.state_dir)?,
+    };
+    let source = source
+        .canonicalize()
+        .with_context(|| format!("backing directory {} not found", source.display()))?;
+    let state = crate::mount::state_dir(&config, &source);
+    let lineage = epoch::load::<Lineage>(&state.join(epoch::FILE))?
+        .unwrap_or_else(|| Lineage::first(&config.node.name));
+    let ns = lineage.namespace.clone();
+    let identity = crate::net::Identity::load(&config.node.key_dir)?;
+    let peers: Vec<Peer> = config
+        .peers
+        .iter()
+        .map(|p| Peer {
+            name: p.name.clone(),
+            addr: p.addr,
+            fingerprint: p.fingerprint,
+        })
+        .collect();
+    let answers = promote::probe_peers(&identity, &peers, &ns, PROBE_WITHIN);
+    let newer = answers
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().ok())
+        .filter(|h| h.epoch > lineage.epoch && !h.holder.is_empty())
+        .max_by_key(|h| h.epoch)
+        .cloned();
+    let Some(newer) = newer else {
+        let asked: Vec<String> = answers
+            .iter()
+            .map(|(n, r)| match r {
+                Ok(h) => format!("{n}: epoch {}", h.epoch),
+                Err(e) => format!("{n}: {e}"),
+            })
+            .collect();
+        anyhow::bail!(
+            "no replica holds namespace {ns} at an epoch above this node's ({}); asked {}. \
+             Rejoin is for a primary a promotion replaced: this one was not fenced (or the \
+             replicas that know it cannot be reached now)",
+            lineage.epoch,
+            if asked.is_empty() {
+                "no one ([[peer]] lists none)".into()
+            } else {
+                asked.join(", ")
+            }
+        );
+    };
+    stop_mount_of(&source)?;
+    let current = rejoin::current(&state, &source, params, config.primary.intent_extent)?;
+    // What the new primary last acknowledged from this node is where their lines parted (or
+    // before it): everything since is this node's alone.
+    let base = crate::manifest::ManifestDir::new(
+        state.join("peers").join(&newer.holder).join("manifests"),
+    )
+    .load_all(params);
+    if base.is_empty() {
+        log::warn!(
+            "no acknowledgement from {} is recorded here: every image is saved aside in full",
+            newer.holder
+        );
+    }
+    let ranges: std::collections::BTreeMap<String, Vec<std::ops::Range<u64>>> = current
+        .images
+        .iter()
+        .map(|(p, m)| (p.clone(), rejoin::differing(base.get(p), m)))
+        .collect();
+    let now = epoch::now();
+    let saved = config
+        .node
+        .state_dir
+        .join("rejoin")
+        .join(format!("{ns}.{}-{now}", lineage.epoch));
+    let index = rejoin::Index {
+        namespace: ns.clone(),
+        epoch: lineage.epoch,
+        new_primary: newer.holder.clone(),
+        new_epoch: newer.epoch,
+        time: now,
+        images: vec![],
+    };
+    let saved_bytes = rejoin::save_aside(&source, &saved, &ranges, index)?;
+    let fp = identity.fingerprint().to_string();
+    let holder = Holder {
+        epoch: lineage.epoch,
+        node: config.node.name.clone(),
+        fingerprint: fp.clone(),
+        since: lineage.since,
+        forks: vec![],
+    };
+    let root = crate::manifest::hex(&crate::wire::primary::group_root(&current.images));
+    crate::replica::seed(&source, &current.images, current.generation, &root, &holder)?;
+    crate::replica::site::adopt(&rc.store, &ns, &source, &fp)?;
+    let retired = state.with_extension(format!("rejoined-{now}"));
+    std::fs::rename(&state, &retired)
+        .with_context(|| format!("cannot move {} aside", state.display()))?;
+    let store = rc.store.join(&ns);
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "namespace": ns,
+                "new_primary": newer.holder,
+                "new_epoch": newer.epoch,
+                "saved": saved,
+                "saved_bytes": saved_bytes,
+                "images": current.images.len(),
+                "store": store,
+            })
+        );
+        return Ok(());
+    }
+    println!(
+        "{} rejoins namespace {ns} as a replica of {} (epoch {})",
+        config.node.name, newer.holder, newer.epoch
+    );
+    println!(
+        "  saved aside {saved_bytes} bytes this node wrote that {} never got: {}",
+        newer.holder,
+        saved.display()
+    );
+    println!("  images now in the replica store at {}", store.display());
+    println!(
+        "next: start the replica daemon (ferry replica --config {}), and list this node as a \
+         [[peer]] of {}: its next sync sends only what differs. Remove the old fstab line of \
+         this mount.",
+        a.config.display(),
+        newer.holder
+    );
     Ok(())
 }
 

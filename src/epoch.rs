@@ -40,6 +40,9 @@ pub struct Fence {
     pub reason: String,
     /// When it was refused (Unix seconds).
     pub at: u64,
+    /// The fenced mount's backing directory (for `ferry rejoin` to find it).
+    #[serde(default)]
+    pub source: std::path::PathBuf,
 }
 
 /// A primary mount's standing.

@@ -75,6 +75,8 @@ fn generations(r: &Replica) -> Vec<u64> {
 /// image at each step: `gen1` reached B and C, `gen2` only C, `after` only A.
 struct Drill {
     a: Mount,
+    /// A's key fingerprint.
+    fa: String,
     b: Replica,
     c: Replica,
     gen1: Vec<u8>,
@@ -141,6 +143,7 @@ fn drill() -> Drill {
     a.kill9();
     Drill {
         a,
+        fa,
         b,
         c,
         gen1,
@@ -242,7 +245,102 @@ fn a_forced_promotion_of_the_older_replica_keeps_the_newer_generation_aside() {
     assert_eq!(std::fs::read(&to).unwrap(), d.gen2);
 
     a_is_fenced(&d, "site-b");
-    let _ = Command::new("umount").arg(&d.b.mnt).output();
+    rejoin(&mut d);
+}
+
+/// A rejoins as a replica of B: its writes since B's base are saved aside, and B's next sync
+/// makes A's copy equal B's, shipping only what differs.
+fn rejoin(d: &mut Drill) {
+    // A becomes a replica (a store on the images' filesystem) that trusts B and C; B ships to
+    // it once its config lists it (a remount: `ferry promote` again mounts what is promoted).
+    let port = common::free_port();
+    let store = d.a.dir.path().join("store");
+    append(
+        &d.a.config,
+        &format!(
+            "[replica]\nlisten = \"127.0.0.1:{port}\"\nstore = \"{}\"\nprimaries = [\"{}\", \"{}\"]\n",
+            store.display(),
+            d.b.fingerprint,
+            d.c.fingerprint
+        ),
+    );
+    let fa = &d.fa;
+    let b_config = std::fs::read_to_string(&d.b.config)
+        .unwrap()
+        .replace("replicas = 1", "replicas = 2");
+    std::fs::write(&d.b.config, b_config).unwrap();
+    append(
+        &d.b.config,
+        &format!(
+            "[[peer]]\nname = \"site-a\"\naddr = \"127.0.0.1:{port}\"\nfingerprint = \"{fa}\"\n"
+        ),
+    );
+    common::run(Command::new("umount").arg(&d.b.mnt));
+    json(&promote(&d.b, &[]));
+
+    let out = Command::new(FERRY)
+        .args(["rejoin", "--json", "--config"])
+        .arg(&d.a.config)
+        .output()
+        .unwrap();
+    let v = json(&out);
+    assert_eq!(v["new_primary"], "site-b", "{v}");
+    assert!(!d.a.is_mounted(), "rejoin stops the old primary's mount");
+    // A's writes since generation 1 (B's base), byte for byte, in a sparse file.
+    let saved = std::fs::read(Path::new(v["saved"].as_str().unwrap()).join(IMAGE)).unwrap();
+    for (at, len) in [(1usize << 20, 256usize << 10), (3 << 20, 27)] {
+        assert_eq!(saved[at..at + len], d.after[at..at + len], "at {at}");
+    }
+    let saved_bytes = v["saved_bytes"].as_u64().unwrap();
+    assert!(
+        saved_bytes < 1 << 20,
+        "only what differs is saved: {saved_bytes}"
+    );
+
+    let log = d.a.dir.path().join("replica.log");
+    let mut daemon = Command::new(FERRY)
+        .args(["replica", "--config"])
+        .arg(&d.a.config)
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("replica listening")
+    {
+        assert!(
+            t.elapsed().as_secs() < 30,
+            "{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let (v, ok, err) = common::sync(&d.b.mnt);
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let a_log = std::fs::read_to_string(&log).unwrap();
+    assert!(ok, "{v} {err}\n{a_log}");
+    let served = std::fs::read(d.b.mnt.join(IMAGE)).unwrap();
+    assert_eq!(
+        std::fs::read(store.join(PRIMARY).join(IMAGE)).unwrap(),
+        served
+    );
+    let to_a = v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "site-a")
+        .unwrap()["bytes_sent"]
+        .as_u64()
+        .unwrap();
+    eprintln!("rejoin: {saved_bytes} bytes differed on A, B sent {to_a} bytes to A");
+    assert!(
+        to_a < 1 << 20,
+        "A gets only what differs, not the image: {to_a}"
+    );
+    common::run(Command::new("umount").arg(&d.b.mnt));
 }
 
 #[test]
@@ -271,6 +369,18 @@ fn the_newest_replica_is_promoted_and_the_older_one_follows_it() {
     assert!(
         sent < 1 << 20,
         "only the changed chunks travel: {sent} bytes"
+    );
+
+    // Rejoin on a node that no promotion fenced says so.
+    let out = Command::new(FERRY)
+        .args(["rejoin", "--config"])
+        .arg(&d.b.config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no mount of this node was fenced"),
+        "{err}"
     );
 
     a_is_fenced(&d, "site-c");

@@ -153,6 +153,39 @@ fn hash_from_hex(s: &str) -> Result<Hash> {
     manifest::from_hex(s).map_err(|e| anyhow::anyhow!("bad hash: {e}"))
 }
 
+/// Writes the metadata of a store into `dir`, whose images already are what `manifests` say:
+/// committed generation `generation` (group root `group_root`, hex) held by `holder`. For a
+/// fenced primary's backing directory that rejoins as a replica: nothing is re-read.
+pub fn seed(
+    dir: &Path,
+    manifests: &BTreeMap<String, Arc<Manifest>>,
+    generation: u64,
+    group_root: &str,
+    holder: &Holder,
+) -> Result<()> {
+    let meta = dir.join(META_DIR);
+    if meta.exists() {
+        bail!(
+            "{} exists already: {} is a store already",
+            meta.display(),
+            dir.display()
+        );
+    }
+    let mdir = ManifestDir::new(meta.join("manifests"));
+    fs::create_dir_all(mdir.path())?;
+    for (image, m) in manifests {
+        mdir.save(image, m)?;
+    }
+    epoch::save(&meta.join(epoch::FILE), holder)?;
+    let record = GenerationRecord {
+        generation,
+        group_root: group_root.to_string(),
+        epoch: holder.epoch,
+    };
+    durable::write_atomic(&meta.join("generation"), &serde_json::to_vec(&record)?)?;
+    Ok(())
+}
+
 impl Store {
     /// Opens the store at `root` keeping no restore points (see [`Store::open_with`]).
     pub fn open(root: &Path, params: ChunkParams) -> Result<Store> {

@@ -43,6 +43,8 @@ pub struct Peer {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Held {
     pub epoch: u64,
+    /// The node that holds that epoch (empty when unknown).
+    pub holder: String,
     pub generation: u64,
     pub root: Hash,
 }
@@ -103,11 +105,12 @@ async fn ask(ep: &quinn::Endpoint, addr: SocketAddr, namespace: &str) -> Result<
     match answer {
         Some(Frame::Probed {
             epoch,
+            holder,
             generation,
             group_root,
-            ..
         }) => Ok(Held {
             epoch,
+            holder,
             generation,
             root: group_root,
         }),
@@ -190,6 +193,7 @@ impl Opened {
         let (generation, root) = self.store.committed();
         Held {
             epoch: self.store.holder().epoch,
+            holder: self.store.holder().node.clone(),
             generation,
             root: crate::manifest::from_hex(root).unwrap_or_default(),
         }
@@ -298,6 +302,7 @@ mod tests {
     fn held(epoch: u64, generation: u64) -> Held {
         Held {
             epoch,
+            holder: String::new(),
             generation,
             root: [1; 32],
         }

@@ -72,6 +72,42 @@ pub fn lock(root: &Path) -> Result<fs::File> {
     Ok(f)
 }
 
+/// Makes the store `dir` (seeded by [`super::seed`]) namespace `name` of the site at `root`,
+/// bound to key `fp`: a fenced primary's images, rejoining as a replica. The directory is
+/// renamed into the store (no byte copied), so both must be on one filesystem.
+pub fn adopt(root: &Path, name: &str, dir: &Path, fp: &str) -> Result<()> {
+    fs::create_dir_all(root.join(META_DIR))
+        .with_context(|| format!("cannot create store {}", root.display()))?;
+    let _lock = lock(root)?;
+    let mut bindings = read_bindings(root)?;
+    let to = root.join(name);
+    if bindings.contains_key(name) || to.exists() {
+        anyhow::bail!(
+            "store {} has a namespace {name} already: move {} aside first",
+            root.display(),
+            to.display()
+        );
+    }
+    fs::rename(dir, &to).map_err(|e| {
+        if e.raw_os_error() == Some(libc::EXDEV) {
+            anyhow::anyhow!(
+                "{} and the replica store {} are on different filesystems: set [replica] store \
+                 to a directory on the filesystem of the images, so they become the replica's \
+                 without a copy",
+                dir.display(),
+                root.display()
+            )
+        } else {
+            anyhow::anyhow!("cannot move {} to {}: {e}", dir.display(), to.display())
+        }
+    })?;
+    durable::fsync_dir(root)?;
+    bindings.insert(name.to_string(), fp.to_string());
+    let bytes = serde_json::to_vec_pretty(&bindings).expect("a map of strings");
+    durable::write_atomic(&root.join(META_DIR).join(BINDINGS), &bytes)?;
+    Ok(())
+}
+
 /// A primary asking for its namespace, as its `Hello` and its certificate say.
 #[derive(Clone, Copy, Debug)]
 pub struct Caller<'a> {

@@ -24,6 +24,7 @@ pub mod bucket;
 pub mod cut;
 pub mod link;
 pub mod metrics;
+pub mod rejoin;
 pub mod select;
 pub mod ship;
 pub mod trigger;
@@ -1048,6 +1049,7 @@ impl Engine {
             replica: refused.name.clone(),
             reason: refused.error.clone().unwrap_or_default(),
             at: epoch::now(),
+            source: self.root.clone(),
         });
         if let Err(e) = epoch::save(&self.state.join(epoch::FILE), &*l) {
             log::error!("cannot record that this primary was fenced: {e}");
