@@ -1352,8 +1352,7 @@ fn print_status(v: &serde_json::Value) {
     let fenced = &v["sync"]["fenced"];
     if !fenced.is_null() {
         println!(
-            "  FENCED: replica {} refused this primary: {}. It ships nothing; the VMs' writes \
-             stay here. Run `ferry rejoin --config FILE`",
+            "  FENCED (ships nothing; the VMs' writes stay here): replica {} said: {}",
             fenced["replica"].as_str().unwrap_or("?"),
             fenced["reason"].as_str().unwrap_or("?")
         );

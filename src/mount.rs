@@ -161,11 +161,10 @@ pub fn seed_promoted(
     }
     std::fs::create_dir_all(&state)
         .with_context(|| format!("cannot create state directory {}", state.display()))?;
-    let params = config.chunk_params().map_err(|e| anyhow!("{e}"))?;
     let base = (p.base.generation, p.base.root.as_str());
-    crate::sync::seed(&state, &p.manifests(), base, agreed, params)?;
+    let images = crate::sync::seed(&state, &p.manifests(), base, agreed)?;
     let mut stamps = Record::default();
-    for image in p.manifests().load_all(params).into_keys() {
+    for image in images {
         let m = std::fs::symlink_metadata(backing.join(&image)).with_context(|| {
             format!(
                 "promoted image {image} is missing from {}",

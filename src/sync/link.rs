@@ -103,9 +103,7 @@ impl fmt::Display for Cause {
                          only what is missing"
                     }
                     RefuseCode::Store => "; see the replica's log",
-                    RefuseCode::Fenced => {
-                        "; another node was promoted: this one must not ship any more"
-                    }
+                    RefuseCode::Fenced => "; this primary ships nothing more",
                     RefuseCode::Corrupt => {
                         "; data was damaged between this node's disk and the replica (memory \
                          or network): the replica kept its last generation"

@@ -1072,15 +1072,29 @@ impl Engine {
 /// `generation` (group root `root`, manifests in `from`): a promotion. That generation becomes
 /// the active one, and what each of `peers` acknowledged (replicas known to hold that very
 /// generation), so the first sync point re-chunks nothing and ships only what changed since.
-/// Replicas not named find their base by Merkle descent at their first session.
+/// Replicas not named find their base by Merkle descent at their first session. The manifest
+/// files are hard-linked (copied across filesystems): they are only ever replaced, never
+/// changed in place. Returns the images' names.
 pub fn seed(
     state: &Path,
     from: &ManifestDir,
     (generation, root): (u64, &str),
     peers: &[String],
-    params: ChunkParams,
-) -> Result<()> {
-    let manifests = from.load_all(params);
+) -> Result<Vec<String>> {
+    let mut files = Vec::new();
+    let mut stack = vec![from.path().to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for ent in fs::read_dir(&d).with_context(|| format!("cannot list {}", d.display()))? {
+            let ent = ent?;
+            if ent.file_type()?.is_dir() {
+                stack.push(ent.path());
+            } else if let Some(rel) = ent.path().strip_prefix(from.path()).ok().and_then(|r| r.to_str()) {
+                if let Some(image) = rel.strip_suffix(".manifest") {
+                    files.push(image.to_string());
+                }
+            }
+        }
+    }
     let record = GenRecord {
         generation,
         group_root: root.to_string(),
@@ -1089,13 +1103,18 @@ pub fn seed(
         .chain(peers.iter().map(|p| state.join("peers").join(p)));
     for dir in dirs {
         let mdir = ManifestDir::new(dir.join("manifests"));
-        fs::create_dir_all(mdir.path())?;
-        for (image, m) in &manifests {
-            mdir.save(image, m)?;
+        for image in &files {
+            let to = mdir.file(image);
+            fs::create_dir_all(to.parent().expect("under the directory"))?;
+            if fs::hard_link(from.file(image), &to).is_err() {
+                fs::copy(from.file(image), &to)?;
+            }
         }
+        crate::durable::fsync_dir(mdir.path())?;
         record.write(&dir.join("generation.json"))?;
     }
-    Ok(())
+    files.sort();
+    Ok(files)
 }
 
 /// A replica acknowledged `g`: it is that replica's new base.
