@@ -74,22 +74,22 @@ pub fn probe_peers(id: &Identity, peers: &[Peer], namespace: &str, within: Durat
         }
     };
     let ep = node.endpoint().clone();
-    node.block_on(async {
-        let asks = peers.iter().map(|p| {
-            let ep = ep.clone();
-            async move {
-                let r = tokio::time::timeout(within, ask(&ep, p.addr, namespace))
+    // All at once: an unreachable replica costs `within`, not `within` per replica.
+    let mut answers: Answers = node.block_on(async {
+        let mut set = tokio::task::JoinSet::new();
+        for p in peers {
+            let (ep, name, addr, ns) = (ep.clone(), p.name.clone(), p.addr, namespace.to_string());
+            set.spawn(async move {
+                let r = tokio::time::timeout(within, ask(&ep, addr, &ns))
                     .await
                     .unwrap_or_else(|_| Err(anyhow!("no answer within {within:?}")));
-                (p.name.clone(), r.map_err(|e| format!("{e:#}")))
-            }
-        });
-        let mut out = Vec::new();
-        for a in asks {
-            out.push(a.await);
+                (name, r.map_err(|e| format!("{e:#}")))
+            });
         }
-        out
-    })
+        set.join_all().await
+    });
+    answers.sort_by_key(|(n, _)| peers.iter().position(|p| &p.name == n));
+    answers
 }
 
 async fn ask(ep: &quinn::Endpoint, addr: SocketAddr, namespace: &str) -> Result<Held> {

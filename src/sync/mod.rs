@@ -1088,7 +1088,12 @@ pub fn seed(
             let ent = ent?;
             if ent.file_type()?.is_dir() {
                 stack.push(ent.path());
-            } else if let Some(rel) = ent.path().strip_prefix(from.path()).ok().and_then(|r| r.to_str()) {
+            } else if let Some(rel) = ent
+                .path()
+                .strip_prefix(from.path())
+                .ok()
+                .and_then(|r| r.to_str())
+            {
                 if let Some(image) = rel.strip_suffix(".manifest") {
                     files.push(image.to_string());
                 }
