@@ -281,6 +281,19 @@ pub(super) fn rejoin_cmd(a: &RejoinArgs) -> Result<()> {
         );
     };
     stop_mount_of(&source)?;
+    // A mount found by another name (`-o fsname=`) still answers on its control socket: its
+    // images must not be read, let alone moved, while it runs.
+    let socket = state.join("control.sock");
+    let status = serde_json::json!({"cmd": "status"});
+    let within = Some(std::time::Duration::from_secs(5));
+    if let Ok(v) = crate::control::request(&socket, &status, within) {
+        anyhow::bail!(
+            "the mount of {} is still live at {} (pid {}): unmount it, then run rejoin again",
+            source.display(),
+            v["mountpoint"].as_str().unwrap_or("?"),
+            v["pid"]
+        );
+    }
     let current = rejoin::current(&state, &source, params, config.primary.intent_extent)?;
     // What the new primary last acknowledged from this node is where their lines parted (or
     // before it): everything since is this node's alone.
