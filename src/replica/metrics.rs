@@ -16,8 +16,10 @@ use crate::metrics::Gauges;
 
 pub struct StoreCollector {
     site: Arc<Site>,
-    /// Each namespace's figures of the last scrape that found its store free.
-    last: parking_lot::Mutex<BTreeMap<String, Figures>>,
+    /// Each namespace's figures when it opened, or of the last scrape that found its store
+    /// free (a namespace shows from its first contact, even if every scrape since finds it
+    /// busy with a transfer).
+    last: Arc<parking_lot::Mutex<BTreeMap<String, Figures>>>,
 }
 
 impl std::fmt::Debug for StoreCollector {
@@ -41,7 +43,10 @@ pub fn registry(site: &Arc<Site>) -> Registry {
         "Time to commit a generation: verify, journal, apply",
         apply.clone(),
     );
+    let last: Arc<parking_lot::Mutex<BTreeMap<String, Figures>>> = Arc::default();
+    let opened = last.clone();
     site.on_open(move |name, s| {
+        opened.lock().insert(name.to_string(), s.figures());
         s.time_commits(
             apply
                 .get_or_create(&vec![("primary".to_string(), name.to_string())])
@@ -50,7 +55,7 @@ pub fn registry(site: &Arc<Site>) -> Registry {
     });
     reg.register_collector(Box::new(StoreCollector {
         site: site.clone(),
-        last: Default::default(),
+        last,
     }));
     reg
 }
