@@ -34,6 +34,9 @@
 //!   for its `READY=1` on `NOTIFY_SOCKET` as systemd does for `Type=notify`; `systemctl stop`
 //!   sends SIGTERM and waits for the exit; `daemon-reload` does nothing. The unit files
 //!   themselves are checked by `systemd-analyze verify` (tests/units.rs).
+//! - libvirt (Debian's `libvirt-daemon`, without QEMU's system emulator) is started by hand
+//!   with the `libvirt-qemu` user its `libvirt-daemon-system` package would create; those
+//!   steps are `before` notes of the libvirt block.
 
 mod common;
 
