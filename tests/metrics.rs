@@ -7,6 +7,7 @@ mod common;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -141,6 +142,29 @@ fn both_daemons_serve_metrics_that_agree_with_status() {
     assert_eq!(
         must(&rm, "ferry_store_commit_seconds_count{primary=\"test\"}"),
         1.0
+    );
+
+    // A copy of the image: every chunk of it is new content the replica already holds, so
+    // nothing is sent and the chunk-reuse counter counts each one.
+    let sent = report["replicas"][0]["chunks_sent"].as_u64().unwrap();
+    assert!(sent > 100, "{report}");
+    common::run(
+        Command::new("cp")
+            .arg(p.primary.path("a.img"))
+            .arg(p.primary.path("b.img")),
+    );
+    let copy = p.sync_ok();
+    let o = &copy["replicas"][0];
+    assert_eq!(o["chunks_sent"].as_u64(), Some(0), "{copy}");
+    assert_eq!(o["chunks_held"].as_u64(), Some(sent), "{copy}");
+    let m = scrape(pport);
+    assert_eq!(
+        must(&m, "ferry_chunks_held_total{replica=\"site-b\"}"),
+        sent as f64
+    );
+    assert_eq!(
+        must(&m, "ferry_chunks_sent_total{replica=\"site-b\"}"),
+        sent as f64
     );
 }
 

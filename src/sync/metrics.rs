@@ -27,6 +27,8 @@ pub struct SyncMetrics {
     wire: Family<Labels, Counter>,
     chunks: Family<Labels, Counter>,
     patches: Family<Labels, Counter>,
+    held: Family<Labels, Counter>,
+    reused: Family<Labels, Counter>,
     retries: Family<Labels, Counter>,
 }
 
@@ -41,6 +43,8 @@ impl SyncMetrics {
             wire: Family::default(),
             chunks: Family::default(),
             patches: Family::default(),
+            held: Family::default(),
+            reused: Family::default(),
             retries: Family::default(),
         };
         let reg = reg.sub_registry_with_prefix("ferry");
@@ -72,6 +76,16 @@ impl SyncMetrics {
         reg.register("chunks_sent", "Whole chunks sent", m.chunks.clone());
         reg.register("patches_sent", "Patches sent", m.patches.clone());
         reg.register(
+            "chunks_held",
+            "New chunks the replica already held, so not sent (content addressing at work)",
+            m.held.clone(),
+        );
+        reg.register(
+            "chunks_reused",
+            "Chunk frames made once for another replica of the same sync (fan-out)",
+            m.reused.clone(),
+        );
+        reg.register(
             "retries",
             "Connections retried after a failed attempt",
             m.retries.clone(),
@@ -97,6 +111,8 @@ impl SyncMetrics {
             self.wire.get_or_create(&l).inc_by(o.wire_bytes);
             self.chunks.get_or_create(&l).inc_by(o.chunks_sent);
             self.patches.get_or_create(&l).inc_by(o.patches_sent);
+            self.held.get_or_create(&l).inc_by(o.chunks_held);
+            self.reused.get_or_create(&l).inc_by(o.chunks_reused);
             self.retries
                 .get_or_create(&l)
                 .inc_by(o.attempts.saturating_sub(1) as u64);

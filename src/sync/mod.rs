@@ -166,6 +166,8 @@ pub struct PeerOutcome {
     pub last_attempt_bytes: u64,
     /// Chunks taken from the frames made for another replica of the same sync (fan-out).
     pub chunks_reused: u64,
+    /// Chunks of the new content this replica already held, so not sent (deduplication).
+    pub chunks_held: u64,
 }
 
 /// The engine's working state: one sync at a time holds it, from freeze to the last
@@ -951,6 +953,7 @@ impl Engine {
             attempts: s.attempts,
             last_attempt_bytes: n(&s.last.bytes_sent),
             chunks_reused: n(&s.total.chunks_reused),
+            chunks_held: n(&s.total.chunks_held),
         };
         match s.result {
             Ok(acked) => {

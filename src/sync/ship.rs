@@ -98,6 +98,9 @@ pub struct ShipStats {
     /// Chunk frames taken from the [`FrameCache`] (made for another replica) instead of read,
     /// verified and compressed again.
     pub chunks_reused: AtomicU64,
+    /// Chunks of the generation's new content the replica already held (not sent): what
+    /// content addressing saved.
+    pub chunks_held: AtomicU64,
 }
 
 impl ShipStats {
@@ -111,6 +114,7 @@ impl ShipStats {
             (&self.planned_bytes, &o.planned_bytes),
             (&self.done_bytes, &o.done_bytes),
             (&self.chunks_reused, &o.chunks_reused),
+            (&self.chunks_held, &o.chunks_held),
         ] {
             a.fetch_add(b.load(Ordering::Relaxed), Ordering::Relaxed);
         }
@@ -190,10 +194,14 @@ async fn run(
             match o {
                 Out::Send(f) => write_frame(&mut send, &f).await.map_err(lost)?,
                 Out::Jobs => {
-                    let planned = session.lock().pending_bytes();
+                    let (planned, held) = {
+                        let s = session.lock();
+                        (s.pending_bytes(), s.chunks_held())
+                    };
                     how.stats
                         .planned_bytes
                         .fetch_add(planned, Ordering::Relaxed);
+                    how.stats.chunks_held.fetch_add(held, Ordering::Relaxed);
                     if let Err(e) = send_data(conn, &session, how).await {
                         return Err(refusal_behind(&mut recv, e).await);
                     }

@@ -9,12 +9,12 @@
 //! differing leaves, and rebuilds the replica's manifest from them and its own, checking the
 //! rebuilt root against the replica's.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::ops::Range;
 use std::sync::Arc;
 
 use super::frame::{
-    Frame, Hash, ImageState, MAX_ITEMS, NsChange, Refusal, Splice, Takeover, VERSION,
+    Frame, Hash, ImageState, MAX_ITEMS, NsChange, Refusal, Splice, Takeover, VERSION, WireEntry,
 };
 use super::plan::{self, from_wire};
 use crate::chunk::ChunkParams;
@@ -181,6 +181,10 @@ pub struct PrimarySession {
     peer_images: BTreeMap<String, ImageState>,
     recon: BTreeMap<String, Recon>,
     wanted: Vec<Hash>,
+    /// Distinct chunks the plan offered (new content of this generation for this replica).
+    offered: usize,
+    /// Of those, the ones the replica already held (stored or staged): not sent.
+    held: u64,
     jobs: VecDeque<Job>,
     locations: HashMap<Hash, (String, u64, u64)>,
     /// `Commit` was sent: the replica commits once the data it waits for arrives, so jobs added
@@ -213,6 +217,8 @@ impl PrimarySession {
             peer_images: BTreeMap::new(),
             recon: BTreeMap::new(),
             wanted: Vec::new(),
+            offered: 0,
+            held: 0,
             jobs: VecDeque::new(),
             locations: HashMap::new(),
             commit_sent: false,
@@ -228,6 +234,12 @@ impl PrimarySession {
     /// The next data frame to produce, if any.
     pub fn next_job(&mut self) -> Option<Job> {
         self.jobs.pop_front()
+    }
+
+    /// Chunks of this generation's new content the replica already held, so none was sent
+    /// (known once its wants are in).
+    pub fn chunks_held(&self) -> u64 {
+        self.held
     }
 
     /// Bytes of image the pending jobs cover (for progress).
@@ -572,6 +584,20 @@ impl PrimarySession {
             .iter()
             .filter(|(p, m)| self.bases[*p].root() != m.root())
             .count() as u32;
+        let offered: HashSet<&Hash> = plans
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Plan { splices, .. } => Some(splices),
+                _ => None,
+            })
+            .flatten()
+            .flat_map(|s| &s.entries)
+            .filter_map(|e| match e {
+                WireEntry::Data { hash, .. } => Some(hash),
+                WireEntry::Zero { .. } => None,
+            })
+            .collect();
+        self.offered = offered.len();
         let mut out = vec![Out::Send(Frame::Begin {
             generation: self.number,
             base_generation: self.peer_generation,
@@ -597,6 +623,7 @@ impl PrimarySession {
             }
         }
         let wanted = std::mem::take(&mut self.wanted);
+        self.held += self.offered.saturating_sub(wanted.len()) as u64;
         for hash in wanted {
             let (path, offset, len) = self
                 .locations
