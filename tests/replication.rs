@@ -347,6 +347,32 @@ fn zero_extents_stay_holes_and_removals_and_renames_follow() {
     );
 }
 
+/// Something that is not a file where an image must go in the store (a directory left by a
+/// primary that rejoined as a replica, or made there by hand): the generation still commits,
+/// and what stood there is moved aside into the namespace's `.ferry/displaced/`, not lost.
+#[test]
+fn a_directory_where_an_image_goes_is_moved_aside_and_the_generation_commits() {
+    let p = Pair::new();
+    fs::write(p.primary.path("a.img"), random(1 << 20, 1)).unwrap();
+    p.sync_ok();
+    fs::create_dir(p.replica_path("b.img")).unwrap();
+    fs::write(p.replica_path("b.img").join("notes"), b"kept").unwrap();
+    fs::write(p.primary.path("b.img"), random(1 << 20, 2)).unwrap();
+    let v = p.sync_ok();
+    identical(&p, "b.img");
+    let g = v["generation"].as_u64().unwrap();
+    let aside = p
+        .replica
+        .images
+        .join(format!(".ferry/displaced/{g}/b.img/notes"));
+    assert_eq!(fs::read(&aside).unwrap(), b"kept", "{}", aside.display());
+    assert!(p.replica.log_text().contains("moved aside"));
+    // The next generation does not trip over it either.
+    fs::write(p.primary.path("b.img"), random(1 << 20, 3)).unwrap();
+    p.sync_ok();
+    identical(&p, "b.img");
+}
+
 /// A replica whose store is too small for a generation: the sync pauses before sending any data,
 /// with a status and a message that say how much is free and how much is needed; the replica
 /// keeps its last generation; with space back the same sync resumes by itself and sends the

@@ -347,6 +347,37 @@ impl Store {
         self.root.join(META_DIR)
     }
 
+    /// Moves what stands where image `path` must go, if it is not a regular file (a directory
+    /// left by a primary that rejoined as a replica, a link made by hand), into
+    /// `.ferry/displaced/GENERATION/path`: the namespace holds the primary's images, but what
+    /// someone put there is never deleted.
+    fn displace(&self, path: &str, generation: u64) -> Result<()> {
+        let at = self.root.join(path);
+        match fs::symlink_metadata(&at) {
+            Ok(md) if !md.is_file() => {
+                let to = self
+                    .meta()
+                    .join("displaced")
+                    .join(generation.to_string())
+                    .join(path);
+                if let Some(dir) = to.parent() {
+                    fs::create_dir_all(dir)?;
+                }
+                fs::rename(&at, &to).with_context(|| {
+                    format!("cannot move {} aside to {}", at.display(), to.display())
+                })?;
+                log::warn!(
+                    "{}: not a file where image {path} of generation {generation} goes; moved \
+                     aside to {}",
+                    at.display(),
+                    to.display()
+                );
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// The committed manifests (`"manifests"`) or the staged ones (`"staging/manifests"`).
     fn manifests_in(&self, dir: &str) -> ManifestDir {
         ManifestDir::new(self.meta().join(dir))
@@ -443,6 +474,7 @@ impl Store {
         let empty = Manifest::empty(self.params);
         for (path, m) in new {
             let file_path = self.root.join(path);
+            self.displace(path, commit.generation)?;
             if let Some(dir) = file_path.parent() {
                 fs::create_dir_all(dir)?;
             }
