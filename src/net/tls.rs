@@ -50,6 +50,15 @@ pub const RECEIVE_WINDOW: u32 = 16 << 20;
 /// Bytes a sender keeps in flight over all its streams.
 pub const SEND_WINDOW: u64 = 16 << 20;
 
+/// Data streams a primary opens per connection, and all a peer may have open at once: with the
+/// one control stream ([`CONTROL_STREAMS`]) and frames of at most [`crate::wire::MAX_FRAME`],
+/// what a peer can make a node hold in partly received frames is bounded (quinn's default
+/// would let it open 100 streams of each kind).
+pub const DATA_STREAMS: u8 = 4;
+
+/// The control streams a peer may have open at once (one per session).
+pub const CONTROL_STREAMS: u8 = 1;
+
 /// The crypto provider for every TLS configuration: *ring*, as quinn's default features use.
 /// Passed explicitly to each builder, so nothing depends on a process-level default provider.
 pub fn provider() -> Arc<CryptoProvider> {
@@ -249,7 +258,8 @@ impl std::str::FromStr for Congestion {
 
 /// Transport settings for a WAN link of ~50 ms RTT and 100 Mbit/s or more: keep-alive
 /// [`KEEP_ALIVE`], idle timeout [`IDLE_TIMEOUT`], windows [`STREAM_RECEIVE_WINDOW`],
-/// [`RECEIVE_WINDOW`], [`SEND_WINDOW`]; unreliable datagrams off (ferry does not use them);
+/// [`RECEIVE_WINDOW`], [`SEND_WINDOW`]; streams the peer may open [`DATA_STREAMS`] and
+/// [`CONTROL_STREAMS`]; unreliable datagrams off (ferry does not use them);
 /// the congestion controller `cc`.
 pub fn transport_config_with(cc: Congestion) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
@@ -263,6 +273,8 @@ pub fn transport_config_with(cc: Congestion) -> quinn::TransportConfig {
         .stream_receive_window(quinn::VarInt::from_u32(STREAM_RECEIVE_WINDOW))
         .receive_window(quinn::VarInt::from_u32(RECEIVE_WINDOW))
         .send_window(SEND_WINDOW)
+        .max_concurrent_uni_streams(DATA_STREAMS.into())
+        .max_concurrent_bidi_streams(CONTROL_STREAMS.into())
         .datagram_receive_buffer_size(None);
     t
 }

@@ -8,8 +8,20 @@ use anyhow::{Context, Result, bail};
 use super::{Congestion, Fingerprint, Identity, SERVER_NAME, client_config, server_config};
 use crate::wire::frame::{self, Frame};
 
+/// How much of a frame body is read at a time.
+const READ_STEP: usize = 1 << 20;
+
 /// Reads one frame; `None` when the peer finished the stream cleanly between frames.
 pub async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Option<Frame>> {
+    read_frame_within(recv, frame::MAX_FRAME).await
+}
+
+/// [`read_frame`] of a stream whose frames are at most `limit` bytes (data streams: see
+/// [`frame::data_frame_limit`]).
+pub async fn read_frame_within(
+    recv: &mut quinn::RecvStream,
+    limit: usize,
+) -> Result<Option<Frame>> {
     let mut prefix = [0u8; 4];
     match recv.read_exact(&mut prefix).await {
         Ok(()) => {}
@@ -21,10 +33,19 @@ pub async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Option<Frame>> {
         Err(e) => return Err(e).context("reading a frame"),
     }
     let len = frame::check_len(prefix)?;
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body)
-        .await
-        .context("reading a frame body")?;
+    if len > limit {
+        bail!("a frame of {len} bytes exceeds this stream's limit of {limit} bytes");
+    }
+    // The body grows as it arrives: memory follows what the peer sent, not what it announced
+    // (a peer announcing large frames on every stream and sending little holds little).
+    let mut body = Vec::with_capacity(len.min(READ_STEP));
+    while body.len() < len {
+        let at = body.len();
+        body.resize(at + (len - at).min(READ_STEP), 0);
+        recv.read_exact(&mut body[at..])
+            .await
+            .context("reading a frame body")?;
+    }
     Ok(Some(frame::decode(&body)?))
 }
 

@@ -13,13 +13,49 @@ use tokio::sync::mpsc;
 use super::Site;
 use super::site::{Caller, Shared as SharedStore};
 use crate::chunk::ChunkParams;
-use crate::net::transport::{self, read_frame, write_frame};
+use crate::net::transport::{self, read_frame, read_frame_within, write_frame};
 use crate::net::{Fingerprint, Identity, Node, Threads};
 use crate::wire::frame::{Frame, Refusal, RefuseCode, VERSION};
 use crate::wire::replica::ReplicaSession;
 
 /// How long a connected primary has to send its `Hello`.
 const HELLO_WITHIN: Duration = Duration::from_secs(30);
+
+/// Connections one primary (one key) may have open at once: a sync, a `ferry verify` and a
+/// probe beside it are legitimate; more are refused, so a primary gone wrong cannot make this
+/// daemon hold a connection's worth of memory many times over.
+pub const CONNECTIONS_PER_PRIMARY: usize = 4;
+
+/// The connections open per primary key.
+#[derive(Default)]
+struct Open(parking_lot::Mutex<std::collections::HashMap<Fingerprint, usize>>);
+
+/// One connection counted in [`Open`], until dropped.
+struct Counted<'a>(&'a Open, Fingerprint);
+
+impl Open {
+    fn enter(&self, fp: Fingerprint) -> Option<Counted<'_>> {
+        let mut m = self.0.lock();
+        let n = m.entry(fp).or_default();
+        if *n >= CONNECTIONS_PER_PRIMARY {
+            return None;
+        }
+        *n += 1;
+        Some(Counted(self, fp))
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        let mut m = self.0.0.lock();
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
 
 /// What the replica daemon is told by the face (built from the config file there).
 pub struct Options {
@@ -201,14 +237,16 @@ fn mount(site: &Arc<Site>, mnt: &std::path::Path, stop_on_unmount: bool) -> Resu
 
 async fn serve(site: Arc<Site>, ep: quinn::Endpoint) -> Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let open = Arc::new(Open::default());
     loop {
         tokio::select! {
             incoming = ep.accept() => {
                 let Some(incoming) = incoming else { break };
                 let site = site.clone();
+                let open = open.clone();
                 tokio::spawn(async move {
                     let remote = incoming.remote_address();
-                    if let Err(e) = connection(incoming, site).await {
+                    if let Err(e) = connection(incoming, site, &open).await {
                         log::warn!("session with {remote} ended: {e:#}");
                     }
                 });
@@ -229,14 +267,29 @@ async fn serve(site: Arc<Site>, ep: quinn::Endpoint) -> Result<()> {
     Ok(())
 }
 
-async fn connection(incoming: quinn::Incoming, site: Arc<Site>) -> Result<()> {
+async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> Result<()> {
     let remote = incoming.remote_address();
     let conn = incoming
         .await
         .with_context(|| format!("handshake with {remote} refused"))?;
     let fp = transport::fingerprint(&conn)?;
+    let Some(_counted) = open.enter(fp) else {
+        let why = format!(
+            "primary {fp} already has {CONNECTIONS_PER_PRIMARY} connections open to this replica"
+        );
+        conn.close(1u32.into(), why.as_bytes());
+        anyhow::bail!("{why} ({remote} refused)");
+    };
     log::info!("primary {fp} connected from {remote}");
-    let (mut send, mut recv) = conn.accept_bi().await.context("no control stream")?;
+    let (mut send, mut recv) = tokio::time::timeout(HELLO_WITHIN, conn.accept_bi())
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "primary {fp} opened no stream within {} s",
+                HELLO_WITHIN.as_secs()
+            )
+        })?
+        .context("no control stream")?;
     // The first frame names the primary, hence its namespace: the only store this session
     // can reach. A peer that connects and says nothing is not waited for.
     let first = tokio::time::timeout(HELLO_WITHIN, read_frame(&mut recv))
@@ -248,6 +301,10 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>) -> Result<()> {
             )
         })??;
     let fingerprint = fp.to_string();
+    let data_limit = match &first {
+        Some(Frame::Hello { params, .. }) => crate::wire::frame::data_frame_limit(params),
+        _ => crate::wire::MAX_FRAME,
+    };
     let claimed = match &first {
         Some(Frame::Hello {
             node,
@@ -342,13 +399,17 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>) -> Result<()> {
             })
         }
     };
+    // A broken frame ends the session: refused, and the connection closed after it.
     let refuse = {
         let session = session.clone();
+        let closed = closed.clone();
         move |tx: &mpsc::UnboundedSender<Frame>, reason: String| {
             let mut s = session.lock();
             if !s.is_closed() {
+                log::warn!("primary {fp}: session refused: {reason}");
                 s.close();
                 let _ = tx.send(Refusal::new(RefuseCode::Protocol, reason).frame());
+                closed.notify_one();
             }
         }
     };
@@ -367,7 +428,7 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>) -> Result<()> {
                 let refuse = refuse.clone();
                 tokio::spawn(async move {
                     loop {
-                        match read_frame(&mut uni).await {
+                        match read_frame_within(&mut uni, data_limit).await {
                             Ok(Some(f)) => {
                                 if !handle(f, &tx) {
                                     let _ = uni.stop(0u32.into());

@@ -20,8 +20,8 @@ use crate::wire::primary::{
     make_frame,
 };
 
-/// Data streams per connection.
-pub const STREAMS: usize = 4;
+/// Data streams per connection: as many as a peer accepts at once.
+pub const STREAMS: usize = crate::net::tls::DATA_STREAMS as usize;
 
 /// Chunk frames already made for one generation, shared by its shipments to every replica, so
 /// a fan-out reads, verifies and compresses each chunk once: the first shipment to want a

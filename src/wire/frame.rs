@@ -17,6 +17,14 @@ pub const VERSION: u16 = 3;
 /// Largest encoded frame: the largest chunk FastCDC allows (16 MiB) plus room for its header.
 pub const MAX_FRAME: usize = (16 << 20) + (64 << 10);
 
+/// The largest data frame (a `Chunk`, or a `Patch` of one) a session with chunks of at most
+/// `params.max_size` bytes carries: the chunk, twice over for a patch's per-range framing at
+/// worst, plus headers. A replica reads data streams with this bound, so what a peer can make
+/// it hold in partly received frames is a few chunks per stream, not [`MAX_FRAME`].
+pub fn data_frame_limit(params: &crate::manifest::ChunkParams) -> usize {
+    (2 * params.max_size as usize + (64 << 10)).min(MAX_FRAME)
+}
+
 /// Plan entries per [`Frame::Plan`] frame, and hashes per [`Frame::Want`] frame, so control
 /// frames stay small (about 2 MiB at most).
 pub const MAX_ITEMS: usize = 32 * 1024;

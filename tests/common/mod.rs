@@ -373,6 +373,11 @@ impl Replica {
         }
     }
 
+    /// The daemon's pid (run here, not through `nsenter`).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the replica runs").id()
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();

@@ -1,0 +1,178 @@
+//! A pinned peer gone wrong (a compromised primary, a broken build) against a real replica
+//! daemon over real QUIC: whatever it sends, what the daemon holds for it stays bounded, the
+//! offending connection is dropped, and the daemon goes on serving the real primary.
+//! (Unpinned peers never get past the handshake: tests/tls.rs.)
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use common::{PRIMARY, Pair, random};
+use ferry::manifest::ChunkParams;
+use ferry::net::transport::{client, read_frame, write_frame};
+use ferry::net::{Congestion, Fingerprint, Identity, SERVER_NAME};
+use ferry::wire::frame::Frame;
+use ferry::wire::primary::Claim;
+
+/// Every wait is bounded, so a regression fails instead of hanging.
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A connection to the pair's replica with the pair's own primary key (what a compromised
+/// primary holds).
+async fn connect(p: &Pair) -> (quinn::Endpoint, quinn::Connection) {
+    let id = Identity::load(&p.primary.dir.path().join("keys")).unwrap();
+    let replica: Fingerprint = p.replica.fingerprint.parse().unwrap();
+    let ep = client(
+        &id,
+        &[replica],
+        (Ipv4Addr::LOCALHOST, 0).into(),
+        Congestion::default(),
+    )
+    .unwrap();
+    let addr: SocketAddr = (Ipv4Addr::LOCALHOST, p.replica.port).into();
+    let conn = tokio::time::timeout(TIMEOUT, ep.connect(addr, SERVER_NAME).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    (ep, conn)
+}
+
+/// Opens the control stream and says Hello as the pair's primary; returns the stream.
+async fn hello(conn: &quinn::Connection) -> (quinn::SendStream, quinn::RecvStream) {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let hello = Claim::first(PRIMARY).hello(ChunkParams::default());
+    write_frame(&mut send, &hello).await.unwrap();
+    let welcome = tokio::time::timeout(TIMEOUT, read_frame(&mut recv))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(welcome, Some(Frame::Welcome { .. })),
+        "{welcome:?}"
+    );
+    (send, recv)
+}
+
+/// Resident memory of a process, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches(" kB")
+        .parse()
+        .unwrap();
+    kb << 10
+}
+
+/// The real primary writes and syncs beside the hostile peer: it must commit.
+fn real_primary_syncs(p: &Pair, seed: u64) {
+    std::fs::write(p.primary.path("a.img"), random(4 << 20, seed)).unwrap();
+    p.sync_ok();
+    common::cmp(&p.primary.backing("a.img"), &p.replica_path("a.img"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_announcing_4_gib_is_refused_and_the_connection_dropped() {
+    common::require_root();
+    let p = Pair::new();
+    let before = rss(p.replica.pid());
+    let (_ep, conn) = connect(&p).await;
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(&u32::MAX.to_le_bytes()).await.unwrap();
+    send.write_all(&[0u8; 4096]).await.unwrap();
+    let closed = tokio::time::timeout(TIMEOUT, conn.closed()).await;
+    assert!(closed.is_ok(), "the replica kept the connection open");
+    assert!(
+        p.replica.log_text().contains("exceeds the limit"),
+        "{}",
+        p.replica.log_text()
+    );
+    assert!(rss(p.replica.pid()) < before + (16 << 20));
+    tokio::task::block_in_place(|| real_primary_syncs(&p, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_data_streams_of_half_sent_frames_hold_bounded_memory() {
+    common::require_root();
+    let p = Pair::new();
+    tokio::task::block_in_place(|| real_primary_syncs(&p, 1));
+    let before = rss(p.replica.pid());
+    let (_ep, conn) = connect(&p).await;
+    let _control = hello(&conn).await;
+    // Each stream announces a chunk frame of the largest size a chunk may have and sends
+    // 1 MiB of it, never the rest. The replica admits a few streams at a time; the opener
+    // waits for the others.
+    let announce = (ChunkParams::default().max_size * 2).to_le_bytes();
+    let junk = vec![0x5au8; 1 << 20];
+    let mut open = Vec::new();
+    for _ in 0..1000 {
+        let Ok(Ok(mut uni)) = tokio::time::timeout(Duration::from_secs(2), conn.open_uni()).await
+        else {
+            break;
+        };
+        uni.write_all(&announce).await.unwrap();
+        let _ = tokio::time::timeout(Duration::from_millis(500), uni.write_all(&junk)).await;
+        open.push(uni);
+    }
+    assert!(
+        open.len() <= ferry::net::tls::DATA_STREAMS as usize,
+        "{} data streams open at once",
+        open.len()
+    );
+    let grew = rss(p.replica.pid()).saturating_sub(before);
+    eprintln!(
+        "{} data streams admitted; the replica grew by {} KiB",
+        open.len(),
+        grew >> 10
+    );
+    assert!(grew < 48 << 20, "the replica grew by {} MiB", grew >> 20);
+    // The daemon serves the real primary meanwhile (another connection, same key).
+    tokio::task::block_in_place(|| real_primary_syncs(&p, 2));
+    // Frames cut short end the session, and the connection with it.
+    drop(open);
+    let closed = tokio::time::timeout(TIMEOUT, conn.closed()).await;
+    assert!(closed.is_ok(), "a session with broken frames stayed open");
+    // A data frame larger than a chunk can be is refused at once.
+    let (_ep, conn) = connect(&p).await;
+    let _control = hello(&conn).await;
+    let mut big = conn.open_uni().await.unwrap();
+    big.write_all(&(16u32 << 20).to_le_bytes()).await.unwrap();
+    let closed = tokio::time::timeout(TIMEOUT, conn.closed()).await;
+    assert!(
+        closed.is_ok(),
+        "an oversized data frame did not end the session"
+    );
+    assert!(
+        p.replica.log_text().contains("exceeds this stream's limit"),
+        "{}",
+        p.replica.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_cap_per_primary_are_closed_and_the_rest_served() {
+    common::require_root();
+    let p = Pair::new();
+    let cap = ferry::replica::daemon::CONNECTIONS_PER_PRIMARY;
+    let mut held = Vec::new();
+    for _ in 0..cap {
+        held.push(connect(&p).await);
+    }
+    // One more: the daemon closes it at once and says why.
+    let (_ep, extra) = connect(&p).await;
+    let why = tokio::time::timeout(TIMEOUT, extra.closed()).await.unwrap();
+    assert!(
+        why.to_string().contains("connections open to this replica"),
+        "{why}"
+    );
+    // Those held go away; the real primary is served again.
+    for (ep, conn) in held {
+        conn.close(0u32.into(), b"done");
+        ep.wait_idle().await;
+    }
+    tokio::task::block_in_place(|| real_primary_syncs(&p, 3));
+}
