@@ -21,10 +21,11 @@ use crate::wire::replica::ReplicaSession;
 /// How long a connected primary has to send its `Hello`.
 const HELLO_WITHIN: Duration = Duration::from_secs(30);
 
-/// Connections one primary (one key) may have open at once: a sync, a `ferry verify` and a
-/// probe beside it are legitimate; more are refused, so a primary gone wrong cannot make this
-/// daemon hold a connection's worth of memory many times over.
-pub const CONNECTIONS_PER_PRIMARY: usize = 4;
+/// Connections one primary (one key) may have open at once: a sync, a `ferry verify`, a probe,
+/// and the stale connections of a link that flapped (each lingers until the idle timeout) are
+/// legitimate; more are refused, so a primary gone wrong cannot make this daemon hold a
+/// connection's worth of memory many times over.
+pub const CONNECTIONS_PER_PRIMARY: usize = 8;
 
 /// The connections open per primary key.
 #[derive(Default)]
