@@ -10,6 +10,7 @@ pub mod dirty;
 pub mod durable;
 pub mod epoch;
 pub mod fs;
+pub mod heap;
 pub mod manifest;
 pub mod metrics;
 pub mod mount;

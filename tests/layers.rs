@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 /// crate. The faces (`cli`, `mount`, `main`, `lib`) may use everything and are not listed.
 const ALLOWED: &[(&str, &[&str])] = &[
     ("durable", &[]),
+    ("heap", &[]),
     // The control socket's client finds the socket through the mount's root xattr.
     ("control", &["fs"]),
     // The Prometheus endpoint and its gauge helper.
@@ -27,12 +28,13 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "sync",
         &[
             "fs", "chunk", "manifest", "wire", "net", "dirty", "durable", "metrics", "epoch",
+            "heap",
         ],
     ),
     (
         "replica",
         &[
-            "wire", "net", "manifest", "chunk", "durable", "metrics", "epoch",
+            "wire", "net", "manifest", "chunk", "durable", "metrics", "epoch", "heap",
         ],
     ),
     ("wan", &[]),

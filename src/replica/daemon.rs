@@ -390,7 +390,7 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
                     let _ = tx.send(f);
                 }
                 if committed {
-                    give_back_memory();
+                    crate::heap::give_back();
                 }
                 if s.is_closed() {
                     closed.notify_one();
@@ -483,21 +483,8 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
     data.abort();
     conn.close(0u32.into(), b"session over");
     log::info!("primary {fp} disconnected");
-    give_back_memory();
+    crate::heap::give_back();
     result
-}
-
-/// Returns the heap's free pages to the system. A transfer's buffers (chunks in flight,
-/// QUIC's receive buffers) are freed after its commit, but glibc keeps them in the arena of
-/// each thread that touched them: without this, a replica serving several primaries at once
-/// keeps the peak of their concurrent transfers resident for good, though its live heap is
-/// the chunk index (`scripts/bench-primaries`).
-fn give_back_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only walks glibc's own arenas.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
 
 /// Runs a deep verify asked by primary `fp` (its session waits; commits go on) and answers it.
