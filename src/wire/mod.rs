@@ -13,5 +13,6 @@ pub use frame::{Frame, FrameError, MAX_FRAME, VERSION};
 
 #[cfg(test)]
 mod faults;
+pub mod mem;
 #[cfg(test)]
 mod sim;

@@ -1,129 +1,19 @@
 //! The two sides of the protocol driven against each other in memory, as quinn-proto's tests
 //! do: no sockets, no disk, every frame through the real encoder and decoder.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use proptest::prelude::*;
 
-use super::frame::{self, Frame, Hash, ImageState};
+use super::frame::{self, Frame};
+pub(super) use super::mem::{MemStore, params};
 use super::primary::{self, ChunkSource, Claim, Generation, Out, PeerKnowledge, PrimarySession};
-use super::replica::{self, ReplicaSession, ReplicaStore};
-use crate::chunk::{ChunkParams, chunk_full, rechunk};
+use super::replica::{self, ReplicaSession};
+use crate::chunk::{chunk_full, rechunk};
 use crate::dirty::RangeSet;
-use crate::manifest::{Kind, Manifest};
+use crate::manifest::Manifest;
 use crate::testutil::random;
-
-pub(super) fn params() -> ChunkParams {
-    ChunkParams {
-        min_size: 512,
-        avg_size: 2048,
-        max_size: 8192,
-        zero_min: 4096,
-    }
-}
-
-#[derive(Default)]
-pub(super) struct MemStore {
-    /// Acknowledges with a root other than the one committed.
-    lie: bool,
-    pub(super) generation: u64,
-    group_root: Hash,
-    epoch: u64,
-    pub(super) images: BTreeMap<String, (Vec<u8>, Manifest)>,
-    pub(super) staged: HashMap<Hash, Vec<u8>>,
-}
-
-impl MemStore {
-    pub(super) fn seed(&mut self, path: &str, bytes: Vec<u8>) {
-        let (m, _) = chunk_full(&bytes, params()).unwrap();
-        self.images.insert(path.into(), (bytes, m));
-    }
-
-    fn find(&self, h: &Hash) -> Option<Vec<u8>> {
-        if let Some(d) = self.staged.get(h) {
-            return Some(d.clone());
-        }
-        for (bytes, m) in self.images.values() {
-            for e in m.entries() {
-                if e.hash().is_some_and(|x| x.as_bytes() == h) {
-                    return Some(bytes[e.offset as usize..e.end() as usize].to_vec());
-                }
-            }
-        }
-        None
-    }
-}
-
-impl ReplicaStore for MemStore {
-    fn params(&self) -> ChunkParams {
-        params()
-    }
-    fn epoch(&self) -> u64 {
-        self.epoch
-    }
-    fn generation(&self) -> (u64, Hash) {
-        let mut root = self.group_root;
-        if self.lie && self.generation > 0 {
-            root[0] ^= 1;
-        }
-        (self.generation, root)
-    }
-    fn images(&self) -> Vec<ImageState> {
-        self.images
-            .iter()
-            .map(|(p, (_, m))| ImageState {
-                path: p.clone(),
-                size: m.size(),
-                root: *m.root().as_bytes(),
-            })
-            .collect()
-    }
-    fn manifest(&self, path: &str) -> Option<&Manifest> {
-        self.images.get(path).map(|(_, m)| m)
-    }
-    fn have(&self, hash: &Hash) -> bool {
-        self.find(hash).is_some()
-    }
-    fn base_bytes(&self, path: &str, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
-        let (b, _) = self.images.get(path).ok_or(std::io::ErrorKind::NotFound)?;
-        let mut out = vec![0u8; len as usize];
-        let end = (offset + len).min(b.len() as u64);
-        if offset < end {
-            out[..(end - offset) as usize].copy_from_slice(&b[offset as usize..end as usize]);
-        }
-        Ok(out)
-    }
-    fn stage(&mut self, hash: &Hash, data: &[u8]) -> std::io::Result<()> {
-        self.staged.insert(*hash, data.to_vec());
-        Ok(())
-    }
-    fn commit(&mut self, g: &replica::Generation) -> anyhow::Result<()> {
-        for c in &g.changes {
-            if let frame::NsChange::Remove { path } = c {
-                self.images.remove(path);
-            }
-        }
-        let mut built = Vec::new();
-        for (path, m) in &g.images {
-            let mut bytes = vec![0u8; m.size() as usize];
-            for e in m.entries() {
-                if let Kind::Data(h) = e.kind {
-                    let d = self.find(h.as_bytes()).expect("every chunk is here");
-                    bytes[e.offset as usize..e.end() as usize].copy_from_slice(&d);
-                }
-            }
-            built.push((path.clone(), bytes, m.clone()));
-        }
-        for (path, bytes, m) in built {
-            self.images.insert(path, (bytes, m));
-        }
-        self.generation = g.number;
-        self.group_root = g.group_root;
-        self.staged.clear();
-        Ok(())
-    }
-}
 
 pub(super) struct Src(pub(super) BTreeMap<String, Vec<u8>>);
 
@@ -147,6 +37,9 @@ fn wire(f: &Frame) -> Frame {
 
 struct Run {
     result: Result<primary::Acked, primary::Ended>,
+    /// Every frame the replica got, encoded as on the wire (a seed for the session fuzz
+    /// target).
+    sent: Vec<u8>,
     data_bytes: u64,
     patches: u64,
     reconciled: Vec<String>,
@@ -170,9 +63,11 @@ fn ship(
     let mut r = ReplicaSession::default();
     let mut to_replica = vec![hello];
     let (mut data_bytes, mut patches) = (0, 0);
+    let mut sent = Vec::new();
     for _ in 0..10_000 {
         let mut to_primary = Vec::new();
         for f in to_replica.drain(..) {
+            sent.extend(frame::encode(&f));
             to_primary.extend(r.handle(store, wire(&f)));
         }
         for f in to_primary {
@@ -191,6 +86,7 @@ fn ship(
                     Out::Done(result) => {
                         return Run {
                             result,
+                            sent,
                             data_bytes,
                             patches,
                             reconciled: p.reconciled.clone(),
@@ -248,6 +144,55 @@ fn a_first_sync_then_a_patch_sync() {
     assert_same(&images, &store);
     assert!(run.patches >= 1);
     assert!(run.data_bytes <= 110, "sent {}", run.data_bytes);
+}
+
+/// The session fuzz target's seeds: the replica's side of a first sync and of a patch sync; the
+/// patch sync, replayed against the target's starting store (image `a` after the first sync),
+/// must commit. `FERRY_WRITE_CORPUS=DIR cargo test --lib write_session_corpus` writes them into
+/// DIR (`fuzz/corpus/session`).
+#[test]
+fn write_session_corpus() {
+    let (first, patch) = first_and_patch_sessions();
+    // The patch sync's seed, replayed against the target's starting store, commits.
+    let mut store = super::mem::after_first_sync();
+    let mut s = ReplicaSession::default();
+    let mut d = frame::Decoder::default();
+    d.push(&patch);
+    while let Ok(Some(f)) = d.next_frame() {
+        s.handle(&mut store, f);
+    }
+    assert_eq!(store.generation, 2, "the seed does not reach a commit");
+    let Some(dir) = std::env::var_os("FERRY_WRITE_CORPUS") else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    std::fs::write(dir.join("first-sync"), first).unwrap();
+    std::fs::write(dir.join("patch-sync"), patch).unwrap();
+}
+
+/// The frames a replica receives in a first sync of image `a` ([`super::mem::seed_a`])
+/// to an empty store, and in a second sync that patches it.
+fn first_and_patch_sessions() -> (Vec<u8>, Vec<u8>) {
+    let mut store = MemStore::default();
+    let mut images = BTreeMap::from([("a".to_string(), super::mem::seed_a())]);
+    let ms = manifests(&images);
+    let first = ship(&images, &ms, 1, PeerKnowledge::default(), &mut store);
+    let old = ms["a"].clone();
+    let img = images.get_mut("a").unwrap();
+    img[50_000..50_100].fill(7);
+    let changed = 50_000..50_100;
+    let (new, _) = rechunk(&old, &img.clone(), std::slice::from_ref(&changed)).unwrap();
+    let mut dirty = RangeSet::new();
+    dirty.insert(changed);
+    let known = PeerKnowledge {
+        generation: 1,
+        manifests: ms.clone(),
+        dirty: BTreeMap::from([("a".to_string(), dirty)]),
+    };
+    let ms2 = BTreeMap::from([("a".to_string(), Arc::new(new))]);
+    let second = ship(&images, &ms2, 2, known, &mut store);
+    second.result.unwrap();
+    (first.sent, second.sent)
 }
 
 #[test]
