@@ -457,8 +457,18 @@ fn adapt(cmd: &str) -> Option<String> {
 #[test]
 fn operations_md_is_a_runbook() {
     common::require_root();
-    common::require("unshare", "util-linux");
-    common::require("ip", "iproute2");
+    for (cmd, package) in [
+        ("unshare", "util-linux"),
+        ("ip", "iproute2"),
+        ("jq", "jq"),
+        ("qemu-img", "qemu-utils"),
+        ("qemu-io", "qemu-utils"),
+        ("systemd-analyze", "systemd"),
+        ("libvirtd", "libvirt-daemon"),
+        ("virsh", "libvirt-clients"),
+    ] {
+        common::require(cmd, package);
+    }
     let scratch = tempfile::Builder::new()
         .prefix("runbook.")
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
