@@ -97,6 +97,12 @@ pub fn request(socket: &Path, req: &Value, timeout: Option<Duration>) -> Result<
     BufReader::new(&conn)
         .read_line(&mut line)
         .with_context(|| format!("no answer from the mount daemon at {}", socket.display()))?;
+    if line.is_empty() {
+        bail!(
+            "the mount daemon at {} closed the connection without answering: it has exited              or crashed. Its log (in the mount's state directory, or the journal under systemd)              says why; mount again and run the command again (nothing the VMs fsynced is lost:              the intent log marks what the next sync point must re-read)",
+            socket.display()
+        );
+    }
     let v: Value = serde_json::from_str(&line).context("malformed answer from the mount daemon")?;
     if v["ok"] != Value::Bool(true) {
         return Err(anyhow!(
