@@ -31,8 +31,10 @@ pub const ALPN: &[u8] = b"ferry/1";
 pub const SERVER_NAME: &str = "ferry-node";
 
 /// How often an idle connection sends a keep-alive, well inside [`IDLE_TIMEOUT`] and NAT
-/// binding lifetimes.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// binding lifetimes. Once a second (a few dozen bytes): a primary waiting for a replica's
+/// acknowledgement hears within a second that the replica restarted (its stateless reset
+/// answers the keep-alive, `net::transport`), where 5 s kept the sync waiting that long.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
 
 /// A connection that hears nothing for this long is closed; a cut link is noticed this late
 /// at most.

@@ -66,7 +66,7 @@ pub fn client(
     cc: Congestion,
 ) -> Result<quinn::Endpoint> {
     let socket = udp_socket(bind).with_context(|| format!("cannot open a UDP socket on {bind}"))?;
-    let mut ep = endpoint(socket, None)?;
+    let mut ep = endpoint(id, socket, None)?;
     ep.set_default_client_config(client_config(id, pinned, cc)?);
     Ok(ep)
 }
@@ -78,20 +78,35 @@ pub fn server(
     listen: SocketAddr,
 ) -> Result<quinn::Endpoint> {
     let socket = udp_socket(listen).with_context(|| format!("cannot listen on {listen}"))?;
-    endpoint(socket, Some(server_config(id, pinned)?))
+    endpoint(id, socket, Some(server_config(id, pinned)?))
 }
 
 fn endpoint(
+    id: &Identity,
     socket: std::net::UdpSocket,
     server: Option<quinn::ServerConfig>,
 ) -> Result<quinn::Endpoint> {
     let rt = quinn::default_runtime().context("no async runtime to run QUIC on")?;
-    Ok(quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        server,
-        socket,
-        rt,
-    )?)
+    Ok(quinn::Endpoint::new(restartable(id), server, socket, rt)?)
+}
+
+/// An endpoint whose stateless-reset key and connection-id key derive from the node's private
+/// key, so they are the same after a restart: a node that crashed and came back recognises
+/// the connection ids it issued before and answers its peers' packets of the old connection
+/// with a reset they can verify, and they reconnect at once. With quinn's random keys the new
+/// process dropped those packets as invalid, and its peers waited out the idle timeout: 30 s in
+/// which a sync to a restarted replica stalled (tests/faults.rs, a replica killed at any step).
+fn restartable(id: &Identity) -> quinn::EndpointConfig {
+    let secret = blake3::derive_key(
+        "ferry 2026-12 QUIC stateless reset and connection id keys",
+        id.key_der().secret_der(),
+    );
+    let reset: Arc<dyn quinn::crypto::HmacKey> =
+        Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret[..16]));
+    let cid_key = u64::from_le_bytes(secret[16..24].try_into().expect("8 bytes"));
+    let mut c = quinn::EndpointConfig::new(reset);
+    c.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    c
 }
 
 /// Socket buffers wanted on both sides. A connection may have 16 MiB in flight (the receive
