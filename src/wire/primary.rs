@@ -281,6 +281,16 @@ impl PrimarySession {
         }
     }
 
+    /// The replica's images (as it reports them) include every image of this generation, each
+    /// with this generation's root and size.
+    fn holds_every_image(&self, images: &[ImageState]) -> bool {
+        self.generation.images.iter().all(|(path, m)| {
+            images
+                .iter()
+                .any(|i| &i.path == path && i.root == *m.root().as_bytes() && i.size == m.size())
+        })
+    }
+
     fn step(&mut self, f: Frame) -> Result<Vec<Out>, String> {
         match (&self.phase, f) {
             (
@@ -289,7 +299,7 @@ impl PrimarySession {
                     version,
                     epoch,
                     generation,
-                    group_root: _,
+                    group_root,
                     images,
                 },
             ) => {
@@ -303,6 +313,23 @@ impl PrimarySession {
                         "replica is at epoch {epoch}, newer than ours ({}): this primary was fenced by a promotion",
                         self.epoch
                     ));
+                }
+                // The replica committed exactly this generation already: its acknowledgement
+                // was lost (it crashed, or the link was cut, after the commit). Done, as if it
+                // had acknowledged, rather than committing the same content again under the
+                // next number.
+                if epoch == self.epoch
+                    && generation == self.generation.number
+                    && group_root == self.generation.group_root
+                    && self.holds_every_image(&images)
+                {
+                    self.number = generation;
+                    self.phase = Phase::Done;
+                    return Ok(vec![Out::Done(Ok(Acked {
+                        generation,
+                        group_root,
+                        images,
+                    }))]);
                 }
                 self.peer_generation = generation;
                 self.number = self.generation.number.max(generation + 1);
@@ -371,21 +398,16 @@ impl PrimarySession {
                     images,
                 },
             ) => {
-                let g = &self.generation;
-                if generation != self.number || group_root != g.group_root {
+                if generation != self.number || group_root != self.generation.group_root {
                     return Err(format!(
                         "replica acknowledged generation {generation} with another root than the one sent: it will be resynced"
                     ));
                 }
-                for (path, m) in &g.images {
-                    let ok = images.iter().any(|i| {
-                        &i.path == path && i.root == *m.root().as_bytes() && i.size == m.size()
-                    });
-                    if !ok {
-                        return Err(format!(
-                            "replica acknowledged {path} with another root than the one sent: it will be resynced"
-                        ));
-                    }
+                if !self.holds_every_image(&images) {
+                    return Err(
+                        "replica acknowledged an image with another root than the one sent: it will be resynced"
+                            .to_string(),
+                    );
                 }
                 Ok(vec![Out::Done(Ok(Acked {
                     generation,
@@ -843,6 +865,53 @@ mod tests {
     use crate::chunk::chunk_full;
 
     use crate::testutil::small_params as params;
+
+    /// A replica whose acknowledgement was lost answers the retry's `Hello` holding this very
+    /// generation: the session ends acknowledged, sending nothing and committing nothing.
+    #[test]
+    fn a_replica_that_committed_this_generation_already_is_done_at_welcome() {
+        let data = crate::testutil::random(50_000, 3);
+        let (m, _) = chunk_full(&data, params()).unwrap();
+        let images = BTreeMap::from([("img".to_string(), Arc::new(m.clone()))]);
+        let g = Arc::new(Generation {
+            number: 2,
+            group_root: group_root(&images),
+            images,
+        });
+        let welcome = |generation: u64| Frame::Welcome {
+            version: VERSION,
+            epoch: 0,
+            generation,
+            group_root: g.group_root,
+            images: vec![ImageState {
+                path: "img".into(),
+                size: m.size(),
+                root: *m.root().as_bytes(),
+            }],
+        };
+        let (mut s, _) = PrimarySession::new(
+            &Claim::first("a"),
+            params(),
+            g.clone(),
+            PeerKnowledge::default(),
+        );
+        let out = s.handle(welcome(2));
+        assert!(
+            matches!(&out[..], [Out::Done(Ok(a))] if a.generation == 2),
+            "{} frames instead of done",
+            out.len()
+        );
+        assert!(s.next_job().is_none() && s.data_sent().is_none());
+        // The same root under another number is not this generation: it ships as usual.
+        let (mut s, _) = PrimarySession::new(
+            &Claim::first("a"),
+            params(),
+            g.clone(),
+            PeerKnowledge::default(),
+        );
+        let out = s.handle(welcome(1));
+        assert!(!matches!(&out[..], [Out::Done(_)]));
+    }
 
     /// After a `NeedFull` the whole chunk is sent, but `Commit` is not sent again: the replica
     /// already has it and would find a second one after its `Ack`.
