@@ -8,6 +8,7 @@ fn main() {
         log.format_timestamp(None);
     }
     log.init();
+    ferry::fault::setup();
     let cli = ferry::cli::Cli::parse_from(ferry::cli::helper_args(std::env::args_os().collect()));
     if let Err(e) = ferry::cli::run(cli) {
         eprintln!("ferry: {e:#}");

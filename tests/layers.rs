@@ -10,31 +10,33 @@ use std::path::{Path, PathBuf};
 const ALLOWED: &[(&str, &[&str])] = &[
     ("durable", &[]),
     ("heap", &[]),
+    // The fault matrix's failpoints, compiled in only for tests.
+    ("fault", &[]),
     // The control socket's client finds the socket through the mount's root xattr.
     ("control", &["fs"]),
     // The Prometheus endpoint and its gauge helper.
     ("metrics", &[]),
     ("testutil", &["chunk"]),
-    ("dirty", &["durable"]),
+    ("dirty", &["durable", "fault"]),
     // Who may write a namespace: the primary's and the replica's epoch records.
     ("epoch", &["durable"]),
     ("manifest", &["durable"]),
     ("chunk", &["manifest"]),
     ("wire", &["chunk", "manifest", "dirty", "durable"]),
     ("net", &["wire", "durable"]),
-    ("fs", &["chunk", "dirty", "durable"]),
+    ("fs", &["chunk", "dirty", "durable", "fault"]),
     ("config", &["chunk", "net"]),
     (
         "sync",
         &[
             "fs", "chunk", "manifest", "wire", "net", "dirty", "durable", "metrics", "epoch",
-            "heap",
+            "heap", "fault",
         ],
     ),
     (
         "replica",
         &[
-            "wire", "net", "manifest", "chunk", "durable", "metrics", "epoch", "heap",
+            "wire", "net", "manifest", "chunk", "durable", "metrics", "epoch", "heap", "fault",
         ],
     ),
     ("wan", &[]),

@@ -578,7 +578,10 @@ impl IntentLog {
         let all = live(st, None);
         let generation = st.forgotten;
         let bytes = format::active(self.extent_size, &all);
-        let result = MutexGuard::unlocked(st, || self.rewrite(&bytes));
+        let result = MutexGuard::unlocked(st, || {
+            crate::fault::point("intent.compact").map_err(|e| self.io("write", e))?;
+            self.rewrite(&bytes)
+        });
         match &result {
             Ok(()) => {
                 st.compacted = generation;
@@ -625,7 +628,7 @@ impl IntentLog {
             );
             return Err(self.io("append to", e));
         }
-        if let Err(e) = lf.sync_data() {
+        if let Err(e) = crate::fault::point("intent.append").and_then(|()| lf.sync_data()) {
             // After a failed fdatasync the kernel may have dropped the dirty pages: what the
             // file holds is unknown, so rewrite it whole before the next append.
             lf.file = None;

@@ -285,6 +285,7 @@ impl Source for FrozenImage {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        crate::fault::point("sync.image.read")?;
         read_full(&self.file, buf, offset)?;
         let end = offset + buf.len() as u64;
         // Copies of the saved blocks, loaded without the lock (a writer saving a block of this

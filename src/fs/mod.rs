@@ -721,7 +721,9 @@ impl Fs {
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
         let h = self.handle(fh)?;
         let range = offset..offset + data.len() as u64;
-        self.change(&h, range, || h.file.write_all_at(data, offset), "write")?;
+        let op =
+            || crate::fault::point("fs.write").and_then(|()| h.file.write_all_at(data, offset));
+        self.change(&h, range, op, "write")?;
         Ok(data.len() as u32)
     }
 

@@ -385,8 +385,21 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
                 let mut st = store.lock();
                 let mut s = session.lock();
                 let mut committed = false;
+                // A failpoint's error here is a connection lost (the session ends).
+                let lost = |s: &mut ReplicaSession| {
+                    s.close();
+                    closed.notify_one();
+                    false
+                };
+                if crate::fault::point("replica.frame.recv").is_err() {
+                    return lost(&mut s);
+                }
                 for f in s.handle(&mut *st, f) {
-                    committed |= matches!(f, Frame::Ack { .. });
+                    let ack = matches!(f, Frame::Ack { .. });
+                    committed |= ack;
+                    if ack && crate::fault::point("replica.ack.send").is_err() {
+                        return lost(&mut s);
+                    }
                     let _ = tx.send(f);
                 }
                 if committed {

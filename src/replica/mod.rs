@@ -500,12 +500,14 @@ impl Store {
             group_root: commit.group_root.clone(),
             epoch: self.holder.epoch,
         };
+        crate::fault::point("replica.generation.record")?;
         durable::write_atomic(
             &self.meta().join("generation"),
             &serde_json::to_vec(&self.record)?,
         )?;
         // Staging is done with: commit record first, then the journal and staged manifests.
         let staging = self.meta().join("staging");
+        crate::fault::point("replica.staging.cleanup")?;
         let _ = fs::remove_file(staging.join("commit"));
         durable::fsync_dir(&staging)?;
         self.journal.clear()?;
@@ -577,6 +579,7 @@ fn write_changes(f: &File, old: &Manifest, new: &Manifest, journal: &Journal) ->
 }
 
 fn write_entry(f: &File, e: &Entry, journal: &Journal) -> Result<()> {
+    crate::fault::point("replica.image.write")?;
     match e.kind {
         Kind::Data(h) => {
             let data = journal
@@ -694,6 +697,7 @@ impl ReplicaStore for Store {
     }
 
     fn stage(&mut self, hash: &Hash, data: &[u8]) -> io::Result<()> {
+        crate::fault::point("replica.journal.append")?;
         self.journal.append(hash, data)
     }
 
@@ -819,6 +823,7 @@ impl Store {
                 self.journal.append(&h, &data)?;
             }
         }
+        crate::fault::point("replica.journal.fsync")?;
         self.journal.sync()?;
         // 1b. What applying overwrites, kept for the restore points and open files.
         let view = self.view().clone();
@@ -837,6 +842,7 @@ impl Store {
             changes: g.changes.clone(),
             images: g.images.keys().cloned().collect(),
         };
+        crate::fault::point("replica.commit.record")?;
         durable::write_atomic(
             &self.meta().join("staging").join("commit"),
             &serde_json::to_vec(&commit)?,

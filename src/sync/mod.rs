@@ -529,6 +529,7 @@ impl Engine {
         let (frozen, window) = self
             .tracker
             .freeze_with(only.as_ref(), || {
+                crate::fault::point("sync.freeze")?;
                 let listing = list_images(&root).map_err(std::io::Error::other)?;
                 skipped = listing.skipped;
                 Window::open(&root, &listing.images, &spill, COW_MEMORY).map(Some)
@@ -679,9 +680,11 @@ impl Engine {
             events: &frozen.events,
             only,
         };
+        crate::fault::point("sync.rechunk")?;
         let c = cut::cut(&work.images, &changes, &images, self.params);
         let active = self.active();
         for name in &c.changed {
+            crate::fault::point("sync.manifest.save")?;
             active.save(name, &c.images[name])?;
         }
         for name in &c.gone {

@@ -189,6 +189,7 @@ async fn run(
             .await
             .map_err(lost)?
             .ok_or_else(|| lost(anyhow!("replica closed the session")))?;
+        crate::fault::point("sync.frame.recv").map_err(|e| lost(e.into()))?;
         let outs = session.lock().handle(f);
         for o in outs {
             match o {
@@ -272,6 +273,7 @@ async fn send_data(
                 }
                 let refs: Vec<&Bucket> = how.buckets.iter().map(|b| &**b).collect();
                 pace(&refs, n).await;
+                crate::fault::point("sync.frame.send").map_err(|e| lost(e.into()))?;
                 write_frame(&mut uni, &frame).await.map_err(lost)?;
 
                 let stats = &how.stats;

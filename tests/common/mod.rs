@@ -114,12 +114,18 @@ impl Mount {
     }
 
     pub fn mount(&self) {
+        self.mount_with_env(&[]);
+    }
+
+    /// Mounts with these environment variables for the daemon (e.g. `FAILPOINTS`).
+    pub fn mount_with_env(&self, env: &[(&str, &str)]) {
         run(Command::new(FERRY)
             .arg("mount")
             .arg(&self.source)
             .arg(&self.mnt)
             .arg("-o")
-            .arg(&self.options));
+            .arg(&self.options)
+            .envs(env.iter().copied()));
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -273,6 +279,8 @@ pub struct Replica {
     pub fingerprint: String,
     /// The network namespace the daemon runs in, if not this one.
     net: Option<String>,
+    /// Environment variables of the daemon's next [`Replica::start`] (e.g. `FAILPOINTS`).
+    pub env: Vec<(String, String)>,
     child: Option<std::process::Child>,
 }
 
@@ -329,6 +337,7 @@ impl Replica {
             port,
             fingerprint,
             net: net.map(str::to_string),
+            env: Vec::new(),
             child: None,
         };
         r.start();
@@ -357,6 +366,7 @@ impl Replica {
             .args(["replica", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stderr(log)
             .spawn()
             .unwrap();
