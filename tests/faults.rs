@@ -488,3 +488,76 @@ fn a_link_cut_at_every_primary_step_converges() {
 fn a_link_cut_at_every_replica_step_keeps_the_replica_whole_and_converges() {
     matrix(Fault::Cut, true);
 }
+
+/// A mount shipping straight to a replica, generation 1 of the image committed; then the
+/// daemon remounted with `FAILPOINTS=spec`.
+fn armed_pair(spec: &str) -> Pair {
+    require_root();
+    let p = Pair::new();
+    fs::write(p.primary.path(IMAGE), gen1()).unwrap();
+    p.sync_ok();
+    p.primary.unmount();
+    p.primary.mount_with_env(&[("FAILPOINTS", spec)]);
+    p
+}
+
+fn write_blocks(p: &Pair) {
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(p.primary.path(IMAGE))
+        .unwrap();
+    for (i, b) in BLOCKS.iter().enumerate() {
+        f.write_all_at(&block(i), b * BLOCK).unwrap();
+    }
+    f.sync_all().unwrap();
+}
+
+#[test]
+fn an_io_error_writing_the_backing_file_reaches_the_guest_as_eio_and_the_range_stays_dirty() {
+    let p = armed_pair("fs.write=1*return(eio)");
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(p.primary.path(IMAGE))
+        .unwrap();
+    let at = 5 * BLOCK;
+    let e = f.write_all_at(&block(9), at).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    // What the failed write may have left in the file is never taken as synced: its range is
+    // dirty, so the next sync point reads it again.
+    let dirty = p.primary.dirty(IMAGE);
+    assert!(covers(&dirty, &(at..at + BLOCK)), "{dirty:?}");
+    drop(f);
+    write_blocks(&p);
+    p.sync_ok();
+    assert!(fs::read(p.replica_path(IMAGE)).unwrap() == gen2());
+    assert!(fs::read(p.primary.path(IMAGE)).unwrap() == gen2());
+}
+
+#[test]
+fn an_io_error_reading_an_image_at_the_sync_point_ships_none_of_it_and_keeps_it_dirty() {
+    let p = armed_pair("sync.image.read=1*return(eio)");
+    write_blocks(&p);
+    let v = p.sync_ok();
+    // The generation went out without the image's new content: the replica serves
+    // generation 1 whole, and status names the image and the error.
+    assert!(fs::read(p.replica_path(IMAGE)).unwrap() == gen1(), "{v}");
+    let status = p.primary.status();
+    let broken = status["sync"]["broken"].as_array().unwrap();
+    assert!(
+        broken.iter().any(|b| b["path"] == IMAGE
+            && b["reason"].as_str().unwrap().contains("Input/output error")),
+        "{status}"
+    );
+    let dirty = p.primary.dirty(IMAGE);
+    for b in BLOCKS {
+        assert!(covers(&dirty, &(b * BLOCK..(b + 1) * BLOCK)), "{dirty:?}");
+    }
+    // The next sync point reads it (the error was once) and ships every change.
+    p.sync_ok();
+    assert!(fs::read(p.replica_path(IMAGE)).unwrap() == gen2());
+    let status = p.primary.status();
+    assert!(
+        status["sync"]["broken"].as_array().unwrap().is_empty(),
+        "{status}"
+    );
+}
