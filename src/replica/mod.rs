@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 use crate::chunk::{ChunkParams, FileSource, chunk_full};
 use crate::durable;
 use crate::epoch::{self, Holder};
-use crate::manifest::{self, Entry, Kind, Manifest, ManifestDir};
+use crate::manifest::{self, Entry, Kind, Manifest, ManifestDir, ManifestFileError};
 use crate::wire::frame::{Hash, ImageState, NsChange};
 use crate::wire::replica::{Generation, ReplicaStore};
 use std::time::SystemTime;
@@ -202,13 +202,10 @@ impl Store {
         let root = root.canonicalize()?;
         let record_path = root.join(META_DIR).join("generation");
         let record: GenerationRecord = match fs::read(&record_path) {
-            Ok(b) => serde_json::from_slice(&b).with_context(|| {
-                format!(
-                    "generation record {} is corrupt; restore it from a backup or move the \
-                     store aside and resync",
-                    record_path.display()
-                )
-            })?,
+            Ok(b) => match serde_json::from_slice(&b) {
+                Ok(r) => r,
+                Err(e) => rebuild_record(&root, &record_path, &e)?,
+            },
             Err(e) if e.kind() == io::ErrorKind::NotFound => GenerationRecord::default(),
             Err(e) => return Err(e).context(format!("cannot read {}", record_path.display())),
         };
@@ -414,10 +411,19 @@ impl Store {
             let m = match self.manifests_in("manifests").load(&path) {
                 Ok(m) if m.size() == size && m.params() == self.params => m,
                 other => {
-                    if let Err(e) = other {
-                        log::info!("{path}: no usable manifest ({e}); chunking the image");
-                    } else {
-                        log::warn!("{path}: manifest does not fit the image; chunking it again");
+                    match other {
+                        Err(ManifestFileError::Io { source, .. })
+                            if source.kind() == io::ErrorKind::NotFound =>
+                        {
+                            log::info!("{path}: no manifest; chunking the image")
+                        }
+                        Err(e) => log::warn!(
+                            "{path}: its manifest is damaged ({e}); chunking the image again \
+                             (the primary's next sync ships whatever differs)"
+                        ),
+                        Ok(_) => {
+                            log::warn!("{path}: manifest does not fit the image; chunking it again")
+                        }
                     }
                     let (m, _) = chunk_full(&FileSource::open(&file)?, self.params)?;
                     self.save_manifest("manifests", &path, &m)?;
@@ -552,6 +558,50 @@ impl Store {
         }
         self.apply(&commit, &new)
     }
+}
+
+/// A generation record that cannot be read (bit rot, a torn write the atomic replace should
+/// have made impossible) is set aside and made again from the newest restore point, which
+/// recorded the same fields at its commit. Its images and manifests are what a replay left, so
+/// the worst case is a number or root that is behind them: the primary's next session then
+/// ships what differs (by Merkle descent if it must), and `ferry verify --deep` checks the rest.
+fn rebuild_record(
+    root: &Path,
+    path: &Path,
+    damage: &serde_json::Error,
+) -> Result<GenerationRecord> {
+    let aside = path.with_file_name(format!(
+        "generation.damaged-{}",
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+    ));
+    fs::rename(path, &aside).with_context(|| {
+        format!(
+            "generation record {} is damaged ({damage}) and cannot be moved aside",
+            path.display()
+        )
+    })?;
+    let newest = history::History::new(&root.join(META_DIR))
+        .list(true)?
+        .into_iter()
+        .max_by_key(|p| p.generation);
+    let record = newest.map_or_else(GenerationRecord::default, |p| GenerationRecord {
+        generation: p.generation,
+        group_root: p.group_root,
+        epoch: p.epoch,
+    });
+    durable::write_atomic(path, &serde_json::to_vec(&record)?)?;
+    log::warn!(
+        "generation record {} was damaged ({damage}): moved aside to {}, and made again from \
+         the newest restore point (generation {}); the primary's next sync ships whatever \
+         differs, and `ferry verify --deep` checks the images",
+        path.display(),
+        aside.display(),
+        record.generation
+    );
+    Ok(record)
 }
 
 /// The entries of `new` that are not identical (same offset, length and content) in `old`:

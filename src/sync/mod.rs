@@ -313,6 +313,33 @@ fn behind(
 }
 
 /// When a file was last changed, as the time a replica's record was written.
+/// A generation record of the state directory, or `None` when it is damaged (bit rot): the
+/// file is moved aside with a warning, and the caller learns its fields again.
+fn read_record(path: &Path) -> Result<Option<GenRecord>> {
+    let damage = match GenRecord::read(path) {
+        Ok(r) => match r.root() {
+            Ok(_) => return Ok(Some(r)),
+            Err(e) => e,
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => e.to_string(),
+        Err(e) => return Err(e.into()),
+    };
+    let secs = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let aside = path.with_extension(format!("json.damaged-{secs}"));
+    fs::rename(path, &aside)
+        .with_context(|| format!("{} is damaged ({damage})", path.display()))?;
+    log::warn!(
+        "{} was damaged ({damage}): moved aside to {} and made again (the replicas' answers at \
+         the next sync set what it cannot know)",
+        path.display(),
+        aside.display()
+    );
+    Ok(None)
+}
+
 fn mtime(p: &Path) -> Option<SystemTime> {
     fs::metadata(p).and_then(|m| m.modified()).ok()
 }
@@ -352,21 +379,46 @@ impl Engine {
         if let Some(f) = &lineage.fenced {
             log::error!("{}", fenced_words(&lineage, f));
         }
-        let rec = GenRecord::read(&state.join("active").join("generation.json"))?;
-        let group = rec
-            .root()
-            .map_err(|e| anyhow!("active generation record: {e}"))?;
         let images: BTreeMap<String, Arc<Manifest>> = active
             .load_all(params)
             .into_iter()
             .map(|(k, m)| (k, Arc::new(m)))
             .collect();
+        let rec_path = state.join("active").join("generation.json");
+        let rec = match read_record(&rec_path)? {
+            Some(r) => r,
+            None => {
+                // Made again: the root from the manifests, the number from the replicas'
+                // records (a replica that holds a higher one says so at the next sync, and
+                // the count goes on from there).
+                let generation = opts
+                    .peers
+                    .iter()
+                    .filter_map(|p| {
+                        GenRecord::read(&state.join("peers").join(&p.name).join("generation.json"))
+                            .ok()
+                    })
+                    .map(|r| r.generation)
+                    .max()
+                    .unwrap_or(0);
+                let r = GenRecord {
+                    generation,
+                    group_root: hex(&group_root(&images)),
+                };
+                r.write(&rec_path)?;
+                r
+            }
+        };
+        let group = rec
+            .root()
+            .map_err(|e| anyhow!("{}: {e}", rec_path.display()))?;
         let mut peers = Vec::new();
         let mut views = Vec::new();
         for p in &opts.peers {
             let dir = state.join("peers").join(&p.name);
             let rec_path = dir.join("generation.json");
-            let prec = GenRecord::read(&rec_path)?;
+            // Damaged: generation 0, and the replica's answer at the next sync says what it holds.
+            let prec = read_record(&rec_path)?.unwrap_or_default();
             let manifests: BTreeMap<String, Arc<Manifest>> =
                 ManifestDir::new(dir.join("manifests"))
                     .load_all(params)
