@@ -176,3 +176,74 @@ async fn connections_past_the_cap_per_primary_are_closed_and_the_rest_served() {
     }
     tokio::task::block_in_place(|| real_primary_syncs(&p, 3));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_reads_its_answers_holds_bounded_memory() {
+    common::require_root();
+    let p = Pair::new();
+    tokio::task::block_in_place(|| real_primary_syncs(&p, 1));
+    let before = rss(p.replica.pid());
+    let (_ep, conn) = connect(&p).await;
+    let (mut send, _recv) = hello(&conn).await;
+    // Each query of a few dozen bytes asks for every entry of the image (kilobytes), and the
+    // answers are never read. The replica must stop reading queries once a few answers wait,
+    // not queue them all.
+    let query = Frame::LeafQuery {
+        path: "a.img".into(),
+        leaves: vec![0, 1, 2, 3],
+    };
+    let mut sent = 0u64;
+    while sent < 200_000 {
+        match tokio::time::timeout(Duration::from_secs(2), write_frame(&mut send, &query)).await {
+            Ok(Ok(())) => sent += 1,
+            _ => break, // flow control: the replica stopped reading
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let grew = rss(p.replica.pid()).saturating_sub(before);
+    eprintln!(
+        "{sent} queries sent before the replica stopped reading; it grew by {} KiB",
+        grew >> 10
+    );
+    assert!(grew < 64 << 20, "the replica grew by {} MiB", grew >> 20);
+    // The daemon serves the real primary meanwhile.
+    tokio::task::block_in_place(|| real_primary_syncs(&p, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_old_session_is_refused_and_the_connection_dropped() {
+    common::require_root();
+    let p = Pair::new();
+    tokio::task::block_in_place(|| real_primary_syncs(&p, 1));
+    tokio::task::block_in_place(|| real_primary_syncs(&p, 2));
+    let (_ep, conn) = connect(&p).await;
+    let (mut send, mut recv) = hello(&conn).await;
+    // Generation 1 again, as its session began: the replica holds generation 2.
+    let begin = Frame::Begin {
+        generation: 1,
+        base_generation: 0,
+        group_root: [7; 32],
+        changes: vec![],
+        images: 1,
+    };
+    write_frame(&mut send, &begin).await.unwrap();
+    let answer = tokio::time::timeout(TIMEOUT, read_frame(&mut recv))
+        .await
+        .unwrap()
+        .unwrap();
+    match answer {
+        Some(Frame::Refuse { reason, .. }) => {
+            assert!(reason.contains("this replica holds 2"), "{reason}")
+        }
+        other => panic!("a replayed Begin got {other:?}"),
+    }
+    let closed = tokio::time::timeout(TIMEOUT, conn.closed()).await;
+    assert!(
+        closed.is_ok(),
+        "the connection stayed open after the refusal"
+    );
+    // Nothing of it reached the store, and the real primary goes on.
+    let before = std::fs::read(p.replica_path("a.img")).unwrap();
+    assert_eq!(before, random(4 << 20, 2));
+    tokio::task::block_in_place(|| real_primary_syncs(&p, 3));
+}

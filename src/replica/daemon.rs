@@ -27,6 +27,11 @@ const HELLO_WITHIN: Duration = Duration::from_secs(30);
 /// connection's worth of memory many times over.
 pub const CONNECTIONS_PER_PRIMARY: usize = 8;
 
+/// Answers of a session queued for its control stream before the session stops reading the
+/// primary's frames: a session answers a handful of frames per generation (plus the queries
+/// of a Merkle descent), so this never holds up one that reads.
+const ANSWERS_QUEUED: usize = 64;
+
 /// The connections open per primary key.
 #[derive(Default)]
 struct Open(parking_lot::Mutex<std::collections::HashMap<Fingerprint, usize>>);
@@ -354,7 +359,10 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
         }
     };
     let session = Arc::new(parking_lot::Mutex::new(ReplicaSession::default()));
-    let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
+    // Answers wait here for the control stream. Bounded: a primary that never reads its
+    // answers stops having its frames read (QUIC's flow control then stops it), instead of
+    // making this daemon queue them (tests/hostile.rs).
+    let (tx, mut rx) = mpsc::channel::<Frame>(ANSWERS_QUEUED);
     // Set when the session refuses: every reader stops.
     let closed = Arc::new(tokio::sync::Notify::new());
 
@@ -374,15 +382,15 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
         }
     });
 
-    // Frames are handled, and their answers queued, under the session's lock: answers leave
-    // in the order the session produced them.
+    // Frames are handled under the store's and the session's locks, and their answers queued
+    // under the session's alone: answers leave in the order the session produced them, and a
+    // primary that does not read its answers holds up its own session, never the store.
     let handle = {
         let store = store.clone();
         let session = session.clone();
         let closed = closed.clone();
-        move |f: Frame, tx: &mpsc::UnboundedSender<Frame>| -> bool {
+        move |f: Frame, tx: &mpsc::Sender<Frame>| -> bool {
             tokio::task::block_in_place(|| {
-                let mut st = store.lock();
                 let mut s = session.lock();
                 let mut committed = false;
                 // A failpoint's error here is a connection lost (the session ends).
@@ -394,13 +402,14 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
                 if crate::fault::point("replica.frame.recv").is_err() {
                     return lost(&mut s);
                 }
-                for f in s.handle(&mut *st, f) {
+                let answers = s.handle(&mut *store.lock(), f);
+                for f in answers {
                     let ack = matches!(f, Frame::Ack { .. });
                     committed |= ack;
                     if ack && crate::fault::point("replica.ack.send").is_err() {
                         return lost(&mut s);
                     }
-                    let _ = tx.send(f);
+                    let _ = tx.blocking_send(f);
                 }
                 if committed {
                     crate::heap::give_back();
@@ -417,12 +426,13 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
     let refuse = {
         let session = session.clone();
         let closed = closed.clone();
-        move |tx: &mpsc::UnboundedSender<Frame>, reason: String| {
+        move |tx: &mpsc::Sender<Frame>, reason: String| {
             let mut s = session.lock();
             if !s.is_closed() {
                 log::warn!("primary {fp}: session refused: {reason}");
                 s.close();
-                let _ = tx.send(Refusal::new(RefuseCode::Protocol, reason).frame());
+                // A peer that reads nothing gets no refusal: the connection closes anyway.
+                let _ = tx.try_send(Refusal::new(RefuseCode::Protocol, reason).frame());
                 closed.notify_one();
             }
         }
@@ -475,7 +485,7 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
         tokio::select! {
             r = read_frame(&mut recv) => match r {
                 Ok(Some(Frame::Scrub { repair })) if session.lock().is_ready() => {
-                    let _ = tx.send(scrub(store.clone(), repair, &fp).await);
+                    let _ = tx.send(scrub(store.clone(), repair, &fp).await).await;
                 }
                 Ok(Some(f)) => {
                     if !handle(f, &tx) {
