@@ -6,9 +6,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use std::sync::Arc;
+
 use super::frame::{self, Hash, ImageState};
+use super::primary::{ChunkSource, Generation, PeerKnowledge, group_root};
 use super::replica::{self, ReplicaStore};
-use crate::chunk::{ChunkParams, chunk_full};
+use crate::chunk::{ChunkParams, chunk_full, rechunk};
+use crate::dirty::RangeSet;
 use crate::manifest::{Kind, Manifest};
 
 /// The image `a` the session fuzz target's store starts with (what the seeds' first sync
@@ -22,6 +26,57 @@ pub fn seed_a() -> Vec<u8> {
     v
 }
 
+/// The bytes of image `a` the seeds' patch sync changes.
+pub const PATCHED: std::ops::Range<u64> = 50_000..50_100;
+
+/// Image `a` as the seeds' patch sync ships it: [`PATCHED`] filled with 7s.
+pub fn seed_a_patched() -> Vec<u8> {
+    let mut v = seed_a();
+    v[PATCHED.start as usize..PATCHED.end as usize].fill(7);
+    v
+}
+
+/// What the primary ships in the seeds' patch sync (what the `primary_session` fuzz target
+/// drives): generation 2, image `a` as [`seed_a_patched`], to a replica it knows at
+/// generation 1 with [`PATCHED`] dirty since.
+pub fn patch_sync() -> (Arc<Generation>, PeerKnowledge) {
+    let (old, _) = chunk_full(&seed_a(), params()).expect("chunks");
+    let (new, _) =
+        rechunk(&old, &seed_a_patched(), std::slice::from_ref(&PATCHED)).expect("chunks");
+    let images = BTreeMap::from([("a".to_string(), Arc::new(new))]);
+    let g = Arc::new(Generation {
+        number: 2,
+        group_root: group_root(&images),
+        images,
+    });
+    let mut dirty = RangeSet::new();
+    dirty.insert(PATCHED);
+    let known = PeerKnowledge {
+        generation: 1,
+        manifests: BTreeMap::from([("a".to_string(), Arc::new(old))]),
+        dirty: BTreeMap::from([("a".to_string(), dirty)]),
+    };
+    (g, known)
+}
+
+/// Images in memory, by path, as a primary's chunk source.
+pub struct Images(pub BTreeMap<String, Vec<u8>>);
+
+impl ChunkSource for Images {
+    fn read(&self, path: &str, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+        let b = self
+            .0
+            .get(path)
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, path.to_string()))?;
+        let mut out = vec![0u8; len as usize];
+        let end = (offset + len).min(b.len() as u64);
+        if offset < end {
+            out[..(end - offset) as usize].copy_from_slice(&b[offset as usize..end as usize]);
+        }
+        Ok(out)
+    }
+}
+
 /// A store as it is after the seeds' first sync: image `a` ([`seed_a`]) at generation 1.
 pub fn after_first_sync() -> MemStore {
     let mut store = MemStore::default();
@@ -29,10 +84,10 @@ pub fn after_first_sync() -> MemStore {
     let manifests = store
         .images
         .iter()
-        .map(|(p, (_, m))| (p.clone(), std::sync::Arc::new(m.clone())))
+        .map(|(p, (_, m))| (p.clone(), Arc::new(m.clone())))
         .collect();
     store.generation = 1;
-    store.group_root = super::primary::group_root(&manifests);
+    store.group_root = group_root(&manifests);
     store
 }
 
@@ -46,7 +101,7 @@ pub fn params() -> ChunkParams {
     }
 }
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct MemStore {
     /// Acknowledges with a root other than the one committed.
     pub lie: bool,

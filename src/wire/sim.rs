@@ -7,27 +7,13 @@ use std::sync::Arc;
 use proptest::prelude::*;
 
 use super::frame::{self, Frame};
-pub(super) use super::mem::{MemStore, params};
-use super::primary::{self, ChunkSource, Claim, Generation, Out, PeerKnowledge, PrimarySession};
+pub(super) use super::mem::{Images as Src, MemStore, params};
+use super::primary::{self, Claim, Generation, Out, PeerKnowledge, PrimarySession};
 use super::replica::{self, ReplicaSession};
 use crate::chunk::{chunk_full, rechunk};
 use crate::dirty::RangeSet;
 use crate::manifest::Manifest;
 use crate::testutil::random;
-
-pub(super) struct Src(pub(super) BTreeMap<String, Vec<u8>>);
-
-impl ChunkSource for Src {
-    fn read(&self, path: &str, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
-        let b = &self.0[path];
-        let mut out = vec![0u8; len as usize];
-        let end = (offset + len).min(b.len() as u64);
-        if offset < end {
-            out[..(end - offset) as usize].copy_from_slice(&b[offset as usize..end as usize]);
-        }
-        Ok(out)
-    }
-}
 
 /// Sends a frame through the codec, as the wire would.
 fn wire(f: &Frame) -> Frame {
@@ -40,6 +26,8 @@ struct Run {
     /// Every frame the replica got, encoded as on the wire (a seed for the session fuzz
     /// target).
     sent: Vec<u8>,
+    /// Every frame the primary got, encoded (a seed for the primary_session fuzz target).
+    answered: Vec<u8>,
     data_bytes: u64,
     patches: u64,
     reconciled: Vec<String>,
@@ -63,7 +51,7 @@ fn ship(
     let mut r = ReplicaSession::default();
     let mut to_replica = vec![hello];
     let (mut data_bytes, mut patches) = (0, 0);
-    let mut sent = Vec::new();
+    let (mut sent, mut answered) = (Vec::new(), Vec::new());
     for _ in 0..10_000 {
         let mut to_primary = Vec::new();
         for f in to_replica.drain(..) {
@@ -71,6 +59,7 @@ fn ship(
             to_primary.extend(r.handle(store, wire(&f)));
         }
         for f in to_primary {
+            answered.extend(frame::encode(&f));
             for o in p.handle(wire(&f)) {
                 match o {
                     Out::Send(f) => to_replica.push(f),
@@ -87,6 +76,7 @@ fn ship(
                         return Run {
                             result,
                             sent,
+                            answered,
                             data_bytes,
                             patches,
                             reconciled: p.reconciled.clone(),
@@ -146,53 +136,69 @@ fn a_first_sync_then_a_patch_sync() {
     assert!(run.data_bytes <= 110, "sent {}", run.data_bytes);
 }
 
-/// The session fuzz target's seeds: the replica's side of a first sync and of a patch sync; the
-/// patch sync, replayed against the target's starting store (image `a` after the first sync),
-/// must commit. `FERRY_WRITE_CORPUS=DIR cargo test --lib write_session_corpus` writes them into
-/// DIR (`fuzz/corpus/session`).
+/// The seeds of the two session fuzz targets: the frames the replica got in a first sync and
+/// in a patch sync (`session`), and the replica's answers in the patch sync
+/// (`primary_session`). Replayed against each target's starting state, the patch sync
+/// commits. `FERRY_WRITE_CORPUS=DIR cargo test --lib write_session_corpus` writes them into
+/// DIR/session and DIR/primary_session (DIR = `fuzz/corpus`).
 #[test]
 fn write_session_corpus() {
     let (first, patch) = first_and_patch_sessions();
-    // The patch sync's seed, replayed against the target's starting store, commits.
+    // The patch sync's frames, replayed against the replica target's store, commit.
     let mut store = super::mem::after_first_sync();
     let mut s = ReplicaSession::default();
     let mut d = frame::Decoder::default();
-    d.push(&patch);
+    d.push(&patch.sent);
     while let Ok(Some(f)) = d.next_frame() {
         s.handle(&mut store, f);
     }
     assert_eq!(store.generation, 2, "the seed does not reach a commit");
+    // Its answers, replayed into the primary target's session, are acknowledged.
+    let (g, known) = super::mem::patch_sync();
+    let (mut p, _) = PrimarySession::new(&Claim::first("test"), params(), g, known);
+    let mut d = frame::Decoder::default();
+    d.push(&patch.answered);
+    let mut acked = false;
+    while let Ok(Some(f)) = d.next_frame() {
+        for o in p.handle(f) {
+            match o {
+                Out::Jobs => {
+                    while p.next_job().is_some() {}
+                    p.data_sent();
+                }
+                Out::Done(r) => acked = r.is_ok(),
+                Out::Send(_) => {}
+            }
+        }
+    }
+    assert!(acked, "the primary seed does not reach an acknowledgement");
     let Some(dir) = std::env::var_os("FERRY_WRITE_CORPUS") else {
         return;
     };
     let dir = std::path::PathBuf::from(dir);
-    std::fs::write(dir.join("first-sync"), first).unwrap();
-    std::fs::write(dir.join("patch-sync"), patch).unwrap();
+    std::fs::write(dir.join("session/first-sync"), first.sent).unwrap();
+    std::fs::write(dir.join("session/patch-sync"), patch.sent).unwrap();
+    std::fs::create_dir_all(dir.join("primary_session")).unwrap();
+    std::fs::write(dir.join("primary_session/patch-sync"), patch.answered).unwrap();
 }
 
-/// The frames a replica receives in a first sync of image `a` ([`super::mem::seed_a`])
-/// to an empty store, and in a second sync that patches it.
-fn first_and_patch_sessions() -> (Vec<u8>, Vec<u8>) {
+/// A first sync of image `a` ([`super::mem::seed_a`]) to an empty store, and a second sync
+/// that patches it ([`super::mem::patch_sync`]).
+fn first_and_patch_sessions() -> (Run, Run) {
     let mut store = MemStore::default();
-    let mut images = BTreeMap::from([("a".to_string(), super::mem::seed_a())]);
-    let ms = manifests(&images);
-    let first = ship(&images, &ms, 1, PeerKnowledge::default(), &mut store);
-    let old = ms["a"].clone();
-    let img = images.get_mut("a").unwrap();
-    img[50_000..50_100].fill(7);
-    let changed = 50_000..50_100;
-    let (new, _) = rechunk(&old, &img.clone(), std::slice::from_ref(&changed)).unwrap();
-    let mut dirty = RangeSet::new();
-    dirty.insert(changed);
-    let known = PeerKnowledge {
-        generation: 1,
-        manifests: ms.clone(),
-        dirty: BTreeMap::from([("a".to_string(), dirty)]),
-    };
-    let ms2 = BTreeMap::from([("a".to_string(), Arc::new(new))]);
-    let second = ship(&images, &ms2, 2, known, &mut store);
-    second.result.unwrap();
-    (first.sent, second.sent)
+    let images = BTreeMap::from([("a".to_string(), super::mem::seed_a())]);
+    let first = ship(
+        &images,
+        &manifests(&images),
+        1,
+        PeerKnowledge::default(),
+        &mut store,
+    );
+    let (g, known) = super::mem::patch_sync();
+    let images = BTreeMap::from([("a".to_string(), super::mem::seed_a_patched())]);
+    let second = ship(&images, &g.images, 2, known, &mut store);
+    second.result.as_ref().unwrap();
+    (first, second)
 }
 
 #[test]
