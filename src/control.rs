@@ -76,6 +76,15 @@ pub fn socket_of(mountpoint: &Path) -> Result<PathBuf> {
     };
     if n < 0 {
         let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOTCONN) {
+            bail!(
+                "the mount at {0} has lost its daemon (it exited or was killed: {e}); its log \
+                 (in the mount's state directory, or the journal under systemd) says why. \
+                 Detach it with `umount -l {0}` and mount again: nothing the VMs fsynced is \
+                 lost, and the intent log names what the next sync point must re-read",
+                mountpoint.display()
+            );
+        }
         bail!(
             "{} is not a ferry mount ({e}); give the mountpoint of a running `ferry mount`",
             mountpoint.display()
@@ -99,7 +108,10 @@ pub fn request(socket: &Path, req: &Value, timeout: Option<Duration>) -> Result<
         .with_context(|| format!("no answer from the mount daemon at {}", socket.display()))?;
     if line.is_empty() {
         bail!(
-            "the mount daemon at {} closed the connection without answering: it has exited              or crashed. Its log (in the mount's state directory, or the journal under systemd)              says why; mount again and run the command again (nothing the VMs fsynced is lost:              the intent log marks what the next sync point must re-read)",
+            "the mount daemon at {} closed the connection without answering: it has exited \
+             or crashed. Its log (in the mount's state directory, or the journal under \
+             systemd) says why; mount again and run the command again (nothing the VMs \
+             fsynced is lost: the intent log marks what the next sync point must re-read)",
             socket.display()
         );
     }

@@ -396,6 +396,14 @@ fn case(point: &str, fault: Fault) -> String {
             g
         }
     };
+    if fault == Fault::Kill && !on_replica(point) {
+        // The operator's command says the daemon is gone, and what to do.
+        let err = &g.sync.2;
+        assert!(
+            err.contains("lost its daemon") || err.contains("exited or crashed"),
+            "{point}: ferry sync against a killed mount said: {err}"
+        );
+    }
     let first = said(&g);
     if g.sync.1 {
         // A retry that found the replica already holding the generation (its acknowledgement
