@@ -737,14 +737,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let site = two_namespaces(dir.path());
         drop(site);
-        let record = dir.path().join("site-a/.ferry/generation");
+        // (A damaged generation record is made again from the restore points; a damaged
+        // epoch record is not: it says who may write the namespace.)
+        let record = dir.path().join("site-a/.ferry").join(crate::epoch::FILE);
         fs::write(&record, b"{not json").unwrap();
         let site = Site::open(dir.path(), params(), Policy::default()).unwrap();
         assert_eq!(site.names(), ["site-c"]);
         let r = site.claim(&at("site-a", "aa")).err().unwrap();
         assert_eq!(r.code, RefuseCode::Store);
         assert!(
-            r.reason.contains("generation record") && r.reason.contains("corrupt"),
+            r.reason.contains("epoch record") && r.reason.contains("damaged"),
             "{r}"
         );
         // Its restore points are still read beside the daemon (`ferry generations`).
