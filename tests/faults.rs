@@ -213,6 +213,15 @@ fn alive(pid: i32) -> bool {
     (unsafe { libc::kill(pid, 0) }) == 0 && !zombie
 }
 
+/// Generation 2's writes into `image`, then its fsync.
+fn write_blocks(image: &Path) -> std::io::Result<()> {
+    let f = fs::OpenOptions::new().write(true).open(image)?;
+    for (i, b) in BLOCKS.iter().enumerate() {
+        f.write_all_at(&block(i), b * BLOCK)?;
+    }
+    f.sync_all()
+}
+
 /// What the guest and the operator did while the fault struck.
 struct Guest {
     fsynced: bool,
@@ -226,14 +235,7 @@ fn guest(mnt: &Path, timeout: u32) -> (std::thread::JoinHandle<Guest>, Arc<Atomi
     let done = Arc::new(AtomicBool::new(false));
     let d = done.clone();
     let t = std::thread::spawn(move || {
-        let write = || -> std::io::Result<()> {
-            let f = fs::OpenOptions::new().write(true).open(mnt.join(IMAGE))?;
-            for (i, b) in BLOCKS.iter().enumerate() {
-                f.write_all_at(&block(i), b * BLOCK)?;
-            }
-            f.sync_all()
-        };
-        let fsynced = write().is_ok();
+        let fsynced = write_blocks(&mnt.join(IMAGE)).is_ok();
         let out = Command::new(FERRY)
             .args(["sync", "--json", "--timeout", &timeout.to_string()])
             .arg(&mnt)
@@ -412,14 +414,7 @@ fn case(point: &str, fault: Fault) -> String {
     }
     if !g.fsynced {
         // The guest's writes did not all land: it writes them again, as a guest would.
-        let f = fs::OpenOptions::new()
-            .write(true)
-            .open(s.primary.path(IMAGE))
-            .unwrap();
-        for (i, b) in BLOCKS.iter().enumerate() {
-            f.write_all_at(&block(i), b * BLOCK).unwrap();
-        }
-        f.sync_all().unwrap();
+        write_blocks(&s.primary.path(IMAGE)).unwrap();
     }
     let (v, ok, err) = sync(&s.primary.mnt);
     assert!(
@@ -520,17 +515,6 @@ fn armed_pair(spec: &str) -> Pair {
     p
 }
 
-fn write_blocks(p: &Pair) {
-    let f = fs::OpenOptions::new()
-        .write(true)
-        .open(p.primary.path(IMAGE))
-        .unwrap();
-    for (i, b) in BLOCKS.iter().enumerate() {
-        f.write_all_at(&block(i), b * BLOCK).unwrap();
-    }
-    f.sync_all().unwrap();
-}
-
 #[test]
 fn an_io_error_writing_the_backing_file_reaches_the_guest_as_eio_and_the_range_stays_dirty() {
     let p = armed_pair("fs.write=1*return(eio)");
@@ -546,7 +530,7 @@ fn an_io_error_writing_the_backing_file_reaches_the_guest_as_eio_and_the_range_s
     let dirty = p.primary.dirty(IMAGE);
     assert!(covers(&dirty, &(at..at + BLOCK)), "{dirty:?}");
     drop(f);
-    write_blocks(&p);
+    write_blocks(&p.primary.path(IMAGE)).unwrap();
     p.sync_ok();
     assert!(fs::read(p.replica_path(IMAGE)).unwrap() == gen2());
     assert!(fs::read(p.primary.path(IMAGE)).unwrap() == gen2());
@@ -555,7 +539,7 @@ fn an_io_error_writing_the_backing_file_reaches_the_guest_as_eio_and_the_range_s
 #[test]
 fn an_io_error_reading_an_image_at_the_sync_point_ships_none_of_it_and_keeps_it_dirty() {
     let p = armed_pair("sync.image.read=1*return(eio)");
-    write_blocks(&p);
+    write_blocks(&p.primary.path(IMAGE)).unwrap();
     let v = p.sync_ok();
     // The generation went out without the image's new content: the replica serves
     // generation 1 whole, and status names the image and the error.

@@ -334,6 +334,19 @@ impl PrimarySession {
                 self.peer_generation = generation;
                 self.number = self.generation.number.max(generation + 1);
                 self.peer_images = images.into_iter().map(|i| (i.path.clone(), i)).collect();
+                for (path, m) in &self.generation.images {
+                    if let Some(i) = self.peer_images.get(path)
+                        && i.size > largest_base(m.size())
+                    {
+                        return Err(format!(
+                            "replica reports {path} at {} bytes, larger than any base this primary \
+                             reconciles for its {} bytes (twice that, or 64 GiB more): refused; if \
+                             that copy is real, move the replica's namespace aside and sync again",
+                            i.size,
+                            m.size()
+                        ));
+                    }
+                }
                 self.phase = Phase::Bases;
                 let mut out = Vec::new();
                 let paths: Vec<String> = self.generation.images.keys().cloned().collect();
@@ -710,6 +723,18 @@ fn tree_depth(size: u64) -> usize {
     d
 }
 
+/// The largest replica image this primary finds a base in for an image of `active` bytes: a
+/// base is found by asking for its Merkle leaves, so the size a replica reports bounds what
+/// the primary allocates for it, and a broken or hostile replica must not make that unbounded
+/// (found by the `primary_session` fuzz target: a reported 2^50 bytes ran it out of memory).
+/// Twice the image, or 64 GiB more: an image shrunk further than that since the replica last
+/// had it is refused with the figures.
+fn largest_base(active: u64) -> u64 {
+    active
+        .saturating_mul(2)
+        .max(active.saturating_add(64 << 30))
+}
+
 fn query_nodes(path: &str, level: usize, nodes: &[usize], r: &mut Recon) -> Vec<Out> {
     // Contiguous runs of node indices become one query each.
     let mut out = Vec::new();
@@ -865,6 +890,37 @@ mod tests {
     use crate::chunk::chunk_full;
 
     use crate::testutil::small_params as params;
+
+    /// Found by the `primary_session` fuzz target: a replica whose `Welcome` reports an image
+    /// of an absurd size (here about 2^50 bytes) made the primary list every Merkle leaf of it
+    /// before asking for them, and run out of memory. A size far above the image shipped is
+    /// refused with the figures instead.
+    #[test]
+    fn a_replica_reporting_an_absurd_image_size_is_refused_not_reconciled() {
+        let input: &[u8] = &[
+            78, 0, 0, 0, 1, 3, 0, 1, 231, 122, 52, 222, 34, 184, 204, 219, 189, 247, 48, 33, 241,
+            26, 40, 162, 10, 135, 175, 126, 55, 151, 243, 180, 3, 209, 14, 7, 152, 229, 180, 161,
+            1, 1, 97, 160, 141, 250, 213, 154, 185, 104, 149, 242, 222, 174, 74, 0, 0, 0, 1, 67, 0,
+            1, 231, 122, 56, 222, 34, 184, 204, 219, 189, 247, 48, 33, 241, 135, 10, 175, 26, 40,
+            162, 126, 55, 188, 151, 66, 190, 67, 243, 151, 180, 3, 209, 14, 7, 152, 229, 102,
+        ];
+        let (g, known) = crate::wire::mem::patch_sync();
+        let (mut s, _) = PrimarySession::new(&Claim::first("test"), params(), g, known);
+        let mut d = crate::wire::frame::Decoder::default();
+        d.push(input);
+        let mut ended = None;
+        while let Ok(Some(f)) = d.next_frame() {
+            for o in s.handle(f) {
+                if let Out::Done(r) = o {
+                    ended = Some(r);
+                }
+            }
+        }
+        match ended {
+            Some(Err(Ended::Broken(e))) => assert!(e.contains("larger than"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+    }
 
     /// A replica whose acknowledgement was lost answers the retry's `Hello` holding this very
     /// generation: the session ends acknowledged, sending nothing and committing nothing.
