@@ -312,7 +312,6 @@ fn behind(
         .collect()
 }
 
-/// When a file was last changed, as the time a replica's record was written.
 /// A generation record of the state directory, or `None` when it is damaged (bit rot): the
 /// file is moved aside with a warning, and the caller learns its fields again.
 fn read_record(path: &Path) -> Result<Option<GenRecord>> {
@@ -340,6 +339,7 @@ fn read_record(path: &Path) -> Result<Option<GenRecord>> {
     Ok(None)
 }
 
+/// When a file was last changed, as the time a replica's record was written.
 fn mtime(p: &Path) -> Option<SystemTime> {
     fs::metadata(p).and_then(|m| m.modified()).ok()
 }
