@@ -37,6 +37,30 @@ pub struct Config {
     pub replica: Option<Replica>,
     #[serde(default)]
     pub chunking: Chunking,
+    /// Automatic failover on an etcd cluster (none: promotion is manual).
+    pub failover: Option<Failover>,
+}
+
+/// `[failover]`: the etcd cluster that says which node is the primary (docs/OPERATIONS.md,
+/// "Automatic failover").
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Failover {
+    /// The etcd members' client URLs, e.g. "http://10.0.0.5:2379".
+    pub etcd: Vec<String>,
+    /// The leader key's lease: a primary that cannot renew it for this long has lost its place.
+    #[serde(default = "default_ttl", deserialize_with = "duration")]
+    pub ttl: Duration,
+    /// The key prefix: `ferry/<cluster>/...`; one primary per cluster.
+    pub cluster: String,
+    /// Where a promotion of this node serves the images as the primary mount (the directory
+    /// the hypervisor's storage points at); default `[replica] mount`, whose read-only view
+    /// then gives way to the primary mount.
+    #[serde(default)]
+    pub mount: Option<PathBuf>,
+    /// How long a fenced primary holds guest writes before failing them with EIO.
+    #[serde(default = "default_write_grace", deserialize_with = "duration")]
+    pub write_grace: Duration,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -148,6 +172,12 @@ fn one() -> usize {
 }
 fn default_failover_after() -> Duration {
     Duration::from_secs(300)
+}
+fn default_ttl() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_write_grace() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_sync_timeout() -> Duration {
     Duration::from_secs(3600)
@@ -304,6 +334,45 @@ impl Config {
                     .into());
             }
         }
+        if let Some(f) = &self.failover {
+            if f.etcd.is_empty() {
+                return Err(
+                    "failover.etcd is empty: list the etcd members' client URLs, \
+                            e.g. [\"http://10.0.0.5:2379\"]"
+                        .into(),
+                );
+            }
+            if let Some(u) = f.etcd.iter().find(|u| !u.starts_with("http://")) {
+                return Err(format!(
+                    "failover.etcd {u:?}: give a client URL such as \"http://10.0.0.5:2379\" \
+                     (TLS to etcd is not supported yet)"
+                ));
+            }
+            if f.ttl < Duration::from_secs(2) {
+                return Err(format!(
+                    "failover.ttl {:?} is too short: give 2s or more (10s is the default)",
+                    f.ttl
+                ));
+            }
+            if let Some(r) = &self.replica
+                && f.mount.is_none()
+                && r.mount.is_none()
+            {
+                return Err(
+                    "failover.mount is missing: a replica that promotes itself needs \
+                            the directory to serve the images on as the primary mount (where \
+                            the hypervisor's storage points); without it, replica.mount is used"
+                        .into(),
+                );
+            }
+            let ok = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
+            if f.cluster.is_empty() || !f.cluster.chars().all(ok) {
+                return Err(format!(
+                    "failover.cluster {:?}: give a name of letters, digits, '-', '_' or '.'",
+                    f.cluster
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -361,6 +430,11 @@ mount = "/srv/replica"
 keep = 24
 keep_for = "7d"
 scrub_interval = "30d"
+
+[failover]
+etcd = ["http://192.0.2.20:2379"]
+ttl = "10s"
+cluster = "vm-images"
 "#
         ))
         .unwrap();
@@ -378,6 +452,11 @@ scrub_interval = "30d"
             r.mount.as_deref(),
             Some(std::path::Path::new("/srv/replica"))
         );
+        let f = c.failover.unwrap();
+        assert_eq!(f.ttl, Duration::from_secs(10));
+        assert_eq!(f.cluster, "vm-images");
+        assert_eq!(f.write_grace, Duration::from_secs(30));
+        assert_eq!(parse("").unwrap().failover, None);
         assert_eq!(parse("").unwrap().primary.replicas, 1);
         assert_eq!(parse("").unwrap().primary.congestion, Congestion::Bbr);
         let cubic = parse("[primary]\ncongestion = \"cubic\"").unwrap();
@@ -406,6 +485,19 @@ scrub_interval = "30d"
             (
                 "[primary]\nreplicas = 3\n[[peer]]\nname = \"b\"\naddr = \"10.0.0.1:1\"\nfingerprint = \"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\"",
                 "replicas",
+            ),
+            ("[failover]\netcd = []\ncluster = \"vm\"", "failover.etcd"),
+            (
+                "[failover]\netcd = [\"10.0.0.5:2379\"]\ncluster = \"vm\"",
+                "client URL",
+            ),
+            (
+                "[failover]\netcd = [\"http://a:2379\"]\ncluster = \"vm\"\nttl = \"1s\"",
+                "failover.ttl",
+            ),
+            (
+                "[failover]\netcd = [\"http://a:2379\"]\ncluster = \"a/b\"",
+                "failover.cluster",
             ),
         ];
         for (text, word) in cases {

@@ -9,6 +9,7 @@ pub mod control;
 pub mod dirty;
 pub mod durable;
 pub mod epoch;
+pub mod failover;
 pub mod fault;
 pub mod fs;
 pub mod heap;

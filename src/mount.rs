@@ -496,6 +496,17 @@ fn serve(
         tracker.clone(),
         outside.clone(),
     )?);
+    if let Some(f) = &config.failover
+        && !opts.read_only
+    {
+        let id = crate::net::Identity::load(&config.node.key_dir)?;
+        let me = crate::failover::Leader {
+            node: config.node.name.clone(),
+            fingerprint: id.fingerprint().to_string(),
+            namespace: engine.lineage().namespace,
+        };
+        crate::failover::lead::start(f.clone(), me, engine.clone(), fs.gate())?;
+    }
     if tracker.enabled() {
         let empty = std::collections::BTreeSet::new();
         outside
@@ -793,6 +804,7 @@ pub fn replica_options(
         stop_on_unmount: false,
         primaries: rc.primaries,
         metrics: config.node.metrics,
+        on_site: None,
     })
 }
 

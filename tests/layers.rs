@@ -40,6 +40,11 @@ const ALLOWED: &[(&str, &[&str])] = &[
         ],
     ),
     ("wan", &[]),
+    // Automatic failover: drives the primary's engine and gate, reads the replica's store.
+    (
+        "failover",
+        &["config", "fs", "sync", "replica", "wire", "epoch", "net"],
+    ),
 ];
 
 const FACES: &[&str] = &["cli", "mount", "main", "lib", "bin"];

@@ -200,6 +200,9 @@ pub struct MountArgs {
     /// (noauto, _netdev, nofail, x-*) are accepted and ignored.
     #[arg(short = 'o', value_name = "OPTS")]
     pub options: Vec<String>,
+    /// The epoch etcd's leader key stands for (a promotion by automatic failover).
+    #[arg(skip)]
+    pub at_epoch: Option<u64>,
     /// Stay in the foreground (for systemd and debugging); log to stderr.
     #[arg(short = 'f', long)]
     pub foreground: bool,
@@ -230,6 +233,10 @@ pub struct ReplicaArgs {
     /// Serve the read-only replica mount here (overrides `[replica] mount`).
     #[arg(long, value_name = "MNT")]
     pub mount: Option<PathBuf>,
+    /// Serve no read-only replica mount, whatever `[replica] mount` or `--mount` say (a promotion by
+    /// automatic failover restarts the daemon so when the primary mount took that path).
+    #[arg(long)]
+    pub no_mount: bool,
 }
 
 #[derive(Args, Debug)]
@@ -271,6 +278,9 @@ pub struct PromoteArgs {
     /// mountpoint, replicas (what each said), took_ms, fstab.
     #[arg(long)]
     pub json: bool,
+    /// The epoch etcd's leader key stands for (a promotion by automatic failover).
+    #[arg(skip)]
+    pub at_epoch: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -698,10 +708,63 @@ fn restore_cmd(a: &RestoreArgs) -> Result<()> {
 /// `ferry replica --config FILE`: the replica daemon with what the config file says.
 fn replica_cmd(a: &ReplicaArgs) -> Result<()> {
     let config = crate::config::Config::load(&a.config)?;
-    crate::replica::daemon::run(
-        crate::mount::replica_options(&config, &a.config, a.mount.clone())?,
-        None,
-    )
+    let mut opts = crate::mount::replica_options(&config, &a.config, a.mount.clone())?;
+    if a.no_mount {
+        opts.mount = None;
+    }
+    let view = opts.mount.clone();
+    let follow = std::sync::Arc::new(std::sync::OnceLock::new());
+    if let Some(f) = config.failover.clone() {
+        let me = crate::failover::Leader {
+            node: config.node.name.clone(),
+            fingerprint: opts.identity.fingerprint().to_string(),
+            namespace: String::new(),
+        };
+        let slot = follow.clone();
+        opts.on_site = Some(Box::new(move |site| {
+            let _ = slot.set(crate::failover::follow::start(f, me, site.clone())?);
+            Ok(())
+        }));
+    }
+    crate::replica::daemon::run(opts, None)?;
+    let (Some(f), Some(follow)) = (&config.failover, follow.get()) else {
+        return Ok(());
+    };
+    let Some(won) = follow.won() else {
+        return Ok(());
+    };
+    // Automatic failover: this replica holds etcd's leader key. Promote as `ferry promote`
+    // does, under the key's epoch, on `[failover] mount`.
+    let at = f.mount.clone().or(view.clone());
+    let promoted = takeover::promote_cmd(&PromoteArgs {
+        config: a.config.clone(),
+        mount: at.clone(),
+        primary: Some(won.namespace.clone()),
+        force: false,
+        options: vec!["allow_other".into()],
+        json: false,
+        at_epoch: Some(won.epoch),
+    });
+    follow.finish(promoted.is_ok(), f.ttl * 2);
+    promoted.with_context(|| {
+        format!(
+            "automatic failover: this replica won etcd's leader key for namespace {} at epoch \
+             {}, but its promotion failed (the key is given up for another replica)",
+            won.namespace, won.epoch
+        )
+    })?;
+    // Serve on as the replica daemon of this store (which now fences the old primary),
+    // without the read-only view if the primary mount took its place.
+    use std::os::unix::process::CommandExt;
+    let mut again = std::process::Command::new(std::env::current_exe()?);
+    again.args(std::env::args_os().skip(1));
+    if view.is_some() && at == view && !a.no_mount {
+        again.arg("--no-mount");
+    }
+    let e = again.exec();
+    Err(anyhow::anyhow!(
+        "cannot restart the replica daemon after the promotion: {e}"
+    ))
 }
 
 fn status_cmd(a: StatusArgs) -> Result<()> {

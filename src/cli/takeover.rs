@@ -62,7 +62,17 @@ pub(super) fn promote_cmd(a: &PromoteArgs) -> Result<()> {
         Ok(opened) => {
             let own = opened.held();
             answers = ask_replicas(&config, &identity, &ns);
-            let epoch = promote::decide(&own, &answers, a.force).map_err(|e| anyhow::anyhow!(e))?;
+            let mut epoch =
+                promote::decide(&own, &answers, a.force).map_err(|e| anyhow::anyhow!(e))?;
+            if let Some(at) = a.at_epoch {
+                anyhow::ensure!(
+                    at >= epoch,
+                    "etcd's leader key stands for epoch {at}, but a replica has seen epoch {} \
+                     already: fix the key ferry/<cluster>/epoch-base",
+                    epoch - 1
+                );
+                epoch = at;
+            }
             promote::promote(
                 opened,
                 &config.node.name,

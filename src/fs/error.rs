@@ -37,6 +37,9 @@ pub enum FsError {
     /// The mount is read-only.
     #[error("read-only mount")]
     ReadOnly,
+    /// The mount fenced itself (it may no longer be the primary) for longer than the grace.
+    #[error("write refused: {0}")]
+    Fenced(String),
 }
 
 impl FsError {
@@ -58,6 +61,7 @@ impl FsError {
             FsError::Unsupported(_) => libc::EOPNOTSUPP,
             FsError::Invalid(_) => libc::EINVAL,
             FsError::ReadOnly => libc::EROFS,
+            FsError::Fenced(_) => libc::EIO,
         }
     }
 

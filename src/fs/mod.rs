@@ -13,6 +13,7 @@ pub mod cow;
 mod creds;
 mod error;
 pub mod fuse;
+pub mod gate;
 mod inode;
 pub mod outside;
 mod track;
@@ -152,6 +153,8 @@ pub struct Fs {
     /// path to recording the range, a rename exclusively until the inode table has the new
     /// name, so no change is recorded under a name a rename has just moved away.
     names: RwLock<()>,
+    /// Closed while the mount may no longer be the primary (automatic failover).
+    gate: Arc<gate::Gate>,
 }
 
 fn kind_of(ft: fs::FileType) -> FileKind {
@@ -288,6 +291,7 @@ impl Fs {
             next_fh: AtomicU64::new(1),
             tracker,
             names: RwLock::new(()),
+            gate: Arc::default(),
         })
     }
 
@@ -325,10 +329,14 @@ impl Fs {
 
     fn writable(&self) -> Result<()> {
         if self.read_only {
-            Err(FsError::ReadOnly)
-        } else {
-            Ok(())
+            return Err(FsError::ReadOnly);
         }
+        self.gate.pass().map_err(FsError::Fenced)
+    }
+
+    /// The gate every change passes (closed by the failover agent).
+    pub fn gate(&self) -> Arc<gate::Gate> {
+        self.gate.clone()
     }
 
     /// Registers one kernel lookup of `rel` (named `name` in `parent`) and returns its attributes.

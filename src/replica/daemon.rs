@@ -82,12 +82,20 @@ pub struct Options {
     /// An unmount of the replica mount stops the daemon (the mount-helper form, where the
     /// mount is the service); otherwise the daemon goes on receiving.
     pub stop_on_unmount: bool,
+    /// Called with the opened store before the daemon listens (the failover agent's start).
+    pub on_site: Option<OnSite>,
 }
+
+/// A hook called with the opened store.
+pub type OnSite = Box<dyn FnOnce(&Arc<Site>) -> Result<()>>;
 
 /// Runs the replica daemon in the foreground until SIGTERM or SIGINT; `ready` is called once
 /// it listens (and its mount is live).
-pub fn run(opts: Options, ready: Option<Box<dyn FnOnce()>>) -> Result<()> {
+pub fn run(mut opts: Options, ready: Option<Box<dyn FnOnce()>>) -> Result<()> {
     let site = Arc::new(Site::open(&opts.store, opts.params, opts.keep)?);
+    if let Some(f) = opts.on_site.take() {
+        f(&site)?;
+    }
     let mount = match &opts.mount {
         Some(mnt) => Some(mount(&site, mnt, opts.stop_on_unmount)?),
         None => None,

@@ -97,6 +97,8 @@ pub struct View {
     pub skipped: Vec<(String, String)>,
     /// Set once a replica refused this primary as fenced by a promotion.
     pub fenced: Option<crate::epoch::Fence>,
+    /// The automatic failover's standing (none without `[failover]`).
+    pub failover: Option<Value>,
 }
 
 #[derive(Default)]
@@ -163,6 +165,7 @@ impl Board {
             "replicas": replicas,
             "running": running,
             "fenced": v.fenced,
+            "failover": v.failover,
             "last_sync": v.last_sync,
             "broken": v
                 .broken

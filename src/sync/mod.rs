@@ -192,6 +192,8 @@ pub struct Engine {
     node: String,
     /// The namespace and epoch it writes under, and whether it was fenced (`epoch.json`).
     lineage: parking_lot::Mutex<Lineage>,
+    /// Why sync points are held, while the failover agent doubts this mount is the primary.
+    held: parking_lot::Mutex<Option<String>>,
     params: ChunkParams,
     required: usize,
     failover_after: Duration,
@@ -491,6 +493,7 @@ impl Engine {
             state: state.to_path_buf(),
             node: opts.node,
             lineage: parking_lot::Mutex::new(lineage),
+            held: parking_lot::Mutex::new(None),
             params,
             required,
             failover_after: opts.failover_after,
@@ -568,6 +571,9 @@ impl Engine {
             let l = self.lineage.lock();
             if let Some(f) = &l.fenced {
                 anyhow::bail!("{}", fenced_words(&l, f));
+            }
+            if let Some(why) = &*self.held.lock() {
+                anyhow::bail!("no sync point while this mount may not be the primary: {why}");
             }
         }
         // Writes that bypassed the mount, reported up to now, join this sync point.
@@ -1097,16 +1103,59 @@ impl Engine {
         }
     }
 
+    /// The namespace and epoch this mount writes under, and whether it was fenced.
+    pub fn lineage(&self) -> Lineage {
+        self.lineage.lock().clone()
+    }
+
+    /// The failover agent's standing, for `ferry status`.
+    pub fn set_failover(&self, v: Value) {
+        self.board.update(|b| b.failover = Some(v));
+    }
+
+    /// Holds sync points (`Some(why)`) while the failover agent cannot be sure this mount is
+    /// still the primary, or lets them go on (`None`).
+    pub fn hold(&self, why: Option<String>) {
+        *self.held.lock() = why;
+    }
+
+    /// The failover agent won the leader key at `epoch`, above the one this mount writes
+    /// under: recorded durably before any sync point ships under it.
+    pub fn raise_epoch(&self, epoch: u64) -> Result<()> {
+        let mut l = self.lineage.lock();
+        if epoch <= l.epoch {
+            return Ok(());
+        }
+        let mut next = l.clone();
+        next.epoch = epoch;
+        next.since = epoch::now();
+        epoch::save(&self.state.join(epoch::FILE), &next)
+            .context("cannot record the epoch won on etcd")?;
+        log::info!(
+            "namespace {} written at epoch {epoch} from now on (was {})",
+            l.namespace,
+            l.epoch
+        );
+        *l = next;
+        Ok(())
+    }
+
     /// A replica refused this mount as fenced: another node holds its namespace at a higher
     /// epoch. Recorded durably, so that no later sync point (after a restart too) ships.
     fn fence(&self, refused: &PeerOutcome) {
+        self.fence_by(&refused.name, refused.error.clone().unwrap_or_default());
+    }
+
+    /// `by` (a replica, or the etcd cluster) says another node holds this mount's namespace:
+    /// recorded durably, so that no later sync point ships until `ferry rejoin`.
+    pub fn fence_by(&self, by: &str, reason: String) {
         let mut l = self.lineage.lock();
         if l.fenced.is_some() {
             return;
         }
         l.fenced = Some(Fence {
-            replica: refused.name.clone(),
-            reason: refused.error.clone().unwrap_or_default(),
+            replica: by.to_string(),
+            reason,
             at: epoch::now(),
             source: self.root.clone(),
         });
@@ -1291,12 +1340,17 @@ impl Drive {
 /// What a fenced primary says, in its log, status and every refused sync.
 fn fenced_words(l: &Lineage, f: &Fence) -> String {
     format!(
-        "this primary (namespace {}, epoch {}) was fenced: replica {} refused it at {}: {}. It \
+        "this primary (namespace {}, epoch {}) was fenced: {}{} refused it at {}: {}. It \
          ships nothing more; its VMs' writes stay on this host and are not lost. Run `ferry \
          rejoin --config FILE` to make it a replica of the new primary (its writes since the \
          promotion are saved aside first)",
         l.namespace,
         l.epoch,
+        if f.replica.starts_with("etcd") {
+            ""
+        } else {
+            "replica "
+        },
         f.replica,
         epoch::when(f.at),
         f.reason

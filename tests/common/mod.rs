@@ -518,6 +518,8 @@ pub fn find_file(dir: &Path, name: &str) -> PathBuf {
 
 /// How an image's bytes change, for the reference-model tests (tests/model.rs through the
 /// kernel, tests/core.rs in-process).
+pub mod etcd;
+
 pub mod bytes {
     /// `data` written at `off`, growing the image if needed.
     pub fn write(d: &mut Vec<u8>, off: u64, data: &[u8]) {
