@@ -82,7 +82,7 @@ struct Sites {
     c: Replica,
 }
 
-fn sites(etcd: &[String], a_etcd: &[String], a_extra: &str, a_peers: Option<(u16, u16)>) -> Sites {
+fn sites(etcd: &[String], a_etcd: &[String], a_extra: &str) -> Sites {
     let a = Mount::prepare_with("", "[primary]\nreplicas = 2\nsync_timeout = \"10s\"\n");
     let fa = common::keygen(&a.dir.path().join("keys"));
     let mut b = Replica::new(&[&fa]);
@@ -90,14 +90,9 @@ fn sites(etcd: &[String], a_etcd: &[String], a_extra: &str, a_peers: Option<(u16
     let (fb, fc) = (b.fingerprint.clone(), c.fingerprint.clone());
     configure(&mut b, "site-b", &fc);
     configure(&mut c, "site-c", &fb);
-    // A's links to B and C: direct, or through the ports given (relays the test can cut).
-    let (pb, pc) = a_peers.unwrap_or((b.port, c.port));
-    let via = |r: &Replica, name: &str, port: u16| {
-        peer(r, name).replace(&format!(":{}\"", r.port), &format!(":{port}\""))
-    };
     append(
         &a.config,
-        &(via(&b, "site-b", pb) + &via(&c, "site-c", pc) + &failover_toml(a_etcd, a_extra)),
+        &(peer(&b, "site-b") + &peer(&c, "site-c") + &failover_toml(a_etcd, a_extra)),
     );
     for (r, other, name) in [(&b, &c, "site-c"), (&c, &b, "site-b")] {
         append(
@@ -130,7 +125,7 @@ fn a_killed_primary_is_replaced_by_the_newest_replica_within_twice_the_ttl() {
     common::require_root();
     let etcd = Cluster::start();
     let urls = etcd.urls();
-    let mut s = sites(&urls, &urls, "write_grace = \"2s\"\n", None);
+    let mut s = sites(&urls, &urls, "write_grace = \"2s\"\n");
     let epoch_a = leading(&s.a);
     assert!(epoch_a > 0, "{}", failover_state(&s.a));
     let leader: Value = serde_json::from_str(&etcd.get("ferry/vm-images/leader").unwrap()).unwrap();
@@ -224,4 +219,303 @@ fn a_killed_primary_is_replaced_by_the_newest_replica_within_twice_the_ttl() {
     let (_, ok, err) = common::sync(&s.a.mnt);
     assert!(!ok && err.contains("ferry rejoin"), "{err}");
     let _ = Command::new("umount").arg(&s.c.mnt).status();
+}
+
+/// Writes 4 KiB blocks one after another (each fsynced) on a mount until stopped, as a VM
+/// does; records when each was acknowledged and the error that stopped it, if any.
+struct Writer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    acked: std::sync::Arc<parking_lot::Mutex<Vec<Instant>>>,
+    thread: std::thread::JoinHandle<Option<std::io::Error>>,
+}
+
+impl Writer {
+    fn start(path: std::path::PathBuf) -> Writer {
+        use std::sync::atomic::Ordering::SeqCst;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let acked: std::sync::Arc<parking_lot::Mutex<Vec<Instant>>> = Default::default();
+        let (s, a) = (stop.clone(), acked.clone());
+        let thread = std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !s.load(SeqCst) {
+                let block = [(i % 251) as u8; 4096];
+                if let Err(e) = write_at(&path, (i * 4096) % (4 << 20), &block) {
+                    return Some(e);
+                }
+                a.lock().push(Instant::now());
+                i += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            None
+        });
+        Writer {
+            stop,
+            acked,
+            thread,
+        }
+    }
+
+    fn acked(&self) -> usize {
+        self.acked.lock().len()
+    }
+
+    fn last_acked(&self) -> Option<Instant> {
+        self.acked.lock().last().copied()
+    }
+
+    fn stop(self) -> Option<std::io::Error> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.join().unwrap()
+    }
+}
+
+/// `ferry-wan-relay` from a loopback port to a replica: A's link to it, cut by killing it.
+struct UdpLink {
+    port: u16,
+    to: u16,
+    log: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl UdpLink {
+    fn new(dir: &Path, to: u16) -> UdpLink {
+        let mut l = UdpLink {
+            port: common::free_port(),
+            to,
+            log: dir.join(format!("relay-{to}.log")),
+            child: None,
+        };
+        l.heal();
+        l
+    }
+
+    fn heal(&mut self) {
+        let from = std::fs::read_to_string(&self.log).unwrap_or_default().len();
+        let err = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        self.child = Some(
+            Command::new(env!("CARGO_BIN_EXE_ferry-wan-relay"))
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{}", self.port))
+                .arg("--forward")
+                .arg(format!("127.0.0.1:{}", self.to))
+                .stdout(std::process::Stdio::null())
+                .stderr(err)
+                .spawn()
+                .unwrap(),
+        );
+        let log = self.log.clone();
+        wait_for(
+            "the relay to listen",
+            Duration::from_secs(10),
+            || std::fs::read_to_string(&log).unwrap_or_default()[from..].contains("listening on"),
+            String::new,
+        );
+    }
+
+    fn cut(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for UdpLink {
+    fn drop(&mut self) {
+        self.cut();
+    }
+}
+
+#[test]
+fn a_primary_cut_off_fences_itself_within_the_ttl_and_never_commits_after_the_new_one() {
+    common::require_root();
+    let etcd = Cluster::start();
+    let urls = etcd.urls();
+    let links: Vec<common::etcd::Link> = etcd
+        .members
+        .iter()
+        .map(|m| common::etcd::Link::new(m.client))
+        .collect();
+    let link_urls: Vec<String> = links.iter().map(|l| l.url()).collect();
+    let relays_dir = tempfile::tempdir().unwrap();
+    // A's links to the replicas go through relays (their ports are known once they exist).
+    let s = sites(&urls, &link_urls, "write_grace = \"8s\"\n");
+    let mut rb = UdpLink::new(relays_dir.path(), s.b.port);
+    let mut rc = UdpLink::new(relays_dir.path(), s.c.port);
+    s.a.unmount();
+    let cfg = std::fs::read_to_string(&s.a.config)
+        .unwrap()
+        .replace(
+            &format!("127.0.0.1:{}\"", s.b.port),
+            &format!("127.0.0.1:{}\"", rb.port),
+        )
+        .replace(
+            &format!("127.0.0.1:{}\"", s.c.port),
+            &format!("127.0.0.1:{}\"", rc.port),
+        );
+    std::fs::write(&s.a.config, cfg).unwrap();
+    s.a.mount();
+    let epoch_a = leading(&s.a);
+
+    let image = ferry::testutil::random(4 << 20, 3);
+    std::fs::write(s.a.path(IMAGE), &image).unwrap();
+    let (v, ok, err) = common::sync(&s.a.mnt);
+    assert!(ok, "{v} {err}");
+    let writer = Writer::start(s.a.path(IMAGE));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(writer.acked() > 5, "the writer writes");
+
+    // The partition: A reaches neither etcd nor the replicas; its writer goes on writing.
+    for l in &links {
+        l.cut();
+    }
+    rb.cut();
+    rc.cut();
+    let t0 = Instant::now();
+    let fenced_after = wait_for(
+        "A fences itself",
+        TTL,
+        || failover_state(&s.a)["state"] == "fencing",
+        || format!("{}\n{}", failover_state(&s.a), s.a.log_text()),
+    );
+    eprintln!("partition to A fenced: {fenced_after:?} (ttl {TTL:?})");
+    let acked_at_fence = writer.acked();
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        writer.acked() <= acked_at_fence + 1,
+        "a fenced primary acknowledged {} writes",
+        writer.acked() - acked_at_fence
+    );
+    // No write was acknowledged after the lease could have expired.
+    assert!(writer.last_acked().unwrap() < t0 + TTL);
+
+    // B and C hold the same generation: B (first by name) is promoted, once A's lease expired.
+    let new_mnt = s.b.mnt.clone();
+    let served = new_mnt.join(IMAGE);
+    wait_for(
+        "B promoted",
+        TTL * 3,
+        || write_at(&served, 0, b"the new primary").is_ok(),
+        || format!("B: {}\nC: {}", s.b.log_text(), s.c.log_text()),
+    );
+    assert!(
+        t0.elapsed() >= TTL / 2,
+        "promoted before A's lease could expire"
+    );
+    let (v, ok, err) = common::sync(&new_mnt);
+    assert!(ok, "the new primary's first commit: {v} {err}");
+    let first_commit = std::fs::read(s.c.images.join(IMAGE)).unwrap();
+    assert_eq!(first_commit, std::fs::read(&served).unwrap());
+
+    // Heal: A learns that B leads, and stays fenced for good.
+    for l in &links {
+        l.heal();
+    }
+    rb.heal();
+    rc.heal();
+    wait_for(
+        "A fenced for good",
+        TTL * 3,
+        || failover_state(&s.a)["state"] == "fenced",
+        || format!("{}\n{}", failover_state(&s.a), s.a.log_text()),
+    );
+    let st = failover_state(&s.a);
+    assert!(st["reason"].as_str().unwrap().contains("site-b"), "{st}");
+    let (_, ok, err) = common::sync(&s.a.mnt);
+    assert!(!ok && err.contains("ferry rejoin"), "{err}");
+    // The held writes failed (EIO past the grace), none was acknowledged after the fence.
+    let e = writer.stop().expect("the writer was stopped by an error");
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    // Nothing of A reached a replica after the new primary's first commit.
+    assert_eq!(std::fs::read(s.c.images.join(IMAGE)).unwrap(), first_commit);
+    let holder: Value =
+        serde_json::from_slice(&std::fs::read(s.c.images.join(".ferry/epoch.json")).unwrap())
+            .unwrap();
+    assert_eq!(holder["node"], "site-b", "{holder}");
+    assert!(holder["epoch"].as_u64().unwrap() > epoch_a, "{holder}");
+    let _ = Command::new("umount").arg(&new_mnt).status();
+}
+
+#[test]
+fn losing_one_etcd_member_changes_nothing_and_losing_two_fences_without_a_promotion() {
+    common::require_root();
+    let mut etcd = Cluster::start();
+    let urls = etcd.urls();
+    let s = sites(&urls, &urls, "write_grace = \"60s\"\n");
+    let epoch_a = leading(&s.a);
+    let image = ferry::testutil::random(4 << 20, 4);
+    std::fs::write(s.a.path(IMAGE), &image).unwrap();
+
+    // One member lost: A leads on, syncs commit.
+    etcd.kill(0);
+    let t = Instant::now();
+    while t.elapsed() < TTL * 2 {
+        let st = failover_state(&s.a);
+        assert_eq!(
+            st["state"],
+            "leading",
+            "one member lost: {st}\n{}",
+            s.a.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (v, ok, err) = common::sync(&s.a.mnt);
+    assert!(ok, "{v} {err}");
+
+    // Two lost: no quorum. A fences itself (writes held), and no replica is promoted.
+    let writer = Writer::start(s.a.path(IMAGE));
+    std::thread::sleep(Duration::from_millis(300));
+    etcd.kill(1);
+    wait_for(
+        "A fences itself",
+        TTL,
+        || failover_state(&s.a)["state"] == "fencing",
+        || format!("{}\n{}", failover_state(&s.a), s.a.log_text()),
+    );
+    let held_from = writer.acked();
+    std::thread::sleep(TTL * 2);
+    assert!(
+        writer.acked() <= held_from + 1,
+        "writes acknowledged without a lease"
+    );
+    for r in [&s.b, &s.c] {
+        assert!(
+            !r.mnt.join(IMAGE).exists(),
+            "promoted without a quorum:\n{}",
+            r.log_text()
+        );
+    }
+
+    // The members come back: A's lease is still its own (etcd extends leases across an
+    // election), A unfences, the held writes complete: nothing was lost.
+    etcd.start_member(0);
+    etcd.start_member(1);
+    etcd.wait_healthy(3);
+    let back = wait_for(
+        "A leads again",
+        TTL * 3,
+        || failover_state(&s.a)["state"] == "leading",
+        || format!("{}\n{}", failover_state(&s.a), s.a.log_text()),
+    );
+    eprintln!("quorum back to A leading again: {back:?}");
+    assert_eq!(
+        failover_state(&s.a)["epoch"].as_u64(),
+        Some(epoch_a),
+        "the same leadership"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(writer.acked() > held_from + 1, "the held writes went on");
+    assert!(writer.stop().is_none(), "no write failed");
+    let (v, ok, err) = common::sync(&s.a.mnt);
+    assert!(ok, "{v} {err}");
+    for r in [&s.b, &s.c] {
+        assert_eq!(
+            std::fs::read(r.images.join(IMAGE)).unwrap(),
+            std::fs::read(s.a.path(IMAGE)).unwrap()
+        );
+    }
 }

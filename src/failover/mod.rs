@@ -146,7 +146,13 @@ impl Etcd {
         let mut c = self.client.clone();
         let answer = self
             .bounded("lease keep-alive", async move {
-                let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
+                let (mut keeper, mut stream) = match c.lease_keep_alive(lease).await {
+                    // The client reads etcd's "TTL 0" answer to the first renewal as this.
+                    Err(etcd_client::Error::LeaseKeepAliveError(e)) if e == "lease not found" => {
+                        return Ok(None);
+                    }
+                    r => r?,
+                };
                 keeper.keep_alive().await?;
                 stream.message().await
             })
