@@ -343,7 +343,11 @@ fn a_primary_cut_off_fences_itself_within_the_ttl_and_never_commits_after_the_ne
     let link_urls: Vec<String> = links.iter().map(|l| l.url()).collect();
     let relays_dir = tempfile::tempdir().unwrap();
     // A's links to the replicas go through relays (their ports are known once they exist).
-    let s = sites(&urls, &link_urls, "write_grace = \"8s\"\n");
+    let s = sites(
+        &urls,
+        &link_urls,
+        "write_grace = \"8s\"\nmount = \"/nonexistent/a-promoted\"\n",
+    );
     let mut rb = UdpLink::new(relays_dir.path(), s.b.port);
     let mut rc = UdpLink::new(relays_dir.path(), s.c.port);
     s.a.unmount();
@@ -437,6 +441,29 @@ fn a_primary_cut_off_fences_itself_within_the_ttl_and_never_commits_after_the_ne
             .unwrap();
     assert_eq!(holder["node"], "site-b", "{holder}");
     assert!(holder["epoch"].as_u64().unwrap() > epoch_a, "{holder}");
+
+    // A rejoins as a replica of B, as after a manual promotion: its writes since the cut are
+    // saved aside, its mount stops.
+    let store = s.a.dir.path().join("store");
+    append(
+        &s.a.config,
+        &format!(
+            "[replica]\nlisten = \"127.0.0.1:{}\"\nstore = \"{}\"\nprimaries = [\"{}\", \"{}\"]\n",
+            common::free_port(),
+            store.display(),
+            s.b.fingerprint,
+            s.c.fingerprint
+        ),
+    );
+    let out = Command::new(common::FERRY)
+        .args(["rejoin", "--json", "--config"])
+        .arg(&s.a.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["new_primary"], "site-b", "{v}");
+    assert!(v["saved_bytes"].as_u64().unwrap() > 0, "A's unreplicated writes are kept: {v}");
     let _ = Command::new("umount").arg(&new_mnt).status();
 }
 
