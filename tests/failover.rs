@@ -460,10 +460,17 @@ fn a_primary_cut_off_fences_itself_within_the_ttl_and_never_commits_after_the_ne
         .arg(&s.a.config)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["new_primary"], "site-b", "{v}");
-    assert!(v["saved_bytes"].as_u64().unwrap() > 0, "A's unreplicated writes are kept: {v}");
+    assert!(
+        v["saved_bytes"].as_u64().unwrap() > 0,
+        "A's unreplicated writes are kept: {v}"
+    );
     let _ = Command::new("umount").arg(&new_mnt).status();
 }
 
@@ -543,6 +550,76 @@ fn losing_one_etcd_member_changes_nothing_and_losing_two_fences_without_a_promot
         assert_eq!(
             std::fs::read(r.images.join(IMAGE)).unwrap(),
             std::fs::read(s.a.path(IMAGE)).unwrap()
+        );
+    }
+}
+
+#[test]
+fn an_unreachable_etcd_leaves_the_mount_serving_and_a_foreign_leader_key_fences_it() {
+    common::require_root();
+    let etcd = Cluster::start();
+    let urls = etcd.urls();
+    let links: Vec<common::etcd::Link> = etcd
+        .members
+        .iter()
+        .map(|m| common::etcd::Link::new(m.client))
+        .collect();
+    for l in &links {
+        l.cut();
+    }
+    let link_urls: Vec<String> = links.iter().map(|l| l.url()).collect();
+    let s = sites(&urls, &link_urls, "write_grace = \"2s\"\n");
+
+    // etcd unreachable at start: manual mode, loudly; the mount writes and syncs.
+    wait_for(
+        "A in manual mode",
+        Duration::from_secs(15),
+        || failover_state(&s.a)["state"] == "manual",
+        || format!("{}\n{}", failover_state(&s.a), s.a.log_text()),
+    );
+    assert!(
+        s.a.log_text().contains("AUTOMATIC FAILOVER IS OFF"),
+        "{}",
+        s.a.log_text()
+    );
+    std::fs::write(s.a.path(IMAGE), ferry::testutil::random(1 << 20, 5)).unwrap();
+    let (v, ok, err) = common::sync(&s.a.mnt);
+    assert!(ok, "manual mode syncs: {v} {err}");
+
+    // etcd reachable: A campaigns and leads.
+    for l in &links {
+        l.heal();
+    }
+    wait_for(
+        "A leads once etcd answers",
+        TTL * 4,
+        || failover_state(&s.a)["state"] == "leading",
+        || format!("{}\n{}", failover_state(&s.a), s.a.log_text()),
+    );
+
+    // Something else overwrites the leader key: A is no longer sure it leads and fences
+    // itself; no replica takes a key that is not free.
+    assert!(etcd.ctl(
+        &[&urls[0]],
+        &["put", "ferry/vm-images/leader", "written by a script"]
+    ));
+    wait_for(
+        "A fenced",
+        TTL * 2,
+        || failover_state(&s.a)["state"] == "fenced",
+        || format!("{}\n{}", failover_state(&s.a), s.a.log_text()),
+    );
+    let st = failover_state(&s.a);
+    let reason = st["reason"].as_str().unwrap();
+    assert!(reason.contains("ferry did not write"), "{st}");
+    let e = write_at(&s.a.path(IMAGE), 0, b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    std::thread::sleep(TTL);
+    for r in [&s.b, &s.c] {
+        assert!(
+            !r.mnt.join(IMAGE).exists(),
+            "promoted on a foreign key:\n{}",
+            r.log_text()
         );
     }
 }

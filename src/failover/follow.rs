@@ -153,7 +153,7 @@ impl Agent {
             }
             let leader = etcd.leader().await?;
             if let Some(h) = &leader {
-                if self.me.namespace != h.leader.namespace {
+                if !h.leader.namespace.is_empty() && self.me.namespace != h.leader.namespace {
                     log::info!(
                         "failover: following node {} (namespace {}, epoch {}) on etcd",
                         h.leader.node,
@@ -182,6 +182,11 @@ impl Agent {
             etcd.publish(&self.me.node, &mine, lease).await?;
             if leader.is_some() {
                 turn = None;
+                continue;
+            }
+            if !etcd.ever_led().await? {
+                // No primary has reached etcd yet (it may be running in manual mode): a
+                // missing key is not a lost primary.
                 continue;
             }
             let me = Candidate {

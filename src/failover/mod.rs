@@ -212,6 +212,18 @@ impl Etcd {
         Ok(b)
     }
 
+    /// Whether any node ever led this cluster (its first campaign set the epoch base). Until
+    /// then a missing leader key means a primary that has not reached etcd yet, not a lost one.
+    pub async fn ever_led(&mut self) -> Result<bool> {
+        if self.base.is_some() {
+            return Ok(true);
+        }
+        let key = self.key("epoch-base");
+        let mut c = self.client.clone();
+        let r = self.bounded("get", c.get(key, None)).await?;
+        Ok(!r.kvs().is_empty())
+    }
+
     /// The leader key, if any node holds it.
     pub async fn leader(&mut self) -> Result<Option<Held>> {
         let key = self.leader_key();
@@ -224,14 +236,17 @@ impl Etcd {
     }
 
     async fn held(&mut self, kv: &KeyValue) -> Result<Held> {
-        let leader: Leader = serde_json::from_slice(kv.value()).map_err(|e| {
-            anyhow!(
-                "etcd key {} holds {:?}, not a ferry leader ({e}): something else wrote it; \
-                 no node of this cluster will be promoted until it is deleted",
-                self.leader_key(),
-                String::from_utf8_lossy(kv.value())
-            )
-        })?;
+        // A value that is not ferry's (something else wrote the key) names no node of this
+        // cluster: nobody may take the key over, and a primary that finds it fences itself.
+        let leader = serde_json::from_slice(kv.value()).unwrap_or_else(|e| Leader {
+            node: format!(
+                "(none: the key holds {:?}, which ferry did not write ({e}); delete the key \
+                 once you know what wrote it)",
+                String::from_utf8_lossy(&kv.value()[..kv.value().len().min(64)])
+            ),
+            fingerprint: String::new(),
+            namespace: String::new(),
+        });
         let base = self.base(None).await?;
         Ok(Held {
             leader,
