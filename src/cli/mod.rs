@@ -1053,10 +1053,36 @@ fn print_status(v: &serde_json::Value) {
     }
     let fenced = &v["sync"]["fenced"];
     if !fenced.is_null() {
+        let by = fenced["replica"].as_str().unwrap_or("?");
         println!(
-            "  FENCED (ships nothing; the VMs' writes stay here): replica {} said: {}",
-            fenced["replica"].as_str().unwrap_or("?"),
+            "  FENCED (ships nothing; the VMs' writes stay here): {}{by} said: {}",
+            if by == "etcd" { "" } else { "replica " },
             fenced["reason"].as_str().unwrap_or("?")
+        );
+    }
+    let f = &v["sync"]["failover"];
+    if !f.is_null() {
+        let state = f["state"].as_str().unwrap_or("?");
+        let what = match state {
+            "leading" => format!(
+                "the primary (epoch {}, lease ttl {} s)",
+                f["epoch"], f["ttl_s"]
+            ),
+            "connecting" => "reaching etcd".to_string(),
+            "manual" => format!(
+                "OFF, manual mode (etcd unreachable: {})",
+                f["reason"].as_str().unwrap_or("?")
+            ),
+            "fencing" | "fenced" => format!(
+                "{} (guest writes held): {}",
+                state.to_uppercase(),
+                f["reason"].as_str().unwrap_or("?")
+            ),
+            other => other.to_string(),
+        };
+        println!(
+            "  failover on etcd (cluster {}): {what}",
+            f["cluster"].as_str().unwrap_or("?")
         );
     }
     print_sync(&v["sync"]);
