@@ -91,6 +91,8 @@ enum State {
 
 pub struct ReplicaSession {
     state: State,
+    /// The epoch the primary said it writes under (its `Hello`).
+    epoch: u64,
     /// Chunks received but not needed (already staged or never wanted): counted for tests.
     pub duplicates: u64,
 }
@@ -99,6 +101,7 @@ impl Default for ReplicaSession {
     fn default() -> Self {
         ReplicaSession {
             state: State::AwaitHello,
+            epoch: 0,
             duplicates: 0,
         }
     }
@@ -139,6 +142,19 @@ impl ReplicaSession {
     }
 
     fn step(&mut self, store: &mut dyn ReplicaStore, f: Frame) -> Result<Vec<Frame>, Refusal> {
+        // A promotion may take the namespace over while this session runs (its primary was
+        // cut off, or fenced itself too late): from then on nothing of it is committed.
+        if !matches!(self.state, State::AwaitHello) && self.epoch < store.epoch() {
+            return Err(Refusal::new(
+                RefuseCode::Fenced,
+                format!(
+                    "the namespace was taken over at epoch {} while this session of epoch {} \
+                     ran: it was fenced by that promotion, nothing more of it is committed",
+                    store.epoch(),
+                    self.epoch
+                ),
+            ));
+        }
         let dups = &mut self.duplicates;
         match (&mut self.state, f) {
             (State::Closed, _) => Err("session already closed".into()),
@@ -153,6 +169,7 @@ impl ReplicaSession {
                 },
             ) => {
                 let out = hello(store, version, epoch, &node, params)?;
+                self.epoch = epoch;
                 self.state = State::Ready;
                 Ok(out)
             }

@@ -252,6 +252,41 @@ fn a_fenced_primary_and_a_lying_replica_fail_the_session() {
 }
 
 #[test]
+fn a_session_overtaken_by_a_promotion_commits_nothing_more() {
+    let mut store = MemStore::default();
+    let mut s = ReplicaSession::default();
+    let hello = Frame::Hello {
+        version: frame::VERSION,
+        epoch: 0,
+        node: "a".into(),
+        params: params(),
+        namespace: "a".into(),
+        takeover: None,
+    };
+    assert!(matches!(
+        s.handle(&mut store, hello)[..],
+        [Frame::Welcome { .. }]
+    ));
+    // A promotion elsewhere takes the namespace over (epoch 3) while the session is open.
+    store.epoch = 3;
+    let begin = Frame::Begin {
+        generation: 1,
+        base_generation: 0,
+        group_root: [0; 32],
+        changes: vec![],
+        images: 0,
+    };
+    match &s.handle(&mut store, begin)[..] {
+        [Frame::Refuse { code, reason }] => {
+            assert_eq!(*code, frame::RefuseCode::Fenced);
+            assert!(reason.contains("taken over at epoch 3"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(s.is_closed());
+}
+
+#[test]
 fn invalid_paths_are_refused() {
     for p in ["../etc/passwd", "/abs", "a/../../b", ".ferry/x", "", "a\0b"] {
         assert!(!replica::valid_path(p), "{p}");
