@@ -150,6 +150,18 @@ fn a_killed_primary_is_replaced_by_the_newest_replica_within_twice_the_ttl() {
     assert_eq!(c_state, "committed", "C commits generation 2: {v}");
     s.b.start();
 
+    // By hand, a promotion is refused while etcd says A leads.
+    let out = Command::new(common::FERRY)
+        .args(["promote", "--config"])
+        .arg(&s.c.config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("says node test is the primary"),
+        "{err}"
+    );
+
     // A is lost.
     s.a.kill9();
     let t0 = Instant::now();

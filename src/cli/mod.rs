@@ -259,7 +259,7 @@ pub struct PromoteArgs {
     /// replicas, [primary] is the sync policy once promoted.
     #[arg(long, value_name = "FILE")]
     pub config: PathBuf,
-    /// Where to serve the images read-write (default: [replica] mount).
+    /// Where to serve the images read-write (default: [failover] mount, else [replica] mount).
     #[arg(long, value_name = "MNT")]
     pub mount: Option<PathBuf>,
     /// The namespace to take over: the old primary's [node] name (needed when the store

@@ -31,9 +31,12 @@ pub(super) fn promote_cmd(a: &PromoteArgs) -> Result<()> {
     let config = crate::config::Config::load(&a.config)?;
     let rc = crate::mount::replica_section(&config, &a.config)?;
     let params = config.chunk_params().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mnt = a.mount.clone().or(rc.mount.clone()).ok_or_else(|| {
-        anyhow::anyhow!("where should the promoted images be served? give --mount MNT")
-    })?;
+    let mnt = (a.mount.clone())
+        .or(config.failover.as_ref().and_then(|f| f.mount.clone()))
+        .or(rc.mount.clone())
+        .ok_or_else(|| {
+            anyhow::anyhow!("where should the promoted images be served? give --mount MNT")
+        })?;
     let ns = match &a.primary {
         Some(n) => n.clone(),
         None => {
@@ -55,6 +58,26 @@ pub(super) fn promote_cmd(a: &PromoteArgs) -> Result<()> {
             }
         }
     };
+    if let (Some(f), None) = (&config.failover, a.at_epoch) {
+        // By hand beside automatic failover: never against a primary etcd says is alive.
+        match crate::failover::leader_now(f) {
+            Ok(Some(h)) if h.leader.node != config.node.name && !a.force => anyhow::bail!(
+                "etcd (cluster {}) says node {} is the primary (epoch {}) and its lease is \
+                 alive: promoting by hand would make two. If that node is really gone, wait \
+                 for its lease ({:?}) and a replica takes over by itself; give --force to \
+                 promote anyway",
+                f.cluster,
+                h.leader.node,
+                h.epoch,
+                f.ttl
+            ),
+            Ok(_) => {}
+            Err(e) => eprintln!(
+                "ferry: etcd cannot say who the primary is ({e:#}); promoting by hand: make \
+                 sure the old primary is down"
+            ),
+        }
+    }
     let identity = crate::net::Identity::load(&config.node.key_dir)?;
     let mut answers = Vec::new();
     let p = match promote::open(&rc.store, &ns, params, crate::mount::policy(&rc))? {

@@ -146,6 +146,9 @@ impl Agent {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // When the leader key was found gone, and when this replica's turn comes.
         let mut turn: Option<Instant> = None;
+        // What was published under which lease: a put only when it changes (every put is a
+        // revision etcd keeps until it compacts).
+        let mut published: Option<(Published, i64)> = None;
         loop {
             tick.tick().await;
             if !etcd.renew(lease).await? {
@@ -179,7 +182,10 @@ impl Agent {
                 turn = None;
                 continue;
             }
-            etcd.publish(&self.me.node, &mine, lease).await?;
+            if published.as_ref() != Some(&(mine.clone(), lease)) {
+                etcd.publish(&self.me.node, &mine, lease).await?;
+                published = Some((mine.clone(), lease));
+            }
             if leader.is_some() {
                 turn = None;
                 continue;

@@ -352,6 +352,18 @@ impl Etcd {
     }
 }
 
+/// Who etcd says the primary is now, for a command run by hand (`ferry promote`): asked once,
+/// within about half the ttl.
+pub fn leader_now(cfg: &Failover) -> Result<Option<Held>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut etcd = Etcd::connect(cfg).await?;
+        etcd.leader().await
+    })
+}
+
 fn first_kv(ops: &[TxnOpResponse]) -> Option<KeyValue> {
     ops.iter().find_map(|o| match o {
         TxnOpResponse::Get(g) => g.kvs().first().cloned(),
