@@ -36,6 +36,11 @@ pub enum Command {
     ///
     /// The same command runs as a mount helper: `mount -t fuse.ferry SOURCE MOUNTPOINT -o
     /// config=FILE`, or an fstab line `SOURCE MOUNTPOINT fuse.ferry config=FILE,allow_other 0 0`.
+    ///
+    /// With a `[failover]` table the mount holds etcd's leader key with a lease and writes
+    /// under the epoch the key stands for; if it cannot renew the lease in time it fences
+    /// itself (no sync point, guest writes held, EIO after `write_grace`) until it can, and
+    /// for good if another node took the key (`ferry status` says which).
     Mount(MountArgs),
     /// Make a sync point now and wait until the replicas have committed it.
     ///
@@ -97,6 +102,12 @@ pub enum Command {
     /// disk while newer generations arrive); a new open sees the newest. Restore points
     /// (`[replica] keep`, `keep_for`) are under MNT/NAME/.ferry/generations/<N>/, which is not
     /// listed.
+    ///
+    /// With a `[failover]` table it also watches etcd's leader key: when the primary's lease
+    /// runs out and this replica holds the newest generation of the live replicas, it takes the
+    /// key, promotes itself as `ferry promote` does (at `[failover] mount`) and goes on as the
+    /// replica daemon of the store's other namespaces (docs/OPERATIONS.md, "Automatic
+    /// failover on etcd").
     Replica(ReplicaArgs),
     /// List a replica's restore points: number, time, group root, bytes each holds alone.
     ///
@@ -124,6 +135,9 @@ pub enum Command {
     /// The replica daemon must not run on the store meanwhile (stop it first; restart it
     /// afterwards to go on serving other primaries' namespaces). Running promote again after
     /// a crash, or after an unmount, finishes the same promotion and mounts again.
+    ///
+    /// With a `[failover]` table, a promotion by hand is refused while etcd says another
+    /// node holds the leader key with a live lease (--force overrides).
     Promote(PromoteArgs),
     /// Make a fenced old primary a replica of the primary that replaced it.
     ///
