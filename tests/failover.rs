@@ -14,6 +14,10 @@ use common::{Mount, Replica};
 use serde_json::Value;
 
 const IMAGE: &str = "disk.img";
+
+/// One test at a time: each runs three etcd members, a mount and two replica daemons, and
+/// measures times against the ttl; four at once on two cores measure the machine instead.
+static ONE_AT_A_TIME: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
 const TTL: Duration = Duration::from_secs(4);
 
 fn append(config: &Path, toml: &str) {
@@ -123,6 +127,7 @@ fn leading(a: &Mount) -> u64 {
 #[test]
 fn a_killed_primary_is_replaced_by_the_newest_replica_within_twice_the_ttl() {
     common::require_root();
+    let _one = ONE_AT_A_TIME.lock();
     let etcd = Cluster::start();
     let urls = etcd.urls();
     let mut s = sites(&urls, &urls, "write_grace = \"2s\"\n");
@@ -345,13 +350,10 @@ impl Drop for UdpLink {
 #[test]
 fn a_primary_cut_off_fences_itself_within_the_ttl_and_never_commits_after_the_new_one() {
     common::require_root();
+    let _one = ONE_AT_A_TIME.lock();
     let etcd = Cluster::start();
     let urls = etcd.urls();
-    let links: Vec<common::etcd::Link> = etcd
-        .members
-        .iter()
-        .map(|m| common::etcd::Link::new(m.client))
-        .collect();
+    let links = etcd.links();
     let link_urls: Vec<String> = links.iter().map(|l| l.url()).collect();
     let relays_dir = tempfile::tempdir().unwrap();
     // A's links to the replicas go through relays (their ports are known once they exist).
@@ -489,6 +491,7 @@ fn a_primary_cut_off_fences_itself_within_the_ttl_and_never_commits_after_the_ne
 #[test]
 fn losing_one_etcd_member_changes_nothing_and_losing_two_fences_without_a_promotion() {
     common::require_root();
+    let _one = ONE_AT_A_TIME.lock();
     let mut etcd = Cluster::start();
     let urls = etcd.urls();
     let s = sites(&urls, &urls, "write_grace = \"60s\"\n");
@@ -548,11 +551,10 @@ fn losing_one_etcd_member_changes_nothing_and_losing_two_fences_without_a_promot
         || format!("{}\n{}", failover_state(&s.a), s.a.log_text()),
     );
     eprintln!("quorum back to A leading again: {back:?}");
-    assert_eq!(
-        failover_state(&s.a)["epoch"].as_u64(),
-        Some(epoch_a),
-        "the same leadership"
-    );
+    // On the same lease if a renewal got through before it ran out (etcd extends leases
+    // across its elections); else A took the free key again, at a higher epoch.
+    let epoch_back = failover_state(&s.a)["epoch"].as_u64().unwrap();
+    assert!(epoch_back >= epoch_a, "{epoch_back} < {epoch_a}");
     std::thread::sleep(Duration::from_millis(300));
     assert!(writer.acked() > held_from + 1, "the held writes went on");
     assert!(writer.stop().is_none(), "no write failed");
@@ -569,13 +571,10 @@ fn losing_one_etcd_member_changes_nothing_and_losing_two_fences_without_a_promot
 #[test]
 fn an_unreachable_etcd_leaves_the_mount_serving_and_a_foreign_leader_key_fences_it() {
     common::require_root();
+    let _one = ONE_AT_A_TIME.lock();
     let etcd = Cluster::start();
     let urls = etcd.urls();
-    let links: Vec<common::etcd::Link> = etcd
-        .members
-        .iter()
-        .map(|m| common::etcd::Link::new(m.client))
-        .collect();
+    let links = etcd.links();
     for l in &links {
         l.cut();
     }

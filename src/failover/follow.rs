@@ -66,15 +66,7 @@ pub fn start(cfg: Failover, me: Leader, site: Arc<Site>) -> std::io::Result<Arc<
         site: Arc::downgrade(&site),
         f: f.clone(),
     };
-    let t = std::thread::Builder::new()
-        .name("ferry-failover".into())
-        .spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a tokio runtime");
-            rt.block_on(agent.run());
-        })?;
+    let t = super::spawn_agent(agent.run())?;
     *f.thread.lock() = Some(t);
     Ok(f)
 }

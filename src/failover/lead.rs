@@ -1,9 +1,6 @@
 //! The primary mount's side of automatic failover: campaign for the leader key, keep its lease,
 //! and fence this mount (no sync point, guest writes held) the moment it can no longer be sure
 //! it is the primary.
-//!
-//! Runs on its own thread with its own small runtime, so that nothing in the mount (a sync, a
-//! slow disk) can delay a renewal, and nothing here can delay a guest's write.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::SeqCst;
@@ -23,24 +20,13 @@ pub fn start(
     engine: Arc<Engine>,
     gate: Arc<Gate>,
 ) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name("ferry-failover".into())
-        .spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a tokio runtime");
-            rt.block_on(
-                Agent {
-                    cfg,
-                    me,
-                    engine,
-                    gate,
-                }
-                .run(),
-            );
-        })
-        .map(|_| ())
+    let agent = Agent {
+        cfg,
+        me,
+        engine,
+        gate,
+    };
+    super::spawn_agent(agent.run()).map(|_| ())
 }
 
 struct Agent {
@@ -175,13 +161,14 @@ impl Agent {
             }
         };
         let renewals = async {
-            let mut tick = tokio::time::interval(policy::renew_every(ttl));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut next = Instant::now() + policy::renew_every(ttl);
             loop {
-                tick.tick().await;
+                tokio::time::sleep_until(next.into()).await;
                 let sent = Instant::now();
+                next = sent + policy::renew_every(ttl);
                 match etcd.renew(lease).await {
-                    Ok(true) => {}
+                    // The lease runs at least a ttl from when this renewal was sent.
+                    Ok(true) => *renewed.lock() = sent,
                     Ok(false) => {
                         // The lease expired and the key went with it. Whoever takes it next is
                         // the primary; this mount campaigns again (it wins only if nobody did).
@@ -192,14 +179,15 @@ impl Agent {
                         anyhow::bail!("lease {lease:x} expired");
                     }
                     Err(e) => {
+                        // Another member may answer: try again soon, not a third of a ttl on.
                         log::warn!("failover: cannot renew the lease: {e:#}");
+                        next = Instant::now() + policy::retry_after(ttl);
                         continue;
                     }
                 }
                 // Renewed; but is the key still this mount's (not deleted, not rewritten)?
                 match etcd.leader().await {
                     Ok(Some(h)) if h.leader == self.me && h.lease == lease => {
-                        *renewed.lock() = sent;
                         if fenced.swap(false, SeqCst) {
                             log::warn!("failover: the lease is renewed again: unfenced");
                             self.open(epoch);

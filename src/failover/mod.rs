@@ -352,6 +352,22 @@ impl Etcd {
     }
 }
 
+/// Runs an agent on its own thread with its own small runtime: nothing in the daemon (a sync,
+/// a slow disk) can delay its renewals, and nothing it waits for can delay a guest's write.
+fn spawn_agent(
+    agent: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("ferry-failover".into())
+        .spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a tokio runtime")
+                .block_on(agent)
+        })
+}
+
 /// Who etcd says the primary is now, for a command run by hand (`ferry promote`): asked once,
 /// within about half the ttl.
 pub fn leader_now(cfg: &Failover) -> Result<Option<Held>> {

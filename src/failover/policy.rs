@@ -18,6 +18,12 @@ pub fn renew_every(ttl: Duration) -> Duration {
     ttl / 3
 }
 
+/// How soon a primary tries again after a renewal failed (an etcd member down or slow: the
+/// next attempt may reach another): a sixteenth of the ttl, at least 100 ms.
+pub fn retry_after(ttl: Duration) -> Duration {
+    (ttl / 16).max(Duration::from_millis(100))
+}
+
 /// The instant a primary whose last successful renewal was *sent* at `renewed` must fence itself.
 pub fn fence_at(renewed: Instant, ttl: Duration) -> Instant {
     renewed + ttl - margin(ttl)

@@ -10,7 +10,23 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
-use super::{free_port, require};
+use super::require;
+
+/// A free port outside the kernel's ephemeral range (32768-60999 by default), so that no
+/// outgoing connection of another process takes it between this choice and etcd's bind (ports
+/// from `free_port` are ephemeral ones, and a busy test run reuses them at once).
+fn quiet_port() -> u16 {
+    use std::sync::atomic::AtomicU32;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Each test process starts at its own place in 20000-31999.
+    let start = std::process::id() % 600 * 20;
+    loop {
+        let p = 20_000 + (start + NEXT.fetch_add(1, SeqCst)) % 12_000;
+        if TcpListener::bind(("127.0.0.1", p as u16)).is_ok() {
+            return p as u16;
+        }
+    }
+}
 
 pub struct Member {
     pub name: String,
@@ -35,8 +51,8 @@ impl Cluster {
         let members: Vec<Member> = (0..3)
             .map(|i| Member {
                 name: format!("m{i}"),
-                client: free_port(),
-                peer: free_port(),
+                client: quiet_port(),
+                peer: quiet_port(),
                 data: dir.path().join(format!("m{i}.etcd")),
                 log: dir.path().join(format!("m{i}.log")),
                 child: None,
@@ -65,6 +81,11 @@ impl Cluster {
             .iter()
             .map(|m| format!("http://127.0.0.1:{}", m.client))
             .collect()
+    }
+
+    /// A link to each member (a node's path to it that a test can cut).
+    pub fn links(&self) -> Vec<Link> {
+        self.members.iter().map(|m| Link::new(m.client)).collect()
     }
 
     /// `etcd = [...]` for a config.
