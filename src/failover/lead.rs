@@ -71,6 +71,15 @@ impl Agent {
         loop {
             let mut etcd = match Etcd::connect(&self.cfg).await {
                 Ok(e) => e,
+                Err(e) if self.gate.closed().is_some() => {
+                    // It led, and its lease ran out: writes stay held until it wins again.
+                    self.status(
+                        "fencing",
+                        json!({ "reason": format!("cannot reach etcd to take the key again: {e:#}") }),
+                    );
+                    tokio::time::sleep(policy::retry_after(self.cfg.ttl)).await;
+                    continue;
+                }
                 Err(e) => {
                     if !warned {
                         log::error!(
