@@ -350,20 +350,50 @@ fn as_nobody<T>(f: impl FnOnce() -> T) -> T {
 
 #[test]
 fn random_syscall_sequences_agree_with_the_native_filesystem() {
-    use std::os::unix::fs::PermissionsExt;
     let m = Mount::prepare("allow_other");
     let native = m.dir.path().join("native");
     std::fs::create_dir(&native).unwrap();
-    for d in [m.dir.path(), &native, &m.source] {
-        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o1777)).unwrap();
-    }
+    open_to_all(&[m.dir.path(), &native, &m.source]);
     // The mount's root is the backing directory: give both roots the same mode and owner.
     m.mount();
+    agree(&native, &m.mnt, 1..=200);
+}
+
+/// The backing directory's own path does not count against PATH_MAX: under a backing
+/// directory whose path is 3,000 bytes long, 1,255 bytes of directories under the mount make
+/// every backing path longer than PATH_MAX (4,096), and the same sequences still agree.
+#[test]
+fn paths_too_long_for_the_backing_directory_agree_too() {
+    let mut m = Mount::prepare("allow_other");
+    let native = m.dir.path().join("native");
+    m.source = (0..12).fold(m.dir.path().to_path_buf(), |p, _| p.join("b".repeat(250)));
+    std::fs::create_dir_all(&m.source).unwrap();
+    let deep: PathBuf = (0..5).map(|_| "d".repeat(250)).collect();
+    std::fs::create_dir_all(native.join(&deep)).unwrap();
+    m.mount();
+    std::fs::create_dir_all(m.mnt.join(&deep)).unwrap();
+    let (native, mounted) = (native.join(&deep), m.mnt.join(&deep));
+    assert!(m.source.join(&deep).join("d/x").as_os_str().len() > libc::PATH_MAX as usize);
+    open_to_all(&[m.dir.path(), &native, &mounted]);
+    agree(&native, &mounted, 1..=40);
+}
+
+/// Mode 1777 (sticky, writable by all), as /tmp.
+fn open_to_all(dirs: &[&Path]) {
+    use std::os::unix::fs::PermissionsExt;
+    for d in dirs {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    }
+}
+
+/// Runs the random sequences `seeds` under `native` and `mounted`, comparing every result and
+/// the stat of every name after every call.
+fn agree(native: &Path, mounted: &Path, seeds: std::ops::RangeInclusive<u64>) {
     unsafe { libc::umask(0o022) };
-    let roots: [PathBuf; 2] = [native.clone(), m.mnt.clone()];
-    for seed in 1..=200u64 {
+    let roots = [native, mounted];
+    for seed in seeds {
         // A fresh namespace for each sequence.
-        for r in &roots {
+        for r in roots {
             for e in std::fs::read_dir(r).unwrap().flatten() {
                 let p = e.path();
                 let _ = std::process::Command::new("chmod")
@@ -391,8 +421,8 @@ fn random_syscall_sequences_agree_with_the_native_filesystem() {
                     apply(root, &op)
                 }
             };
-            let want = run(&native);
-            let got = run(&m.mnt);
+            let want = run(native);
+            let got = run(mounted);
             assert_eq!(
                 got, want,
                 "seed {seed}: through the mount vs native, after\n{history:#?}"
@@ -403,8 +433,8 @@ fn random_syscall_sequences_agree_with_the_native_filesystem() {
                 |name: &str| matches!(&op, Op::Utimens { name: n, mtime: Some(_) } if *n == name);
             for name in NAMES {
                 assert_eq!(
-                    observe(&m.mnt, name, set_mtime(name)),
-                    observe(&native, name, set_mtime(name)),
+                    observe(mounted, name, set_mtime(name)),
+                    observe(native, name, set_mtime(name)),
                     "seed {seed}: stat of {name} differs, after\n{history:#?}"
                 );
             }

@@ -91,8 +91,12 @@ impl Window {
         let mut images = HashMap::new();
         let mut by_path = BTreeMap::new();
         let mut failed = BTreeMap::new();
+        // Relative to the directory's descriptor: its own path's length does not count.
+        let dir = super::at::Dir::open(root)?;
         for p in paths {
-            let opened = File::open(root.join(p)).and_then(|f| Ok((f.metadata()?, f)));
+            let opened = dir
+                .open_file(Path::new(p), libc::O_RDONLY, 0)
+                .and_then(|f| Ok((f.metadata()?, f)));
             let (m, file) = match opened {
                 Ok(o) => o,
                 // Gone since it was listed (cannot happen under the gate, but be safe).

@@ -9,6 +9,7 @@
 //! the backing file. O_DIRECT opens are honoured by the kernel (FUSE direct I/O); the backing
 //! file is opened without it, so unaligned requests work.
 
+mod at;
 pub mod cow;
 mod creds;
 mod error;
@@ -24,11 +25,12 @@ pub use track::{Frozen, NsEvent, Target, Tracker};
 
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr, OsString};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
 use std::ops::Range;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirEntryExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -141,8 +143,8 @@ impl Handle {
 /// The filesystem core over one backing directory.
 pub struct Fs {
     root: PathBuf,
-    /// The backing directory, open: every creation is relative to it (`*at` calls).
-    root_dir: File,
+    /// The backing directory, open: every path is relative to it (`*at` calls).
+    dir: at::Dir,
     read_only: bool,
     inodes: RwLock<Inodes>,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
@@ -173,6 +175,20 @@ fn kind_of(ft: fs::FileType) -> FileKind {
         FileKind::BlockDevice
     } else {
         FileKind::File
+    }
+}
+
+/// The kind of a directory entry as the backing directory's listing gives it.
+fn kind_of_entry(t: rustix::fs::FileType) -> FileKind {
+    use rustix::fs::FileType as T;
+    match t {
+        T::Directory => FileKind::Dir,
+        T::Symlink => FileKind::Symlink,
+        T::Fifo => FileKind::Fifo,
+        T::Socket => FileKind::Socket,
+        T::CharacterDevice => FileKind::CharDevice,
+        T::BlockDevice => FileKind::BlockDevice,
+        _ => FileKind::File,
     }
 }
 
@@ -277,13 +293,10 @@ impl Fs {
                 format!("{} is not a directory", root.display()),
             ));
         }
-        let root_dir = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECTORY)
-            .open(&root)?;
+        let dir = at::Dir::open(&root)?;
         Ok(Fs {
             inodes: RwLock::new(Inodes::new((m.dev(), m.ino()))),
-            root_dir,
+            dir,
             root,
             read_only,
             handles: RwLock::new(HashMap::new()),
@@ -309,10 +322,6 @@ impl Fs {
             what: "inode",
             id: ino,
         })
-    }
-
-    fn backing(&self, rel: &Path) -> PathBuf {
-        self.root.join(rel)
     }
 
     fn child_rel(&self, parent: Ino, name: &OsStr) -> Result<PathBuf> {
@@ -341,7 +350,10 @@ impl Fs {
 
     /// Registers one kernel lookup of `rel` (named `name` in `parent`) and returns its attributes.
     fn remember(&self, parent: Ino, name: &OsStr, rel: &Path) -> Result<Attr> {
-        let m = fs::symlink_metadata(self.backing(rel)).map_err(|e| FsError::io("stat", rel, e))?;
+        let m = self
+            .dir
+            .metadata(rel)
+            .map_err(|e| FsError::io("stat", rel, e))?;
         let ino = self
             .inodes
             .write()
@@ -372,8 +384,10 @@ impl Fs {
             }
         }
         let rel = self.rel(ino)?;
-        let m =
-            fs::symlink_metadata(self.backing(&rel)).map_err(|e| FsError::io("stat", &rel, e))?;
+        let m = self
+            .dir
+            .metadata(&rel)
+            .map_err(|e| FsError::io("stat", &rel, e))?;
         Ok(attr_of(ino, &m))
     }
 
@@ -385,41 +399,33 @@ impl Fs {
             return self.setattr_unlinked(ino, &h, set);
         }
         let rel = self.rel(ino)?;
-        let path = self.backing(&rel);
-        let c = cstr(&path).map_err(|e| FsError::io("setattr", &rel, e))?;
         if let Some(mode) = set.mode {
-            fs::set_permissions(&path, fs::Permissions::from_mode(mode & 0o7777))
+            self.dir
+                .chmod(&rel, mode)
                 .map_err(|e| FsError::io("chmod", &rel, e))?;
         }
         if set.uid.is_some() || set.gid.is_some() {
-            let uid = set.uid.unwrap_or(u32::MAX);
-            let gid = set.gid.unwrap_or(u32::MAX);
-            check(unsafe { libc::lchown(c.as_ptr(), uid, gid) })
+            self.dir
+                .chown(&rel, set.uid, set.gid)
                 .map_err(|e| FsError::io("chown", &rel, e))?;
         }
         if let Some(size) = set.size {
             match fh.and_then(|fh| self.handle(fh).ok()) {
                 Some(h) => self.truncate(ino, &h.file, size)?,
                 None => {
-                    let f = OpenOptions::new()
-                        .write(true)
-                        .open(&path)
+                    let f = self
+                        .dir
+                        .open_file(&rel, libc::O_WRONLY, 0)
                         .map_err(|e| FsError::io("open", &rel, e))?;
                     self.truncate(ino, &f, size)?;
                 }
             }
         }
         if set.atime.is_some() || set.mtime.is_some() {
-            let ts = [timespec(set.atime), timespec(set.mtime)];
-            check(unsafe {
-                libc::utimensat(
-                    libc::AT_FDCWD,
-                    c.as_ptr(),
-                    ts.as_ptr(),
-                    libc::AT_SYMLINK_NOFOLLOW,
-                )
-            })
-            .map_err(|e| FsError::io("utimensat", &rel, e))?;
+            let times = [timespec(set.atime), timespec(set.mtime)];
+            self.dir
+                .set_times(&rel, &times)
+                .map_err(|e| FsError::io("utimensat", &rel, e))?;
         }
         self.getattr(ino, fh)
     }
@@ -519,17 +525,25 @@ impl Fs {
                 name: "..".into(),
             },
         ];
-        let rd = fs::read_dir(self.backing(&rel)).map_err(|e| FsError::io("opendir", &rel, e))?;
-        for ent in rd {
-            let ent = ent.map_err(|e| FsError::io("readdir", &rel, e))?;
-            let ft = ent
-                .file_type()
-                .map_err(|e| FsError::io("readdir", &rel, e))?;
+        let listed = self
+            .dir
+            .list(&rel)
+            .map_err(|e| FsError::io("opendir", &rel, e))?;
+        for ent in listed {
+            let kind = match ent.kind {
+                // Filesystems without d_type: ask the entry itself.
+                rustix::fs::FileType::Unknown => self
+                    .dir
+                    .metadata(&rel.join(&ent.name))
+                    .map(|m| kind_of(m.file_type()))
+                    .unwrap_or(FileKind::File),
+                t => kind_of_entry(t),
+            };
             entries.push(DirEntry {
                 // Only a hint to the kernel: it looks each name up before using it.
-                ino: ent.ino(),
-                kind: kind_of(ft),
-                name: ent.file_name(),
+                ino: ent.ino,
+                kind,
+                name: ent.name,
             });
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
@@ -574,7 +588,7 @@ impl Fs {
         self.writable()?;
         let rel = self.child_rel(parent, name)?;
         let c = cstr(&rel).map_err(|e| FsError::io(op, &rel, e))?;
-        let made = creds::as_caller(who, || make(self.root_dir.as_raw_fd(), &c))
+        let made = creds::as_caller(who, || make(self.dir.raw_fd(), &c))
             .map_err(|e| FsError::io(op, &rel, e))?;
         Ok((rel, made))
     }
@@ -634,7 +648,7 @@ impl Fs {
         Ok((attr, fh))
     }
 
-    fn open_backing(&self, path: &Path, rel: &Path, flags: i32, mode: u32) -> Result<File> {
+    fn open_backing(&self, rel: &Path, flags: i32, mode: u32) -> Result<File> {
         let acc = flags & libc::O_ACCMODE;
         if acc != libc::O_RDONLY {
             self.writable()?;
@@ -644,16 +658,17 @@ impl Fs {
         let keep = libc::O_SYNC | libc::O_DSYNC | libc::O_CREAT | libc::O_EXCL | libc::O_NOATIME;
         // O_CREAT and O_EXCL go in as raw flags: `OpenOptions::create` refuses a read-only
         // open, which POSIX allows (open(path, O_CREAT|O_RDONLY, mode)).
-        OpenOptions::new()
-            .read(true)
-            .write(acc != libc::O_RDONLY)
-            .custom_flags(flags & keep | libc::O_NOFOLLOW)
-            .mode(mode & 0o7777)
-            .open(path)
+        let access = if acc == libc::O_RDONLY {
+            libc::O_RDONLY
+        } else {
+            libc::O_RDWR
+        };
+        self.dir
+            .open_file(rel, access | flags & keep | libc::O_NOFOLLOW, mode & 0o7777)
             .or_else(|e| {
                 // O_NOATIME is only allowed to the file's owner (or root).
                 if e.raw_os_error() == Some(libc::EPERM) && flags & libc::O_NOATIME != 0 {
-                    self.open_backing(path, rel, flags & !libc::O_NOATIME, mode)
+                    self.open_backing(rel, flags & !libc::O_NOATIME, mode)
                         .map_err(|_| FsError::io("open", rel, e))
                 } else {
                     Err(FsError::io("open", rel, e))
@@ -679,7 +694,7 @@ impl Fs {
 
     pub fn open(&self, ino: Ino, flags: i32) -> Result<u64> {
         let rel = self.rel(ino)?;
-        let file = self.open_backing(&self.backing(&rel), &rel, flags & !libc::O_CREAT, 0)?;
+        let file = self.open_backing(&rel, flags & !libc::O_CREAT, 0)?;
         if flags & libc::O_TRUNC != 0 {
             self.truncate(ino, &file, 0)?;
         }
@@ -840,21 +855,21 @@ impl Fs {
     /// checked the caller's access to the namespace (`user.`, `trusted.`, ...).
     pub fn getxattr(&self, ino: Ino, name: &OsStr) -> Result<Vec<u8>> {
         let rel = self.rel(ino)?;
-        let (p, n) = self.xattr_args(&rel, Some(name))?;
+        let (_fd, p, n) = self.xattr_args(&rel, Some(name))?;
         let n = n.expect("given");
         read_sized(|buf| unsafe {
             // SAFETY: valid C strings; `buf` is ours, its length is passed.
-            libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+            libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
         })
         .map_err(|e| FsError::io("getxattr", &rel, e))
     }
 
     pub fn listxattr(&self, ino: Ino) -> Result<Vec<u8>> {
         let rel = self.rel(ino)?;
-        let (p, _) = self.xattr_args(&rel, None)?;
+        let (_fd, p, _) = self.xattr_args(&rel, None)?;
         read_sized(|buf| unsafe {
             // SAFETY: as in `getxattr`.
-            libc::llistxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+            libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
         })
         .map_err(|e| FsError::io("listxattr", &rel, e))
     }
@@ -862,11 +877,11 @@ impl Fs {
     pub fn setxattr(&self, ino: Ino, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
         self.writable()?;
         let rel = self.rel(ino)?;
-        let (p, n) = self.xattr_args(&rel, Some(name))?;
+        let (_fd, p, n) = self.xattr_args(&rel, Some(name))?;
         let n = n.expect("given");
         // SAFETY: valid C strings and a value slice with its length.
         check(unsafe {
-            libc::lsetxattr(
+            libc::setxattr(
                 p.as_ptr(),
                 n.as_ptr(),
                 value.as_ptr().cast(),
@@ -880,26 +895,35 @@ impl Fs {
     pub fn removexattr(&self, ino: Ino, name: &OsStr) -> Result<()> {
         self.writable()?;
         let rel = self.rel(ino)?;
-        let (p, n) = self.xattr_args(&rel, Some(name))?;
+        let (_fd, p, n) = self.xattr_args(&rel, Some(name))?;
         let n = n.expect("given");
         // SAFETY: valid C strings.
-        check(unsafe { libc::lremovexattr(p.as_ptr(), n.as_ptr()) })
+        check(unsafe { libc::removexattr(p.as_ptr(), n.as_ptr()) })
             .map_err(|e| FsError::io("removexattr", &rel, e))
     }
 
-    fn xattr_args(&self, rel: &Path, name: Option<&OsStr>) -> Result<(CString, Option<CString>)> {
-        let p = cstr(&self.backing(rel)).map_err(|e| FsError::io("xattr", rel, e))?;
+    /// The /proc path of `rel` (see `at::Dir::proc_path`: use the following xattr calls; the
+    /// descriptor keeps the path valid) and the attribute name as C strings.
+    fn xattr_args(
+        &self,
+        rel: &Path,
+        name: Option<&OsStr>,
+    ) -> Result<(OwnedFd, CString, Option<CString>)> {
+        let (fd, p) = self
+            .dir
+            .proc_path(rel)
+            .map_err(|e| FsError::io("xattr", rel, e))?;
         let n = name
             .map(|n| CString::new(n.as_bytes()))
             .transpose()
             .map_err(|_| FsError::Invalid("attribute name"))?;
-        Ok((p, n))
+        Ok((fd, p, n))
     }
 
     pub fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
         let rel = self.rel(ino)?;
-        fs::read_link(self.backing(&rel))
-            .map(|t| t.into_os_string().into_encoded_bytes())
+        self.dir
+            .read_link(&rel)
             .map_err(|e| FsError::io("readlink", &rel, e))
     }
 
@@ -913,11 +937,11 @@ impl Fs {
     }
 
     pub fn unlink(&self, parent: Ino, name: &OsStr) -> Result<()> {
-        self.remove(parent, name, "unlink", |p| fs::remove_file(p))
+        self.remove(parent, name, "unlink", |p| self.dir.unlink(p))
     }
 
     pub fn rmdir(&self, parent: Ino, name: &OsStr) -> Result<()> {
-        self.remove(parent, name, "rmdir", |p| fs::remove_dir(p))
+        self.remove(parent, name, "rmdir", |p| self.dir.rmdir(p))
     }
 
     /// Removes `name` from `parent` with `rm` (the system call `op`), forgets its inode and
@@ -931,7 +955,7 @@ impl Fs {
     ) -> Result<()> {
         self.writable()?;
         let rel = self.child_rel(parent, name)?;
-        rm(&self.backing(&rel)).map_err(|e| FsError::io(op, &rel, e))?;
+        rm(&rel).map_err(|e| FsError::io(op, &rel, e))?;
         let mut inodes = self.inodes.write();
         if let Some(ino) = inodes.child(parent, name) {
             inodes.unlink(ino);
@@ -958,22 +982,8 @@ impl Fs {
         let _names = self.names.write();
         let from = self.child_rel(parent, name)?;
         let to = self.child_rel(newparent, newname)?;
-        let (cf, ct) = (
-            cstr(&self.backing(&from)).map_err(|e| FsError::io("rename", &from, e))?,
-            cstr(&self.backing(&to)).map_err(|e| FsError::io("rename", &to, e))?,
-        );
-        let replaced = fs::symlink_metadata(self.backing(&to)).is_ok();
-        let op = || {
-            check(unsafe {
-                libc::renameat2(
-                    libc::AT_FDCWD,
-                    cf.as_ptr(),
-                    libc::AT_FDCWD,
-                    ct.as_ptr(),
-                    flags,
-                )
-            })
-        };
+        let replaced = self.dir.metadata(&to).is_ok();
+        let op = || self.dir.rename(&from, &to, flags);
         self.tracker
             .rename(&from, &to, replaced, op)
             .map_err(|source| FsError::Intent {
@@ -992,9 +1002,9 @@ impl Fs {
     }
 
     pub fn statfs(&self) -> Result<StatFs> {
-        let c = cstr(&self.root).map_err(|e| FsError::io("statfs", "", e))?;
-        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-        check(unsafe { libc::statvfs(c.as_ptr(), &mut s) })
+        let s = self
+            .dir
+            .statvfs()
             .map_err(|e| FsError::io("statfs", "", e))?;
         Ok(StatFs {
             blocks: s.f_blocks,
