@@ -536,3 +536,36 @@ fn a_damaged_intent_log_is_set_aside_and_every_image_re_read() {
         identical(&p, name);
     }
 }
+
+/// An image whose backing path is longer than PATH_MAX (a 3,000-byte backing directory, the
+/// image 1,255 bytes deep under the mount) is written, synced and replicated like any other.
+#[test]
+fn an_image_deeper_than_path_max_in_the_backing_directory_replicates() {
+    let p = Pair::build(&[], "", "", |m| {
+        m.source = (0..12).fold(m.dir.path().to_path_buf(), |p, _| p.join("b".repeat(250)));
+        fs::create_dir_all(&m.source).unwrap();
+    });
+    let deep: std::path::PathBuf = (0..5).map(|_| "d".repeat(250)).collect();
+    fs::create_dir_all(p.primary.mnt.join(&deep)).unwrap();
+    let image = deep.join("vm.raw");
+    assert!(p.primary.source.join(&image).as_os_str().len() > libc::PATH_MAX as usize);
+    let data = random(3 << 20, 7);
+    fs::write(p.primary.mnt.join(&image), &data).unwrap();
+    p.sync_ok();
+    let replica = p.replica_path(image.to_str().unwrap());
+    assert!(
+        fs::read(&replica).unwrap() == data,
+        "first generation differs"
+    );
+    let f = OpenOptions::new()
+        .write(true)
+        .open(p.primary.mnt.join(&image))
+        .unwrap();
+    f.write_all_at(&[0xa5; 4096], 1 << 20).unwrap();
+    drop(f);
+    let report = p.sync_ok();
+    assert!(
+        fs::read(&replica).unwrap() == fs::read(p.primary.mnt.join(&image)).unwrap(),
+        "second generation differs: {report}"
+    );
+}

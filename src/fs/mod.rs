@@ -9,7 +9,7 @@
 //! the backing file. O_DIRECT opens are honoured by the kernel (FUSE direct I/O); the backing
 //! file is opened without it, so unaligned requests work.
 
-mod at;
+pub mod at;
 pub mod cow;
 mod creds;
 mod error;

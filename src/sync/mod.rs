@@ -254,25 +254,36 @@ struct Listing {
 }
 
 fn list_images(root: &Path) -> Result<Listing> {
+    use rustix::fs::FileType;
     let mut out = Listing::default();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for ent in fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
-            let ent = ent?;
-            let ft = ent.file_type()?;
-            let p = ent.path();
-            if ft.is_dir() {
-                stack.push(p);
+    // Relative to the directory's descriptor: its own path's length does not count.
+    let dir = crate::fs::at::Dir::open(root)
+        .with_context(|| format!("cannot open {}", root.display()))?;
+    let mut stack = vec![PathBuf::new()];
+    while let Some(under) = stack.pop() {
+        let listed = dir
+            .list(&under)
+            .with_context(|| format!("cannot list {}", root.join(&under).display()))?;
+        for ent in listed {
+            let rel = under.join(&ent.name);
+            let kind = match ent.kind {
+                FileType::Unknown => {
+                    use std::os::unix::fs::MetadataExt;
+                    FileType::from_raw_mode(dir.metadata(&rel)?.mode())
+                }
+                k => k,
+            };
+            if kind == FileType::Directory {
+                stack.push(rel);
                 continue;
             }
-            let rel = p.strip_prefix(root).expect("under root");
             let name = rel.to_string_lossy().into_owned();
-            if !ft.is_file() {
-                let kind = ent
-                    .metadata()
+            if kind != FileType::RegularFile {
+                let what = dir
+                    .metadata(&rel)
                     .map(|m| kind_of(&m))
                     .unwrap_or("special file");
-                out.skipped.push((name, kind.to_string()));
+                out.skipped.push((name, what.to_string()));
                 continue;
             }
             match rel.to_str() {

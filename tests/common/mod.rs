@@ -456,7 +456,19 @@ impl Pair {
 
     /// A pair whose replica has more lines in its `[replica]` section (see [`Replica::with`]).
     pub fn with_replica(env: &[(&str, &str)], toml: &str, replica: &str) -> Pair {
-        let primary = Mount::prepare_with("", toml);
+        Pair::build(env, toml, replica, |_| {})
+    }
+
+    /// A pair whose mount is prepared by `adjust` (e.g. another backing directory) before it
+    /// is mounted.
+    pub fn build(
+        env: &[(&str, &str)],
+        toml: &str,
+        replica: &str,
+        adjust: impl FnOnce(&mut Mount),
+    ) -> Pair {
+        let mut primary = Mount::prepare_with("", toml);
+        adjust(&mut primary);
 
         let fp = keygen(&primary.dir.path().join("keys"));
         let replica = Replica::with(&[&fp], replica);
