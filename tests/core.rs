@@ -57,6 +57,11 @@ enum Op {
         to: usize,
     },
     RenameDir,
+    /// renameat2 with RENAME_EXCHANGE of two images.
+    Exchange {
+        img: usize,
+        with: usize,
+    },
     Unlink {
         img: usize,
     },
@@ -83,6 +88,7 @@ fn op() -> impl Strategy<Value = Op> {
         8 => (img.clone(), at).prop_map(|(img, to)| Op::Truncate { img, to }),
         6 => (img.clone(), 0usize..5).prop_map(|(img, to)| Op::Rename { img, to }),
         2 => Just(Op::RenameDir),
+        3 => (img.clone(), 0usize..5).prop_map(|(img, with)| Op::Exchange { img, with }),
         3 => img.clone().prop_map(|img| Op::Unlink { img }),
         4 => (0usize..5, 0u64..200_000, any::<u64>())
             .prop_map(|(name, len, seed)| Op::Create { name, len, seed }),
@@ -277,6 +283,28 @@ fn apply(core: &mut Core, m: &mut Model, op: &Op) {
             let s = m.start.remove(&from).unwrap();
             m.files.insert(to.clone(), f);
             m.start.insert(to, s);
+        }
+        Op::Exchange { img, with } => {
+            let (a, b) = (m.name(img), m.name(with));
+            if a == b || !m.files.contains_key(&a) || !m.files.contains_key(&b) {
+                return;
+            }
+            let (ap, aname) = core.parent(&a);
+            let (bp, bname) = core.parent(&b);
+            core.fs
+                .rename(
+                    ap,
+                    OsStr::new(&aname),
+                    bp,
+                    OsStr::new(&bname),
+                    libc::RENAME_EXCHANGE,
+                )
+                .unwrap();
+            for map in [&mut m.files, &mut m.start] {
+                let (va, vb) = (map.remove(&a).unwrap(), map.remove(&b).unwrap());
+                map.insert(a.clone(), vb);
+                map.insert(b.clone(), va);
+            }
         }
         Op::RenameDir => {
             let next = if m.dir == "d" { "e" } else { "d" };

@@ -569,3 +569,36 @@ fn an_image_deeper_than_path_max_in_the_backing_directory_replicates() {
         "second generation differs: {report}"
     );
 }
+
+/// Two images swapped by renameat2(RENAME_EXCHANGE) through the mount, one written after the
+/// swap: the replica holds each content under its new name, and the swap ships no image again.
+#[test]
+fn images_swapped_by_rename_exchange_replicate_under_their_new_names() {
+    let p = Pair::new();
+    let (a, b) = (p.primary.path("a.raw"), p.primary.path("b.raw"));
+    fs::write(&a, random(4 << 20, 1)).unwrap();
+    fs::write(&b, random(4 << 20, 2)).unwrap();
+    p.sync_ok();
+    let c = |p: &std::path::Path| std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            c(&a).as_ptr(),
+            libc::AT_FDCWD,
+            c(&b).as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    let f = OpenOptions::new().write(true).open(&a).unwrap();
+    f.write_all_at(&[0x5a; 4096], 1 << 20).unwrap();
+    drop(f);
+    let v = p.sync_ok();
+    identical(&p, "a.raw");
+    identical(&p, "b.raw");
+    assert_eq!(
+        fs::read(p.replica_path("b.raw")).unwrap(),
+        random(4 << 20, 1)
+    );
+    assert!(v["bytes_sent"].as_u64().unwrap() < 256 << 10, "{v}");
+}

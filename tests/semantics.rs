@@ -162,7 +162,7 @@ fn gen_op(r: &mut Rng) -> Op {
         5 => Op::Rename {
             from: name,
             to: r.pick(NAMES),
-            flags: r.pick(&[0, libc::RENAME_NOREPLACE]),
+            flags: r.pick(&[0, libc::RENAME_NOREPLACE, libc::RENAME_EXCHANGE]),
         },
         6 => Op::Symlink {
             target: r.pick(&["a", "d", "nowhere", "../outside"]),

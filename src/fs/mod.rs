@@ -975,13 +975,13 @@ impl Fs {
         flags: u32,
     ) -> Result<()> {
         self.writable()?;
-        if flags & libc::RENAME_EXCHANGE != 0 {
-            return Err(FsError::Unsupported("RENAME_EXCHANGE"));
-        }
         // Until the inode table has the new names: see `names`.
         let _names = self.names.write();
         let from = self.child_rel(parent, name)?;
         let to = self.child_rel(newparent, newname)?;
+        if flags & libc::RENAME_EXCHANGE != 0 {
+            return self.exchange(parent, name, newparent, newname, (&from, &to), flags);
+        }
         let replaced = self.dir.metadata(&to).is_ok();
         let op = || self.dir.rename(&from, &to, flags);
         self.tracker
@@ -997,6 +997,35 @@ impl Fs {
         }
         if let Some(ino) = inodes.child(parent, name) {
             inodes.rename(ino, newparent, newname);
+        }
+        Ok(())
+    }
+
+    /// renameat2 with RENAME_EXCHANGE: `paths` (`name` in `parent`, `newname` in `newparent`)
+    /// swap names, and so do their dirty ranges and inodes. The caller holds `names`.
+    fn exchange(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        newparent: Ino,
+        newname: &OsStr,
+        (a, b): (&Path, &Path),
+        flags: u32,
+    ) -> Result<()> {
+        self.tracker
+            .exchange(a, b, || self.dir.rename(a, b, flags))
+            .map_err(|source| FsError::Intent {
+                path: a.to_path_buf(),
+                source,
+            })?
+            .map_err(|e| FsError::io("rename", a, e))?;
+        let mut inodes = self.inodes.write();
+        let (ia, ib) = (inodes.child(parent, name), inodes.child(newparent, newname));
+        if let Some(ino) = ia {
+            inodes.rename(ino, newparent, newname);
+        }
+        if let Some(ino) = ib {
+            inodes.rename(ino, parent, name);
         }
         Ok(())
     }

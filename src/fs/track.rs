@@ -221,6 +221,69 @@ impl Tracker {
         Ok(r)
     }
 
+    /// Runs `op`, which swaps the names `a` and `b` (renameat2 with RENAME_EXCHANGE; each an
+    /// image or a directory holding images), with no change in flight: the dirty ranges and
+    /// intent-log marks of each follow it to the other's name.
+    pub fn exchange<T>(
+        &self,
+        a: &Path,
+        b: &Path,
+        op: impl FnOnce() -> io::Result<T>,
+    ) -> Result<io::Result<T>, IntentError> {
+        let Some(log) = &self.log else {
+            return Ok(op());
+        };
+        let _gate = self.gate.write();
+        let mut s = self.state.lock();
+        let under = |root: &Path| -> Vec<PathBuf> {
+            s.dirty
+                .keys()
+                .filter(|p| p.starts_with(root))
+                .cloned()
+                .collect()
+        };
+        let moves: Vec<(PathBuf, PathBuf)> = (under(a).into_iter())
+            .map(|old| (rebase(&old, a, b).expect("filtered by prefix"), old))
+            .chain(
+                under(b)
+                    .into_iter()
+                    .map(|old| (rebase(&old, b, a).expect("filtered by prefix"), old)),
+            )
+            .map(|(new, old)| (old, new))
+            .collect();
+        // Marks are added under the new names first: if the exchange fails they are merely
+        // extra (both names stay marked).
+        for (old, new) in &moves {
+            log.rename(old, new)?;
+        }
+        let r = op();
+        if r.is_err() {
+            return Ok(r);
+        }
+        let sets: Vec<(PathBuf, RangeSet)> = moves
+            .into_iter()
+            .map(|(old, new)| (new, s.dirty.remove(&old).expect("key listed above")))
+            .collect();
+        s.dirty.extend(sets);
+        // As three renames through a name no path can have (it holds a NUL).
+        let aside = PathBuf::from("\0exchange");
+        s.events.extend([
+            NsEvent::Renamed {
+                from: a.to_path_buf(),
+                to: aside.clone(),
+            },
+            NsEvent::Renamed {
+                from: b.to_path_buf(),
+                to: a.to_path_buf(),
+            },
+            NsEvent::Renamed {
+                from: aside,
+                to: b.to_path_buf(),
+            },
+        ]);
+        Ok(r)
+    }
+
     /// `path` (an image or a directory) was removed.
     pub fn removed(&self, path: &Path) {
         if self.log.is_none() {
