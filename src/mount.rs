@@ -42,10 +42,12 @@ pub struct MountOptions {
     pub private_backing: bool,
     /// SOURCE is a replica store: start the replica daemon with its read-only mount.
     pub replica: bool,
+    /// O_DIRECT opens use direct I/O on the backing file too (no host page cache).
+    pub direct_backing: bool,
 }
 
 const ACCEPTED: &str = "config=FILE, replica, allow_other, allow_root, default_permissions, ro, rw, \
-    fsname=NAME, threads=N, private_backing, dev, nodev, suid, nosuid, exec, noexec, atime, noatime, sync, \
+    fsname=NAME, threads=N, private_backing, direct_backing, dev, nodev, suid, nosuid, exec, noexec, atime, noatime, sync, \
     async, dirsync, and fstab-only options (defaults, auto, noauto, user, users, _netdev, \
     nofail, x-*)";
 
@@ -84,6 +86,7 @@ impl MountOptions {
                 ("notrack", None) => o.notrack = true,
                 ("replica", None) => o.replica = true,
                 ("private_backing", None) => o.private_backing = true,
+                ("direct_backing", None) => o.direct_backing = true,
                 ("dev", None) => o.kernel.push(MountOption::Dev),
                 ("nodev", None) => o.kernel.push(MountOption::NoDev),
                 ("suid", None) => o.kernel.push(MountOption::Suid),
@@ -476,7 +479,9 @@ fn serve(
     // Watch for writes that bypass the mount before judging what changed while unmounted, so
     // that nothing falls between the two.
     let outside = Arc::new(Outside::start(source, &state.join("stamps.json")));
-    let fs = Arc::new(Fs::new(source, opts.read_only, tracker.clone())?);
+    let fs = Arc::new(
+        Fs::new(source, opts.read_only, tracker.clone())?.with_direct_backing(opts.direct_backing),
+    );
     let closing = tracker.clone();
     let closing_outside = outside.clone();
     let label = source.display().to_string();
@@ -838,5 +843,6 @@ mod tests {
         assert!(parse("threads=0").is_err());
         assert!(parse("ro").unwrap().read_only);
         assert!(parse("private_backing").unwrap().private_backing);
+        assert!(parse("direct_backing").unwrap().direct_backing);
     }
 }

@@ -5,7 +5,7 @@ mod common;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::process::Command;
 
@@ -504,4 +504,89 @@ fn parallel_o_direct_writes_and_mappings_are_all_tracked() {
         &m.dirty("direct.img"),
         &((at + 4096) as u64..(at + 4096 + 8192) as u64)
     ));
+}
+
+/// Pages of `path` in the host's page cache, and its size in pages (mincore of a mapping).
+fn resident_pages(path: &std::path::Path) -> (usize, usize) {
+    let f = File::open(path).unwrap();
+    let len = f.metadata().unwrap().len() as usize;
+    let page = 4096;
+    let pages = len.div_ceil(page);
+    unsafe {
+        let map = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(map, libc::MAP_FAILED);
+        let mut vec = vec![0u8; pages];
+        assert_eq!(libc::mincore(map, len, vec.as_mut_ptr()), 0);
+        libc::munmap(map, len);
+        (vec.iter().filter(|&&b| b & 1 != 0).count(), pages)
+    }
+}
+
+/// O_DIRECT reads and writes of 1 MiB through a mount with `options`, after the backing
+/// file's pages were dropped from the page cache; returns how many of its pages are cached.
+fn cached_after_direct_io(options: &str) -> (usize, usize) {
+    let m = Mount::with_options(options);
+    let data = common::random(16 << 20, 9);
+    fs::write(m.path("vm.raw"), &data).unwrap();
+    let backing = File::open(m.backing("vm.raw")).unwrap();
+    backing.sync_all().unwrap();
+    let r = unsafe { libc::posix_fadvise(backing.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(r, 0);
+    assert_eq!(resident_pages(&m.backing("vm.raw")).0, 0, "not dropped");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(m.path("vm.raw"))
+        .unwrap();
+    // An aligned buffer, as O_DIRECT callers use.
+    let mut raw = vec![0u8; (1 << 20) + 4096];
+    let skew = raw.as_ptr().align_offset(4096);
+    let buf = &mut raw[skew..skew + (1 << 20)];
+    for i in 0..8u64 {
+        f.read_exact_at(buf, i << 20).unwrap();
+        assert!(*buf == data[(i << 20) as usize..((i + 1) << 20) as usize]);
+    }
+    buf.fill(0x77);
+    for i in 8..16u64 {
+        f.write_all_at(buf, i << 20).unwrap();
+    }
+    drop(f);
+    let back = fs::read(m.backing("vm.raw")).unwrap();
+    assert!(back[..8 << 20] == data[..8 << 20] && back[8 << 20..].iter().all(|&b| b == 0x77));
+    // Reading it back above cached it; measure what the O_DIRECT I/O left, again.
+    let backing = File::open(m.backing("vm.raw")).unwrap();
+    unsafe { libc::posix_fadvise(backing.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(m.path("vm.raw"))
+        .unwrap();
+    for i in 0..16u64 {
+        f.read_exact_at(buf, i << 20).unwrap();
+    }
+    resident_pages(&m.backing("vm.raw"))
+}
+
+/// `-o direct_backing`: a guest's O_DIRECT I/O (QEMU cache=none) leaves nothing of the image in
+/// the host's page cache; without it, the backing file is cached (the default, documented).
+#[test]
+fn direct_backing_keeps_o_direct_io_out_of_the_host_page_cache() {
+    let (cached, pages) = cached_after_direct_io("direct_backing");
+    assert_eq!(
+        cached, 0,
+        "{cached} of {pages} pages cached with direct_backing"
+    );
+    let (cached, pages) = cached_after_direct_io("");
+    assert!(
+        cached > pages / 2,
+        "{cached} of {pages} pages cached without it"
+    );
 }

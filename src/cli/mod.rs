@@ -210,7 +210,8 @@ pub struct MountArgs {
     pub mountpoint: PathBuf,
     /// Mount options, comma separated: config=FILE (the node's config), allow_other,
     /// allow_root, default_permissions, ro, fsname=NAME, threads=N (FUSE workers, default 4),
-    /// and the usual dev/nodev, suid/nosuid, exec/noexec, atime/noatime. fstab-only options
+    /// direct_backing (a guest's O_DIRECT I/O, QEMU cache=none, bypasses the host's page cache
+    /// on the backing file too), and the usual dev/nodev, suid/nosuid, exec/noexec, atime/noatime. fstab-only options
     /// (noauto, _netdev, nofail, x-*) are accepted and ignored.
     #[arg(short = 'o', value_name = "OPTS")]
     pub options: Vec<String>,

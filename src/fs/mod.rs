@@ -12,6 +12,7 @@
 pub mod at;
 pub mod cow;
 mod creds;
+mod direct;
 mod error;
 pub mod fuse;
 pub mod gate;
@@ -129,6 +130,9 @@ struct Handle {
     ino: Ino,
     file: File,
     key: cow::FileKey,
+    /// The same file opened with O_DIRECT, for the data of an O_DIRECT open under
+    /// `-o direct_backing` (see `direct.rs`).
+    direct: Option<direct::Direct>,
 }
 
 impl Handle {
@@ -146,6 +150,8 @@ pub struct Fs {
     /// The backing directory, open: every path is relative to it (`*at` calls).
     dir: at::Dir,
     read_only: bool,
+    /// Serve O_DIRECT opens with direct I/O on the backing file (`-o direct_backing`).
+    direct_backing: bool,
     inodes: RwLock<Inodes>,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     dirs: Mutex<HashMap<u64, Vec<DirEntry>>>,
@@ -299,6 +305,7 @@ impl Fs {
             dir,
             root,
             read_only,
+            direct_backing: false,
             handles: RwLock::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -306,6 +313,13 @@ impl Fs {
             names: RwLock::new(()),
             gate: Arc::default(),
         })
+    }
+
+    /// With `on`, an O_DIRECT open's aligned reads and writes use direct I/O on the backing
+    /// file too, bypassing the host's page cache (`-o direct_backing`).
+    pub fn with_direct_backing(mut self, on: bool) -> Fs {
+        self.direct_backing = on;
+        self
     }
 
     pub fn backing_root(&self) -> &Path {
@@ -644,7 +658,7 @@ impl Fs {
         if flags & libc::O_TRUNC != 0 {
             self.truncate(attr.ino, &file, 0)?;
         }
-        let fh = self.add_handle(attr.ino, file)?;
+        let fh = self.add_handle(attr.ino, file, flags)?;
         Ok((attr, fh))
     }
 
@@ -676,10 +690,25 @@ impl Fs {
             })
     }
 
-    fn add_handle(&self, ino: Ino, file: File) -> Result<u64> {
+    /// Registers an open of `ino` (`file`, opened for the guest's open `flags`).
+    fn add_handle(&self, ino: Ino, file: File, flags: i32) -> Result<u64> {
         let m = file
             .metadata()
             .map_err(|e| FsError::io("fstat", self.rel(ino).unwrap_or_default(), e))?;
+        let direct = (self.direct_backing && flags & libc::O_DIRECT != 0)
+            .then(|| {
+                let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+                direct::Direct::reopen(&file, writable)
+                    .inspect_err(|e| {
+                        log::warn!(
+                            "{}: no direct I/O on the backing file ({e}); this open is served \
+                             through the page cache",
+                            self.rel(ino).unwrap_or_default().display()
+                        )
+                    })
+                    .ok()
+            })
+            .flatten();
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.write().insert(
             fh,
@@ -687,6 +716,7 @@ impl Fs {
                 ino,
                 file,
                 key: (m.dev(), m.ino()),
+                direct,
             }),
         );
         Ok(fh)
@@ -698,7 +728,7 @@ impl Fs {
         if flags & libc::O_TRUNC != 0 {
             self.truncate(ino, &file, 0)?;
         }
-        self.add_handle(ino, file)
+        self.add_handle(ino, file, flags)
     }
 
     pub fn release(&self, fh: u64) {
@@ -707,6 +737,17 @@ impl Fs {
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         let h = self.handle(fh)?;
+        if let Some(d) = &h.direct
+            && direct::Direct::fits(offset, size as usize)
+        {
+            match d.read_at(offset, size as usize) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {} // buffered, below
+                r => {
+                    return r
+                        .map_err(|e| FsError::io("read", self.rel(h.ino).unwrap_or_default(), e));
+                }
+            }
+        }
         let mut buf = vec![0u8; size as usize];
         let mut n = 0;
         while n < buf.len() {
@@ -744,8 +785,18 @@ impl Fs {
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
         let h = self.handle(fh)?;
         let range = offset..offset + data.len() as u64;
-        let op =
-            || crate::fault::point("fs.write").and_then(|()| h.file.write_all_at(data, offset));
+        let op = || {
+            crate::fault::point("fs.write")?;
+            if let Some(d) = &h.direct
+                && direct::Direct::fits(offset, data.len())
+            {
+                match d.write_all_at(data, offset) {
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {} // buffered, below
+                    r => return r,
+                }
+            }
+            h.file.write_all_at(data, offset)
+        };
         self.change(&h, range, op, "write")?;
         Ok(data.len() as u32)
     }
