@@ -34,7 +34,7 @@ impl Direct {
 
     /// Whether a request of `len` bytes at `offset` can go direct.
     pub fn fits(offset: u64, len: usize) -> bool {
-        offset.is_multiple_of(ALIGN as u64) && len.is_multiple_of(ALIGN) && len > 0
+        offset % ALIGN as u64 == 0 && len % ALIGN == 0 && len > 0
     }
 
     /// Reads up to `len` bytes at `offset` (fewer at the end of the file).
@@ -48,7 +48,7 @@ impl Direct {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => return Err(e),
                 }
-                if !n.is_multiple_of(ALIGN) {
+                if n % ALIGN != 0 {
                     break; // the end of the file: the next read would not be aligned
                 }
             }
