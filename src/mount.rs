@@ -44,10 +44,12 @@ pub struct MountOptions {
     pub replica: bool,
     /// O_DIRECT opens use direct I/O on the backing file too (no host page cache).
     pub direct_backing: bool,
+    /// The kernel caches buffered writes (FUSE writeback cache).
+    pub writeback_cache: bool,
 }
 
 const ACCEPTED: &str = "config=FILE, replica, allow_other, allow_root, default_permissions, ro, rw, \
-    fsname=NAME, threads=N, private_backing, direct_backing, dev, nodev, suid, nosuid, exec, noexec, atime, noatime, sync, \
+    fsname=NAME, threads=N, private_backing, direct_backing, writeback_cache, dev, nodev, suid, nosuid, exec, noexec, atime, noatime, sync, \
     async, dirsync, and fstab-only options (defaults, auto, noauto, user, users, _netdev, \
     nofail, x-*)";
 
@@ -87,6 +89,7 @@ impl MountOptions {
                 ("replica", None) => o.replica = true,
                 ("private_backing", None) => o.private_backing = true,
                 ("direct_backing", None) => o.direct_backing = true,
+                ("writeback_cache", None) => o.writeback_cache = true,
                 ("dev", None) => o.kernel.push(MountOption::Dev),
                 ("nodev", None) => o.kernel.push(MountOption::NoDev),
                 ("suid", None) => o.kernel.push(MountOption::Suid),
@@ -480,7 +483,9 @@ fn serve(
     // that nothing falls between the two.
     let outside = Arc::new(Outside::start(source, &state.join("stamps.json")));
     let fs = Arc::new(
-        Fs::new(source, opts.read_only, tracker.clone())?.with_direct_backing(opts.direct_backing),
+        Fs::new(source, opts.read_only, tracker.clone())?
+            .with_direct_backing(opts.direct_backing)
+            .with_writeback_cache(opts.writeback_cache),
     );
     let closing = tracker.clone();
     let closing_outside = outside.clone();
@@ -501,6 +506,13 @@ fn serve(
         tracker.clone(),
         outside.clone(),
     )?);
+    // A sync point first makes the kernel send the writes it caches for the mount (writeback
+    // cache, shared mappings): syncfs(2) of the mount, served by this daemon's own workers.
+    let root = mountpoint.to_path_buf();
+    engine.before_freeze(Box::new(move || {
+        let dir = std::fs::File::open(&root)?;
+        Ok(rustix::fs::syncfs(&dir)?)
+    }));
     if let Some(f) = &config.failover
         && !opts.read_only
     {
@@ -566,6 +578,7 @@ fn serve(
         ),
     )?;
     let adapter = FerryFuse::new(fs, Some(socket), on_destroy);
+    let notifier = adapter.notifier_slot();
 
     let mut cfg = fuser::Config::default();
     cfg.mount_options = vec![
@@ -612,6 +625,7 @@ fn serve(
         opts.threads
     );
 
+    let _ = notifier.set(session.notifier());
     let mut unmounter = session.unmount_callable();
     let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT])?;
     let mp = mountpoint.to_path_buf();
@@ -625,6 +639,11 @@ fn serve(
                 }
             }
         })?;
+    if opts.writeback_cache {
+        let mp = mountpoint.to_path_buf();
+        // It stats the mount, which the session answers once it runs (below).
+        std::thread::spawn(move || writeback_limits(&mp));
+    }
     if let Some(ready) = ready {
         ready();
     }
@@ -634,6 +653,32 @@ fn serve(
     }
     session.run().context("FUSE session failed")?;
     Ok(())
+}
+
+/// The kernel lets a FUSE mount hold at most 1% of the dirty page limit, strictly
+/// (`/sys/class/bdi/MAJ:MIN/`): with the writeback cache a writer is then throttled to the
+/// daemon's pace after a few MiB. Let this mount's cache hold up to 20% of it, as a disk's
+/// may (docs/BENCHMARKS.md, "Buffered writes").
+fn writeback_limits(mountpoint: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let dev = match std::fs::metadata(mountpoint) {
+        Ok(m) => m.dev(),
+        Err(e) => return log::warn!("cannot stat {}: {e}", mountpoint.display()),
+    };
+    let bdi = PathBuf::from(format!(
+        "/sys/class/bdi/{}:{}",
+        libc::major(dev),
+        libc::minor(dev)
+    ));
+    for (file, value) in [("strict_limit", "0"), ("max_ratio", "20")] {
+        if let Err(e) = std::fs::write(bdi.join(file), value) {
+            log::warn!(
+                "cannot set {}/{file} to {value} ({e}): buffered writes through the writeback \
+                 cache are throttled to the daemon's pace",
+                bdi.display()
+            );
+        }
+    }
 }
 
 /// Per image: bytes changed since the last sync point (`dirty_bytes`), and bytes of the last

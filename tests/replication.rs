@@ -602,3 +602,59 @@ fn images_swapped_by_rename_exchange_replicate_under_their_new_names() {
     );
     assert!(v["bytes_sent"].as_u64().unwrap() < 256 << 10, "{v}");
 }
+
+/// With `-o writeback_cache` the kernel holds written data until it writes it back: a sync
+/// point first has it sent, so the generation holds every write made before it. The writer is
+/// another process that keeps its descriptor and mapping open (a close, even of a copy
+/// inherited by a child, would flush): a guest's QEMU, with the RPO timer cutting sync points.
+#[test]
+fn writes_the_kernel_still_caches_are_in_the_generation() {
+    require("python3", "python3");
+    let p = Pair::build(&[], "", "", |m| m.options.push_str(",writeback_cache"));
+    fs::write(p.primary.path("vm.raw"), vec![0u8; 4 << 20]).unwrap();
+    p.sync_ok();
+    let writer = r#"
+import mmap, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)
+os.pwrite(fd, b"w" * 65536, 0)
+m = mmap.mmap(fd, 4 << 20)
+m[2 << 20:(2 << 20) + 4096] = b"m" * 4096
+print("written", flush=True)
+time.sleep(120)
+"#;
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(writer)
+        .arg(p.primary.path("vm.raw"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "written");
+    let backing = fs::read(p.primary.backing("vm.raw")).unwrap();
+    let cached = backing[..4] != *b"wwww";
+    p.sync_ok();
+    let replica = fs::read(p.replica_path("vm.raw")).unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        replica[..65536].iter().all(|&b| b == b'w'),
+        "cached write missing"
+    );
+    assert!(
+        replica[2 << 20..(2 << 20) + 4096]
+            .iter()
+            .all(|&b| b == b'm'),
+        "mapped store missing"
+    );
+    // The point of the test: the kernel still held the write when the sync began.
+    assert!(
+        cached,
+        "the kernel wrote the data back before the sync: nothing was tested"
+    );
+}

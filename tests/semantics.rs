@@ -359,6 +359,67 @@ fn random_syscall_sequences_agree_with_the_native_filesystem() {
     agree(&native, &m.mnt, 1..=200);
 }
 
+/// With `-o writeback_cache` the kernel caches writes and leaves the clearing of set-user-ID
+/// and set-group-ID bits to the daemon (FUSE_HANDLE_KILLPRIV_V2): the same sequences agree.
+#[test]
+fn with_the_writeback_cache_too() {
+    let m = Mount::prepare("allow_other,writeback_cache");
+    let native = m.dir.path().join("native");
+    std::fs::create_dir(&native).unwrap();
+    open_to_all(&[m.dir.path(), &native, &m.source]);
+    m.mount();
+    agree(&native, &m.mnt, 1..=100);
+}
+
+/// Writes, truncates and truncating opens by a user other than root clear set-user-ID and
+/// set-group-ID as natively, with and without the writeback cache (where the daemon does it),
+/// and the next stat sees it at once.
+#[test]
+fn writes_by_other_users_clear_set_id_bits_as_natively() {
+    for options in ["allow_other", "allow_other,writeback_cache"] {
+        let m = Mount::prepare(options);
+        let native = m.dir.path().join("native");
+        std::fs::create_dir(&native).unwrap();
+        open_to_all(&[m.dir.path(), &native, &m.source]);
+        m.mount();
+        let create = Op::Open {
+            name: "a",
+            flags: libc::O_CREAT | libc::O_WRONLY,
+            mode: 0o6775,
+        };
+        let chmod = Op::Chmod {
+            name: "a",
+            mode: 0o6775,
+        };
+        let steps = [
+            create,
+            Op::Write {
+                name: "a",
+                offset: 0,
+                len: 10,
+            },
+            chmod.clone(),
+            Op::Truncate { name: "a", len: 1 },
+            chmod,
+            Op::Open {
+                name: "a",
+                flags: libc::O_TRUNC | libc::O_WRONLY,
+                mode: 0,
+            },
+        ];
+        for (i, op) in steps.iter().enumerate() {
+            let here = |root: &Path| {
+                let r = as_nobody(|| apply(root, op));
+                (r, observe(root, "a", false))
+            };
+            let (got, want) = (here(&m.mnt), here(&native));
+            assert_eq!(got, want, "{options}: step {i} {op:?}");
+        }
+        let mode = observe(&native, "a", false).unwrap().0;
+        assert_eq!(mode & 0o6000, 0, "natively the bits are gone: {mode:o}");
+    }
+}
+
 /// The backing directory's own path does not count against PATH_MAX: under a backing
 /// directory whose path is 3,000 bytes long, 1,255 bytes of directories under the mount make
 /// every backing path longer than PATH_MAX (4,096), and the same sequences still agree.

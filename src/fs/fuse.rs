@@ -2,7 +2,7 @@
 //! place where a core error becomes an errno. Nothing here decides anything about files.
 
 use std::ffi::OsStr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -27,6 +27,11 @@ pub struct FerryFuse {
     fs: Arc<Fs>,
     control: Option<std::path::PathBuf>,
     on_destroy: Option<Box<dyn FnOnce() + Send + Sync>>,
+    /// FUSE_HANDLE_KILLPRIV_V2 is on: writes, truncates and truncating opens by callers
+    /// without CAP_FSETID clear set-user-ID and set-group-ID here.
+    kill_privs: bool,
+    /// Tells the kernel its cached attributes are stale (set once the session exists).
+    notifier: Arc<OnceLock<fuser::Notifier>>,
 }
 
 impl FerryFuse {
@@ -41,7 +46,26 @@ impl FerryFuse {
             fs,
             control,
             on_destroy: Some(on_destroy),
+            kill_privs: false,
+            notifier: Arc::default(),
         }
+    }
+
+    /// Where the session's notifier goes once the session exists.
+    pub fn notifier_slot(&self) -> Arc<OnceLock<fuser::Notifier>> {
+        self.notifier.clone()
+    }
+
+    /// Clears set-user-ID and set-group-ID of open file `fh` (see `kill_privs`) and, if they
+    /// were set, has the kernel fetch the inode's attributes again.
+    fn kill_suidgid(&self, ino: INodeNo, fh: u64) -> Result<(), FsError> {
+        if self.fs.kill_suidgid(fh)?
+            && let Some(n) = self.notifier.get()
+            && let Err(e) = n.inval_inode(ino, -1, 0)
+        {
+            log::warn!("cannot tell the kernel inode {} changed mode: {e}", ino.0);
+        }
+        Ok(())
     }
 }
 
@@ -135,6 +159,18 @@ impl Filesystem for FerryFuse {
             let _ = config.set_max_readahead(max);
         }
         let _ = config.set_max_background(64);
+        // The writeback cache, and the clearing of set-user-ID and set-group-ID bits left to
+        // the daemon: otherwise the kernel asks the daemon for security.capability before
+        // every cached write, a round trip each.
+        if self.fs.writeback_cache() {
+            let wanted = InitFlags::FUSE_WRITEBACK_CACHE | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
+            match config.add_capabilities(wanted) {
+                Ok(()) => self.kill_privs = true,
+                Err(missing) => log::warn!(
+                    "this kernel lacks {missing:?}: no writeback cache, writes go through at once"
+                ),
+            }
+        }
         // mmap of a file opened with O_DIRECT (served as direct I/O, see `fopen_flags`) works
         // as on a native filesystem; the kernel then writes the mapping back through the
         // daemon like any cached write. Kernels before 6.6 lack it: mmap fails there (ENODEV).
@@ -173,7 +209,7 @@ impl Filesystem for FerryFuse {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -196,6 +232,9 @@ impl Filesystem for FerryFuse {
             size,
             atime: set_time(atime),
             mtime: set_time(mtime),
+            // fuser does not pass FATTR_KILL_SUIDGID on; the kernel sets it for a caller
+            // without CAP_FSETID, which on a hypervisor host means a caller other than root.
+            kill_suidgid: self.kill_privs && size.is_some() && req.uid() != 0,
         };
         match self.fs.setattr(ino.0, fh.map(|f| f.0), set) {
             Ok(a) => reply.attr(&TTL, &attr(&a)),
@@ -318,8 +357,14 @@ impl Filesystem for FerryFuse {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.open(ino.0, flags.0) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        // A truncating open by a caller without CAP_FSETID (see `setattr`).
+        let kill = self.kill_privs && flags.0 & libc::O_TRUNC != 0 && req.uid() != 0;
+        let opened = self.fs.open(ino.0, flags.0).and_then(|fh| match kill {
+            true => (self.kill_suidgid(ino, fh).map(|()| fh)).inspect_err(|_| self.fs.release(fh)),
+            false => Ok(fh),
+        });
+        match opened {
             Ok(fh) => reply.opened(FileHandle(fh), fopen_flags(flags.0)),
             Err(e) => reply.error(errno("open", e)),
         }
@@ -370,15 +415,22 @@ impl Filesystem for FerryFuse {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        // The kernel sets the flag for writers without CAP_FSETID (KILLPRIV_V2).
+        if self.kill_privs
+            && write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
+            && let Err(e) = self.kill_suidgid(ino, fh.0)
+        {
+            return reply.error(errno("write", e));
+        }
         match self.fs.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno("write", e)),

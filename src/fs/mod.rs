@@ -88,6 +88,9 @@ pub struct SetAttr {
     pub size: Option<u64>,
     pub atime: Option<SetTime>,
     pub mtime: Option<SetTime>,
+    /// A size change by a caller without CAP_FSETID: clear set-user-ID and set-group-ID as
+    /// the kernel would (it leaves that to us under FUSE_HANDLE_KILLPRIV_V2).
+    pub kill_suidgid: bool,
 }
 
 /// One directory entry for `readdir`.
@@ -152,6 +155,8 @@ pub struct Fs {
     read_only: bool,
     /// Serve O_DIRECT opens with direct I/O on the backing file (`-o direct_backing`).
     direct_backing: bool,
+    /// Let the kernel cache buffered writes and send them in batches (`-o writeback_cache`).
+    writeback_cache: bool,
     inodes: RwLock<Inodes>,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     dirs: Mutex<HashMap<u64, Vec<DirEntry>>>,
@@ -182,6 +187,21 @@ fn kind_of(ft: fs::FileType) -> FileKind {
     } else {
         FileKind::File
     }
+}
+
+/// Clears S_ISUID, and S_ISGID if the group may execute, of `file` (see `Fs::kill_suidgid`).
+fn kill_suidgid(file: &File) -> io::Result<bool> {
+    let mode = file.metadata()?.mode();
+    let mut keep = mode & 0o7777;
+    keep &= !libc::S_ISUID;
+    if mode & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP {
+        keep &= !libc::S_ISGID;
+    }
+    if keep == mode & 0o7777 {
+        return Ok(false);
+    }
+    check(unsafe { libc::fchmod(file.as_raw_fd(), keep) })?;
+    Ok(true)
 }
 
 /// The kind of a directory entry as the backing directory's listing gives it.
@@ -306,6 +326,7 @@ impl Fs {
             root,
             read_only,
             direct_backing: false,
+            writeback_cache: false,
             handles: RwLock::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -320,6 +341,17 @@ impl Fs {
     pub fn with_direct_backing(mut self, on: bool) -> Fs {
         self.direct_backing = on;
         self
+    }
+
+    /// With `on`, the kernel caches buffered writes (FUSE writeback cache) and sends them
+    /// later in large batches; each sync point flushes them first (`Engine::before_freeze`).
+    pub fn with_writeback_cache(mut self, on: bool) -> Fs {
+        self.writeback_cache = on;
+        self
+    }
+
+    pub fn writeback_cache(&self) -> bool {
+        self.writeback_cache
     }
 
     pub fn backing_root(&self) -> &Path {
@@ -424,13 +456,23 @@ impl Fs {
                 .map_err(|e| FsError::io("chown", &rel, e))?;
         }
         if let Some(size) = set.size {
+            let kill = |f: &File| match set.kill_suidgid {
+                true => kill_suidgid(f)
+                    .map(|_| ())
+                    .map_err(|e| FsError::io("chmod", &rel, e)),
+                false => Ok(()),
+            };
             match fh.and_then(|fh| self.handle(fh).ok()) {
-                Some(h) => self.truncate(ino, &h.file, size)?,
+                Some(h) => {
+                    kill(&h.file)?;
+                    self.truncate(ino, &h.file, size)?
+                }
                 None => {
                     let f = self
                         .dir
                         .open_file(&rel, libc::O_WRONLY, 0)
                         .map_err(|e| FsError::io("open", &rel, e))?;
+                    kill(&f)?;
                     self.truncate(ino, &f, size)?;
                 }
             }
@@ -799,6 +841,16 @@ impl Fs {
         };
         self.change(&h, range, op, "write")?;
         Ok(data.len() as u32)
+    }
+
+    /// Clears set-user-ID (and set-group-ID of a group-executable file) of the file open as
+    /// `fh`, as a write by a caller without CAP_FSETID does (FUSE_HANDLE_KILLPRIV_V2 leaves
+    /// it to the daemon, which writes as root and so keeps them). Returns whether the mode
+    /// changed (the kernel's cached attributes are then stale).
+    pub fn kill_suidgid(&self, fh: u64) -> Result<bool> {
+        let h = self.handle(fh)?;
+        kill_suidgid(&h.file)
+            .map_err(|e| FsError::io("chmod", self.rel(h.ino).unwrap_or_default(), e))
     }
 
     pub fn flush(&self, fh: u64) -> Result<()> {

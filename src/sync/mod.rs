@@ -205,7 +205,14 @@ pub struct Engine {
     board: Arc<Board>,
     /// Told every sync's report (metrics).
     on_report: parking_lot::Mutex<Option<OnReport>>,
+    /// Makes the kernel send every write it has cached for the mount (writeback cache,
+    /// shared mappings) before the freeze, so a sync point holds every write acknowledged
+    /// before it began.
+    flush: parking_lot::Mutex<Option<Flush>>,
 }
+
+/// See [`Engine::before_freeze`].
+pub type Flush = Box<dyn Fn() -> std::io::Result<()> + Send + Sync>;
 
 /// A sync's result, as `ferry sync --json` prints it.
 #[derive(Debug, Serialize)]
@@ -521,7 +528,14 @@ impl Engine {
             }),
             board,
             on_report: parking_lot::Mutex::new(None),
+            flush: parking_lot::Mutex::new(None),
         })
+    }
+
+    /// Runs `f` at each sync point before the freeze: the mount flushes the kernel's cached
+    /// writes with it.
+    pub fn before_freeze(&self, f: Flush) {
+        *self.flush.lock() = Some(f);
     }
 
     /// Runs `f` with every sync's report.
@@ -586,6 +600,13 @@ impl Engine {
             if let Some(why) = &*self.held.lock() {
                 anyhow::bail!("no sync point while this mount may not be the primary: {why}");
             }
+        }
+        // Writes the kernel still caches reach the daemon (and the tracker) first.
+        if let Some(flush) = &*self.flush.lock() {
+            flush().context(
+                "cannot flush the writes the kernel caches for the mount; no sync point was \
+                 cut (is the mount still there? see the mount's log)",
+            )?;
         }
         // Writes that bypassed the mount, reported up to now, join this sync point.
         self.outside.drain(&self.tracker, true);
