@@ -508,9 +508,14 @@ fn serve(
     )?);
     // A sync point first makes the kernel send the writes it caches for the mount (writeback
     // cache, shared mappings): syncfs(2) of the mount, served by this daemon's own workers.
+    // Not before the mount is up (or after it is gone): that would sync the filesystem under.
     let root = mountpoint.to_path_buf();
     engine.before_freeze(Box::new(move || {
+        const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
         let dir = std::fs::File::open(&root)?;
+        if rustix::fs::fstatfs(&dir)?.f_type as i64 != FUSE_SUPER_MAGIC {
+            return Ok(());
+        }
         Ok(rustix::fs::syncfs(&dir)?)
     }));
     if let Some(f) = &config.failover

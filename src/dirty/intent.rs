@@ -436,6 +436,65 @@ impl IntentLog {
         Ok(())
     }
 
+    /// Two names (images or directories of images) were swapped (RENAME_EXCHANGE): the marks
+    /// of each follow it to the other's name. As [`IntentLog::rename`]: logged durably before
+    /// this returns; call it before swapping the backing files, with writes held off.
+    pub fn exchange(&self, a: &Path, b: &Path) -> Result<(), IntentError> {
+        if a == b {
+            return Ok(());
+        }
+        let mut st = self.acquire();
+        let result = self.exchange_owned(&mut st, a, b);
+        self.release(&mut st);
+        result
+    }
+
+    fn exchange_owned(
+        &self,
+        st: &mut MutexGuard<'_, State>,
+        a: &Path,
+        b: &Path,
+    ) -> Result<(), IntentError> {
+        if st.closed {
+            return Err(self.closed());
+        }
+        let mut moved = Marks::new();
+        for marks in std::iter::once(&st.current).chain(st.syncs.values()) {
+            for (image, set) in marks {
+                if let Some(new) = swapped(image, a, b) {
+                    moved.entry(new).or_insert_with(exact_set).extend_from(set);
+                }
+            }
+        }
+        for image in moved.keys() {
+            format::check_image(image).map_err(|reason| IntentError::ImageName {
+                image: image.clone(),
+                reason,
+            })?;
+        }
+        if !moved.is_empty() {
+            self.write_owned(st, &moved)?;
+            st.forgotten += 1;
+        }
+        let st = &mut **st;
+        for marks in std::iter::once(&mut st.current)
+            .chain(st.syncs.values_mut())
+            .chain(std::iter::once(&mut st.pending.marks))
+        {
+            let taken: Vec<(PathBuf, _)> = marks
+                .keys()
+                .filter_map(|k| Some((k.clone(), swapped(k, a, b)?)))
+                .collect::<Vec<_>>()
+                .into_iter()
+                .filter_map(|(old, new)| Some((new, marks.remove(&old)?)))
+                .collect();
+            for (new, set) in taken {
+                marks.entry(new).or_insert_with(exact_set).extend_from(&set);
+            }
+        }
+        Ok(())
+    }
+
     /// A sync point (the freeze): the marks so far belong to this sync, and later writes mark
     /// their extents again. Call it at the freeze instant, while no write is between its `mark`
     /// and its insertion into the dirty set (the filesystem core's freeze lock ensures that),
@@ -839,6 +898,11 @@ fn live(st: &State, extra: Option<&Marks>) -> Marks {
         merge(&mut all, marks);
     }
     all
+}
+
+/// `image`'s name once `a` and `b` swapped names, if it is under either.
+fn swapped(image: &Path, a: &Path, b: &Path) -> Option<PathBuf> {
+    super::rebase(image, a, b).or_else(|| super::rebase(image, b, a))
 }
 
 fn rename_in(marks: &mut Marks, from: &Path, to: &Path) {

@@ -251,13 +251,11 @@ impl Tracker {
             )
             .map(|(new, old)| (old, new))
             .collect();
-        // Marks are added under the new names first: if the exchange fails they are merely
-        // extra (both names stay marked).
-        for (old, new) in &moves {
-            log.rename(old, new)?;
-        }
+        // Marks follow the names first (durably); if the exchange fails they go back.
+        log.exchange(a, b)?;
         let r = op();
         if r.is_err() {
+            log.exchange(a, b)?;
             return Ok(r);
         }
         let sets: Vec<(PathBuf, RangeSet)> = moves
