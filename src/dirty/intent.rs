@@ -397,13 +397,31 @@ impl IntentLog {
         from: &Path,
         to: &Path,
     ) -> Result<(), IntentError> {
+        self.remap_owned(st, |image| super::rebase(image, from, to))?;
+        log::debug!(
+            "intent log {}: marks of {} follow it to {}",
+            self.path.display(),
+            from.display(),
+            to.display()
+        );
+        Ok(())
+    }
+
+    /// Moves every mark to the name `new_name` gives its image (`None`: it stays), logging
+    /// the moved marks durably first. One function for rename and exchange: all names move
+    /// at once, so a swap never merges the two sets on the way.
+    fn remap_owned(
+        &self,
+        st: &mut MutexGuard<'_, State>,
+        new_name: impl Fn(&Path) -> Option<PathBuf>,
+    ) -> Result<(), IntentError> {
         if st.closed {
             return Err(self.closed());
         }
         let mut moved = Marks::new();
         for marks in std::iter::once(&st.current).chain(st.syncs.values()) {
             for (image, set) in marks {
-                if let Some(new) = super::rebase(image, from, to) {
+                if let Some(new) = new_name(image) {
                     moved.entry(new).or_insert_with(exact_set).extend_from(set);
                 }
             }
@@ -416,13 +434,6 @@ impl IntentLog {
         }
         if !moved.is_empty() {
             self.write_owned(st, &moved)?;
-            log::debug!(
-                "intent log {}: marks of {} follow it to {} ({} images)",
-                self.path.display(),
-                from.display(),
-                to.display(),
-                moved.len()
-            );
             // The records under the old names are dead now.
             st.forgotten += 1;
         }
@@ -431,7 +442,7 @@ impl IntentLog {
             .chain(st.syncs.values_mut())
             .chain(std::iter::once(&mut st.pending.marks))
         {
-            rename_in(marks, from, to);
+            remap(marks, &new_name);
         }
         Ok(())
     }
@@ -444,55 +455,9 @@ impl IntentLog {
             return Ok(());
         }
         let mut st = self.acquire();
-        let result = self.exchange_owned(&mut st, a, b);
+        let result = self.remap_owned(&mut st, |image| swapped(image, a, b));
         self.release(&mut st);
         result
-    }
-
-    fn exchange_owned(
-        &self,
-        st: &mut MutexGuard<'_, State>,
-        a: &Path,
-        b: &Path,
-    ) -> Result<(), IntentError> {
-        if st.closed {
-            return Err(self.closed());
-        }
-        let mut moved = Marks::new();
-        for marks in std::iter::once(&st.current).chain(st.syncs.values()) {
-            for (image, set) in marks {
-                if let Some(new) = swapped(image, a, b) {
-                    moved.entry(new).or_insert_with(exact_set).extend_from(set);
-                }
-            }
-        }
-        for image in moved.keys() {
-            format::check_image(image).map_err(|reason| IntentError::ImageName {
-                image: image.clone(),
-                reason,
-            })?;
-        }
-        if !moved.is_empty() {
-            self.write_owned(st, &moved)?;
-            st.forgotten += 1;
-        }
-        let st = &mut **st;
-        for marks in std::iter::once(&mut st.current)
-            .chain(st.syncs.values_mut())
-            .chain(std::iter::once(&mut st.pending.marks))
-        {
-            let taken: Vec<(PathBuf, _)> = marks
-                .keys()
-                .filter_map(|k| Some((k.clone(), swapped(k, a, b)?)))
-                .collect::<Vec<_>>()
-                .into_iter()
-                .filter_map(|(old, new)| Some((new, marks.remove(&old)?)))
-                .collect();
-            for (new, set) in taken {
-                marks.entry(new).or_insert_with(exact_set).extend_from(&set);
-            }
-        }
-        Ok(())
     }
 
     /// A sync point (the freeze): the marks so far belong to this sync, and later writes mark
@@ -905,16 +870,17 @@ fn swapped(image: &Path, a: &Path, b: &Path) -> Option<PathBuf> {
     super::rebase(image, a, b).or_else(|| super::rebase(image, b, a))
 }
 
-fn rename_in(marks: &mut Marks, from: &Path, to: &Path) {
-    let names: Vec<PathBuf> = marks
+fn remap(marks: &mut Marks, new_name: impl Fn(&Path) -> Option<PathBuf>) {
+    let names: Vec<(PathBuf, PathBuf)> = marks
         .keys()
-        .filter(|k| super::rebase(k, from, to).is_some())
-        .cloned()
+        .filter_map(|old| Some((old.clone(), new_name(old)?)))
         .collect();
-    for old in names {
-        if let (Some(set), Some(new)) = (marks.remove(&old), super::rebase(&old, from, to)) {
-            marks.entry(new).or_insert_with(exact_set).extend_from(&set);
-        }
+    let taken: Vec<_> = names
+        .into_iter()
+        .filter_map(|(old, new)| Some((new, marks.remove(&old)?)))
+        .collect();
+    for (new, set) in taken {
+        marks.entry(new).or_insert_with(exact_set).extend_from(&set);
     }
 }
 
