@@ -6,7 +6,9 @@
 //! the ratio.
 //!
 //!   quinn_alone serve LISTEN KEY_DIR CLIENT_FINGERPRINT      (answers one transfer, exits)
-//!   quinn_alone send ADDR KEY_DIR SERVER_FINGERPRINT MIB     (prints one JSON object)
+//!   quinn_alone send ADDR KEY_DIR SERVER_FINGERPRINT MIB [CC] (prints one JSON object; CC: the
+//!                                                            congestion controller, default
+//!                                                            ferry's)
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -18,7 +20,7 @@ use ferry::net::{Congestion, Fingerprint, Identity, SERVER_NAME, transport};
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let usage =
-        "usage: quinn_alone serve LISTEN KEY_DIR CLIENT_FP | send ADDR KEY_DIR SERVER_FP MIB";
+        "usage: quinn_alone serve LISTEN KEY_DIR CLIENT_FP | send ADDR KEY_DIR SERVER_FP MIB [CC]";
     let rt = tokio::runtime::Runtime::new().unwrap();
     match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         // `cargo bench` runs every bench with `--bench`: nothing to do without arguments.
@@ -28,11 +30,14 @@ fn main() {
             &Identity::load(Path::new(keys)).unwrap(),
             fp.parse().unwrap(),
         )),
-        ["send", addr, keys, fp, mib] => rt.block_on(send(
+        ["send", addr, keys, fp, mib] | ["send", addr, keys, fp, mib, _] => rt.block_on(send(
             addr.parse().unwrap(),
             &Identity::load(Path::new(keys)).unwrap(),
             fp.parse().unwrap(),
             mib.parse().unwrap(),
+            args.get(5)
+                .map_or(Ok(Congestion::default()), |cc| cc.parse())
+                .unwrap(),
         )),
         _ => {
             eprintln!("{usage}");
@@ -71,12 +76,12 @@ async fn serve(listen: SocketAddr, id: &Identity, client: Fingerprint) {
 
 /// Sends `mib` MiB of random bytes split over the streams a sync uses, and times it from the
 /// first byte to the server's count.
-async fn send(addr: SocketAddr, id: &Identity, server: Fingerprint, mib: u64) {
+async fn send(addr: SocketAddr, id: &Identity, server: Fingerprint, mib: u64, cc: Congestion) {
     let ep = transport::client(
         id,
         &[server],
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
-        Congestion::default(),
+        cc,
     )
     .unwrap();
     let conn = ep.connect(addr, SERVER_NAME).unwrap().await.unwrap();

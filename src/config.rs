@@ -101,7 +101,7 @@ pub struct Primary {
     /// How long a scheduled sync point waits for the replicas before it counts as failed.
     #[serde(default = "default_sync_timeout", deserialize_with = "duration")]
     pub sync_timeout: Duration,
-    /// The congestion controller of the data connections: "bbr" (default), "cubic" or
+    /// The congestion controller of the data connections: "bdp" (default), "bbr", "cubic" or
     /// "newreno"; see [`Congestion`] for the trade-off.
     #[serde(default)]
     pub congestion: Congestion,
@@ -458,7 +458,7 @@ cluster = "vm-images"
         assert_eq!(f.write_grace, Duration::from_secs(30));
         assert_eq!(parse("").unwrap().failover, None);
         assert_eq!(parse("").unwrap().primary.replicas, 1);
-        assert_eq!(parse("").unwrap().primary.congestion, Congestion::Bbr);
+        assert_eq!(parse("").unwrap().primary.congestion, Congestion::Bdp);
         let cubic = parse("[primary]\ncongestion = \"cubic\"").unwrap();
         assert_eq!(cubic.primary.congestion, Congestion::Cubic);
     }

@@ -494,6 +494,7 @@ async fn each_congestion_controller_is_the_one_a_connection_runs() {
         net::Congestion::Cubic,
         net::Congestion::NewReno,
         net::Congestion::Bbr,
+        net::Congestion::Bdp,
     ] {
         let ep = server(&replica, &[primary.fingerprint()]);
         let addr = ep.local_addr().unwrap();
@@ -508,6 +509,8 @@ async fn each_congestion_controller_is_the_one_a_connection_runs() {
             net::Congestion::NewReno
         } else if state.is::<Bbr>() {
             net::Congestion::Bbr
+        } else if state.is::<net::bdp::Bdp>() {
+            net::Congestion::Bdp
         } else {
             panic!("unknown controller");
         };

@@ -3,6 +3,7 @@
 //! tokio and quinn are used only here (and in the transport code built on it); the data path
 //! and the protocol state machine stay synchronous and free of sockets.
 
+pub mod bdp;
 pub mod keys;
 pub mod node;
 pub mod tls;

@@ -201,10 +201,10 @@ pub fn client_crypto(
 }
 
 /// The congestion controller of a QUIC connection (it governs what that side sends: on a
-/// primary, the data). BBR is the default: at 50 ms RTT and 0.5% random loss it keeps 88% of a
-/// 100 Mbit/s link busy where CUBIC and NewReno fall to 4% (scripts/bench-wan). Its cost, as
-/// quinn implements it: it sends about twice what the bottleneck carries and lets the queue
-/// drop the rest, so set a `bandwidth_limit` just under the link rate on a shared link.
+/// primary, the data). ferry's own, `bdp`, is the default: over a 100 Mbit/s, 50 ms path with
+/// 0.5% loss it keeps 85% of the link busy and offers what the path delivers, where quinn's BBR
+/// offers 2.2x (the bottleneck queue drops the rest) and CUBIC and NewReno, taking random loss
+/// for congestion, fall to 4% of the link (scripts/bench-wan).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Congestion {
@@ -213,14 +213,17 @@ pub enum Congestion {
     /// NewReno (RFC 9002's reference controller).
     NewReno,
     /// BBR (quinn's BBRv1-style model of bottleneck rate and RTT): does not treat random loss
-    /// as congestion.
-    #[default]
+    /// as congestion; offers about twice what the bottleneck carries.
     Bbr,
+    /// ferry's own (`net/bdp.rs`): the window is the measured bandwidth-delay product, so it
+    /// offers what the path carries; does not treat random loss as congestion.
+    #[default]
+    Bdp,
 }
 
 impl Congestion {
     /// The names [`FromStr`](std::str::FromStr) and serde accept.
-    pub const NAMES: [&str; 3] = ["cubic", "newreno", "bbr"];
+    pub const NAMES: [&str; 4] = ["cubic", "newreno", "bbr", "bdp"];
 
     fn factory(self) -> Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> {
         use quinn::congestion::{BbrConfig, CubicConfig, NewRenoConfig};
@@ -228,6 +231,7 @@ impl Congestion {
             Congestion::Cubic => Arc::new(CubicConfig::default()),
             Congestion::NewReno => Arc::new(NewRenoConfig::default()),
             Congestion::Bbr => Arc::new(BbrConfig::default()),
+            Congestion::Bdp => Arc::new(super::bdp::BdpConfig),
         }
     }
 }
@@ -238,6 +242,7 @@ impl std::fmt::Display for Congestion {
             Congestion::Cubic => "cubic",
             Congestion::NewReno => "newreno",
             Congestion::Bbr => "bbr",
+            Congestion::Bdp => "bdp",
         })
     }
 }
@@ -250,6 +255,7 @@ impl std::str::FromStr for Congestion {
             "cubic" => Ok(Congestion::Cubic),
             "newreno" => Ok(Congestion::NewReno),
             "bbr" => Ok(Congestion::Bbr),
+            "bdp" => Ok(Congestion::Bdp),
             other => Err(format!(
                 "unknown congestion controller {other:?}: use one of {}",
                 Congestion::NAMES.join(", ")
@@ -472,8 +478,8 @@ mod tests {
         }
         assert_eq!(" BBR ".parse::<Congestion>(), Ok(Congestion::Bbr));
         let e = "reno".parse::<Congestion>().unwrap_err();
-        assert!(e.contains("cubic, newreno, bbr"), "{e}");
-        assert_eq!(Congestion::default(), Congestion::Bbr);
+        assert!(e.contains("cubic, newreno, bbr, bdp"), "{e}");
+        assert_eq!(Congestion::default(), Congestion::Bdp);
     }
 
     #[test]
