@@ -250,7 +250,10 @@ fn wan(loss: f64) -> Impairment {
     }
 }
 
-fn report(name: &str, sim: &Sim, secs: f64, warmup: f64) -> (f64, f64) {
+/// Runs `sim` to `secs`, measuring from `warmup`; prints and returns utilisation and offered per
+/// delivered.
+fn measure(name: &str, sim: &mut Sim, secs: f64, warmup: f64) -> (f64, f64) {
+    sim.run(secs, warmup);
     let (u, o) = (sim.utilisation(secs, warmup), sim.offered_per_delivered());
     eprintln!(
         "{name}: utilisation {u:.3}, offered/delivered {o:.3}, queue drops {}, \
@@ -268,8 +271,7 @@ fn fills_a_lossy_long_path_without_flooding_its_queue() {
     for (name, loss) in [("clean", 0.0), ("0.5% loss", 0.005)] {
         for seed in 1..=3 {
             let mut sim = Sim::new(wan(loss), seed);
-            sim.run(20.0, 5.0);
-            let (u, o) = report(name, &sim, 20.0, 5.0);
+            let (u, o) = measure(name, &mut sim, 20.0, 5.0);
             assert!(u >= 0.85, "{name}, seed {seed}: utilisation {u:.3}");
             assert!(o <= 1.05, "{name}, seed {seed}: offered/delivered {o:.3}");
             assert_eq!(sim.queue_drops, 0, "{name}, seed {seed}");
@@ -286,8 +288,7 @@ fn fills_a_lossy_long_path_without_flooding_its_queue() {
 #[test]
 fn the_whole_transfer_startup_included_offers_little_more_than_the_path_carries() {
     let mut sim = Sim::new(wan(0.005), 7);
-    sim.run(12.0, 0.0);
-    let (u, o) = report("from the start", &sim, 12.0, 0.0);
+    let (u, o) = measure("from the start", &mut sim, 12.0, 0.0);
     assert!(u >= 0.8, "utilisation {u:.3}");
     assert!(o <= 1.15, "offered/delivered {o:.3}");
 }
@@ -301,8 +302,7 @@ fn follows_the_path_down_when_its_rate_falls() {
     let mut imp = wan(0.005);
     imp.rate = Some(20_000_000);
     sim.fwd = Link::new(imp, 4);
-    sim.run(25.0, 13.0);
-    let (u, o) = report("rate falls to 20 Mbit/s", &sim, 25.0, 13.0);
+    let (u, o) = measure("rate falls to 20 Mbit/s", &mut sim, 25.0, 13.0);
     assert!(u >= 0.85, "utilisation {u:.3}");
     assert!(o <= 1.05, "offered/delivered {o:.3}");
 }
@@ -320,8 +320,7 @@ fn acks_that_come_in_bursts_do_not_starve_a_fast_short_path() {
     };
     let mut sim = Sim::new(fast, 5);
     sim.ack_batch = Some(Duration::from_millis(2));
-    sim.run(3.0, 1.0);
-    let (u, o) = report("1 Gbit/s, acks every 2 ms", &sim, 3.0, 1.0);
+    let (u, o) = measure("1 Gbit/s, acks every 2 ms", &mut sim, 3.0, 1.0);
     assert!(u >= 0.8, "utilisation {u:.3}");
     assert!(o <= 1.05, "offered/delivered {o:.3}");
 }

@@ -524,6 +524,49 @@ fn an_image_replicates_byte_identical_through_50ms_rtt_and_1_percent_loss() {
 }
 
 #[test]
+fn a_link_that_drops_a_fifth_of_its_packets_slows_the_sync_and_status_says_why() {
+    let net = Net::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mut relay = relay_to_b(
+        &net,
+        dir.path(),
+        &["--delay", "5ms", "--loss", "20", "--seed", "11"],
+    );
+    let p = NsPair::new(&net, &format!("127.0.0.1:{PORT}"), "");
+    write_random(&p.primary.path("vm.img"), 8, 2);
+    let (v, ok, err) = p.sync_bg(300).join().unwrap();
+    assert!(
+        ok,
+        "sync failed: {v} {err}\nreplica log:\n{}",
+        p.replica.log_text()
+    );
+    // Slower, never wrong.
+    p.identical("vm.img");
+    let r = &v["replicas"][0];
+    let (sent, lost) = (
+        r["packets_sent"].as_u64().unwrap(),
+        r["packets_lost"].as_u64().unwrap(),
+    );
+    assert!(
+        lost * 100 >= sent * 10,
+        "{lost} of {sent} packets lost through a 20% loss path: {v}"
+    );
+    let out = Command::new(FERRY)
+        .arg("status")
+        .arg(&p.primary.mnt)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("the link lost") && text.contains("slows the syncs to this replica"),
+        "status does not say why syncs are slow:\n{text}"
+    );
+    drop(p);
+    relay.terminate();
+}
+
+#[test]
 fn a_cut_link_mid_transfer_delays_the_sync_but_loses_and_resends_nothing() {
     let net = Net::new();
     let dir = tempfile::tempdir().unwrap();

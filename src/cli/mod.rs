@@ -1225,6 +1225,9 @@ fn print_sync(sync: &serde_json::Value) {
             last,
             if r["selected"] == true { "yes" } else { "no" }
         );
+        if let Some(line) = lossy_link(&r["last"], &r["rtt_ms"]) {
+            println!("      {line}");
+        }
         if r["state"] == "failing" {
             println!("      {}", r["state_text"].as_str().unwrap_or("?"));
         } else if r["selected"] == false {
@@ -1234,6 +1237,26 @@ fn print_sync(sync: &serde_json::Value) {
             );
         }
     }
+}
+
+/// Why syncs to a replica are slow when the link is: "the link lost 12.5% of the last sync's
+/// packets (50 ms RTT) ...", once it lost 2% or more. (ferry's congestion controller does not
+/// back off on random loss, but every lost packet is sent again.)
+fn lossy_link(last: &serde_json::Value, rtt_ms: &serde_json::Value) -> Option<String> {
+    let sent = last["packets_sent"].as_u64().filter(|&n| n > 0)?;
+    let share = last["packets_lost"].as_u64()? as f64 / sent as f64;
+    if share < 0.02 {
+        return None;
+    }
+    let rtt = rtt_ms
+        .as_f64()
+        .map(|ms| format!(" ({ms:.0} ms RTT)"))
+        .unwrap_or_default();
+    Some(format!(
+        "the link lost {:.1}% of the last sync's packets{rtt}: each was sent again, so the \
+         link, not ferry, slows the syncs to this replica",
+        share * 100.0
+    ))
 }
 
 /// One row per image that has unsynced changes or that some replica lacks.

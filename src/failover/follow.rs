@@ -111,23 +111,39 @@ impl Agent {
     }
 
     async fn run(mut self) {
+        let ttl = self.cfg.ttl;
         let mut warned = false;
+        // After a failed request (a member restarting, a connection reset), follow again soon:
+        // a campaign that waits a whole ttl to retry comes a ttl late. The wait doubles while
+        // the failures come quickly, up to the ttl.
+        let mut retry = ttl / 16;
         loop {
-            match Etcd::connect(&self.cfg).await {
-                Ok(mut etcd) => match self.follow(&mut etcd).await {
-                    Ok(()) => return,
-                    Err(e) => log::warn!("failover: {e:#}; following again"),
-                },
-                Err(e) if !warned => {
-                    log::error!(
-                        "AUTOMATIC FAILOVER IS OFF for now: {e:#}. This replica goes on \
-                         receiving but will not promote itself; it keeps trying to reach etcd"
-                    );
-                    warned = true;
+            let wait = match Etcd::connect(&self.cfg).await {
+                Ok(mut etcd) => {
+                    let since = Instant::now();
+                    match self.follow(&mut etcd).await {
+                        Ok(()) => return,
+                        Err(e) => log::warn!("failover: {e:#}; following again"),
+                    }
+                    retry = if since.elapsed() > ttl {
+                        ttl / 16
+                    } else {
+                        (retry * 2).min(ttl)
+                    };
+                    retry
                 }
-                Err(_) => {}
-            }
-            tokio::time::sleep(self.cfg.ttl).await;
+                Err(e) => {
+                    if !warned {
+                        log::error!(
+                            "AUTOMATIC FAILOVER IS OFF for now: {e:#}. This replica goes on \
+                             receiving but will not promote itself; it keeps trying to reach etcd"
+                        );
+                        warned = true;
+                    }
+                    ttl
+                }
+            };
+            tokio::time::sleep(wait).await;
         }
     }
 

@@ -158,6 +158,9 @@ pub struct PeerOutcome {
     pub chunks_sent: u64,
     pub patches_sent: u64,
     pub wire_bytes: u64,
+    /// QUIC packets sent to it, and how many of them the link lost (every attempt).
+    pub packets_sent: u64,
+    pub packets_lost: u64,
     pub duration_ms: u64,
     /// Connections it took (a lost connection is retried with backoff; staged chunks are not
     /// sent again).
@@ -1043,6 +1046,8 @@ impl Engine {
             chunks_sent: n(&s.total.chunks_sent),
             patches_sent: n(&s.total.patches_sent),
             wire_bytes: n(&s.total.wire_bytes),
+            packets_sent: n(&s.total.packets_sent),
+            packets_lost: n(&s.total.packets_lost),
             duration_ms: s.took.as_millis() as u64,
             attempts: s.attempts,
             last_attempt_bytes: n(&s.last.bytes_sent),

@@ -92,6 +92,10 @@ pub struct ShipStats {
     pub wire_bytes: AtomicU64,
     /// The connection's round-trip time estimate at the end, in microseconds.
     pub rtt_us: AtomicU64,
+    /// UDP datagrams the connection sent, and how many of them QUIC declared lost: a lossy
+    /// link, not ferry, is then what slows the sync, and status says so.
+    pub packets_sent: AtomicU64,
+    pub packets_lost: AtomicU64,
     /// Bytes of image the replica asked for, and how many of them were sent (for progress).
     pub planned_bytes: AtomicU64,
     pub done_bytes: AtomicU64,
@@ -111,6 +115,8 @@ impl ShipStats {
             (&self.chunks_sent, &o.chunks_sent),
             (&self.patches_sent, &o.patches_sent),
             (&self.wire_bytes, &o.wire_bytes),
+            (&self.packets_sent, &o.packets_sent),
+            (&self.packets_lost, &o.packets_lost),
             (&self.planned_bytes, &o.planned_bytes),
             (&self.done_bytes, &o.done_bytes),
             (&self.chunks_reused, &o.chunks_reused),
@@ -149,9 +155,16 @@ pub async fn ship(
     let conn = reach(ep, addr).await?;
     let r = run(&conn, session, hello, how).await;
     let stats = &how.stats;
+    let c = conn.stats();
     stats
         .wire_bytes
-        .fetch_add(conn.stats().udp_tx.bytes, Ordering::Relaxed);
+        .fetch_add(c.udp_tx.bytes, Ordering::Relaxed);
+    stats
+        .packets_sent
+        .fetch_add(c.path.sent_packets, Ordering::Relaxed);
+    stats
+        .packets_lost
+        .fetch_add(c.path.lost_packets, Ordering::Relaxed);
     stats
         .rtt_us
         .store(conn.rtt().as_micros() as u64, Ordering::Relaxed);
