@@ -238,8 +238,18 @@ async fn refusal_behind(recv: &mut quinn::RecvStream, e: Cause) -> Cause {
     if !matches!(e, Cause::Lost(_)) {
         return e;
     }
-    match tokio::time::timeout(std::time::Duration::from_secs(2), read_frame(recv)).await {
-        Ok(Ok(Some(Frame::Refuse { code, reason }))) => Cause::Refused(Refusal { code, reason }),
+    // Frames the replica queued before its refusal (answers to earlier frames) come first.
+    let refusal = async {
+        loop {
+            match read_frame(recv).await {
+                Ok(Some(Frame::Refuse { code, reason })) => return Some(Refusal { code, reason }),
+                Ok(Some(_)) => continue,
+                _ => return None,
+            }
+        }
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(2), refusal).await {
+        Ok(Some(r)) => Cause::Refused(r),
         _ => e,
     }
 }

@@ -12,22 +12,6 @@ use std::time::{Duration, Instant};
 
 use super::require;
 
-/// A free port outside the kernel's ephemeral range (32768-60999 by default), so that no
-/// outgoing connection of another process takes it between this choice and etcd's bind (ports
-/// from `free_port` are ephemeral ones, and a busy test run reuses them at once).
-fn quiet_port() -> u16 {
-    use std::sync::atomic::AtomicU32;
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    // Each test process starts at its own place in 20000-31999.
-    let start = std::process::id() % 600 * 20;
-    loop {
-        let p = 20_000 + (start + NEXT.fetch_add(1, SeqCst)) % 12_000;
-        if TcpListener::bind(("127.0.0.1", p as u16)).is_ok() {
-            return p as u16;
-        }
-    }
-}
-
 pub struct Member {
     pub name: String,
     pub client: u16,
@@ -51,8 +35,8 @@ impl Cluster {
         let members: Vec<Member> = (0..3)
             .map(|i| Member {
                 name: format!("m{i}"),
-                client: quiet_port(),
-                peer: quiet_port(),
+                client: super::free_port(),
+                peer: super::free_port(),
                 data: dir.path().join(format!("m{i}.etcd")),
                 log: dir.path().join(format!("m{i}.log")),
                 child: None,

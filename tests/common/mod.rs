@@ -244,13 +244,23 @@ pub fn cmp(a: &Path, b: &Path) {
     run(Command::new("cmp").arg(a).arg(b));
 }
 
-/// A free UDP port on loopback.
+/// A port free for UDP and TCP on loopback.
 pub fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+    // Outside the kernel's ephemeral range (32768-60999 by default): a port the kernel hands
+    // out for port 0 is handed out again at once on a busy run, so a daemon that binds it later
+    // (a relay started again after a cut, an etcd member) could find it taken by another
+    // process's outgoing socket. Each test process starts at its own place in 20000-31999.
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id() % 600 * 20;
+    loop {
+        let p = (20_000 + (start + NEXT.fetch_add(1, SeqCst)) % 12_000) as u16;
+        if std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+        {
+            return p;
+        }
+    }
 }
 
 /// `ferry keygen --dir DIR`; returns the fingerprint.
