@@ -3,6 +3,8 @@
 //! An incremental re-chunk takes the stale manifest, the new image and the dirty byte runs, and
 //! runs the scan of `scan.rs` only where the dirty runs can have changed its output:
 //!
+//! * **In place.** Runs inside one data chunk that provably move none of its cuts (most small
+//!   writes into data; see `inplace.rs`) only re-hash that chunk; the scan never sees them.
 //! * **Restart.** Before each run starting at `a`, walk back from the stale entry holding byte
 //!   `a - 1` to the first entry start `s` whose scan state the change cannot reach. The scan
 //!   decides a data chunk's cut from its own bytes, the first byte after the cut, and whether a
@@ -37,6 +39,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use super::inplace::{InPlace, rehash_in_place};
 use super::scan::{End, ScanStats, Scanner, Start};
 use super::{ChunkParams, Source, align_down};
 use crate::manifest::{Entry, Kind, Manifest};
@@ -112,6 +115,11 @@ pub fn rechunk_tuned(
     let p = stale.params();
     let new_size = src.size();
     let runs = normalize(dirty, stale.size(), new_size);
+    let InPlace {
+        rehashed,
+        rest: runs,
+        mut stats,
+    } = rehash_in_place(stale, src, &runs)?;
     let hint = |q: u64| -> io::Result<u64> {
         Ok(src
             .known_zero_until(q)?
@@ -178,7 +186,6 @@ pub fn rechunk_tuned(
     // Join the pieces in order. `tail` is the real scan's state where `out` ends.
     let mut out: Vec<Entry> = Vec::with_capacity(stale.entries().len() + 16);
     let mut tail = Some(Start::Data(0));
-    let mut stats = ScanStats::default();
     for (task, result) in tasks.iter().zip(results) {
         let Some(state) = tail else { break };
         let done = result?;
@@ -219,6 +226,18 @@ pub fn rechunk_tuned(
             out.extend_from_slice(&d.entries);
         }
         _ => {}
+    }
+    // Chunks re-hashed in place kept their bounds; where the scan did not pass over them, `out`
+    // holds their stale entries (where it did, the same bounds and the same new id).
+    for (i, hash) in rehashed {
+        let e = stale.entries()[i];
+        let k = out.partition_point(|o| o.offset < e.offset);
+        if let Some(o) = out
+            .get_mut(k)
+            .filter(|o| o.offset == e.offset && o.len == e.len)
+        {
+            o.kind = Kind::Data(hash);
+        }
     }
     let m = Manifest::new(p, new_size, out).map_err(|e| {
         io::Error::other(format!(
