@@ -208,6 +208,33 @@ fn check(params: ChunkParams, parts: &[(u64, Fill)], ops: &[Op], holes: bool, tu
         full.entries(),
         "split full != full, {tuning:?}"
     );
+    // The same places written again with other bytes: chunks re-hashed in place above are now
+    // re-hashed from their cached pieces.
+    let mut bytes = new.bytes.clone();
+    let dirty = apply(&mut bytes, &full, &other_bytes(ops));
+    let newer = Image { bytes, holes };
+    let (inc, _) = rechunk(&full, &newer, &dirty).unwrap();
+    assert_eq!(
+        inc.entries(),
+        chunk_full(&newer, params).unwrap().0.entries(),
+        "second incremental != full for dirty {dirty:?}"
+    );
+}
+
+/// The same operations writing other bytes (zeros stay zeros).
+fn other_bytes(ops: &[Op]) -> Vec<Op> {
+    let other = |f: &Fill| match f {
+        Fill::Random(seed) => Fill::Random(seed.wrapping_add(1)),
+        Fill::Zero => Fill::Zero,
+        Fill::Byte(b) => Fill::Byte(b.wrapping_add(1)),
+    };
+    ops.iter()
+        .map(|op| match op {
+            Op::Write(at, len, f) => Op::Write(at.clone(), *len, other(f)),
+            Op::WriteTo(at, len, f) => Op::WriteTo(at.clone(), *len, other(f)),
+            Op::Truncate(n) => Op::Truncate(*n),
+        })
+        .collect()
 }
 
 fn tuning_strategy() -> impl Strategy<Value = Tuning> {
@@ -241,6 +268,22 @@ proptest! {
     ) {
         let tuning = Tuning { split, overshoot: 4 * 262_144 + 16_384 };
         check(ChunkParams::default(), &parts, &ops, true, tuning);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// Chunks of several 8 KiB pieces, so the second round re-hashes from cached pieces.
+    #[test]
+    fn incremental_equals_full_with_chunks_of_several_pieces(
+        parts in image_strategy(),
+        ops in prop::collection::vec(op_strategy(), 0..8),
+        holes in any::<bool>(),
+        tuning in tuning_strategy(),
+    ) {
+        let p = ChunkParams { min_size: 4096, avg_size: 16_384, max_size: 65_536, zero_min: 4096 };
+        check(p, &parts, &ops, holes, tuning);
     }
 }
 

@@ -24,7 +24,9 @@
 //! * *Neighbours.* The entries before `a` depend on bytes up to `a + 1` and on zero runs; the
 //!   entries from `b` on depend only on bytes from `b` on.
 //!
-//! The chunk's new id is then the BLAKE3 hash of its new bytes. What the checks refuse goes to
+//! The chunk's new id is then the BLAKE3 hash of its new bytes: of the pieces the runs changed,
+//! merged with the cached values of the others, when the old bytes were hashed this way before
+//! (`pieces.rs`). What the checks refuse goes to
 //! the full scan of `rechunk.rs`, so the result never depends on this path (invariant 1; the
 //! property tests in tests/rechunk.rs write at every distance from a cut).
 
@@ -34,6 +36,7 @@ use std::ops::Range;
 use fastcdc::v2020::{self, Normalization};
 use rayon::prelude::*;
 
+use super::pieces;
 use super::scan::ScanStats;
 use super::{ChunkParams, Source, ZERO_BLOCK, align_down, is_zero};
 use crate::manifest::{Kind, Manifest};
@@ -85,20 +88,18 @@ pub(super) fn rehash_in_place(
     }
 
     let cut = CutRule::new(stale.params());
-    let results: Vec<io::Result<Option<blake3::Hash>>> = candidates
+    let results: Vec<io::Result<Rehashed>> = candidates
         .par_iter()
         .map(|c| rehash(stale, src, &cut, c, runs))
         .collect();
     let mut rehashed = Vec::with_capacity(candidates.len());
     let mut stats = ScanStats::default();
     for (c, r) in candidates.iter().zip(results) {
-        let len = stale.entries()[c.index].len;
-        stats.bytes_read += len;
-        match r? {
-            Some(h) => {
-                stats.bytes_hashed += len;
-                rehashed.push((c.index, h));
-            }
+        let r = r?;
+        stats.bytes_read += r.read;
+        stats.bytes_hashed += r.hashed;
+        match r.id {
+            Some(h) => rehashed.push((c.index, h)),
             None => rest.extend_from_slice(&runs[c.runs.clone()]),
         }
     }
@@ -121,28 +122,93 @@ fn candidate_entry(stale: &Manifest, src: &dyn Source, x: u64) -> Option<usize> 
     (matches!(e.kind, Kind::Data(_)) && e.offset + 2 <= x).then_some(i)
 }
 
-/// Reads the chunk, checks that its runs move no cut, and hashes it; `None` when they may.
+/// A chunk's new id, and what finding it read and hashed.
+struct Rehashed {
+    id: Option<blake3::Hash>,
+    read: u64,
+    hashed: u64,
+}
+
+/// Checks that the chunk's runs move no cut and hashes its new bytes: only the pieces the runs
+/// reach when the old bytes' piece values are cached (see `pieces.rs`), else the whole chunk.
+/// `id` is `None` when the runs may move a cut.
 fn rehash(
     stale: &Manifest,
     src: &dyn Source,
     cut: &CutRule,
     c: &Candidate,
     runs: &[Range<u64>],
-) -> io::Result<Option<blake3::Hash>> {
+) -> io::Result<Rehashed> {
     let e = stale.entries()[c.index];
-    let mut buf = vec![0u8; e.len as usize];
-    src.read_at(&mut buf, e.offset)?;
+    let runs = &runs[c.runs.clone()];
+    let len = e.len as usize;
     let local = |x: u64| (x - e.offset) as usize;
-    for r in &runs[c.runs.clone()] {
+    let cached = match e.kind {
+        Kind::Data(old) if len > pieces::PIECE => {
+            pieces::get(&old).filter(|v| v.len() == pieces::count(len))
+        }
+        _ => None,
+    };
+    // What to read: whole pieces around each run and the positions it reaches, or everything.
+    let mut reach: Vec<Range<usize>> = Vec::new();
+    match cached {
+        Some(_) => {
+            for r in runs {
+                let from = local(r.start).saturating_sub(REACH as usize) / pieces::PIECE;
+                let to = local((r.end + REACH).min(e.end())).div_ceil(pieces::PIECE);
+                match reach.last_mut() {
+                    Some(last) if last.end >= from => last.end = to,
+                    _ => reach.push(from..to),
+                }
+            }
+        }
+        None => reach.push(0..pieces::count(len)),
+    }
+    let bytes = |p: &Range<usize>| p.start * pieces::PIECE..(p.end * pieces::PIECE).min(len);
+    let mut buf = vec![0u8; len];
+    let mut read = 0;
+    for p in &reach {
+        let b = bytes(p);
+        read += b.len() as u64;
+        src.read_at(&mut buf[b.clone()], e.offset + b.start as u64)?;
+    }
+    let refused = Rehashed {
+        id: None,
+        read,
+        hashed: 0,
+    };
+    for r in runs {
         if !blocks_keep_a_nonzero_byte(&buf, e.offset, r) {
-            return Ok(None);
+            return Ok(refused);
         }
         let to = (r.end + REACH).min(e.end());
         if cut.fires_in(&buf, local(r.start), local(to)) {
-            return Ok(None);
+            return Ok(refused);
         }
     }
-    Ok(Some(blake3::hash(&buf)))
+    if len <= pieces::PIECE {
+        return Ok(Rehashed {
+            id: Some(blake3::hash(&buf)),
+            read,
+            hashed: len as u64,
+        });
+    }
+    let mut values = cached.map_or_else(|| vec![[0; 32]; pieces::count(len)], |v| v.to_vec());
+    let mut hashed = 0;
+    for p in &reach {
+        for i in p.clone() {
+            let b = &buf[bytes(&(i..i + 1))];
+            values[i] = pieces::value(i, b);
+            hashed += b.len() as u64;
+        }
+    }
+    let id = pieces::root(&values, len);
+    pieces::put(id, values);
+    Ok(Rehashed {
+        id: Some(id),
+        read,
+        hashed,
+    })
 }
 
 /// True when every aligned block that `r` touches holds a non-zero byte inside `r`. `buf` holds

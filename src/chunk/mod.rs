@@ -8,6 +8,7 @@
 //! again, so the result equals a full scan exactly (DESIGN.md invariant 1).
 
 mod inplace;
+mod pieces;
 mod rechunk;
 mod scan;
 mod source;
