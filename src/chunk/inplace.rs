@@ -75,6 +75,12 @@ pub(super) fn rehash_in_place(
             continue;
         };
         let e = stale.entries()[index];
+        if i > 0 && runs[i - 1].end > e.offset {
+            // An earlier run reaches into this chunk too: the scan takes them all.
+            rest.push(runs[i].clone());
+            i += 1;
+            continue;
+        }
         let mut j = i;
         while j < runs.len() && runs[j].start < e.end() {
             j += 1;
