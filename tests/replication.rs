@@ -658,3 +658,56 @@ time.sleep(120)
         "the kernel wrote the data back before the sync: nothing was tested"
     );
 }
+
+/// Without CAP_NET_ADMIN the kernel grants UDP socket buffers only up to net.core.rmem_max and
+/// wmem_max (on Debian 208 KiB by default): bursts are dropped and sent again. The sync still
+/// commits the right bytes, and status says why syncs may be slow and what to do.
+#[test]
+fn a_kernel_that_caps_the_socket_buffers_slows_nothing_silently() {
+    require("setpriv", "util-linux");
+    let sysctl = |name: &str| -> usize {
+        fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let cap = sysctl("rmem_max").min(sysctl("wmem_max"));
+    if cap >= 16 << 20 {
+        eprintln!(
+            "skipped: net.core.rmem_max and wmem_max allow the 16 MiB ferry asks for, so \
+             nothing caps the buffers on this machine"
+        );
+        return;
+    }
+    let p = Pair::launched(
+        &["setpriv", "--bounding-set", "-net_admin"],
+        &[],
+        "",
+        "",
+        |_| {},
+    );
+    fs::write(p.primary.path("vm.img"), random(24 << 20, 5)).unwrap();
+    p.sync_ok();
+    identical(&p, "vm.img");
+    let status = p.primary.status();
+    assert_eq!(
+        status["sync"]["udp_buffer_capped"].as_u64(),
+        Some(cap as u64),
+        "{status}"
+    );
+    let text = String::from_utf8_lossy(
+        &run(Command::new(common::FERRY)
+            .arg("status")
+            .arg(&p.primary.mnt))
+        .stdout,
+    )
+    .into_owned();
+    assert!(
+        text.contains(&format!(
+            "the kernel granted UDP socket buffers of {} KiB",
+            cap / 1024
+        )) && text.contains("raise net.core.rmem_max and net.core.wmem_max"),
+        "status does not say why syncs may be slow:\n{text}"
+    );
+}

@@ -1180,6 +1180,9 @@ fn print_sync(sync: &serde_json::Value) {
             sync["required"]
         );
     }
+    if let Some(got) = sync["udp_buffer_capped"].as_u64() {
+        println!("  {}", net::transport::capped_buffer_words(got as usize));
+    }
     let run = &sync["running"];
     if run.is_object() {
         println!(

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{Context, Result, bail};
 
@@ -147,15 +148,38 @@ fn grow_buffers(s: &socket2::Socket) {
     let _ = set(libc::SO_RCVBUFFORCE) || set(libc::SO_RCVBUF);
     let _ = set(libc::SO_SNDBUFFORCE) || set(libc::SO_SNDBUF);
     // The kernel reports twice what it was asked (its bookkeeping included).
-    match s.recv_buffer_size() {
-        Ok(got) if got / 2 < SOCKET_BUFFER => log::warn!(
-            "UDP receive buffer is {} KiB, not the {} KiB wanted: bursts may be dropped and sent \
-             again; raise net.core.rmem_max (sysctl) or run as root",
-            got / 2 / 1024,
-            SOCKET_BUFFER / 1024
-        ),
-        _ => {}
+    let got = [s.recv_buffer_size(), s.send_buffer_size()]
+        .into_iter()
+        .filter_map(|r| r.ok())
+        .map(|b| b / 2)
+        .min();
+    if let Some(got) = got.filter(|&g| g < SOCKET_BUFFER) {
+        SMALLEST_BUFFER.fetch_min(got, Ordering::Relaxed);
+        log::warn!("{}", capped_buffer_words(got));
     }
+}
+
+/// The smallest socket buffer this process was granted, if below [`SOCKET_BUFFER`].
+static SMALLEST_BUFFER: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+/// The UDP socket buffer size (bytes) the kernel granted this process's endpoints when it is
+/// less than [`SOCKET_BUFFER`] (capped by `net.core.rmem_max`/`wmem_max` without
+/// CAP_NET_ADMIN), for status to say why syncs may be slow.
+pub fn capped_buffer() -> Option<usize> {
+    Some(SMALLEST_BUFFER.load(Ordering::Relaxed)).filter(|&b| b < SOCKET_BUFFER)
+}
+
+/// What a capped socket buffer means and what to do, in words.
+pub fn capped_buffer_words(got: usize) -> String {
+    format!(
+        "the kernel granted UDP socket buffers of {} KiB, not the {} KiB ferry asks for: a burst \
+         overflows them, the kernel drops datagrams and QUIC sends them again, which slows syncs; \
+         raise net.core.rmem_max and net.core.wmem_max to at least {} (sysctl) or run ferry as \
+         root",
+        got / 1024,
+        SOCKET_BUFFER / 1024,
+        SOCKET_BUFFER
+    )
 }
 
 /// Why a connection could not be made.

@@ -1209,6 +1209,7 @@ impl Engine {
         let mut v = self.board.json();
         v["outside"] = serde_json::to_value(self.outside.findings()).unwrap_or_default();
         v["outside_watch"] = self.outside.watching().into();
+        v["udp_buffer_capped"] = crate::net::transport::capped_buffer().into();
         v
     }
 }

@@ -477,6 +477,18 @@ impl Pair {
         replica: &str,
         adjust: impl FnOnce(&mut Mount),
     ) -> Pair {
+        Pair::launched(&[], env, toml, replica, adjust)
+    }
+
+    /// A pair whose mount daemon is started through `launcher` (a command and its arguments
+    /// that run the rest, e.g. `setpriv` dropping a capability).
+    pub fn launched(
+        launcher: &[&str],
+        env: &[(&str, &str)],
+        toml: &str,
+        replica: &str,
+        adjust: impl FnOnce(&mut Mount),
+    ) -> Pair {
         let mut primary = Mount::prepare_with("", toml);
         adjust(&mut primary);
 
@@ -484,7 +496,14 @@ impl Pair {
         let replica = Replica::with(&[&fp], replica);
         let config = std::fs::read_to_string(&primary.config).unwrap() + &replica.peer_toml();
         std::fs::write(&primary.config, config).unwrap();
-        let mut cmd = Command::new(FERRY);
+        let mut cmd = match launcher {
+            [] => Command::new(FERRY),
+            [first, rest @ ..] => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(FERRY);
+                c
+            }
+        };
         cmd.arg("mount")
             .arg(&primary.source)
             .arg(&primary.mnt)
