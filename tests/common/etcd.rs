@@ -31,6 +31,7 @@ impl Cluster {
     /// Three members, started and healthy.
     pub fn start() -> Cluster {
         require("etcd", "etcd-server");
+        require("etcdctl", "etcd-client");
         let dir = tempfile::tempdir().unwrap();
         let members: Vec<Member> = (0..3)
             .map(|i| Member {
