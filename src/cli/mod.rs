@@ -905,8 +905,11 @@ fn replica_status(config: &std::path::Path, pid: serde_json::Value) -> Result<se
             };
             let points = view.points();
             let newest = points.last();
-            let staged = std::fs::metadata(rc.store.join(&ns.name).join(".ferry/staging/journal"))
-                .map_or(0, |m| m.len());
+            let staging = rc.store.join(&ns.name).join(".ferry/staging");
+            let staged: u64 = ["journal", "patches"]
+                .iter()
+                .map(|f| std::fs::metadata(staging.join(f)).map_or(0, |m| m.len()))
+                .sum();
             serde_json::json!({
                 "primary": ns.name,
                 "fingerprint": ns.fingerprint,

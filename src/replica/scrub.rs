@@ -196,7 +196,11 @@ impl Store {
         let f = OpenOptions::new().write(true).open(&file)?;
         let data = match e.kind {
             Kind::Zero => {
-                write_entry(&f, e, &self.journal)?;
+                let staged = super::Staged {
+                    journal: &self.journal,
+                    patches: &self.patches,
+                };
+                write_entry(&f, path, e, &staged)?;
                 f.sync_data()?;
                 return Ok(State::Repaired);
             }
