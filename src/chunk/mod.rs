@@ -13,6 +13,7 @@ mod rechunk;
 mod scan;
 mod source;
 
+pub use pieces::overlay_id;
 pub use rechunk::{Tuning, chunk_full, rechunk, rechunk_tuned};
 pub use scan::ScanStats;
 pub use source::{FileSource, Source, hole_end};

@@ -97,6 +97,55 @@ fn insert(c: &mut Cache, id: Hash, v: Arc<[ChainingValue]>) {
     }
 }
 
+/// The id of a chunk of `len` bytes that is chunk `base`'s bytes (read through `read`: offset in
+/// the chunk, buffer) with `ranges` (offset in the chunk, bytes; inside it) laid over: what a
+/// replica checks a patch by. With `base`'s piece values cached, only the pieces the ranges
+/// touch are read and hashed; otherwise the whole chunk. The result's values are cached, so the
+/// next patch of the same chunk is cheap too. Returns the id and the bytes read.
+pub fn overlay_id(
+    base: Option<&Hash>,
+    len: usize,
+    ranges: &[(usize, &[u8])],
+    read: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+) -> std::io::Result<(Hash, u64)> {
+    let lay = |at: usize, buf: &mut [u8]| {
+        for (r, bytes) in ranges {
+            let (from, to) = ((*r).max(at), (r + bytes.len()).min(at + buf.len()));
+            if from < to {
+                buf[from - at..to - at].copy_from_slice(&bytes[from - r..to - r]);
+            }
+        }
+    };
+    if len <= PIECE {
+        let mut buf = vec![0u8; len];
+        read(0, &mut buf)?;
+        lay(0, &mut buf);
+        return Ok((blake3::hash(&buf), len as u64));
+    }
+    let n = count(len);
+    let cached = base.and_then(get).filter(|v| v.len() == n);
+    let mut touched = vec![cached.is_none(); n];
+    for (r, bytes) in ranges.iter().filter(|(_, b)| !b.is_empty()) {
+        for t in &mut touched[r / PIECE..=(r + bytes.len() - 1) / PIECE] {
+            *t = true;
+        }
+    }
+    let mut values = cached.map_or_else(|| vec![[0; 32]; n], |v| v.to_vec());
+    let mut buf = vec![0u8; PIECE];
+    let mut read_bytes = 0;
+    for i in (0..n).filter(|&i| touched[i]) {
+        let at = i * PIECE;
+        let piece = &mut buf[..PIECE.min(len - at)];
+        read(at as u64, piece)?;
+        read_bytes += piece.len() as u64;
+        lay(at, piece);
+        values[i] = value(i, piece);
+    }
+    let id = root(&values, len);
+    put(id, values);
+    Ok((id, read_bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,5 +171,58 @@ mod tests {
                 .collect();
             assert_eq!(root(&values, len), blake3::hash(bytes), "{len} bytes");
         }
+    }
+
+    /// A patch's id from the cached pieces of its base equals the hash of the patched bytes,
+    /// reading only the touched pieces once the base's values are known; and without them
+    /// (first touch, or a base the cache never saw) the whole chunk is read.
+    #[test]
+    fn an_overlay_is_hashed_by_its_touched_pieces_once_the_base_is_known() {
+        let base = random(65_536 + 300, 9);
+        let len = base.len();
+        let mut read = |at: u64, buf: &mut [u8]| {
+            buf.copy_from_slice(&base[at as usize..at as usize + buf.len()]);
+            Ok(())
+        };
+        let patch1: Vec<(usize, Vec<u8>)> = vec![(100, vec![1; 50]), (8190, vec![2; 10])];
+        let patch2: Vec<(usize, Vec<u8>)> = vec![(65_600, vec![3; 200])];
+        let laid = |b: &[u8], p: &[(usize, Vec<u8>)]| {
+            let mut v = b.to_vec();
+            for (at, bytes) in p {
+                v[*at..*at + bytes.len()].copy_from_slice(bytes);
+            }
+            v
+        };
+        fn as_ranges(p: &[(usize, Vec<u8>)]) -> Vec<(usize, &[u8])> {
+            p.iter().map(|(a, b)| (*a, b.as_slice())).collect()
+        }
+        let base_id = blake3::hash(&base);
+        // The base never seen: everything is read.
+        let (id1, n) = overlay_id(Some(&base_id), len, &as_ranges(&patch1), &mut read).unwrap();
+        let one = laid(&base, &patch1);
+        assert_eq!(id1, blake3::hash(&one));
+        assert_eq!(n, len as u64);
+        // Its result's values are cached: the next patch reads one piece (the last, short one).
+        let mut read_one = |at: u64, buf: &mut [u8]| {
+            buf.copy_from_slice(&one[at as usize..at as usize + buf.len()]);
+            Ok(())
+        };
+        let (id2, n) = overlay_id(Some(&id1), len, &as_ranges(&patch2), &mut read_one).unwrap();
+        assert_eq!(id2, blake3::hash(&laid(&one, &patch2)));
+        assert_eq!(n, (len - 8 * PIECE) as u64);
+        // Ranges across a piece boundary touch both pieces.
+        let p3 = vec![(2 * PIECE - 3, vec![4; 6])];
+        let (id3, n) = overlay_id(Some(&id1), len, &as_ranges(&p3), &mut read_one).unwrap();
+        assert_eq!(id3, blake3::hash(&laid(&one, &p3)));
+        assert_eq!(n, 2 * PIECE as u64);
+        // A small chunk is hashed whole.
+        let small = &base[..1000];
+        let mut read_small = |at: u64, buf: &mut [u8]| {
+            buf.copy_from_slice(&small[at as usize..at as usize + buf.len()]);
+            Ok(())
+        };
+        let p4 = vec![(999, vec![5])];
+        let (id4, _) = overlay_id(None, 1000, &as_ranges(&p4), &mut read_small).unwrap();
+        assert_eq!(id4, blake3::hash(&laid(small, &p4)));
     }
 }

@@ -13,8 +13,12 @@ pub use intent::{DEFAULT_EXTENT_SIZE, FILE_NAME, IntentError, IntentLog, Recover
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-/// How many ranges a [`RangeSet`] holds before it coarsens, by default.
-pub const DEFAULT_LIMIT: usize = 16384;
+/// How many ranges a [`RangeSet`] holds before it coarsens, by default: about 2 MiB of map
+/// (29 bytes a range, measured), and 5 s of random 4 KiB writes at 50 MB/s. At 16,384 the set
+/// coarsened after 1.3 s of such writes, and a sync point that fell that far behind then
+/// re-read and shipped gaps four times the size of the writes, and fell further behind
+/// (docs/BENCHMARKS.md, "A one-second RPO under load").
+pub const DEFAULT_LIMIT: usize = 65536;
 
 /// Sorted, disjoint, non-adjacent half-open byte ranges of one image. Adjacent or overlapping
 /// inserts merge. Memory is bounded: when the number of ranges exceeds `limit`, the ranges with

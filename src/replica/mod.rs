@@ -788,31 +788,64 @@ impl ReplicaStore for Store {
         self.journal.append(hash, data)
     }
 
-    /// Keeps the ranges alone: the committed bytes around them stay where they are until the
-    /// generation is applied (see `patches`).
+    /// Checks the patch by the pieces it touches when the committed chunk at its place was
+    /// hashed as pieces before (`chunk::overlay_id`), and keeps the ranges alone: the
+    /// committed bytes around them stay where they are until the generation is applied (see
+    /// `patches`).
     fn stage_patch(
         &mut self,
         hash: &Hash,
         path: &str,
         offset: u64,
+        len: u64,
         ranges: &[(u64, serde_bytes::ByteBuf)],
-        data: &[u8],
-    ) -> io::Result<()> {
+    ) -> io::Result<bool> {
         crate::fault::point("replica.journal.append")?;
-        if self.journal.contains(hash) {
-            return Ok(());
+        if self.journal.contains(hash) || self.patches.contains(hash) {
+            return Ok(true);
+        }
+        let Some(m) = self.manifests.get(path) else {
+            return Ok(false);
+        };
+        let base = m
+            .index_starting_at(offset)
+            .map(|i| m.entries()[i])
+            .filter(|e| e.len == len)
+            .and_then(|e| e.hash());
+        let Ok(f) = File::open(self.root.join(path)) else {
+            return Ok(false);
+        };
+        let size = f.metadata()?.len();
+        let mut read = |at: u64, buf: &mut [u8]| -> io::Result<()> {
+            let at = offset + at;
+            let avail = size.saturating_sub(at).min(buf.len() as u64) as usize;
+            buf[avail..].fill(0);
+            f.read_exact_at(&mut buf[..avail], at)
+        };
+        let parts: Vec<(usize, &[u8])> = ranges
+            .iter()
+            .map(|(at, b)| (*at as usize, b.as_slice()))
+            .collect();
+        let Ok((id, _)) = crate::chunk::overlay_id(base.as_ref(), len as usize, &parts, &mut read)
+        else {
+            return Ok(false);
+        };
+        if id.as_bytes() != hash {
+            return Ok(false);
         }
         debug_assert_eq!(self.patches.generation(), self.record.generation);
-        self.patches.append(&Patch {
-            hash: *hash,
-            path: path.to_string(),
-            offset,
-            len: data.len() as u32,
-            ranges: ranges
-                .iter()
-                .map(|(at, b)| (*at as u32, b.to_vec()))
-                .collect(),
-        })
+        self.patches
+            .append(&Patch {
+                hash: *hash,
+                path: path.to_string(),
+                offset,
+                len: len as u32,
+                ranges: ranges
+                    .iter()
+                    .map(|(at, b)| (*at as u32, b.to_vec()))
+                    .collect(),
+            })
+            .map(|()| true)
     }
 
     fn room_for(&self, images: &BTreeMap<String, Manifest>) -> std::result::Result<(), String> {
@@ -1145,9 +1178,11 @@ mod tests {
                     }
                     ranges.push((start as u64, serde_bytes::ByteBuf::from(&data[start..i])));
                 }
-                store
-                    .stage_patch(h.as_bytes(), path, e.offset, &ranges, data)
-                    .unwrap();
+                assert!(
+                    store
+                        .stage_patch(h.as_bytes(), path, e.offset, e.len, &ranges)
+                        .unwrap()
+                );
                 patched += 1;
             }
         }
@@ -1182,6 +1217,55 @@ mod tests {
         let store = Store::open(dir.path(), params()).unwrap();
         assert_eq!(store.generation().0, 1);
         assert_eq!(fs::read(dir.path().join("img")).unwrap(), new);
+    }
+
+    /// With chunks of several 8 KiB pieces, a patch is checked by the pieces it touches once
+    /// the chunk it patches was hashed as pieces (by the patch before): the image is right after
+    /// each of three rounds of writes to the same chunks, and a base that does not hold what the
+    /// patch was made on is refused (the primary then sends the chunk whole).
+    #[test]
+    fn patches_of_large_chunks_are_checked_by_their_pieces_round_after_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let params = ChunkParams::new(16384, 65536, 262144).unwrap();
+        let mut img = random(2 << 20, 4);
+        fs::write(dir.path().join("img"), &img).unwrap();
+        let mut store = Store::open(dir.path(), params).unwrap();
+        for round in 1..=3u8 {
+            for at in [100_000usize, 700_001, 1_500_000] {
+                img[at..at + 4096].fill(round);
+            }
+            let g = Generation {
+                number: round as u64,
+                group_root: [round; 32],
+                changes: vec![],
+                images: BTreeMap::from([("img".to_string(), chunk_full(&img, params).unwrap().0)]),
+            };
+            let patched = stage_as_patches(&mut store, &g, &BTreeMap::from([("img", img.clone())]));
+            assert!(patched >= 3, "round {round}: {patched} patches");
+            store.commit(&g).unwrap();
+            assert_eq!(
+                fs::read(dir.path().join("img")).unwrap(),
+                img,
+                "round {round}"
+            );
+        }
+        // A base damaged outside the patch's ranges, in a chunk never hashed as pieces: refused.
+        let m = store.manifest("img").unwrap().clone();
+        let e = m.entries()[m.entries().len() / 2];
+        flip_byte(&dir.path().join("img"), e.offset + 10);
+        let mut want = img[e.offset as usize..e.end() as usize].to_vec();
+        want[e.len as usize - 1] ^= 0xff;
+        let h = *blake3::hash(&want).as_bytes();
+        let ranges = vec![(
+            e.len - 1,
+            serde_bytes::ByteBuf::from(vec![want[e.len as usize - 1]]),
+        )];
+        assert!(
+            !store
+                .stage_patch(&h, "img", e.offset, e.len, &ranges)
+                .unwrap()
+        );
+        assert!(!store.have(&h));
     }
 
     /// A patched chunk that the generation also puts somewhere else (another image, or its own

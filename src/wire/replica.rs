@@ -32,19 +32,29 @@ pub trait ReplicaStore {
     fn base_bytes(&self, path: &str, offset: u64, len: u64) -> std::io::Result<Vec<u8>>;
     /// Stages a verified chunk.
     fn stage(&mut self, hash: &Hash, data: &[u8]) -> std::io::Result<()>;
-    /// Stages a verified chunk that came as a patch: `data` is the whole chunk, the committed
-    /// bytes of `path` at `offset` with `ranges` (offsets in the chunk) laid over. A store may
-    /// keep the ranges alone, as long as it commits the same bytes.
+    /// Stages chunk `hash`, sent as a patch: the committed bytes of `path` at
+    /// `[offset, offset + len)` (zeros past its end) with `ranges` (offsets in the chunk,
+    /// inside it) laid over. `Ok(false)`, staging nothing, when they do not make `hash` or the
+    /// base cannot be read (the primary then sends the chunk whole). A store may keep the
+    /// ranges alone, as long as it commits the same bytes.
     fn stage_patch(
         &mut self,
         hash: &Hash,
         path: &str,
         offset: u64,
+        len: u64,
         ranges: &[(u64, serde_bytes::ByteBuf)],
-        data: &[u8],
-    ) -> std::io::Result<()> {
-        let _ = (path, offset, ranges);
-        self.stage(hash, data)
+    ) -> std::io::Result<bool> {
+        let Ok(mut bytes) = self.base_bytes(path, offset, len) else {
+            return Ok(false);
+        };
+        for (at, data) in ranges {
+            bytes[*at as usize..*at as usize + data.len()].copy_from_slice(data);
+        }
+        if *blake3::hash(&bytes).as_bytes() != *hash {
+            return Ok(false);
+        }
+        self.stage(hash, &bytes).map(|()| true)
     }
     /// Commits and applies a generation whose chunks are all stored or staged.
     fn commit(&mut self, g: &Generation) -> anyhow::Result<()>;
@@ -559,24 +569,20 @@ impl Pending {
         if !valid_path(path) || len > store.params().max_size as u64 {
             return need_full();
         }
-        let Ok(mut bytes) = store.base_bytes(path, offset, len) else {
-            return need_full();
-        };
-        // The base's own hash (`base`) is not checked: the result's is, which a wrong base
-        // fails as surely, and hashing both cost a second pass over every patched chunk.
         for (off, data) in ranges {
-            let end = off.checked_add(data.len() as u64);
-            match end {
-                Some(end) if end <= len => bytes[*off as usize..end as usize].copy_from_slice(data),
+            match off.checked_add(data.len() as u64) {
+                Some(end) if end <= len => {}
                 _ => return Err("patch range outside its chunk".into()),
             }
         }
-        if *blake3::hash(&bytes).as_bytes() != hash {
+        // The base's own hash (`base`) is not checked: the result's is, which a wrong base
+        // fails as surely.
+        let staged = store
+            .stage_patch(&hash, path, offset, len, ranges)
+            .map_err(|e| Refusal::store(format!("cannot stage chunk {}: {e}", hex(&hash)), &e))?;
+        if !staged {
             return need_full();
         }
-        store
-            .stage_patch(&hash, path, offset, ranges, &bytes)
-            .map_err(|e| Refusal::store(format!("cannot stage chunk {}: {e}", hex(&hash)), &e))?;
         self.outstanding.remove(&hash);
         self.maybe_commit(store)
     }
