@@ -8,6 +8,7 @@ pub mod plan;
 pub mod primary;
 pub mod replica;
 pub mod scrub;
+pub mod squeeze;
 
 pub use frame::{Frame, FrameError, MAX_FRAME, VERSION};
 

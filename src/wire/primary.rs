@@ -836,12 +836,7 @@ pub fn make_frame(job: &Job, src: &dyn ChunkSource) -> Result<(Frame, u64), Stri
                     "{path} changed at {offset} since the sync point: sync again"
                 ));
             }
-            let packed = zstd::bulk::compress(&data, 1).unwrap_or_default();
-            let (zstd, data) = if !packed.is_empty() && packed.len() * 10 < data.len() * 9 {
-                (true, packed)
-            } else {
-                (false, data)
-            };
+            let (zstd, data) = super::squeeze::pack(data);
             let n = data.len() as u64;
             Ok((
                 Frame::Chunk {

@@ -518,7 +518,7 @@ impl Pending {
         }
         let raw = if zstd {
             let max = store.params().max_size as usize;
-            zstd::bulk::decompress(&data, max).map_err(|e| {
+            super::squeeze::unpack(&data, max).map_err(|e| {
                 Refusal::new(
                     RefuseCode::Corrupt,
                     format!("chunk {} does not decompress: {e}", hex(&hash)),
