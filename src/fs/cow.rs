@@ -8,6 +8,12 @@
 //! the guest keeps writing (invariant 3). Images are found by (device, inode), so renames and
 //! unlinks after the freeze change nothing. Saved blocks live in memory up to a bound, then in a
 //! spill file under the mount's state directory, which is removed when the window closes.
+//!
+//! Once the sync point is cut, the sync knows what the replicas can still ask for (the entries
+//! that differ from what each holds) and narrows the window to those spans
+//! ([`Window::narrow`]): a write elsewhere needs no copy. At a steady 50 MB/s of scattered
+//! writes, the whole-image window copied every block written during a sync (92 MB for a
+//! 1.9 s sync) and spilled to disk past its memory bound.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -49,6 +55,8 @@ pub struct FrozenImage {
     size: u64,
     stamp: Stamp,
     saved: Mutex<BTreeMap<u64, Saved>>,
+    /// The spans still needed (sorted, disjoint), once narrowed; the whole image until then.
+    needed: Mutex<Option<Vec<Range<u64>>>>,
     window: Arc<Shared>,
 }
 
@@ -111,6 +119,7 @@ impl Window {
                 size: m.len(),
                 stamp: Stamp::of(&m),
                 saved: Mutex::new(BTreeMap::new()),
+                needed: Mutex::new(None),
                 window: shared.clone(),
             });
             images.insert((m.dev(), m.ino()), img.clone());
@@ -143,6 +152,15 @@ impl Window {
         img.save(file, range)
     }
 
+    /// From now on, saves only blocks of image `path` that touch `spans` (sorted, disjoint):
+    /// what a sync still reads of it. Blocks saved before stay saved.
+    pub fn narrow(&self, path: &str, spans: Vec<Range<u64>>) {
+        if let Some(img) = self.by_path.get(path) {
+            debug_assert!(spans.windows(2).all(|w| w[0].end <= w[1].start));
+            *img.needed.lock() = Some(spans);
+        }
+    }
+
     /// Bytes saved so far.
     pub fn saved_bytes(&self) -> u64 {
         self.shared.saved_bytes.load(Ordering::Relaxed)
@@ -170,9 +188,18 @@ impl FrozenImage {
             return Ok(());
         }
         let (first, last) = (range.start / BLOCK, (end - 1) / BLOCK);
+        let wanted: Vec<u64> = match &*self.needed.lock() {
+            None => (first..=last).collect(),
+            Some(spans) => (first..=last)
+                .filter(|b| touches(spans, b * BLOCK..(b + 1) * BLOCK))
+                .collect(),
+        };
         let vacant: Vec<u64> = {
             let saved = self.saved.lock();
-            (first..=last).filter(|b| !saved.contains_key(b)).collect()
+            wanted
+                .into_iter()
+                .filter(|b| !saved.contains_key(b))
+                .collect()
         };
         let (Some(&lo), Some(&hi)) = (vacant.first(), vacant.last()) else {
             return Ok(());
@@ -220,6 +247,12 @@ impl FrozenImage {
     pub fn frozen_size(&self) -> u64 {
         self.size
     }
+}
+
+/// Whether `r` overlaps one of `spans` (sorted, disjoint).
+fn touches(spans: &[Range<u64>], r: Range<u64>) -> bool {
+    let i = spans.partition_point(|s| s.end <= r.start);
+    spans.get(i).is_some_and(|s| s.start < r.end)
 }
 
 /// Reads as much of `buf` as the file holds at `off` (zeros past its end).
@@ -376,5 +409,43 @@ mod tests {
             !dir.path().join("spill").exists(),
             "the spill file goes with the window"
         );
+    }
+
+    /// Narrowed to the spans a sync still reads, the window copies only blocks that touch them:
+    /// those read back as at the freeze, and a write elsewhere costs no copy.
+    #[test]
+    fn a_narrowed_window_saves_only_blocks_of_the_spans_still_needed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let before = crate::testutil::random(64 * 1024, 5);
+        std::fs::write(&path, &before).unwrap();
+        let w = Window::open(
+            dir.path(),
+            &["img".into()],
+            &dir.path().join("spill"),
+            1 << 20,
+        )
+        .unwrap();
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let m = f.metadata().unwrap();
+        let key = (m.dev(), m.ino());
+        // A span ending inside block 2 and one starting inside block 9.
+        w.narrow("img", vec![5000..8193, 40_000..40_900]);
+        for off in (0..64 * 1024u64).step_by(4096) {
+            w.before_change(key, &f, off..off + 4096).unwrap();
+            f.write_all_at(&[0xEE; 4096], off).unwrap();
+        }
+        assert_eq!(w.saved_bytes(), 3 * 4096, "blocks 1, 2 and 9 only");
+        let img = &w.images()["img"];
+        for span in [5000..8193usize, 40_000..40_900] {
+            let mut got = vec![0u8; span.len()];
+            img.read_at(&mut got, span.start as u64).unwrap();
+            assert_eq!(got, before[span], "a needed span reads as at the freeze");
+        }
+        assert!(touches(&[0..1, 10..20], 19..30) && !touches(&[0..1, 10..20], 1..10));
     }
 }

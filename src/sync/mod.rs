@@ -133,6 +133,9 @@ struct Peer {
     zone: Option<String>,
     bucket: Option<Arc<Bucket>>,
     known: PeerKnowledge,
+    /// Whether this process saw the replica acknowledge `known` (its last shipment committed):
+    /// only then can the sync tell what it may still ask for (see `narrow`).
+    confirmed: bool,
     /// Health as last seen (for secondary selection), and since when it fails (for status).
     failing_since: Option<Instant>,
     down_since: Option<SystemTime>,
@@ -478,6 +481,7 @@ impl Engine {
                 throughput: None,
                 selected: false,
                 reason: "not chosen yet".into(),
+                confirmed: false,
                 known: PeerKnowledge {
                     generation: prec.generation,
                     manifests,
@@ -960,6 +964,7 @@ impl Engine {
         };
         let src: Arc<dyn ChunkSource + Send + Sync> = Arc::new(Frozen(window.clone()));
         self.choose(work);
+        narrow(window, &work.peers, g);
         let probes: Vec<(usize, SocketAddr)> = work
             .peers
             .iter()
@@ -1067,12 +1072,16 @@ impl Engine {
                 if o.bytes_sent >= 1 << 20 && o.duration_ms > 0 {
                     peer.throughput = Some(o.bytes_sent as f64 * 1000.0 / o.duration_ms as f64);
                 }
-                if let Err(e) = remember(&self.state, peer, g, acked.generation) {
-                    log::warn!(
-                        "{}: acknowledged, but its state could not be saved: {e:#}",
-                        s.name
-                    );
-                }
+                peer.confirmed = match remember(&self.state, peer, g, acked.generation) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        log::warn!(
+                            "{}: acknowledged, but its state could not be saved: {e:#}",
+                            s.name
+                        );
+                        false
+                    }
+                };
                 log::info!(
                     "{}: committed generation {} ({} bytes in {} chunks and {} patches, {} ms)",
                     s.name,
@@ -1092,6 +1101,8 @@ impl Engine {
                 });
             }
             Err(cause) => {
+                // It may have committed all the same (the acknowledgement lost).
+                peer.confirmed = false;
                 peer.failing_since.get_or_insert_with(Instant::now);
                 let since = *peer
                     .down_since
@@ -1266,6 +1277,52 @@ pub fn seed(
     }
     files.sort();
     Ok(files)
+}
+
+/// Narrows the copy-before-write window to what the selected replicas can still ask for: per
+/// image, the data entries of `g` that differ from what each of them holds. Only when each of
+/// them was seen to acknowledge what it holds; one that may hold something else may ask for
+/// anything, and so may one that lacks an image.
+fn narrow(window: &Window, peers: &[Peer], g: &Generation) {
+    let selected: Vec<&Peer> = peers.iter().filter(|p| p.selected).collect();
+    if selected.is_empty() || selected.iter().any(|p| !p.confirmed) {
+        return;
+    }
+    'images: for (path, m) in &g.images {
+        let mut spans = Vec::new();
+        for p in &selected {
+            let Some(held) = p.known.manifests.get(path) else {
+                continue 'images;
+            };
+            spans.extend(differing_spans(held, m));
+        }
+        spans.sort_by_key(|s: &std::ops::Range<u64>| s.start);
+        let mut merged: Vec<std::ops::Range<u64>> = Vec::with_capacity(spans.len());
+        for s in spans {
+            match merged.last_mut() {
+                Some(last) if s.start <= last.end => last.end = last.end.max(s.end),
+                _ => merged.push(s),
+            }
+        }
+        window.narrow(path, merged);
+    }
+}
+
+/// The spans of the data entries of `new` that are not identical (offset, length, content) in
+/// `held`, in order (pure).
+fn differing_spans(held: &Manifest, new: &Manifest) -> Vec<std::ops::Range<u64>> {
+    let old = held.entries();
+    let mut i = 0;
+    new.entries()
+        .iter()
+        .filter(|e| {
+            while i < old.len() && old[i].offset < e.offset {
+                i += 1;
+            }
+            !e.is_zero() && old.get(i) != Some(*e)
+        })
+        .map(|e| e.offset..e.end())
+        .collect()
 }
 
 /// A replica acknowledged `g`: it is that replica's new base.
@@ -1480,6 +1537,44 @@ impl Engine {
             }
             p.selected = c.selected;
             p.reason = c.reason;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::chunk_full;
+    use crate::testutil::{random, small_params};
+
+    /// What the window keeps after the cut: every data entry that differs from what the
+    /// replica holds (its bytes are read to ship it), none that it holds at the same place.
+    #[test]
+    fn the_spans_a_replica_may_ask_for_are_the_entries_it_does_not_hold_there() {
+        let old = random(100_000, 7);
+        let mut new = old.clone();
+        new[40_000..40_010].fill(1);
+        new.extend_from_slice(&[0u8; 10_000]);
+        new.extend_from_slice(&random(5_000, 8));
+        let (held, _) = chunk_full(&old, small_params()).unwrap();
+        let (m, _) = chunk_full(&new, small_params()).unwrap();
+        let spans = differing_spans(&held, &m);
+        assert!(spans.iter().any(|s| s.contains(&40_000)));
+        assert!(spans.iter().any(|s| s.contains(&(new.len() as u64 - 1))));
+        // The zero run at 100,000.. is punched by the replica, not read.
+        assert!(!spans.iter().any(|s| s.contains(&105_000)));
+        // Far from the write the chunks are held at their places.
+        assert!(
+            !spans
+                .iter()
+                .any(|s| s.contains(&10_000) || s.contains(&80_000))
+        );
+        for e in m.entries() {
+            let listed = spans
+                .iter()
+                .any(|s| s.start == e.offset && s.end == e.end());
+            let held_there = held.entries().contains(e);
+            assert_eq!(listed, !held_there && !e.is_zero(), "{e:?}");
         }
     }
 }
