@@ -26,7 +26,7 @@ mod journal;
 pub mod keep;
 mod kept;
 pub mod metrics;
-mod patches;
+pub mod patches;
 pub mod promote;
 pub mod scrub;
 pub mod site;

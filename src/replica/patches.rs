@@ -208,6 +208,11 @@ impl PatchLog {
         self.index.contains_key(hash)
     }
 
+    /// The chunks staged as patches.
+    pub fn hashes(&self) -> impl Iterator<Item = &Hash> {
+        self.index.keys()
+    }
+
     /// The place a staged patch patches: (image, offset, length).
     pub fn place(&self, hash: &Hash) -> Option<(&str, u64, u32)> {
         self.index
