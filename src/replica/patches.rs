@@ -224,6 +224,10 @@ impl PatchLog {
         self.index.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
     /// Bytes staged so far (with the file's header, written with the first record).
     pub fn bytes(&self) -> u64 {
         self.end
