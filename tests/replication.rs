@@ -710,4 +710,34 @@ fn a_kernel_that_caps_the_socket_buffers_slows_nothing_silently() {
         )) && text.contains("raise net.core.rmem_max and net.core.wmem_max"),
         "status does not say why syncs may be slow:\n{text}"
     );
+
+    // The receiving end, where datagrams drop: a replica daemon without CAP_NET_ADMIN says so
+    // in `ferry status --config` (which reads the store, beside the daemon).
+    let mut p = p;
+    p.replica.stop();
+    p.replica.launcher = ["setpriv", "--bounding-set", "-net_admin"]
+        .map(String::from)
+        .to_vec();
+    p.replica.start();
+    fs::write(p.primary.path("vm.img"), random(24 << 20, 6)).unwrap();
+    p.sync_ok();
+    identical(&p, "vm.img");
+    let status = |json: bool| {
+        let mut c = Command::new(common::FERRY);
+        c.arg("status");
+        if json {
+            c.arg("--json");
+        }
+        run(c.arg("--config").arg(&p.replica.config)).stdout
+    };
+    let v: serde_json::Value = serde_json::from_slice(&status(true)).unwrap();
+    assert_eq!(v["udp_buffer_capped"].as_u64(), Some(cap as u64), "{v}");
+    let text = String::from_utf8_lossy(&status(false)).into_owned();
+    assert!(
+        text.contains(&format!(
+            "the kernel granted UDP socket buffers of {} KiB",
+            cap / 1024
+        )),
+        "the replica's status does not say why syncs may be slow:\n{text}"
+    );
 }

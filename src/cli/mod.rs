@@ -925,9 +925,20 @@ fn replica_status(config: &std::path::Path, pid: serde_json::Value) -> Result<se
             })
         })
         .collect();
+    // The running daemon's own facts (recorded at its start), if they are this daemon's.
+    let facts: serde_json::Value = std::fs::read(
+        rc.store
+            .join(crate::replica::META_DIR)
+            .join(crate::replica::daemon::DAEMON_FACTS),
+    )
+    .ok()
+    .and_then(|b| serde_json::from_slice(&b).ok())
+    .filter(|f: &serde_json::Value| !pid.is_null() && f["pid"] == pid)
+    .unwrap_or_default();
     Ok(serde_json::json!({
         "config": config,
         "pid": pid,
+        "udp_buffer_capped": facts["udp_buffer_capped"],
         "store": rc.store,
         "listen": rc.listen.to_string(),
         "mount": rc.mount,
@@ -948,6 +959,9 @@ fn print_replica_status(r: &serde_json::Value) {
     if let Some(e) = r["error"].as_str() {
         println!("  cannot read it: {e}");
         return;
+    }
+    if let Some(got) = r["udp_buffer_capped"].as_u64() {
+        println!("  {}", net::transport::capped_buffer_words(got as usize));
     }
     println!(
         "  listening on {}{}",

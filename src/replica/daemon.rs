@@ -10,8 +10,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio::sync::mpsc;
 
-use super::Site;
 use super::site::{Caller, Shared as SharedStore};
+use super::{META_DIR, Site};
 use crate::chunk::ChunkParams;
 use crate::net::transport::{self, read_frame, read_frame_within, write_frame};
 use crate::net::{Fingerprint, Identity, Node, Threads};
@@ -91,6 +91,10 @@ pub type OnSite = Box<dyn FnOnce(&Arc<Site>) -> Result<()>>;
 
 /// Runs the replica daemon in the foreground until SIGTERM or SIGINT; `ready` is called once
 /// it listens (and its mount is live).
+/// The file under the store's `.ferry/` where the running daemon records its pid and socket
+/// buffers for `ferry status --config`.
+pub const DAEMON_FACTS: &str = "daemon.json";
+
 pub fn run(mut opts: Options, ready: Option<Box<dyn FnOnce()>>) -> Result<()> {
     let site = Arc::new(Site::open(&opts.store, opts.params, opts.keep)?);
     if let Some(f) = opts.on_site.take() {
@@ -134,6 +138,18 @@ pub fn run(mut opts: Options, ready: Option<Box<dyn FnOnce()>>) -> Result<()> {
         opts.primaries.len(),
         site.names()
     );
+    // What `ferry status --config` shows beside the store's own state: this daemon's socket
+    // buffers, when the kernel capped them (the receiving end is where datagrams drop).
+    let facts = serde_json::json!({
+        "pid": std::process::id(),
+        "udp_buffer_capped": crate::net::transport::capped_buffer(),
+    });
+    if let Err(e) = crate::durable::write_atomic(
+        &site.root().join(META_DIR).join(DAEMON_FACTS),
+        &serde_json::to_vec(&facts)?,
+    ) {
+        log::warn!("cannot record this daemon's facts for ferry status: {e}");
+    }
     if let Some(ready) = ready {
         ready();
     }

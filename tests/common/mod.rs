@@ -291,6 +291,9 @@ pub struct Replica {
     net: Option<String>,
     /// Environment variables of the daemon's next [`Replica::start`] (e.g. `FAILPOINTS`).
     pub env: Vec<(String, String)>,
+    /// A command and its arguments that run the daemon at its next [`Replica::start`] (e.g.
+    /// `setpriv` dropping a capability); not with a network namespace.
+    pub launcher: Vec<String>,
     child: Option<std::process::Child>,
 }
 
@@ -348,6 +351,7 @@ impl Replica {
             fingerprint,
             net: net.map(str::to_string),
             env: Vec::new(),
+            launcher: Vec::new(),
             child: None,
         };
         r.start();
@@ -370,7 +374,14 @@ impl Replica {
                 c.arg(format!("--net=/run/netns/{ns}")).arg(FERRY);
                 c
             }
-            None => Command::new(FERRY),
+            None => match &self.launcher[..] {
+                [] => Command::new(FERRY),
+                [first, rest @ ..] => {
+                    let mut c = Command::new(first);
+                    c.args(rest).arg(FERRY);
+                    c
+                }
+            },
         };
         let child = cmd
             .args(["replica", "--config"])
