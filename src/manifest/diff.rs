@@ -86,6 +86,22 @@ pub fn diff(stale: &Manifest, active: &Manifest) -> Diff {
     }
 }
 
+/// The entries of `new` that are not identical (same offset, length and content) in `old`:
+/// what applying `new` over an image holding `old` writes.
+pub fn changed_entries<'a>(
+    old: &'a Manifest,
+    new: &'a Manifest,
+) -> impl Iterator<Item = &'a Entry> {
+    let o = old.entries();
+    let mut i = 0;
+    new.entries().iter().filter(move |e| {
+        while i < o.len() && o[i].offset < e.offset {
+            i += 1;
+        }
+        o.get(i) != Some(*e)
+    })
+}
+
 fn classify(e: &Entry, same_span: Option<&Entry>, by_hash: &HashMap<Hash, u64>) -> ChangeKind {
     let Kind::Data(result) = e.kind else {
         return ChangeKind::Zero;

@@ -8,7 +8,7 @@ mod file;
 mod merkle;
 mod params;
 
-pub use diff::{Change, ChangeKind, Diff, diff};
+pub use diff::{Change, ChangeKind, Diff, changed_entries, diff};
 pub use dir::{GenRecord, ManifestDir, from_hex, hex, short_hex};
 pub use file::{FORMAT_VERSION, ManifestFileError, load, save};
 pub use merkle::{FANOUT, LEAF_SPAN, Tree, leaf_count};

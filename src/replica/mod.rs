@@ -46,7 +46,9 @@ use serde::{Deserialize, Serialize};
 use crate::chunk::{ChunkParams, FileSource, chunk_full};
 use crate::durable;
 use crate::epoch::{self, Holder};
-use crate::manifest::{self, Entry, Kind, Manifest, ManifestDir, ManifestFileError};
+use crate::manifest::{
+    self, Entry, Kind, Manifest, ManifestDir, ManifestFileError, changed_entries,
+};
 use crate::wire::frame::{Hash, ImageState, NsChange};
 use crate::wire::replica::{Generation, ReplicaStore};
 use std::time::SystemTime;
@@ -620,22 +622,6 @@ fn rebuild_record(
         record.generation
     );
     Ok(record)
-}
-
-/// The entries of `new` that are not identical (same offset, length and content) in `old`:
-/// what applying `new` over an image holding `old` writes.
-pub(crate) fn changed_entries<'a>(
-    old: &'a Manifest,
-    new: &'a Manifest,
-) -> impl Iterator<Item = &'a Entry> {
-    let o = old.entries();
-    let mut i = 0;
-    new.entries().iter().filter(move |e| {
-        while i < o.len() && o[i].offset < e.offset {
-            i += 1;
-        }
-        o.get(i) != Some(*e)
-    })
 }
 
 /// What a generation's chunks are staged in.

@@ -20,10 +20,11 @@ use std::time::SystemTime;
 use anyhow::{Context, Result};
 use parking_lot::{Mutex, MutexGuard, RwLock};
 
+use super::META_DIR;
 use super::history::{History, Point};
 use super::keep::{self, Policy};
 use super::kept::Kept;
-use super::{META_DIR, changed_entries};
+use crate::manifest::changed_entries;
 use crate::manifest::{self, ChunkParams, Entry, Kind, Manifest};
 
 /// One held generation: its record and its images.

@@ -1289,40 +1289,28 @@ fn narrow(window: &Window, peers: &[Peer], g: &Generation) {
         return;
     }
     'images: for (path, m) in &g.images {
-        let mut spans = Vec::new();
+        let mut spans = RangeSet::with_limit(usize::MAX);
         for p in &selected {
             let Some(held) = p.known.manifests.get(path) else {
                 continue 'images;
             };
-            spans.extend(differing_spans(held, m));
-        }
-        spans.sort_by_key(|s: &std::ops::Range<u64>| s.start);
-        let mut merged: Vec<std::ops::Range<u64>> = Vec::with_capacity(spans.len());
-        for s in spans {
-            match merged.last_mut() {
-                Some(last) if s.start <= last.end => last.end = last.end.max(s.end),
-                _ => merged.push(s),
+            for r in may_ask(held, m) {
+                spans.insert(r);
             }
         }
-        window.narrow(path, merged);
+        window.narrow(path, spans.to_vec());
     }
 }
 
-/// The spans of the data entries of `new` that are not identical (offset, length, content) in
-/// `held`, in order (pure).
-fn differing_spans(held: &Manifest, new: &Manifest) -> Vec<std::ops::Range<u64>> {
-    let old = held.entries();
-    let mut i = 0;
-    new.entries()
-        .iter()
-        .filter(|e| {
-            while i < old.len() && old[i].offset < e.offset {
-                i += 1;
-            }
-            !e.is_zero() && old.get(i) != Some(*e)
-        })
+/// What a replica holding `held` may ask for of `new` (read to ship it): the spans of the data
+/// entries not identical there.
+fn may_ask<'a>(
+    held: &'a Manifest,
+    new: &'a Manifest,
+) -> impl Iterator<Item = std::ops::Range<u64>> + 'a {
+    manifest::changed_entries(held, new)
+        .filter(|e| !e.is_zero())
         .map(|e| e.offset..e.end())
-        .collect()
 }
 
 /// A replica acknowledged `g`: it is that replica's new base.
@@ -1558,7 +1546,7 @@ mod tests {
         new.extend_from_slice(&random(5_000, 8));
         let (held, _) = chunk_full(&old, small_params()).unwrap();
         let (m, _) = chunk_full(&new, small_params()).unwrap();
-        let spans = differing_spans(&held, &m);
+        let spans: Vec<std::ops::Range<u64>> = may_ask(&held, &m).collect();
         assert!(spans.iter().any(|s| s.contains(&40_000)));
         assert!(spans.iter().any(|s| s.contains(&(new.len() as u64 - 1))));
         // The zero run at 100,000.. is punched by the replica, not read.
