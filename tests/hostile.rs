@@ -83,7 +83,8 @@ async fn a_frame_announcing_4_gib_is_refused_and_the_connection_dropped() {
     let (_ep, conn) = connect(&p).await;
     let (mut send, _recv) = conn.open_bi().await.unwrap();
     send.write_all(&u32::MAX.to_le_bytes()).await.unwrap();
-    send.write_all(&[0u8; 4096]).await.unwrap();
+    // The replica may refuse on the header alone and close before the rest is written.
+    let _ = send.write_all(&[0u8; 4096]).await;
     let closed = tokio::time::timeout(TIMEOUT, conn.closed()).await;
     assert!(closed.is_ok(), "the replica kept the connection open");
     assert!(
