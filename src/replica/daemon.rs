@@ -16,7 +16,7 @@ use crate::chunk::ChunkParams;
 use crate::net::transport::{self, read_frame, read_frame_within, write_frame};
 use crate::net::{Fingerprint, Identity, Node, Threads};
 use crate::wire::frame::{Frame, Refusal, RefuseCode, VERSION};
-use crate::wire::replica::ReplicaSession;
+use crate::wire::replica::{Checked, ReplicaSession, ReplicaStore};
 
 /// How long a connected primary has to send its `Hello`.
 const HELLO_WITHIN: Duration = Duration::from_secs(30);
@@ -413,7 +413,7 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
         let store = store.clone();
         let session = session.clone();
         let closed = closed.clone();
-        move |f: Frame, tx: &mpsc::Sender<Frame>| -> bool {
+        move |f: Checked, tx: &mpsc::Sender<Frame>| -> bool {
             tokio::task::block_in_place(|| {
                 let mut s = session.lock();
                 let mut committed = false;
@@ -426,7 +426,7 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
                 if crate::fault::point("replica.frame.recv").is_err() {
                     return lost(&mut s);
                 }
-                let answers = s.handle(&mut *store.lock(), f);
+                let answers = s.handle_checked(&mut *store.lock(), f);
                 for f in answers {
                     let ack = matches!(f, Frame::Ack { .. });
                     committed |= ack;
@@ -469,15 +469,18 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
         let tx = tx.clone();
         let handle = handle.clone();
         let refuse = refuse.clone();
+        let store = store.clone();
         tokio::spawn(async move {
             while let Ok(mut uni) = conn.accept_uni().await {
                 let tx = tx.clone();
                 let handle = handle.clone();
                 let refuse = refuse.clone();
+                let store = store.clone();
                 tokio::spawn(async move {
                     loop {
                         match read_frame_within(&mut uni, data_limit).await {
                             Ok(Some(f)) => {
+                                let f = tokio::task::block_in_place(|| check(&store, f));
                                 if !handle(f, &tx) {
                                     let _ = uni.stop(0u32.into());
                                     break;
@@ -497,7 +500,7 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
     };
 
     if let Some(hello) = first
-        && !handle(hello, &tx)
+        && !handle(Checked::unchecked(hello), &tx)
     {
         drop(tx);
         let _ = writer.await;
@@ -512,7 +515,7 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
                     let _ = tx.send(scrub(store.clone(), repair, &fp).await).await;
                 }
                 Ok(Some(f)) => {
-                    if !handle(f, &tx) {
+                    if !handle(Checked::unchecked(f), &tx) {
                         break Ok(());
                     }
                 }
@@ -532,6 +535,35 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
     log::info!("primary {fp} disconnected");
     crate::heap::give_back();
     result
+}
+
+/// A data frame's costly check, done on the thread that read it and without the store's lock
+/// (but for a moment, to learn what a patch is laid over): chunks decompressed and hashed,
+/// patches checked against the committed bytes. The session stages what passed.
+fn check(store: &SharedStore, f: Frame) -> Checked {
+    match &f {
+        Frame::Chunk { .. } => {
+            let max = store.lock().params().max_size as usize;
+            Checked::chunk(f, max)
+        }
+        Frame::Patch {
+            hash,
+            path,
+            offset,
+            len,
+            ranges,
+            ..
+        } => {
+            let base = store.lock().patch_base(path, *offset, *len);
+            match base {
+                Some(b) if b.makes(hash, ranges).unwrap_or(false) => {
+                    Checked::patch(f, b.generation)
+                }
+                _ => Checked::unchecked(f),
+            }
+        }
+        _ => Checked::unchecked(f),
+    }
 }
 
 /// Runs a deep verify asked by primary `fp` (its session waits; commits go on) and answers it.

@@ -683,6 +683,72 @@ fn write_entry(f: &File, path: &str, e: &Entry, staged: &Staged) -> Result<()> {
     Ok(())
 }
 
+/// What checking a patch against the committed bytes needs: taken under the store's lock,
+/// used without it, so the patches of several data streams are checked at once (see
+/// `wire::replica::Checked`).
+pub struct PatchBase {
+    file: PathBuf,
+    offset: u64,
+    len: u64,
+    /// The committed chunk at the patch's place, when it has the patch's length.
+    base: Option<blake3::Hash>,
+    /// The generation whose bytes these are.
+    pub generation: u64,
+}
+
+impl PatchBase {
+    /// Whether `ranges` laid over these committed bytes (zeros past the image's end) make
+    /// chunk `hash`. Reads only the pieces the ranges touch when the base was hashed as pieces
+    /// before (`chunk::overlay_id`).
+    pub fn makes(&self, hash: &Hash, ranges: &[(u64, serde_bytes::ByteBuf)]) -> io::Result<bool> {
+        if !crate::wire::replica::ranges_fit(self.len, ranges) {
+            return Ok(false);
+        }
+        let Ok(f) = File::open(&self.file) else {
+            return Ok(false);
+        };
+        let size = f.metadata()?.len();
+        let mut read = |at: u64, buf: &mut [u8]| -> io::Result<()> {
+            let at = self.offset + at;
+            let avail = size.saturating_sub(at).min(buf.len() as u64) as usize;
+            buf[avail..].fill(0);
+            f.read_exact_at(&mut buf[..avail], at)
+        };
+        let parts: Vec<(usize, &[u8])> = ranges
+            .iter()
+            .map(|(at, b)| (*at as usize, b.as_slice()))
+            .collect();
+        Ok(
+            crate::chunk::overlay_id(self.base.as_ref(), self.len as usize, &parts, &mut read)
+                .is_ok_and(|(id, _)| id.as_bytes() == hash),
+        )
+    }
+}
+
+impl Store {
+    /// The committed bytes a patch of chunk `[offset, offset + len)` of image `path` is laid
+    /// over, to check it without the store's lock; `None` when no committed image has that
+    /// path or the length is more than a chunk's.
+    pub fn patch_base(&self, path: &str, offset: u64, len: u64) -> Option<PatchBase> {
+        if len > self.params.max_size as u64 {
+            return None;
+        }
+        let m = self.manifests.get(path)?;
+        let base = m
+            .index_starting_at(offset)
+            .map(|i| m.entries()[i])
+            .filter(|e| e.len == len)
+            .and_then(|e| e.hash());
+        Some(PatchBase {
+            file: self.root.join(path),
+            offset,
+            len,
+            base,
+            generation: self.record.generation,
+        })
+    }
+}
+
 impl Store {
     /// What committing `images` (new manifests) over the committed ones takes on disk.
     fn needed(&self, images: &BTreeMap<String, Manifest>) -> Needed {
@@ -775,9 +841,9 @@ impl ReplicaStore for Store {
     }
 
     /// Checks the patch by the pieces it touches when the committed chunk at its place was
-    /// hashed as pieces before (`chunk::overlay_id`), and keeps the ranges alone: the
-    /// committed bytes around them stay where they are until the generation is applied (see
-    /// `patches`).
+    /// hashed as pieces before (`chunk::overlay_id`), unless it was checked against the
+    /// committed generation ahead (`checked_at`), and keeps the ranges alone: the committed
+    /// bytes around them stay where they are until the generation is applied (see `patches`).
     fn stage_patch(
         &mut self,
         hash: &Hash,
@@ -785,39 +851,19 @@ impl ReplicaStore for Store {
         offset: u64,
         len: u64,
         ranges: &[(u64, serde_bytes::ByteBuf)],
+        checked_at: Option<u64>,
     ) -> io::Result<bool> {
         crate::fault::point("replica.journal.append")?;
         if self.journal.contains(hash) || self.patches.contains(hash) {
             return Ok(true);
         }
-        let Some(m) = self.manifests.get(path) else {
-            return Ok(false);
-        };
-        let base = m
-            .index_starting_at(offset)
-            .map(|i| m.entries()[i])
-            .filter(|e| e.len == len)
-            .and_then(|e| e.hash());
-        let Ok(f) = File::open(self.root.join(path)) else {
-            return Ok(false);
-        };
-        let size = f.metadata()?.len();
-        let mut read = |at: u64, buf: &mut [u8]| -> io::Result<()> {
-            let at = offset + at;
-            let avail = size.saturating_sub(at).min(buf.len() as u64) as usize;
-            buf[avail..].fill(0);
-            f.read_exact_at(&mut buf[..avail], at)
-        };
-        let parts: Vec<(usize, &[u8])> = ranges
-            .iter()
-            .map(|(at, b)| (*at as usize, b.as_slice()))
-            .collect();
-        let Ok((id, _)) = crate::chunk::overlay_id(base.as_ref(), len as usize, &parts, &mut read)
-        else {
-            return Ok(false);
-        };
-        if id.as_bytes() != hash {
-            return Ok(false);
+        if checked_at != Some(self.record.generation) {
+            let Some(base) = self.patch_base(path, offset, len) else {
+                return Ok(false);
+            };
+            if !base.makes(hash, ranges)? {
+                return Ok(false);
+            }
         }
         debug_assert_eq!(self.patches.generation(), self.record.generation);
         self.patches
@@ -1166,7 +1212,7 @@ mod tests {
                 }
                 assert!(
                     store
-                        .stage_patch(h.as_bytes(), path, e.offset, e.len, &ranges)
+                        .stage_patch(h.as_bytes(), path, e.offset, e.len, &ranges, None)
                         .unwrap()
                 );
                 patched += 1;
@@ -1248,10 +1294,62 @@ mod tests {
         )];
         assert!(
             !store
-                .stage_patch(&h, "img", e.offset, e.len, &ranges)
+                .stage_patch(&h, "img", e.offset, e.len, &ranges, None)
                 .unwrap()
         );
         assert!(!store.have(&h));
+    }
+
+    /// A patch checked ahead, without the store's lock (the daemon's data streams), is staged
+    /// on that check only while the bytes it was checked against are still the committed
+    /// ones: after another generation was applied in between, the store looks again.
+    #[test]
+    fn a_patch_checked_ahead_is_trusted_only_on_the_generation_it_was_checked_against() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = random(200_000, 4);
+        fs::write(dir.path().join("a"), &old).unwrap();
+        let mut store = Store::open(dir.path(), params()).unwrap();
+        let m = store.manifest("a").unwrap().clone();
+        let e = m.entries()[m.entries().len() / 2];
+        let (at, end) = (e.offset as usize, e.end() as usize);
+        let patch = |bytes: &[u8], from: usize| {
+            let mut chunk = bytes[at..end].to_vec();
+            chunk[from..from + 64].fill(0x5a);
+            let ranges = vec![(from as u64, serde_bytes::ByteBuf::from(vec![0x5a; 64]))];
+            (*blake3::hash(&chunk).as_bytes(), ranges)
+        };
+        let (h, ranges) = patch(&old, 10);
+        let base = store.patch_base("a", e.offset, e.len).unwrap();
+        assert!(base.makes(&h, &ranges).unwrap());
+        assert_eq!(base.generation, 0);
+        // A generation that changes the same chunk elsewhere is applied meanwhile.
+        let mut other = old.clone();
+        other[at + 200..at + 264].fill(0x33);
+        let g = generation(1, vec![("a", &other)]);
+        stage_as_patches(&mut store, &g, &BTreeMap::from([("a", other.clone())]));
+        store.commit(&g).unwrap();
+        assert!(
+            !store
+                .stage_patch(&h, "a", e.offset, e.len, &ranges, Some(base.generation))
+                .unwrap(),
+            "staged on a check made against bytes no longer committed"
+        );
+        assert!(!store.have(&h));
+        // Checked against what is committed now, it is staged and applied as checked.
+        let (h, ranges) = patch(&other, 10);
+        let base = store.patch_base("a", e.offset, e.len).unwrap();
+        assert!(base.makes(&h, &ranges).unwrap());
+        assert!(
+            store
+                .stage_patch(&h, "a", e.offset, e.len, &ranges, Some(base.generation))
+                .unwrap()
+        );
+        let mut want = other.clone();
+        want[at + 10..at + 74].fill(0x5a);
+        let g = generation(2, vec![("a", &want)]);
+        stage_as_patches(&mut store, &g, &BTreeMap::from([("a", want.clone())]));
+        store.commit(&g).unwrap();
+        assert_eq!(fs::read(dir.path().join("a")).unwrap(), want);
     }
 
     /// A patched chunk that the generation also puts somewhere else (another image, or its own

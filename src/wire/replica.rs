@@ -36,7 +36,9 @@ pub trait ReplicaStore {
     /// `[offset, offset + len)` (zeros past its end) with `ranges` (offsets in the chunk,
     /// inside it) laid over. `Ok(false)`, staging nothing, when they do not make `hash` or the
     /// base cannot be read (the primary then sends the chunk whole). A store may keep the
-    /// ranges alone, as long as it commits the same bytes.
+    /// ranges alone, as long as it commits the same bytes. `checked_at`: the caller already
+    /// found that the ranges make `hash` over the bytes committed at that generation (see
+    /// [`Checked`]); a store whose committed generation is still that one need not look again.
     fn stage_patch(
         &mut self,
         hash: &Hash,
@@ -44,6 +46,7 @@ pub trait ReplicaStore {
         offset: u64,
         len: u64,
         ranges: &[(u64, serde_bytes::ByteBuf)],
+        _checked_at: Option<u64>,
     ) -> std::io::Result<bool> {
         let Ok(mut bytes) = self.base_bytes(path, offset, len) else {
             return Ok(false);
@@ -92,6 +95,87 @@ pub fn valid_path(p: &str) -> bool {
             .components()
             .next()
             .is_some_and(|c| c.as_os_str() != META_DIR)
+}
+
+/// A data frame whose costly check was done before its turn in the session, on the thread that
+/// read it: the frames of several data streams are checked at once, and the session (and the
+/// store's lock) is held only to stage them. A verdict holds for its own frame alone.
+pub struct Checked {
+    frame: Frame,
+    verdict: Verdict,
+}
+
+enum Verdict {
+    /// Nothing checked ahead: the session checks.
+    None,
+    /// A chunk's bytes decompressed and found to hash to its id, or why not.
+    Chunk(Result<Vec<u8>, Refusal>),
+    /// A patch found to make its chunk over the bytes committed at this generation.
+    Patch(u64),
+}
+
+impl Checked {
+    /// A frame to be checked by the session itself.
+    pub fn unchecked(frame: Frame) -> Checked {
+        Checked {
+            frame,
+            verdict: Verdict::None,
+        }
+    }
+
+    /// Decompresses and hashes a `Chunk` frame (chunks of at most `max_size` bytes); any other
+    /// frame is left to the session.
+    pub fn chunk(frame: Frame, max_size: usize) -> Checked {
+        let verdict = match &frame {
+            Frame::Chunk { hash, zstd, data } => {
+                Verdict::Chunk(verified(hash, *zstd, data, max_size))
+            }
+            _ => Verdict::None,
+        };
+        Checked { frame, verdict }
+    }
+
+    /// A `Patch` frame the store found to make its chunk over the bytes it had committed at
+    /// `generation`.
+    pub fn patch(frame: Frame, generation: u64) -> Checked {
+        let verdict = match &frame {
+            Frame::Patch { .. } => Verdict::Patch(generation),
+            _ => Verdict::None,
+        };
+        Checked { frame, verdict }
+    }
+}
+
+/// Whether every range of a patch lies inside its chunk of `len` bytes.
+pub fn ranges_fit(len: u64, ranges: &[(u64, serde_bytes::ByteBuf)]) -> bool {
+    ranges.iter().all(|(off, data)| {
+        off.checked_add(data.len() as u64)
+            .is_some_and(|end| end <= len)
+    })
+}
+
+/// A chunk frame's bytes, decompressed (at most `max` bytes), if they hash to `hash`.
+fn verified(hash: &Hash, zstd: bool, data: &[u8], max: usize) -> Result<Vec<u8>, Refusal> {
+    let raw = if zstd {
+        super::squeeze::unpack(data, max).map_err(|e| {
+            Refusal::new(
+                RefuseCode::Corrupt,
+                format!("chunk {} does not decompress: {e}", hex(hash)),
+            )
+        })?
+    } else {
+        data.to_vec()
+    };
+    if blake3::hash(&raw).as_bytes() != hash {
+        return Err(Refusal::new(
+            RefuseCode::Corrupt,
+            format!(
+                "chunk {} does not match its hash: corrupt data refused",
+                hex(hash)
+            ),
+        ));
+    }
+    Ok(raw)
 }
 
 struct Pending {
@@ -152,10 +236,15 @@ impl ReplicaSession {
     /// other streams) are dropped without another answer, so the first refusal, which names
     /// the cause, is the only one the primary gets.
     pub fn handle(&mut self, store: &mut dyn ReplicaStore, f: Frame) -> Vec<Frame> {
+        self.handle_checked(store, Checked::unchecked(f))
+    }
+
+    /// [`handle`](Self::handle) for a frame checked ahead ([`Checked`]).
+    pub fn handle_checked(&mut self, store: &mut dyn ReplicaStore, c: Checked) -> Vec<Frame> {
         if self.is_closed() {
             return vec![];
         }
-        match self.step(store, f) {
+        match self.step(store, c) {
             Ok(out) => out,
             Err(r) => {
                 log::warn!("session refused: {r}");
@@ -165,7 +254,8 @@ impl ReplicaSession {
         }
     }
 
-    fn step(&mut self, store: &mut dyn ReplicaStore, f: Frame) -> Result<Vec<Frame>, Refusal> {
+    fn step(&mut self, store: &mut dyn ReplicaStore, c: Checked) -> Result<Vec<Frame>, Refusal> {
+        let Checked { frame: f, verdict } = c;
         // A promotion may take the namespace over while this session runs (its primary was
         // cut off, or fenced itself too late): from then on nothing of it is committed.
         if !matches!(self.state, State::AwaitHello) && self.epoch < store.epoch() {
@@ -233,7 +323,11 @@ impl ReplicaSession {
             }
             (State::Receiving(p), f @ Frame::Plan { .. }) => p.plan(store, f),
             (State::Receiving(p), Frame::Chunk { hash, zstd, data }) => {
-                p.chunk(store, hash, zstd, data, dups)
+                let checked = match verdict {
+                    Verdict::Chunk(r) => Some(r),
+                    _ => None,
+                };
+                p.chunk(store, hash, zstd, data, checked, dups)
             }
             (
                 State::Receiving(p),
@@ -245,7 +339,13 @@ impl ReplicaSession {
                     base: _,
                     ranges,
                 },
-            ) => p.patch(store, hash, &path, offset, len, &ranges, dups),
+            ) => {
+                let checked_at = match verdict {
+                    Verdict::Patch(g) => Some(g),
+                    _ => None,
+                };
+                p.patch(store, hash, (&path, offset, len), &ranges, checked_at, dups)
+            }
             (State::Receiving(p), Frame::Commit { generation }) => p.commit(store, generation),
             (_, other) => Err(format!("unexpected {}", frame_name(&other)).into()),
         }
@@ -510,32 +610,17 @@ impl Pending {
         hash: Hash,
         zstd: bool,
         data: Vec<u8>,
+        checked: Option<Result<Vec<u8>, Refusal>>,
         duplicates: &mut u64,
     ) -> Result<Vec<Frame>, Refusal> {
         if !self.outstanding.contains(&hash) {
             *duplicates += 1;
             return Ok(vec![]);
         }
-        let raw = if zstd {
-            let max = store.params().max_size as usize;
-            super::squeeze::unpack(&data, max).map_err(|e| {
-                Refusal::new(
-                    RefuseCode::Corrupt,
-                    format!("chunk {} does not decompress: {e}", hex(&hash)),
-                )
-            })?
-        } else {
-            data
+        let raw = match checked {
+            Some(r) => r?,
+            None => verified(&hash, zstd, &data, store.params().max_size as usize)?,
         };
-        if *blake3::hash(&raw).as_bytes() != hash {
-            return Err(Refusal::new(
-                RefuseCode::Corrupt,
-                format!(
-                    "chunk {} does not match its hash: corrupt data refused",
-                    hex(&hash)
-                ),
-            ));
-        }
         store
             .stage(&hash, &raw)
             .map_err(|e| Refusal::store(format!("cannot stage chunk {}: {e}", hex(&hash)), &e))?;
@@ -550,10 +635,9 @@ impl Pending {
         &mut self,
         store: &mut dyn ReplicaStore,
         hash: Hash,
-        path: &str,
-        offset: u64,
-        len: u64,
+        (path, offset, len): (&str, u64, u64),
         ranges: &[(u64, serde_bytes::ByteBuf)],
+        checked_at: Option<u64>,
         duplicates: &mut u64,
     ) -> Result<Vec<Frame>, Refusal> {
         if !self.outstanding.contains(&hash) {
@@ -569,16 +653,13 @@ impl Pending {
         if !valid_path(path) || len > store.params().max_size as u64 {
             return need_full();
         }
-        for (off, data) in ranges {
-            match off.checked_add(data.len() as u64) {
-                Some(end) if end <= len => {}
-                _ => return Err("patch range outside its chunk".into()),
-            }
+        if !ranges_fit(len, ranges) {
+            return Err("patch range outside its chunk".into());
         }
         // The base's own hash (`base`) is not checked: the result's is, which a wrong base
         // fails as surely.
         let staged = store
-            .stage_patch(&hash, path, offset, len, ranges)
+            .stage_patch(&hash, path, offset, len, ranges, checked_at)
             .map_err(|e| Refusal::store(format!("cannot stage chunk {}: {e}", hex(&hash)), &e))?;
         if !staged {
             return need_full();
