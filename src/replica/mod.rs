@@ -709,7 +709,11 @@ impl PatchBase {
         };
         let size = f.metadata()?.len();
         let mut read = |at: u64, buf: &mut [u8]| -> io::Result<()> {
-            let at = self.offset + at;
+            // A hostile offset near 2^64 fails the check, never wraps.
+            let at = self
+                .offset
+                .checked_add(at)
+                .ok_or(io::ErrorKind::InvalidInput)?;
             let avail = size.saturating_sub(at).min(buf.len() as u64) as usize;
             buf[avail..].fill(0);
             f.read_exact_at(&mut buf[..avail], at)
@@ -1350,6 +1354,24 @@ mod tests {
         stage_as_patches(&mut store, &g, &BTreeMap::from([("a", want.clone())]));
         store.commit(&g).unwrap();
         assert_eq!(fs::read(dir.path().join("a")).unwrap(), want);
+    }
+
+    /// A patch placed at an offset near 2^64 (a broken or hostile primary) is refused, not
+    /// wrapped around to other bytes of the image.
+    #[test]
+    fn a_patch_at_an_absurd_offset_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("a"), random(100_000, 5)).unwrap();
+        let mut store = Store::open(dir.path(), params()).unwrap();
+        let ranges = vec![(0, serde_bytes::ByteBuf::from(vec![1; 16]))];
+        let offset = u64::MAX - 8;
+        let base = store.patch_base("a", offset, 4096).unwrap();
+        assert!(!base.makes(&[7; 32], &ranges).unwrap());
+        assert!(
+            !store
+                .stage_patch(&[7; 32], "a", offset, 4096, &ranges, None)
+                .unwrap()
+        );
     }
 
     /// A patched chunk that the generation also puts somewhere else (another image, or its own
