@@ -103,11 +103,17 @@ struct Site {
     replica: Replica,
     relay: Option<Child>,
     relay_port: u16,
+    /// What the relay does to the packets (`ferry-wan-relay`'s options).
+    relay_args: Vec<String>,
     flags: PathBuf,
 }
 
 impl Site {
     fn new() -> Site {
+        Site::with_relay(&[])
+    }
+
+    fn with_relay(relay_args: &[&str]) -> Site {
         let primary = Mount::prepare_with("", "");
         let fp = keygen(&primary.dir.path().join("keys"));
         let replica = Replica::with(&[&fp], "mount = \"{mnt}\"");
@@ -120,6 +126,7 @@ impl Site {
             replica,
             relay: None,
             relay_port: free_port(),
+            relay_args: relay_args.iter().map(|a| a.to_string()).collect(),
             flags,
         };
         s.relay_up();
@@ -146,6 +153,7 @@ impl Site {
             .arg(format!("127.0.0.1:{}", self.relay_port))
             .arg("--forward")
             .arg(format!("127.0.0.1:{}", self.replica.port))
+            .args(&self.relay_args)
             .stdout(Stdio::null())
             .stderr(err)
             .spawn()
@@ -565,4 +573,50 @@ fn an_io_error_reading_an_image_at_the_sync_point_ships_none_of_it_and_keeps_it_
         status["sync"]["broken"].as_array().unwrap().is_empty(),
         "{status}"
     );
+}
+
+/// A replica that reads slowly (a failpoint holds each frame it handles, as a saturated disk
+/// or CPU would) makes the sync slower, never wrong, and the primary's status says that the
+/// replica, not the link, sets the pace; a replica behind a link slower than itself is not
+/// called slow.
+#[test]
+fn a_replica_that_reads_slowly_slows_the_sync_and_status_says_why() {
+    require_root();
+    // 100 Mbit/s through the relay: 16 MiB take about 1.4 s, slower than the replica.
+    let mut s = Site::with_relay(&["--rate", "100mbit"]);
+    let (fast, text) = slow_replica_sync(&s.primary, 1);
+    assert!(
+        !text.contains("sets the pace of syncs to it"),
+        "a replica behind a slower link called slow (busy {fast}%):\n{text}"
+    );
+    // The same link, each frame held 10 ms by the replica: about 6 MB/s.
+    s.replica.stop();
+    s.replica.env = vec![("FAILPOINTS".into(), "replica.frame.recv=sleep(10)".into())];
+    s.replica.start();
+    let (slow, text) = slow_replica_sync(&s.primary, 2);
+    eprintln!("the replica's readers were busy {fast}% behind the link, {slow}% when slow");
+    assert!(
+        text.contains("checking and staging what arrived")
+            && text.contains("not the link, sets the pace of syncs to it"),
+        "status does not say why syncs are slow (busy {slow}%):\n{text}"
+    );
+    assert!(fs::read(s.served()).unwrap() == fs::read(s.primary.path(IMAGE)).unwrap());
+}
+
+/// Writes 16 MiB of new random data (from `seed`) and syncs it; how busy the replica's readers
+/// were in that sync, and what `ferry status` said after it.
+fn slow_replica_sync(primary: &Mount, seed: u64) -> (u64, String) {
+    fs::write(primary.path(IMAGE), random(16 << 20, seed)).unwrap();
+    let (v, ok, err) = sync(&primary.mnt);
+    assert!(ok, "{v} {err}");
+    let busy = v["replicas"][0]["busy_pct"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no busy_pct in the sync's report: {v}"));
+    let out = Command::new(FERRY)
+        .arg("status")
+        .arg(&primary.mnt)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    (busy, String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -1248,6 +1248,9 @@ fn print_sync(sync: &serde_json::Value) {
         if let Some(line) = lossy_link(&r["last"], &r["rtt_ms"]) {
             println!("      {line}");
         }
+        if let Some(line) = slow_replica(&r["last"]) {
+            println!("      {line}");
+        }
         if r["state"] == "failing" {
             println!("      {}", r["state_text"].as_str().unwrap_or("?"));
         } else if r["selected"] == false {
@@ -1278,6 +1281,24 @@ fn lossy_link(last: &serde_json::Value, rtt_ms: &serde_json::Value) -> Option<St
         share * 100.0
     ))
 }
+
+/// Why syncs to a replica are slow when the replica is: "it was busy 97% of the time ...", once
+/// its data-stream readers were busy [`SLOW_REPLICA_PCT`]% or more of a sync that took a
+/// second or more (they spent the rest waiting for data: the link's or the primary's pace).
+fn slow_replica(last: &serde_json::Value) -> Option<String> {
+    let pct = last["busy_pct"].as_u64()?;
+    if pct < SLOW_REPLICA_PCT || last["duration_ms"].as_u64()? < 1000 {
+        return None;
+    }
+    Some(format!(
+        "it was busy {pct}% of the last sync checking and staging what arrived (waiting for \
+         data the rest): its disk or CPU, not the link, sets the pace of syncs to it (see the \
+         replica host's load)"
+    ))
+}
+
+/// How busy a replica's readers must be before status says it sets the pace.
+const SLOW_REPLICA_PCT: u64 = 80;
 
 /// One row per image that has unsynced changes or that some replica lacks.
 fn print_images(v: &serde_json::Value) {

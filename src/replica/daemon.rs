@@ -5,7 +5,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tokio::sync::mpsc;
@@ -409,10 +410,12 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
     // Frames are handled under the store's and the session's locks, and their answers queued
     // under the session's alone: answers leave in the order the session produced them, and a
     // primary that does not read its answers holds up its own session, never the store.
+    let busy = Arc::new(Busy::default());
     let handle = {
         let store = store.clone();
         let session = session.clone();
         let closed = closed.clone();
+        let busy = busy.clone();
         move |f: Checked, tx: &mpsc::Sender<Frame>| -> bool {
             tokio::task::block_in_place(|| {
                 let mut s = session.lock();
@@ -427,9 +430,12 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
                     return lost(&mut s);
                 }
                 let answers = s.handle_checked(&mut *store.lock(), f);
-                for f in answers {
+                for mut f in answers {
                     let ack = matches!(f, Frame::Ack { .. });
                     committed |= ack;
+                    if let Frame::Ack { busy_pct, .. } = &mut f {
+                        *busy_pct = busy.take_pct();
+                    }
                     if ack && crate::fault::point("replica.ack.send").is_err() {
                         return lost(&mut s);
                     }
@@ -470,18 +476,25 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
         let handle = handle.clone();
         let refuse = refuse.clone();
         let store = store.clone();
+        let busy = busy.clone();
         tokio::spawn(async move {
             while let Ok(mut uni) = conn.accept_uni().await {
                 let tx = tx.clone();
                 let handle = handle.clone();
                 let refuse = refuse.clone();
                 let store = store.clone();
+                let busy = busy.clone();
                 tokio::spawn(async move {
                     loop {
+                        let t = Instant::now();
                         match read_frame_within(&mut uni, data_limit).await {
                             Ok(Some(f)) => {
+                                let waited = t.elapsed();
+                                let t = Instant::now();
                                 let f = tokio::task::block_in_place(|| check(&store, f));
-                                if !handle(f, &tx) {
+                                let go_on = handle(f, &tx);
+                                busy.add(t.elapsed(), waited);
+                                if !go_on {
                                     let _ = uni.stop(0u32.into());
                                     break;
                                 }
@@ -515,6 +528,9 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
                     let _ = tx.send(scrub(store.clone(), repair, &fp).await).await;
                 }
                 Ok(Some(f)) => {
+                    if matches!(f, Frame::Begin { .. }) {
+                        busy.take_pct();
+                    }
                     if !handle(Checked::unchecked(f), &tx) {
                         break Ok(());
                     }
@@ -535,6 +551,35 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
     log::info!("primary {fp} disconnected");
     crate::heap::give_back();
     result
+}
+
+/// How busy a connection's data-stream readers are: the time they spent checking and staging
+/// frames against the time they waited for them, since the last generation began
+/// (`Frame::Ack`'s `busy_pct`). Near 100%, this replica, not the link or the primary, sets the
+/// pace of the primary's syncs, and its status says so.
+#[derive(Default)]
+struct Busy {
+    busy_ns: AtomicU64,
+    wait_ns: AtomicU64,
+}
+
+impl Busy {
+    fn add(&self, busy: Duration, waited: Duration) {
+        self.busy_ns
+            .fetch_add(busy.as_nanos() as u64, Ordering::Relaxed);
+        self.wait_ns
+            .fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// The share of the readers' time spent busy since the last call, in percent (0 when
+    /// nothing was read); starts over.
+    fn take_pct(&self) -> u8 {
+        let busy = self.busy_ns.swap(0, Ordering::Relaxed);
+        let wait = self.wait_ns.swap(0, Ordering::Relaxed);
+        (busy as u128 * 100)
+            .checked_div(busy as u128 + wait as u128)
+            .unwrap_or(0) as u8
+    }
 }
 
 /// A data frame's costly check, done on the thread that read it and without the store's lock

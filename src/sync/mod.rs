@@ -164,6 +164,9 @@ pub struct PeerOutcome {
     /// QUIC packets sent to it, and how many of them the link lost (every attempt).
     pub packets_sent: u64,
     pub packets_lost: u64,
+    /// How busy its data-stream readers were while the data arrived, in percent (its `Ack`):
+    /// near 100, the replica set the pace, not the link.
+    pub busy_pct: u8,
     pub duration_ms: u64,
     /// Connections it took (a lost connection is retried with backoff; staged chunks are not
     /// sent again).
@@ -1053,6 +1056,7 @@ impl Engine {
             wire_bytes: n(&s.total.wire_bytes),
             packets_sent: n(&s.total.packets_sent),
             packets_lost: n(&s.total.packets_lost),
+            busy_pct: 0,
             duration_ms: s.took.as_millis() as u64,
             attempts: s.attempts,
             last_attempt_bytes: n(&s.last.bytes_sent),
@@ -1061,6 +1065,7 @@ impl Engine {
         };
         match s.result {
             Ok(acked) => {
+                o.busy_pct = acked.busy_pct;
                 o.root = Some(hex(&acked.group_root));
                 o.generation = acked.generation;
                 peer.failing_since = None;

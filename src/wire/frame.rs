@@ -12,7 +12,7 @@ use crate::chunk::ChunkParams;
 /// Protocol version carried in the hello; a peer with another version is refused. Version 2:
 /// refusals carry a [`RefuseCode`]. Version 3: `Hello` names the namespace and the takeover
 /// it writes under; `Probe`.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 
 /// Largest encoded frame: the largest chunk FastCDC allows (16 MiB) plus room for its header.
 pub const MAX_FRAME: usize = (16 << 20) + (64 << 10);
@@ -254,6 +254,10 @@ pub enum Frame {
         generation: u64,
         group_root: Hash,
         images: Vec<ImageState>,
+        /// How busy the replica's data-stream readers were while this generation's data
+        /// arrived, in percent of their time (the rest they waited for data): near 100, the
+        /// replica, not the link or the primary, set the pace. 0 when not measured.
+        busy_pct: u8,
     },
 
     /// Primary → replica, after `Welcome` instead of a generation (`ferry verify --deep`):
@@ -415,6 +419,7 @@ mod tests {
                     size: 5,
                     root: [10; 32],
                 }],
+                busy_pct: 97,
             },
         ]
     }

@@ -105,6 +105,8 @@ pub struct Acked {
     pub group_root: Hash,
     /// The replica's base for each image, as found (for the caller to learn from).
     pub images: Vec<ImageState>,
+    /// How busy its data-stream readers were (`Frame::Ack`).
+    pub busy_pct: u8,
 }
 
 /// Reads image bytes for data frames.
@@ -329,6 +331,7 @@ impl PrimarySession {
                         generation,
                         group_root,
                         images,
+                        busy_pct: 0,
                     }))]);
                 }
                 self.peer_generation = generation;
@@ -409,6 +412,7 @@ impl PrimarySession {
                     generation,
                     group_root,
                     images,
+                    busy_pct,
                 },
             ) => {
                 if generation != self.number || group_root != self.generation.group_root {
@@ -426,6 +430,7 @@ impl PrimarySession {
                     generation,
                     group_root,
                     images,
+                    busy_pct,
                 }))])
             }
             (_, other) => Err(format!(
@@ -892,8 +897,9 @@ mod tests {
     /// refused with the figures instead.
     #[test]
     fn a_replica_reporting_an_absurd_image_size_is_refused_not_reconciled() {
+        // A Welcome (its sixth byte the protocol version), then the absurd frame.
         let input: &[u8] = &[
-            78, 0, 0, 0, 1, 3, 0, 1, 231, 122, 52, 222, 34, 184, 204, 219, 189, 247, 48, 33, 241,
+            78, 0, 0, 0, 1, 4, 0, 1, 231, 122, 52, 222, 34, 184, 204, 219, 189, 247, 48, 33, 241,
             26, 40, 162, 10, 135, 175, 126, 55, 151, 243, 180, 3, 209, 14, 7, 152, 229, 180, 161,
             1, 1, 97, 160, 141, 250, 213, 154, 185, 104, 149, 242, 222, 174, 74, 0, 0, 0, 1, 67, 0,
             1, 231, 122, 56, 222, 34, 184, 204, 219, 189, 247, 48, 33, 241, 135, 10, 175, 26, 40,

@@ -729,6 +729,8 @@ impl Pending {
             generation,
             group_root,
             images: store.images(),
+            // The transport measures it (`replica::daemon`).
+            busy_pct: 0,
         }])
     }
 }
