@@ -477,6 +477,7 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
         let refuse = refuse.clone();
         let store = store.clone();
         let busy = busy.clone();
+        let max_chunk = store.lock().params().max_size as usize;
         tokio::spawn(async move {
             while let Ok(mut uni) = conn.accept_uni().await {
                 let tx = tx.clone();
@@ -491,7 +492,7 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
                             Ok(Some(f)) => {
                                 let waited = t.elapsed();
                                 let t = Instant::now();
-                                let f = tokio::task::block_in_place(|| check(&store, f));
+                                let f = tokio::task::block_in_place(|| check(&store, max_chunk, f));
                                 let go_on = handle(f, &tx);
                                 busy.add(t.elapsed(), waited);
                                 if !go_on {
@@ -585,12 +586,9 @@ impl Busy {
 /// A data frame's costly check, done on the thread that read it and without the store's lock
 /// (but for a moment, to learn what a patch is laid over): chunks decompressed and hashed,
 /// patches checked against the committed bytes. The session stages what passed.
-fn check(store: &SharedStore, f: Frame) -> Checked {
+fn check(store: &SharedStore, max_chunk: usize, f: Frame) -> Checked {
     match &f {
-        Frame::Chunk { .. } => {
-            let max = store.lock().params().max_size as usize;
-            Checked::chunk(f, max)
-        }
+        Frame::Chunk { .. } => Checked::chunk(f, max_chunk),
         Frame::Patch {
             hash,
             path,

@@ -124,15 +124,20 @@ impl Checked {
     }
 
     /// Decompresses and hashes a `Chunk` frame (chunks of at most `max_size` bytes); any other
-    /// frame is left to the session.
+    /// frame is left to the session. The bytes move into the verdict (the frame keeps an empty
+    /// body): an uncompressed chunk is not copied.
     pub fn chunk(frame: Frame, max_size: usize) -> Checked {
-        let verdict = match &frame {
-            Frame::Chunk { hash, zstd, data } => {
-                Verdict::Chunk(verified(hash, *zstd, data, max_size))
-            }
-            _ => Verdict::None,
-        };
-        Checked { frame, verdict }
+        match frame {
+            Frame::Chunk { hash, zstd, data } => Checked {
+                verdict: Verdict::Chunk(verified(&hash, zstd, data, max_size)),
+                frame: Frame::Chunk {
+                    hash,
+                    zstd,
+                    data: Vec::new(),
+                },
+            },
+            frame => Checked::unchecked(frame),
+        }
     }
 
     /// A `Patch` frame the store found to make its chunk over the bytes it had committed at
@@ -155,16 +160,16 @@ pub fn ranges_fit(len: u64, ranges: &[(u64, serde_bytes::ByteBuf)]) -> bool {
 }
 
 /// A chunk frame's bytes, decompressed (at most `max` bytes), if they hash to `hash`.
-fn verified(hash: &Hash, zstd: bool, data: &[u8], max: usize) -> Result<Vec<u8>, Refusal> {
+fn verified(hash: &Hash, zstd: bool, data: Vec<u8>, max: usize) -> Result<Vec<u8>, Refusal> {
     let raw = if zstd {
-        super::squeeze::unpack(data, max).map_err(|e| {
+        super::squeeze::unpack(&data, max).map_err(|e| {
             Refusal::new(
                 RefuseCode::Corrupt,
                 format!("chunk {} does not decompress: {e}", hex(hash)),
             )
         })?
     } else {
-        data.to_vec()
+        data
     };
     if blake3::hash(&raw).as_bytes() != hash {
         return Err(Refusal::new(
@@ -619,7 +624,7 @@ impl Pending {
         }
         let raw = match checked {
             Some(r) => r?,
-            None => verified(&hash, zstd, &data, store.params().max_size as usize)?,
+            None => verified(&hash, zstd, data, store.params().max_size as usize)?,
         };
         store
             .stage(&hash, &raw)
