@@ -34,8 +34,8 @@ pub struct MountOptions {
     pub fsname: Option<String>,
     /// Options passed on to the kernel.
     pub kernel: Vec<MountOption>,
-    /// FUSE worker threads.
-    pub threads: usize,
+    /// FUSE worker threads, if given (`threads()` has the default).
+    pub threads: Option<usize>,
     /// No dirty tracking and no intent log (only to measure their cost).
     pub notrack: bool,
     /// Refuse to mount unless only root can reach the backing directory.
@@ -54,12 +54,18 @@ const ACCEPTED: &str = "config=FILE, replica, allow_other, allow_root, default_p
     nofail, x-*)";
 
 impl MountOptions {
+    /// FUSE worker threads: as given, else 16 (32 with `direct_backing`). A worker serves one
+    /// request at a time and waits in it for the disk when the backing file's pages are not
+    /// cached, so the threads bound how many of a guest's requests reach the disk at once
+    /// (virtio queues keep 16 to 128 in flight); docs/BENCHMARKS.md, "Worker threads".
+    pub fn threads(&self) -> usize {
+        self.threads
+            .unwrap_or(if self.direct_backing { 32 } else { 16 })
+    }
+
     /// Parses comma-separated option lists as given with `-o` (several `-o` allowed).
     pub fn parse(lists: &[String]) -> Result<MountOptions> {
-        let mut o = MountOptions {
-            threads: 4,
-            ..MountOptions::default()
-        };
+        let mut o = MountOptions::default();
         for opt in lists
             .iter()
             .flat_map(|l| l.split(','))
@@ -79,11 +85,12 @@ impl MountOptions {
                 ("fsname", Some(v)) => o.fsname = Some(v.to_string()),
                 ("subtype", Some(_)) => {}
                 ("threads", Some(v)) => {
-                    o.threads = v
-                        .parse()
-                        .ok()
-                        .filter(|n| (1..=64).contains(n))
-                        .ok_or_else(|| anyhow!("mount option threads={v}: give 1 to 64"))?
+                    o.threads = Some(
+                        v.parse()
+                            .ok()
+                            .filter(|n| (1..=64).contains(n))
+                            .ok_or_else(|| anyhow!("mount option threads={v}: give 1 to 64"))?,
+                    )
                 }
                 ("notrack", None) => o.notrack = true,
                 ("replica", None) => o.replica = true,
@@ -614,7 +621,7 @@ fn serve(
     } else {
         SessionACL::Owner
     };
-    cfg.n_threads = Some(opts.threads);
+    cfg.n_threads = Some(opts.threads());
     cfg.clone_fd = true;
     let mut session = fuser::Session::new(adapter, mountpoint, &cfg).with_context(|| {
         format!(
@@ -627,7 +634,7 @@ fn serve(
         "mounted {} on {} ({} threads)",
         source.display(),
         mountpoint.display(),
-        opts.threads
+        opts.threads()
     );
 
     let _ = notifier.set(session.notifier());
@@ -891,6 +898,9 @@ mod tests {
             "{e}"
         );
         assert!(parse("threads=0").is_err());
+        assert_eq!(parse("").unwrap().threads(), 16);
+        assert_eq!(parse("direct_backing").unwrap().threads(), 32);
+        assert_eq!(parse("direct_backing,threads=8").unwrap().threads(), 8);
         assert!(parse("ro").unwrap().read_only);
         assert!(parse("private_backing").unwrap().private_backing);
         assert!(parse("direct_backing").unwrap().direct_backing);

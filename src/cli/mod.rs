@@ -209,7 +209,7 @@ pub struct MountArgs {
     /// Where to mount it (an existing empty directory).
     pub mountpoint: PathBuf,
     /// Mount options, comma separated: config=FILE (the node's config), allow_other,
-    /// allow_root, default_permissions, ro, fsname=NAME, threads=N (FUSE workers, default 4),
+    /// allow_root, default_permissions, ro, fsname=NAME, threads=N (FUSE workers, default 16, 32 with direct_backing),
     /// direct_backing (a guest's O_DIRECT I/O, QEMU cache=none, bypasses the host's page cache
     /// on the backing file too), writeback_cache (the kernel caches buffered writes; sync
     /// points flush them first; a killed daemon loses those not yet sent), and the usual dev/nodev, suid/nosuid, exec/noexec, atime/noatime. fstab-only options
