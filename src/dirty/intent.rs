@@ -8,9 +8,15 @@
 //! * A mark is acknowledged only once its record is on disk. Concurrent first writes share one
 //!   `fdatasync` (group commit): the first caller to find no append running leads and writes
 //!   every mark queued so far; the others wait on a condition variable.
-//! * Marks are never erased in place. A committed sync forgets its marks in memory; the file is
-//!   then rewritten atomically with the live marks only (compaction), and if that fails the old
-//!   marks stay on disk, which costs a re-read after a crash and loses nothing.
+//! * Marks are never erased in place. A committed sync's marks linger: they stay in the file for
+//!   [`LINGER`] more (half of it at least, and until the second commit after that), and a write
+//!   to a lingering extent makes it live again without an append (md's write-intent bitmap
+//!   clears its bits lazily for the same reason: with a sync point every second, the first write
+//!   to each extent after each commit would otherwise wait for an fdatasync, and a guest's
+//!   writes keep coming back to the same extents). Then the file is rewritten atomically with
+//!   the marks still live or lingering (compaction); if that fails the old marks stay on disk,
+//!   which costs a re-read after a crash and loses nothing. A lingering mark costs the same: the
+//!   re-read of an extent written in the last seconds before the last commit.
 //! * An append that fails leaves nothing a later open would misread: the next append starts at
 //!   the same offset, a partial record is cut off, and after a failed `fdatasync` (when the
 //!   kernel may have dropped the pages) the whole log is rewritten before the next append.
@@ -35,6 +41,7 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
@@ -46,6 +53,8 @@ use format::State as FileState;
 pub const DEFAULT_EXTENT_SIZE: u64 = 4 << 20;
 /// The log's file name inside the node's `state_dir`.
 pub const FILE_NAME: &str = "intent.log";
+/// How long a committed sync's marks stay in the file (see the rules above).
+pub const LINGER: Duration = Duration::from_secs(10);
 /// Smallest extent size accepted (one page).
 const MIN_EXTENT_SIZE: u64 = 4096;
 /// Room kept allocated past the log's end (its size unchanged), so that marks are still
@@ -221,6 +230,8 @@ struct State {
     current: Marks,
     /// Marks on disk that belong to syncs begun but not committed or aborted.
     syncs: BTreeMap<u64, Marks>,
+    /// Marks on disk of committed syncs, not live, kept a while (see the rules above).
+    lingering: Lingering,
     next_sync: u64,
     pending: Pending,
     inflight: Option<InFlight>,
@@ -232,6 +243,20 @@ struct State {
     forgotten: u64,
     compacted: u64,
     closed: bool,
+}
+
+/// Committed marks kept in the file: `young` since `since`, `old` from the period before it.
+/// At a commit `linger / 2` or more after `since`, `old` is forgotten and `young` becomes it.
+struct Lingering {
+    young: Marks,
+    old: Marks,
+    since: Instant,
+}
+
+impl Lingering {
+    fn covers(&self, image: &Path, extents: &Range<u64>) -> bool {
+        covers(&self.young, image, extents) || covers(&self.old, image, extents)
+    }
 }
 
 /// The open log file. Only the owner of `State::busy` locks it.
@@ -249,6 +274,7 @@ struct LogFile {
 pub struct IntentLog {
     path: PathBuf,
     extent_size: u64,
+    linger: Duration,
     state: Mutex<State>,
     cond: Condvar,
     file: Mutex<LogFile>,
@@ -295,9 +321,15 @@ impl IntentLog {
         let log = IntentLog {
             path: path.to_path_buf(),
             extent_size,
+            linger: LINGER,
             state: Mutex::new(State {
                 current: Marks::new(),
                 syncs: BTreeMap::new(),
+                lingering: Lingering {
+                    young: Marks::new(),
+                    old: Marks::new(),
+                    since: Instant::now(),
+                },
                 next_sync: 0,
                 pending: Pending::default(),
                 inflight: None,
@@ -317,6 +349,13 @@ impl IntentLog {
         log.rewrite(&format::active(extent_size, &live))?;
         log.state.lock().current = live;
         Ok((log, recovery))
+    }
+
+    /// How long committed marks stay in the file ([`LINGER`] unless set here; zero: a commit
+    /// forgets its marks at once).
+    pub fn lingering(mut self, linger: Duration) -> IntentLog {
+        self.linger = linger;
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -344,7 +383,10 @@ impl IntentLog {
             // compaction, and every compaction writes the current marks too: marking them
             // again needs no append. (With a sync point every second, the first write to each
             // extent after each one would otherwise wait for an fdatasync.)
-            if st.syncs.values().any(|m| covers(m, image, &extents)) {
+            // The same holds for the lingering marks of committed syncs.
+            if st.syncs.values().any(|m| covers(m, image, &extents))
+                || st.lingering.covers(image, &extents)
+            {
                 st.current
                     .entry(image.to_path_buf())
                     .or_insert_with(exact_set)
@@ -430,7 +472,10 @@ impl IntentLog {
             return Err(self.closed());
         }
         let mut moved = Marks::new();
-        for marks in std::iter::once(&st.current).chain(st.syncs.values()) {
+        for marks in [&st.current, &st.lingering.young, &st.lingering.old]
+            .into_iter()
+            .chain(st.syncs.values())
+        {
             for (image, set) in marks {
                 if let Some(new) = new_name(image) {
                     moved.entry(new).or_insert_with(exact_set).extend_from(set);
@@ -449,9 +494,14 @@ impl IntentLog {
             st.forgotten += 1;
         }
         let st = &mut **st;
-        for marks in std::iter::once(&mut st.current)
-            .chain(st.syncs.values_mut())
-            .chain(std::iter::once(&mut st.pending.marks))
+        for marks in [
+            &mut st.current,
+            &mut st.lingering.young,
+            &mut st.lingering.old,
+        ]
+        .into_iter()
+        .chain(st.syncs.values_mut())
+        .chain(std::iter::once(&mut st.pending.marks))
         {
             remap(marks, &new_name);
         }
@@ -485,15 +535,32 @@ impl IntentLog {
         SyncToken { id }
     }
 
-    /// The sync committed: forget the marks it covered (those marked again since stay) and
-    /// compact the file. An error means only that the compaction failed: the forgotten marks
-    /// stay on disk until the next one, which costs a re-read after a crash and loses nothing.
+    /// The sync committed: its marks are no longer live (those marked again since stay); they
+    /// linger, and the lingering marks of long enough ago are forgotten and the file compacted.
+    /// An error means only that the compaction failed: the forgotten marks stay on disk until
+    /// the next one, which costs a re-read after a crash and loses nothing.
     pub fn commit_sync(&self, t: SyncToken) -> Result<(), IntentError> {
+        self.commit_sync_at(t, Instant::now())
+    }
+
+    fn commit_sync_at(&self, t: SyncToken, now: Instant) -> Result<(), IntentError> {
         let mut st = self.state.lock();
         let Some(frozen) = st.syncs.remove(&t.id) else {
             return Ok(());
         };
-        if frozen.values().any(|s| !s.is_empty()) {
+        let l = &mut st.lingering;
+        let mut forgot = if self.linger.is_zero() {
+            !frozen.values().all(|s| s.is_empty())
+        } else {
+            merge(&mut l.young, &frozen);
+            false
+        };
+        if now.duration_since(l.since) >= self.linger / 2 {
+            let old = std::mem::replace(&mut l.old, std::mem::take(&mut l.young));
+            l.since = now;
+            forgot |= !old.values().all(|s| s.is_empty());
+        }
+        if forgot {
             st.forgotten += 1;
         }
         drop(st);
@@ -596,7 +663,7 @@ impl IntentLog {
             }
             MutexGuard::unlocked(st, || self.append(&bytes, new))
         } else {
-            let all = live(st, Some(new));
+            let all = on_disk(st, Some(new));
             let generation = st.forgotten;
             MutexGuard::unlocked(st, || self.rewrite(&format::active(self.extent_size, &all)))?;
             st.compacted = generation;
@@ -610,7 +677,7 @@ impl IntentLog {
         if st.closed || st.forgotten == st.compacted {
             return Ok(());
         }
-        let all = live(st, None);
+        let all = on_disk(st, None);
         let generation = st.forgotten;
         let bytes = format::active(self.extent_size, &all);
         let result = MutexGuard::unlocked(st, || {
@@ -865,6 +932,15 @@ fn merge(into: &mut Marks, from: &Marks) {
             .or_insert_with(exact_set)
             .extend_from(set);
     }
+}
+
+/// Every mark that must stay in the file: the live ones and the lingering ones (`mark` trusts
+/// those too), and `extra`.
+fn on_disk(st: &State, extra: Option<&Marks>) -> Marks {
+    let mut all = live(st, extra);
+    merge(&mut all, &st.lingering.young);
+    merge(&mut all, &st.lingering.old);
+    all
 }
 
 /// Every live mark: the current epoch's, those of syncs in progress, and `extra`.

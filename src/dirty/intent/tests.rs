@@ -4,7 +4,7 @@
 #![allow(clippy::single_range_in_vec_init)] // one dirty range is the common case
 
 use super::*;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Fault injection and counters for the log file.
 #[derive(Default)]
@@ -26,8 +26,15 @@ fn p(s: &str) -> &Path {
     Path::new(s)
 }
 
+/// A log whose commits forget their marks at once (no lingering: the tests below that do not
+/// name a linger check what a commit forgets).
 fn open(path: &Path) -> (IntentLog, Recovery) {
-    IntentLog::open(path, ES).unwrap()
+    open_lingering(path, Duration::ZERO)
+}
+
+fn open_lingering(path: &Path, linger: Duration) -> (IntentLog, Recovery) {
+    let (log, rec) = IntentLog::open(path, ES).unwrap();
+    (log.lingering(linger), rec)
 }
 
 fn dirty_of(r: &Recovery) -> Vec<(String, Vec<Range<u64>>)> {
@@ -245,6 +252,74 @@ fn a_sync_commit_forgets_its_marks_and_compacts() {
     assert_eq!(
         dirty_of(&rec),
         vec![("a".into(), vec![0..ES]), ("b".into(), vec![0..ES])]
+    );
+}
+
+#[test]
+fn a_committed_sync_s_marks_linger_and_a_write_there_needs_no_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(FILE_NAME);
+    let linger = Duration::from_secs(10);
+    let (log, _) = open_lingering(&path, linger);
+    let start = Instant::now();
+    let at = |s: u64| start + Duration::from_secs(s);
+    log.mark(p("a"), 0..1).unwrap();
+    log.mark(p("b"), 0..1).unwrap();
+    let t = log.begin_sync();
+    log.commit_sync_at(t, at(0)).unwrap();
+    // Not live any more, but still in the file: writing there again is the fast path.
+    assert_eq!(log.marked_extents(), 0);
+    let len = file_len(&path);
+    log.mark(p("a"), 5..6).unwrap();
+    let t = log.begin_sync();
+    log.mark(p("b"), 9..10).unwrap();
+    assert_eq!(file_len(&path), len);
+    assert_eq!(log.marked_extents(), 2, "a in the sync, b since");
+    // Half the linger on, a commit moves the lingering marks to the old period; half again,
+    // the next one forgets them and compacts the file. `b`, written again while lingering (no
+    // append), is in the new file all the same: it went on lingering from its own sync.
+    log.commit_sync_at(t, at(6)).unwrap();
+    let t = log.begin_sync();
+    log.mark(p("c"), 0..1).unwrap();
+    let before = file_len(&path);
+    log.commit_sync_at(t, at(12)).unwrap();
+    assert!(file_len(&path) < before, "compacted");
+    drop(log);
+    let (log, rec) = open_lingering(&path, linger);
+    assert_eq!(
+        dirty_of(&rec),
+        vec![("b".into(), vec![0..ES]), ("c".into(), vec![0..ES])]
+    );
+    // A write to the forgotten extent appends a mark again.
+    let len = file_len(&path);
+    log.mark(p("a"), 0..1).unwrap();
+    assert!(file_len(&path) > len);
+}
+
+#[test]
+fn a_crash_after_a_commit_recovers_the_lingering_marks_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(FILE_NAME);
+    let (log, _) = open_lingering(&path, Duration::from_secs(3600));
+    log.mark(p("a"), 0..1).unwrap();
+    let t = log.begin_sync();
+    log.mark(p("b"), 0..1).unwrap();
+    log.commit_sync(t).unwrap();
+    // A failed fdatasync makes the next append rewrite the whole log: the rewrite keeps the
+    // lingering mark, which a later write to `a` trusts without an append.
+    log.file.lock().test.fail_sync = true;
+    assert!(log.mark(p("c"), 0..1).is_err());
+    log.mark(p("c"), 0..1).unwrap();
+    log.mark(p("a"), 7..8).unwrap();
+    drop(log);
+    let (_, rec) = open(&path);
+    assert_eq!(
+        dirty_of(&rec),
+        vec![
+            ("a".into(), vec![0..ES]),
+            ("b".into(), vec![0..ES]),
+            ("c".into(), vec![0..ES])
+        ]
     );
 }
 
