@@ -94,6 +94,10 @@ pub struct Primary {
     /// Granularity of the intent log.
     #[serde(default = "default_intent_extent", deserialize_with = "size")]
     pub intent_extent: u64,
+    /// How long a committed sync's intent-log marks stay in the log (a write to such an
+    /// extent needs no append); "0s" forgets them at each commit.
+    #[serde(default = "default_intent_linger", deserialize_with = "duration")]
+    pub intent_linger: Duration,
     /// A selected replica failing for longer than this is replaced by another (which is then
     /// seeded), when more peers are configured than `replicas`.
     #[serde(default = "default_failover_after", deserialize_with = "duration")]
@@ -185,6 +189,9 @@ fn default_sync_timeout() -> Duration {
 fn default_intent_extent() -> u64 {
     4 << 20
 }
+fn default_intent_linger() -> Duration {
+    crate::dirty::LINGER
+}
 fn default_min() -> u64 {
     ChunkParams::default().min_size as u64
 }
@@ -214,6 +221,7 @@ impl Default for Primary {
             replicas: 1,
             bandwidth_limit: None,
             intent_extent: default_intent_extent(),
+            intent_linger: default_intent_linger(),
             sync_timeout: default_sync_timeout(),
             congestion: Congestion::default(),
             failover_after: default_failover_after(),
@@ -461,6 +469,12 @@ cluster = "vm-images"
         assert_eq!(parse("").unwrap().primary.congestion, Congestion::Bdp);
         let cubic = parse("[primary]\ncongestion = \"cubic\"").unwrap();
         assert_eq!(cubic.primary.congestion, Congestion::Cubic);
+        assert_eq!(
+            parse("").unwrap().primary.intent_linger,
+            crate::dirty::LINGER
+        );
+        let eager = parse("[primary]\nintent_linger = \"0s\"").unwrap();
+        assert_eq!(eager.primary.intent_linger, Duration::ZERO);
     }
 
     #[test]
@@ -478,6 +492,7 @@ cluster = "vm-images"
             ),
             ("[node]\nnmae = \"a\"", "nmae"),
             ("[primary]\ncongestion = \"reno\"", "congestion"),
+            ("[primary]\nintent_linger = \"a while\"", "intent_linger"),
             (
                 "[chunking]\nmin = \"64KiB\"\navg = \"16KiB\"",
                 "min < avg < max",
