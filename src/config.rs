@@ -189,8 +189,9 @@ fn default_sync_timeout() -> Duration {
 fn default_intent_extent() -> u64 {
     4 << 20
 }
+/// The intent log's own default (`dirty::LINGER`; config sits below `dirty`).
 fn default_intent_linger() -> Duration {
-    crate::dirty::LINGER
+    Duration::from_secs(10)
 }
 fn default_min() -> u64 {
     ChunkParams::default().min_size as u64
@@ -471,7 +472,7 @@ cluster = "vm-images"
         assert_eq!(cubic.primary.congestion, Congestion::Cubic);
         assert_eq!(
             parse("").unwrap().primary.intent_linger,
-            crate::dirty::LINGER
+            Duration::from_secs(10)
         );
         let eager = parse("[primary]\nintent_linger = \"0s\"").unwrap();
         assert_eq!(eager.primary.intent_linger, Duration::ZERO);

@@ -8,9 +8,7 @@
 
 mod intent;
 
-pub use intent::{
-    DEFAULT_EXTENT_SIZE, FILE_NAME, IntentError, IntentLog, LINGER, Recovery, SyncToken,
-};
+pub use intent::{DEFAULT_EXTENT_SIZE, FILE_NAME, IntentError, IntentLog, Recovery, SyncToken};
 
 use std::collections::BTreeMap;
 use std::ops::Range;

@@ -84,7 +84,7 @@ pub struct Store {
     record: GenerationRecord,
     manifests: BTreeMap<String, Manifest>,
     /// Where each chunk of the committed images lives: (image, offset, length).
-    index: HashMap<Hash, (String, u64, u64)>,
+    index: HashMap<Hash, (Arc<str>, u64, u64)>,
     journal: Journal,
     /// Chunks of the next generation staged as patches of the committed images.
     patches: PatchLog,
@@ -453,11 +453,12 @@ impl Store {
     fn rebuild_index(&mut self) {
         self.index.clear();
         for (path, m) in &self.manifests {
+            let name: Arc<str> = Arc::from(path.as_str());
             for e in m.entries() {
                 if let Kind::Data(h) = e.kind {
                     self.index
                         .entry(*h.as_bytes())
-                        .or_insert_with(|| (path.clone(), e.offset, e.len));
+                        .or_insert_with(|| (name.clone(), e.offset, e.len));
                 }
             }
         }

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use super::frame::{
-    Frame, Hash, ImageState, MAX_ITEMS, NsChange, Refusal, RefuseCode, Splice, VERSION,
+    Frame, Hash, ImageState, MAX_ITEMS, NsChange, Refusal, RefuseCode, Splice, VERSION, WireEntry,
 };
 use super::plan;
 use crate::chunk::ChunkParams;
@@ -577,11 +577,13 @@ impl Pending {
             &blake3::Hash::from_bytes(new_root),
         )
         .map_err(|e| format!("plan for {path:?}: {e}"))?;
-        for e in m.entries() {
-            if let Some(h) = e.hash()
-                && !store.have(h.as_bytes())
+        // Only the splices can name a chunk the replica lacks: every other entry is the
+        // committed base's, held in its image (so the wants cost the change, not the image).
+        for w in splices.iter().flat_map(|s| &s.entries) {
+            if let WireEntry::Data { hash, .. } = w
+                && !store.have(hash)
             {
-                self.outstanding.insert(*h.as_bytes());
+                self.outstanding.insert(*hash);
             }
         }
         self.images.insert(path, m);
