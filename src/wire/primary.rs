@@ -653,9 +653,17 @@ impl PrimarySession {
     /// Turns the wanted hashes into jobs: a patch where the replica's base of the chunk's span
     /// is known and few of its bytes changed, else the whole chunk.
     fn make_jobs(&mut self) -> Result<(), String> {
+        // Where each wanted chunk is: only images planned to this replica can hold one, and
+        // only wanted hashes are kept (a session used to index every chunk of every image).
+        let wanted: HashSet<&Hash> = self.wanted.iter().collect();
         for (path, m) in &self.generation.images {
+            if self.bases.get(path).is_some_and(|b| b.root() == m.root()) {
+                continue;
+            }
             for e in m.entries() {
-                if let Some(h) = e.hash() {
+                if let Some(h) = e.hash()
+                    && wanted.contains(h.as_bytes())
+                {
                     self.locations
                         .entry(*h.as_bytes())
                         .or_insert_with(|| (path.clone(), e.offset, e.len));
