@@ -33,6 +33,11 @@ pub const CONNECTIONS_PER_PRIMARY: usize = 8;
 /// of a Merkle descent), so this never holds up one that reads.
 const ANSWERS_QUEUED: usize = 64;
 
+/// Data frames read from one stream ahead of the thread that checks and stages them: enough
+/// that reading and checking overlap, few enough that a slow store stops the reading (and QUIC's
+/// flow control then the primary) after a few frames' worth of memory.
+const STREAM_QUEUED: usize = 4;
+
 /// The connections open per primary key.
 #[derive(Default)]
 struct Open(parking_lot::Mutex<std::collections::HashMap<Fingerprint, usize>>);
@@ -416,8 +421,9 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
         let session = session.clone();
         let closed = closed.clone();
         let busy = busy.clone();
+        // Blocks (the store's lock, disk writes): called on a blocking thread.
         move |f: Checked, tx: &mpsc::Sender<Frame>| -> bool {
-            tokio::task::block_in_place(|| {
+            {
                 let mut s = session.lock();
                 let mut committed = false;
                 // A failpoint's error here is a connection lost (the session ends).
@@ -449,7 +455,7 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
                     return false;
                 }
                 true
-            })
+            }
         }
     };
     // A broken frame ends the session: refused, and the connection closed after it.
@@ -486,16 +492,30 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
                 let store = store.clone();
                 let busy = busy.clone();
                 tokio::spawn(async move {
+                    // The stream's frames are checked and staged on one blocking thread of its
+                    // own, fed by a short queue (a `block_in_place` per frame handed the
+                    // runtime's worker to another thread each time: a third of this daemon's
+                    // CPU went to those hand-offs under scattered writes).
+                    let (frames, mut queued) = mpsc::channel::<Frame>(STREAM_QUEUED);
+                    let answers = tx.clone();
+                    let worker = tokio::task::spawn_blocking(move || {
+                        let mut since = Instant::now();
+                        while let Some(f) = queued.blocking_recv() {
+                            let waited = since.elapsed();
+                            let t = Instant::now();
+                            let go_on = handle(check(&store, max_chunk, f), &answers);
+                            busy.add(t.elapsed(), waited);
+                            if !go_on {
+                                break;
+                            }
+                            since = Instant::now();
+                        }
+                    });
                     loop {
-                        let t = Instant::now();
                         match read_frame_within(&mut uni, data_limit).await {
                             Ok(Some(f)) => {
-                                let waited = t.elapsed();
-                                let t = Instant::now();
-                                let f = tokio::task::block_in_place(|| check(&store, max_chunk, f));
-                                let go_on = handle(f, &tx);
-                                busy.add(t.elapsed(), waited);
-                                if !go_on {
+                                if frames.send(f).await.is_err() {
+                                    // The session ended.
                                     let _ = uni.stop(0u32.into());
                                     break;
                                 }
@@ -508,13 +528,15 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
                             }
                         }
                     }
+                    drop(frames);
+                    let _ = worker.await;
                 });
             }
         })
     };
 
     if let Some(hello) = first
-        && !handle(Checked::unchecked(hello), &tx)
+        && !tokio::task::block_in_place(|| handle(Checked::unchecked(hello), &tx))
     {
         drop(tx);
         let _ = writer.await;
@@ -532,7 +554,7 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
                     if matches!(f, Frame::Begin { .. }) {
                         busy.take_pct();
                     }
-                    if !handle(Checked::unchecked(f), &tx) {
+                    if !tokio::task::block_in_place(|| handle(Checked::unchecked(f), &tx)) {
                         break Ok(());
                     }
                 }
