@@ -49,6 +49,21 @@ impl ManifestDir {
         save(&p, m)
     }
 
+    /// Makes `image`'s manifest the one `other` holds for it, by linking that file (atomically;
+    /// its parent directories created): what a saved manifest costs without encoding or
+    /// writing it again.
+    pub fn adopt(&self, other: &ManifestDir, image: &str) -> Result<(), ManifestFileError> {
+        let p = self.file(image);
+        let io = |action, source| ManifestFileError::Io {
+            action,
+            path: p.clone(),
+            source,
+        };
+        fs::create_dir_all(p.parent().expect("has a parent"))
+            .map_err(|e| io("create the directory of", e))?;
+        durable::link_atomic(&other.file(image), &p).map_err(|e| io("link", e))
+    }
+
     /// Removes `image`'s manifest, if there is one.
     pub fn remove(&self, image: &str) {
         let _ = fs::remove_file(self.file(image));

@@ -12,7 +12,8 @@
 //!    committed;
 //! 4. the images are changed in place from the journal and the patches (data written, zero
 //!    extents punched as holes, sizes set) and fsynced;
-//! 5. the manifests replace the committed ones, then the generation record is replaced;
+//! 5. the staged manifests replace the committed ones (hard links), then the generation record
+//!    is replaced;
 //! 6. the staging area is emptied.
 //!
 //! On start, a commit record newer than the generation record is replayed from step 4 (writing
@@ -516,8 +517,14 @@ impl Store {
             f.sync_all()?;
         }
         durable::fsync_dir(&self.root)?;
+        // The staged manifests (step 2; a replay finds them there too) become the committed
+        // ones by a link: no second encoding and writing of every entry.
+        let (staged, committed) = (
+            self.manifests_in("staging/manifests"),
+            self.manifests_in("manifests"),
+        );
         for (path, m) in new {
-            self.save_manifest("manifests", path, m)?;
+            committed.adopt(&staged, path)?;
             self.manifests.insert(path.clone(), m.clone());
         }
         self.record = GenerationRecord {

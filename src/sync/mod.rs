@@ -1077,7 +1077,8 @@ impl Engine {
                 if o.bytes_sent >= 1 << 20 && o.duration_ms > 0 {
                     peer.throughput = Some(o.bytes_sent as f64 * 1000.0 / o.duration_ms as f64);
                 }
-                peer.confirmed = match remember(&self.state, peer, g, acked.generation) {
+                let active = (&self.active(), &work.images);
+                peer.confirmed = match remember(&self.state, peer, g, acked.generation, active) {
                     Ok(()) => true,
                     Err(e) => {
                         log::warn!(
@@ -1318,8 +1319,16 @@ fn may_ask<'a>(
         .map(|e| e.offset..e.end())
 }
 
-/// A replica acknowledged `g`: it is that replica's new base.
-fn remember(state: &Path, peer: &mut Peer, g: &Generation, number: u64) -> Result<()> {
+/// A replica acknowledged `g`: it is that replica's new base. A manifest that is also the
+/// active one (`active`, saved in `active_dir` at the cut) is linked from there, not written
+/// again.
+fn remember(
+    state: &Path,
+    peer: &mut Peer,
+    g: &Generation,
+    number: u64,
+    (active_dir, active): (&ManifestDir, &BTreeMap<String, Arc<Manifest>>),
+) -> Result<()> {
     let dir = state.join("peers").join(&peer.name);
     let mdir = ManifestDir::new(dir.join("manifests"));
     for (path, m) in &g.images {
@@ -1329,7 +1338,10 @@ fn remember(state: &Path, peer: &mut Peer, g: &Generation, number: u64) -> Resul
             .get(path)
             .is_none_or(|k| k.root() != m.root())
         {
-            mdir.save(path, m)?;
+            match active.get(path) {
+                Some(a) if Arc::ptr_eq(a, m) => mdir.adopt(active_dir, path)?,
+                _ => mdir.save(path, m)?,
+            }
         }
     }
     for old in peer.known.manifests.keys() {
