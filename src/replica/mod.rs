@@ -23,6 +23,7 @@
 pub mod daemon;
 mod fuse;
 pub mod history;
+mod index;
 mod journal;
 pub mod keep;
 mod kept;
@@ -33,7 +34,7 @@ pub mod scrub;
 pub mod site;
 pub mod view;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -54,6 +55,7 @@ use crate::wire::frame::{Hash, ImageState, NsChange};
 use crate::wire::replica::{Generation, ReplicaStore};
 use std::time::SystemTime;
 
+use index::ChunkIndex;
 pub use journal::Journal;
 pub use keep::Policy;
 use patches::{Patch, PatchLog};
@@ -84,8 +86,8 @@ pub struct Store {
     params: ChunkParams,
     record: GenerationRecord,
     manifests: BTreeMap<String, Manifest>,
-    /// Where each chunk of the committed images lives: (image, offset, length).
-    index: HashMap<Hash, (Arc<str>, u64, u64)>,
+    /// Where each chunk of the committed images lives.
+    index: ChunkIndex,
     journal: Journal,
     /// Chunks of the next generation staged as patches of the committed images.
     patches: PatchLog,
@@ -239,7 +241,7 @@ impl Store {
             params,
             record,
             manifests: BTreeMap::new(),
-            index: HashMap::new(),
+            index: ChunkIndex::default(),
             journal,
             patches,
             view: None,
@@ -452,17 +454,7 @@ impl Store {
     }
 
     fn rebuild_index(&mut self) {
-        self.index.clear();
-        for (path, m) in &self.manifests {
-            let name: Arc<str> = Arc::from(path.as_str());
-            for e in m.entries() {
-                if let Kind::Data(h) = e.kind {
-                    self.index
-                        .entry(*h.as_bytes())
-                        .or_insert_with(|| (name.clone(), e.offset, e.len));
-                }
-            }
-        }
+        self.index = ChunkIndex::build(&self.manifests);
     }
 
     fn save_manifest(&self, dir: &str, image: &str, m: &Manifest) -> Result<()> {
@@ -481,6 +473,8 @@ impl Store {
 
     /// Applies a committed generation (steps 4 to 6 of the module comment).
     fn apply(&mut self, commit: &CommitRecord, new: &BTreeMap<String, Manifest>) -> Result<()> {
+        // The committed manifests this generation removes or replaces, for the chunk index.
+        let mut before: BTreeMap<String, Manifest> = BTreeMap::new();
         for c in &commit.changes {
             if let NsChange::Remove { path } = c {
                 let p = self.root.join(path);
@@ -490,7 +484,9 @@ impl Store {
                     Err(e) => return Err(e).context(format!("cannot remove {}", p.display())),
                 }
                 self.manifests_in("manifests").remove(path);
-                self.manifests.remove(path);
+                if let Some(m) = self.manifests.remove(path) {
+                    before.insert(path.clone(), m);
+                }
             }
         }
         let empty = Manifest::empty(self.params);
@@ -525,7 +521,9 @@ impl Store {
         );
         for (path, m) in new {
             committed.adopt(&staged, path)?;
-            self.manifests.insert(path.clone(), m.clone());
+            if let Some(old) = self.manifests.insert(path.clone(), m.clone()) {
+                before.entry(path.clone()).or_insert(old);
+            }
         }
         self.record = GenerationRecord {
             generation: commit.generation,
@@ -546,7 +544,12 @@ impl Store {
         self.patches.clear(commit.generation)?;
         let _ = fs::remove_dir_all(staging.join("manifests"));
         fs::create_dir_all(staging.join("manifests"))?;
-        self.rebuild_index();
+        let paths: std::collections::BTreeSet<&String> = before.keys().chain(new.keys()).collect();
+        let changes: index::Changes = paths
+            .into_iter()
+            .map(|p| (p.as_str(), before.get(p), self.manifests.get(p)))
+            .collect();
+        self.index.update(&changes, &self.manifests);
         Ok(())
     }
 
@@ -837,7 +840,7 @@ impl ReplicaStore for Store {
     }
 
     fn have(&self, hash: &Hash) -> bool {
-        self.journal.contains(hash) || self.patches.contains(hash) || self.index.contains_key(hash)
+        self.journal.contains(hash) || self.patches.contains(hash) || self.index.contains(hash)
     }
 
     fn base_bytes(&self, path: &str, offset: u64, len: u64) -> io::Result<Vec<u8>> {
