@@ -51,11 +51,7 @@ impl ChunkIndex {
         let mut homeless: HashSet<Hash> = HashSet::new();
         for (path, before, after) in changes {
             let Some(before) = before else { continue };
-            let gone: Box<dyn Iterator<Item = &Entry>> = match after {
-                Some(after) => Box::new(changed_entries(after, before)),
-                None => Box::new(before.entries().iter()),
-            };
-            for e in gone {
+            for e in not_in(*after, before) {
                 let Kind::Data(h) = e.kind else { continue };
                 let h = *h.as_bytes();
                 let Some((place, n)) = self.chunks.get_mut(&h) else {
@@ -73,11 +69,7 @@ impl ChunkIndex {
         for (path, before, after) in changes {
             let Some(after) = after else { continue };
             let name: Arc<str> = Arc::from(*path);
-            let came: Box<dyn Iterator<Item = &Entry>> = match before {
-                Some(before) => Box::new(changed_entries(before, after)),
-                None => Box::new(after.entries().iter()),
-            };
-            for e in came {
+            for e in not_in(*before, after) {
                 let Kind::Data(h) = e.kind else { continue };
                 let h = *h.as_bytes();
                 let place = (name.clone(), e.offset, e.len);
@@ -110,6 +102,17 @@ impl ChunkIndex {
     /// Distinct chunks.
     pub fn len(&self) -> usize {
         self.chunks.len()
+    }
+}
+
+/// The entries of `m` not identical in `other` (all of them when there is no `other`).
+fn not_in<'a>(
+    other: Option<&'a Manifest>,
+    m: &'a Manifest,
+) -> Box<dyn Iterator<Item = &'a Entry> + 'a> {
+    match other {
+        Some(o) => Box::new(changed_entries(o, m)),
+        None => Box::new(m.entries().iter()),
     }
 }
 
