@@ -239,7 +239,7 @@ pub fn rechunk_tuned(
             o.kind = Kind::Data(hash);
         }
     }
-    let m = Manifest::new(p, new_size, out).map_err(|e| {
+    let m = Manifest::new_over(stale, p, new_size, out).map_err(|e| {
         io::Error::other(format!(
             "internal error: re-chunk produced an invalid manifest ({e}); please report it"
         ))

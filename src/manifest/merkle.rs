@@ -96,6 +96,34 @@ impl Tree {
             leaves.push(leaf_hash(&entries[i..j]));
             i = j;
         }
+        Tree::from_leaves(size, leaves)
+    }
+
+    /// What [`Tree::build`] gives, hashing only the leaves whose entries differ from those of
+    /// `base`, the tree of `base_entries` (the same image before a change): a change of a few
+    /// entries costs a comparison of the others, not a hash of each.
+    pub fn build_over(size: u64, entries: &[Entry], base: &Tree, base_entries: &[Entry]) -> Tree {
+        if base.size != size {
+            return Tree::build(size, entries);
+        }
+        let n = leaf_count(size);
+        let mut leaves = Vec::with_capacity(n);
+        let (mut i, mut k) = (0, 0);
+        for leaf in 0..n {
+            let end = (leaf as u64 + 1) * LEAF_SPAN;
+            let j = i + entries[i..].partition_point(|e| e.offset < end);
+            let l = k + base_entries[k..].partition_point(|e| e.offset < end);
+            leaves.push(if entries[i..j] == base_entries[k..l] {
+                base.levels[0][leaf]
+            } else {
+                leaf_hash(&entries[i..j])
+            });
+            (i, k) = (j, l);
+        }
+        Tree::from_leaves(size, leaves)
+    }
+
+    fn from_leaves(size: u64, leaves: Vec<Hash>) -> Tree {
         let mut levels = vec![leaves];
         while levels.last().unwrap().len() > 1 {
             let up = levels
@@ -197,6 +225,31 @@ mod tests {
         );
         let (ta, tb) = (Tree::build(size, &a), Tree::build(size, &b));
         assert_eq!(ta.differing_leaves(&tb), vec![(off / LEAF_SPAN) as usize]);
+    }
+
+    #[test]
+    fn a_tree_built_over_a_base_is_the_tree_built_from_scratch() {
+        let size = 20 * LEAF_SPAN + 4096;
+        let a = tiled(size - 4096, 65536, 0)
+            .into_iter()
+            .chain([data(size - 4096, 4096, 1)])
+            .collect::<Vec<_>>();
+        let ta = Tree::build(size, &a);
+        let mut b = a.clone();
+        for (round, k) in [3usize, 17, 18, 150, 319, 320].into_iter().enumerate() {
+            b[k] = data(b[k].offset, b[k].len, 100 + round as u8);
+            assert_eq!(Tree::build_over(size, &b, &ta, &a), Tree::build(size, &b));
+        }
+        // Entries split, a different size: still the same as from scratch.
+        let (off, len) = (b[40].offset, b[40].len);
+        b.splice(40..41, [data(off, 100, 7), data(off + 100, len - 100, 8)]);
+        assert_eq!(Tree::build_over(size, &b, &ta, &a), Tree::build(size, &b));
+        b.pop();
+        assert_eq!(
+            Tree::build_over(size - 4096, &b, &ta, &a),
+            Tree::build(size - 4096, &b)
+        );
+        assert_eq!(Tree::build_over(size, &a, &ta, &a), ta);
     }
 
     #[test]

@@ -142,6 +142,26 @@ impl Manifest {
         size: u64,
         entries: Vec<Entry>,
     ) -> Result<Manifest, InvalidManifest> {
+        Manifest::built(params, size, entries, None)
+    }
+
+    /// [`Manifest::new`] for entries that change `base`, the same image's manifest before:
+    /// its Merkle tree hashes only the leaves over changed entries (the same tree as `new`'s).
+    pub fn new_over(
+        base: &Manifest,
+        params: ChunkParams,
+        size: u64,
+        entries: Vec<Entry>,
+    ) -> Result<Manifest, InvalidManifest> {
+        Manifest::built(params, size, entries, Some(base))
+    }
+
+    fn built(
+        params: ChunkParams,
+        size: u64,
+        entries: Vec<Entry>,
+        base: Option<&Manifest>,
+    ) -> Result<Manifest, InvalidManifest> {
         let mut expected = 0;
         for (index, e) in entries.iter().enumerate() {
             if e.offset != expected {
@@ -173,7 +193,10 @@ impl Manifest {
                 size,
             });
         }
-        let tree = Tree::build(size, &entries);
+        let tree = match base {
+            Some(b) => Tree::build_over(size, &entries, &b.tree, &b.entries),
+            None => Tree::build(size, &entries),
+        };
         Ok(Manifest {
             params,
             size,

@@ -148,7 +148,8 @@ pub fn apply(
     for e in &b[i..] {
         push_shifted(&mut out, e, shift)?;
     }
-    let m = Manifest::new(params, new_size, out).map_err(|e| PlanError::Invalid(e.to_string()))?;
+    let m = Manifest::new_over(base, params, new_size, out)
+        .map_err(|e| PlanError::Invalid(e.to_string()))?;
     if m.root() != *want_root {
         return Err(PlanError::Root {
             got: m.root().to_hex().to_string(),
