@@ -52,16 +52,12 @@ impl Diff {
     }
 }
 
-/// Compares `stale` and `active` entry by entry, in one pass over both.
+/// Compares `stale` and `active` entry by entry: one pass over both for the entries that
+/// differ, then one over the stale entries for where those chunks already are (only the
+/// changed chunks are looked up, so the cost is not a map of every stale chunk).
 pub fn diff(stale: &Manifest, active: &Manifest) -> Diff {
     let old = stale.entries();
-    let mut by_hash: HashMap<Hash, u64> = HashMap::new();
-    for e in old {
-        if let Kind::Data(h) = e.kind {
-            by_hash.entry(h).or_insert(e.offset);
-        }
-    }
-    let mut changes = Vec::new();
+    let mut changed: Vec<(&Entry, Option<&Entry>)> = Vec::new();
     let mut i = 0;
     for e in active.entries() {
         while i < old.len() && old[i].offset < e.offset {
@@ -73,12 +69,29 @@ pub fn diff(stale: &Manifest, active: &Manifest) -> Diff {
         if same_span.is_some_and(|o| o.kind == e.kind) {
             continue;
         }
-        changes.push(Change {
+        changed.push((e, same_span));
+    }
+    let mut by_hash: HashMap<Hash, Option<u64>> = changed
+        .iter()
+        .filter_map(|(e, _)| e.hash().map(|h| (h, None)))
+        .collect();
+    if !by_hash.is_empty() {
+        for o in old {
+            if let Kind::Data(h) = &o.kind
+                && let Some(at @ None) = by_hash.get_mut(h)
+            {
+                *at = Some(o.offset);
+            }
+        }
+    }
+    let changes = changed
+        .into_iter()
+        .map(|(e, same_span)| Change {
             offset: e.offset,
             len: e.len,
             kind: classify(e, same_span, &by_hash),
-        });
-    }
+        })
+        .collect();
     Diff {
         old_size: stale.size(),
         new_size: active.size(),
@@ -102,11 +115,15 @@ pub fn changed_entries<'a>(
     })
 }
 
-fn classify(e: &Entry, same_span: Option<&Entry>, by_hash: &HashMap<Hash, u64>) -> ChangeKind {
+fn classify(
+    e: &Entry,
+    same_span: Option<&Entry>,
+    by_hash: &HashMap<Hash, Option<u64>>,
+) -> ChangeKind {
     let Kind::Data(result) = e.kind else {
         return ChangeKind::Zero;
     };
-    if let Some(&from) = by_hash.get(&result) {
+    if let Some(&Some(from)) = by_hash.get(&result) {
         return ChangeKind::Copy { hash: result, from };
     }
     match same_span.map(|o| o.kind) {
@@ -189,5 +206,29 @@ mod tests {
         );
         assert_eq!(df.new_bytes(), 200_000);
         assert!(diff(&active, &active).is_empty());
+    }
+
+    #[test]
+    fn a_copy_comes_from_the_first_place_that_holds_the_chunk() {
+        let stale = m(300, vec![d(0, 100, 5), d(100, 100, 6), d(200, 100, 5)]);
+        let active = m(300, vec![d(0, 100, 5), d(100, 100, 5), d(200, 100, 7)]);
+        let kinds: Vec<_> = diff(&stale, &active)
+            .changes
+            .iter()
+            .map(|c| c.kind)
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                ChangeKind::Copy {
+                    hash: blake3::hash(&[5]),
+                    from: 0
+                },
+                ChangeKind::Patch {
+                    base: blake3::hash(&[5]),
+                    result: blake3::hash(&[7])
+                },
+            ]
+        );
     }
 }
