@@ -423,39 +423,37 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
         let busy = busy.clone();
         // Blocks (the store's lock, disk writes): called on a blocking thread.
         move |f: Checked, tx: &mpsc::Sender<Frame>| -> bool {
-            {
-                let mut s = session.lock();
-                let mut committed = false;
-                // A failpoint's error here is a connection lost (the session ends).
-                let lost = |s: &mut ReplicaSession| {
-                    s.close();
-                    closed.notify_one();
-                    false
-                };
-                if crate::fault::point("replica.frame.recv").is_err() {
+            let mut s = session.lock();
+            let mut committed = false;
+            // A failpoint's error here is a connection lost (the session ends).
+            let lost = |s: &mut ReplicaSession| {
+                s.close();
+                closed.notify_one();
+                false
+            };
+            if crate::fault::point("replica.frame.recv").is_err() {
+                return lost(&mut s);
+            }
+            let answers = s.handle_checked(&mut *store.lock(), f);
+            for mut f in answers {
+                let ack = matches!(f, Frame::Ack { .. });
+                committed |= ack;
+                if let Frame::Ack { busy_pct, .. } = &mut f {
+                    *busy_pct = busy.take_pct();
+                }
+                if ack && crate::fault::point("replica.ack.send").is_err() {
                     return lost(&mut s);
                 }
-                let answers = s.handle_checked(&mut *store.lock(), f);
-                for mut f in answers {
-                    let ack = matches!(f, Frame::Ack { .. });
-                    committed |= ack;
-                    if let Frame::Ack { busy_pct, .. } = &mut f {
-                        *busy_pct = busy.take_pct();
-                    }
-                    if ack && crate::fault::point("replica.ack.send").is_err() {
-                        return lost(&mut s);
-                    }
-                    let _ = tx.blocking_send(f);
-                }
-                if committed {
-                    crate::heap::give_back();
-                }
-                if s.is_closed() {
-                    closed.notify_one();
-                    return false;
-                }
-                true
+                let _ = tx.blocking_send(f);
             }
+            if committed {
+                crate::heap::give_back();
+            }
+            if s.is_closed() {
+                closed.notify_one();
+                return false;
+            }
+            true
         }
     };
     // A broken frame ends the session: refused, and the connection closed after it.
@@ -494,8 +492,7 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
                 tokio::spawn(async move {
                     // The stream's frames are checked and staged on one blocking thread of its
                     // own, fed by a short queue (a `block_in_place` per frame handed the
-                    // runtime's worker to another thread each time: a third of this daemon's
-                    // CPU went to those hand-offs under scattered writes).
+                    // runtime's worker to another thread each time).
                     let (frames, mut queued) = mpsc::channel::<Frame>(STREAM_QUEUED);
                     let answers = tx.clone();
                     let worker = tokio::task::spawn_blocking(move || {
