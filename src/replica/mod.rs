@@ -471,10 +471,31 @@ impl Store {
         Ok(buf)
     }
 
-    /// Applies a committed generation (steps 4 to 6 of the module comment).
+    /// Applies a committed generation (steps 4 to 6 of the module comment), and brings the
+    /// chunk index along: by the changed entries, or built again when applying failed midway
+    /// (the manifests in memory may then be partly the new ones).
     fn apply(&mut self, commit: &CommitRecord, new: &BTreeMap<String, Manifest>) -> Result<()> {
-        // The committed manifests this generation removes or replaces, for the chunk index.
+        // The committed manifests this generation removes or replaces.
         let mut before: BTreeMap<String, Manifest> = BTreeMap::new();
+        if let Err(e) = self.apply_steps(commit, new, &mut before) {
+            self.rebuild_index();
+            return Err(e);
+        }
+        let paths: std::collections::BTreeSet<&String> = before.keys().chain(new.keys()).collect();
+        let changes: index::Changes = paths
+            .into_iter()
+            .map(|p| (p.as_str(), before.get(p), self.manifests.get(p)))
+            .collect();
+        self.index.update(&changes, &self.manifests);
+        Ok(())
+    }
+
+    fn apply_steps(
+        &mut self,
+        commit: &CommitRecord,
+        new: &BTreeMap<String, Manifest>,
+        before: &mut BTreeMap<String, Manifest>,
+    ) -> Result<()> {
         for c in &commit.changes {
             if let NsChange::Remove { path } = c {
                 let p = self.root.join(path);
@@ -544,12 +565,6 @@ impl Store {
         self.patches.clear(commit.generation)?;
         let _ = fs::remove_dir_all(staging.join("manifests"));
         fs::create_dir_all(staging.join("manifests"))?;
-        let paths: std::collections::BTreeSet<&String> = before.keys().chain(new.keys()).collect();
-        let changes: index::Changes = paths
-            .into_iter()
-            .map(|p| (p.as_str(), before.get(p), self.manifests.get(p)))
-            .collect();
-        self.index.update(&changes, &self.manifests);
         Ok(())
     }
 
@@ -1136,6 +1151,55 @@ mod tests {
                     store.stage(h.as_bytes(), b).unwrap();
                 }
             }
+        }
+    }
+
+    /// An apply that fails midway leaves the manifests in memory partly new: the chunk index
+    /// is built again from them, so it never names a place by what the image held before.
+    #[test]
+    fn an_apply_that_fails_midway_leaves_the_index_true_to_the_manifests() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (random(300_000, 11), random(300_000, 12));
+        fs::write(dir.path().join("a"), &a).unwrap();
+        fs::write(dir.path().join("b"), &b).unwrap();
+        let mut store = Store::open(dir.path(), params()).unwrap();
+        let (a2, b2) = (random(300_000, 13), random(300_000, 14));
+        let g = generation(1, vec![("a", &a2), ("b", &b2)]);
+        stage_missing(
+            &mut store,
+            &g,
+            &BTreeMap::from([("a", a2.clone()), ("b", b2)]),
+        );
+        store.journal.sync().unwrap();
+        for (path, m) in &g.images {
+            store.save_manifest("staging/manifests", path, m).unwrap();
+        }
+        // Image "b"'s staged manifest is gone: applying fails after "a" took its new one.
+        fs::remove_file(store.manifests_in("staging/manifests").file("b")).unwrap();
+        let commit = CommitRecord {
+            generation: 1,
+            group_root: manifest::hex(&g.group_root),
+            changes: vec![],
+            images: vec!["a".to_string(), "b".to_string()],
+        };
+        assert!(store.apply(&commit, &g.images).is_err());
+        assert_eq!(
+            store.manifests["a"], g.images["a"],
+            "the case this test is about"
+        );
+        let built = ChunkIndex::build(&store.manifests);
+        let hashes = [&a, &a2]
+            .into_iter()
+            .flat_map(|bytes| {
+                chunk_full(&bytes.to_vec(), params())
+                    .unwrap()
+                    .0
+                    .entries()
+                    .to_vec()
+            })
+            .filter_map(|e| e.hash().map(|h| *h.as_bytes()));
+        for h in hashes {
+            assert_eq!(store.index.contains(&h), built.contains(&h));
         }
     }
 
