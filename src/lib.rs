@@ -17,6 +17,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod mount;
 pub mod net;
+pub mod priority;
 pub mod replica;
 pub mod sync;
 #[doc(hidden)]

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 const ALLOWED: &[(&str, &[&str])] = &[
     ("durable", &[]),
     ("heap", &[]),
+    ("priority", &[]),
     // The fault matrix's failpoints, compiled in only for tests.
     ("fault", &[]),
     // The control socket's client finds the socket through the mount's root xattr.
@@ -24,19 +25,20 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("chunk", &["manifest"]),
     ("wire", &["chunk", "manifest", "dirty", "durable"]),
     ("net", &["wire", "durable"]),
-    ("fs", &["chunk", "dirty", "durable", "fault"]),
+    ("fs", &["chunk", "dirty", "durable", "fault", "priority"]),
     ("config", &["chunk", "net"]),
     (
         "sync",
         &[
             "fs", "chunk", "manifest", "wire", "net", "dirty", "durable", "metrics", "epoch",
-            "heap", "fault",
+            "heap", "fault", "priority",
         ],
     ),
     (
         "replica",
         &[
             "wire", "net", "manifest", "chunk", "durable", "metrics", "epoch", "heap", "fault",
+            "priority",
         ],
     ),
     ("wan", &[]),

@@ -406,6 +406,7 @@ impl Filesystem for FerryFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        crate::priority::request_thread();
         match self.fs.read(fh.0, offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(errno("read", e)),
@@ -424,6 +425,7 @@ impl Filesystem for FerryFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        crate::priority::request_thread();
         // The kernel sets the flag for writers without CAP_FSETID (KILLPRIV_V2).
         if self.kill_privs
             && write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)

@@ -113,7 +113,7 @@ pub fn run(mut opts: Options, ready: Option<Box<dyn FnOnce()>>) -> Result<()> {
     let threads = Threads {
         count: 4,
         name: "ferry-replica",
-        on_start: || {},
+        on_start: crate::priority::background_cpu,
     };
     let node = Node::server(&opts.identity, &opts.primaries, opts.listen, threads)?;
     let root = site.root().display().to_string();

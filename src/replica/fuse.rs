@@ -361,6 +361,7 @@ impl Filesystem for ReplicaFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        crate::priority::request_thread();
         let Some((view, n, path)) = self.files.lock().get(&fh.0).cloned() else {
             return reply.error(Errno::EBADF);
         };

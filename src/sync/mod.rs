@@ -66,39 +66,6 @@ const COW_MEMORY: u64 = 128 << 20;
 /// Memory for chunk frames shared by the shipments of one generation to several replicas.
 const FRAME_CACHE: u64 = 64 << 20;
 
-/// The nice value of every thread that does sync work (re-chunking, hashing, shipping). The
-/// mount's request threads stay at the daemon's own priority, so a VM's writes are served
-/// before a sync's CPU work (at nice 10 the scheduler gives such a thread about a tenth of
-/// the CPU time a nice 0 thread wants), yet a sync still progresses on a busy host.
-const SYNC_NICE: libc::c_int = 10;
-
-/// The I/O priority of those threads: the idle class, served when the disk has nothing else
-/// to do, so a sync's reads of the images do not queue ahead of the VM's I/O. Schedulers
-/// with priority aging (mq-deadline: 10 s) still serve it on a disk that is never idle;
-/// where the scheduler ignores classes ("none"), this changes nothing.
-const SYNC_IOPRIO: libc::c_int = 3 << 13; // IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT
-
-/// Lowers the calling thread (only it: Linux keeps both per thread) to [`SYNC_NICE`] and
-/// [`SYNC_IOPRIO`].
-pub(crate) fn lower_thread_priority() {
-    // SAFETY: plain system calls on the calling thread's own id.
-    let tid = unsafe { libc::gettid() };
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, SYNC_NICE) } != 0 {
-        log::debug!(
-            "cannot lower a sync thread's CPU priority: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    const IOPRIO_WHO_PROCESS: libc::c_int = 1;
-    // SAFETY: as above.
-    if unsafe { libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, tid, SYNC_IOPRIO) } != 0 {
-        log::debug!(
-            "cannot lower a sync thread's I/O priority: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
 /// One replica, as the face describes it.
 #[derive(Clone, Debug)]
 pub struct PeerSpec {
@@ -399,7 +366,7 @@ impl Engine {
         // it. (Already built, as in tests that open several engines in one process: kept.)
         let _ = rayon::ThreadPoolBuilder::new()
             .thread_name(|i| format!("ferry-chunk-{i}"))
-            .start_handler(|_| lower_thread_priority())
+            .start_handler(|_| crate::priority::background())
             .build_global();
         let active = ManifestDir::new(state.join("active").join("manifests"));
         fs::create_dir_all(active.path())?;
@@ -503,7 +470,7 @@ impl Engine {
             let threads = Threads {
                 count: 2,
                 name: "ferry-net",
-                on_start: lower_thread_priority,
+                on_start: crate::priority::background,
             };
             Some(Node::client(id, &pinned, opts.congestion, threads)?)
         };

@@ -49,7 +49,7 @@ impl Scheduler {
         std::thread::Builder::new()
             .name("sync-points".into())
             .spawn(move || {
-                super::lower_thread_priority();
+                crate::priority::background();
                 me.work(&engine, interval, timeout)
             })?;
         Ok(s)

@@ -1,0 +1,161 @@
+//! How the CPU is shared between a VM's I/O and the work ferry does beside it on the same host.
+//! Linux keeps scheduling per thread, so each thread sets its own when it starts:
+//!
+//! - **request threads** (the mounts' FUSE workers) keep the daemon's nice value and ask for
+//!   the scheduler's shortest time slice, [`REQUEST_SLICE_NS`]: a guest's write waits for one
+//!   of them to wake, and with the default slice a woken thread waited up to a whole slice
+//!   (1.4 ms on two CPUs) behind whatever ran there, even behind a nice 10 thread;
+//! - **background threads** (a sync's re-chunking, hashing and shipping; a replica's checking
+//!   and applying) run at nice [`NICE`]: under contention they get about a tenth of the CPU
+//!   time a nice 0 thread wants, so the VMs are served first, yet the work still progresses
+//!   on a busy host. A sync's threads also put their I/O in the idle class.
+//!
+//! Measured with scripts/bench-cow: docs/BENCHMARKS.md, "Write latency during syncs".
+
+use std::cell::Cell;
+use std::io;
+
+/// The nice value of a background thread.
+const NICE: libc::c_int = 10;
+
+/// The time slice a request thread asks for (`sched_attr.sched_runtime` of a normal thread,
+/// Linux 6.12 and later; older kernels ignore it): the shortest the scheduler allows. A woken
+/// thread with a shorter slice than the running one may preempt it (EEVDF's PREEMPT_SHORT),
+/// and its deadlines come sooner. A request is served in tens of microseconds, so the short
+/// slice costs no extra switches.
+const REQUEST_SLICE_NS: u64 = 100_000;
+
+/// The I/O priority of a sync's threads: the idle class, served when the disk has nothing
+/// else to do, so a sync's reads of the images do not queue ahead of the VM's I/O. Schedulers
+/// with priority aging (mq-deadline: 10 s) still serve it on a disk that is never idle; where
+/// the scheduler ignores classes ("none"), this changes nothing.
+const IOPRIO_IDLE: libc::c_int = 3 << 13; // IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT
+
+/// `struct sched_attr` of sched_setattr(2), its first version (48 bytes).
+#[repr(C)]
+#[derive(Default)]
+struct SchedAttr {
+    size: u32,
+    policy: u32,
+    flags: u64,
+    nice: i32,
+    priority: u32,
+    runtime: u64,
+    deadline: u64,
+    period: u64,
+}
+
+/// The calling thread's scheduling attributes.
+fn attr() -> io::Result<SchedAttr> {
+    let mut a = SchedAttr::default();
+    let size = std::mem::size_of::<SchedAttr>() as u32;
+    // SAFETY: the calling thread (pid 0) and a buffer of the size passed.
+    if unsafe {
+        libc::syscall(
+            libc::SYS_sched_getattr,
+            0,
+            &mut a as *mut SchedAttr,
+            size,
+            0,
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(a)
+}
+
+/// Gives the calling request thread the short slice, once per thread (a thread-local flag:
+/// fuser offers no hook at a worker's start, so the data path calls this per request).
+pub fn request_thread() {
+    thread_local!(static DONE: Cell<bool> = const { Cell::new(false) });
+    if DONE.with(|d| d.replace(true)) {
+        return;
+    }
+    let set = attr().and_then(|mut a| {
+        if a.policy != libc::SCHED_OTHER as u32 {
+            return Ok(()); // an operator's choice (chrt): theirs
+        }
+        a.size = std::mem::size_of::<SchedAttr>() as u32;
+        a.runtime = REQUEST_SLICE_NS;
+        // SAFETY: the calling thread and a sched_attr of the size it declares.
+        match unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &a as *const SchedAttr, 0) } {
+            0 => Ok(()),
+            _ => Err(io::Error::last_os_error()),
+        }
+    });
+    if let Err(e) = set {
+        log::debug!("cannot shorten a request thread's time slice: {e}");
+    }
+}
+
+/// Lowers the calling thread's CPU priority to [`NICE`].
+pub fn background_cpu() {
+    // SAFETY: a plain system call on the calling thread's own id.
+    let tid = unsafe { libc::gettid() };
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, NICE) } != 0 {
+        log::debug!(
+            "cannot lower a background thread's CPU priority: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+/// Lowers the calling thread's CPU priority ([`background_cpu`]) and puts its I/O in the idle
+/// class ([`IOPRIO_IDLE`]).
+pub fn background() {
+    background_cpu();
+    const IOPRIO_WHO_PROCESS: libc::c_int = 1;
+    // SAFETY: a plain system call on the calling thread's own id.
+    let tid = unsafe { libc::gettid() };
+    if unsafe { libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, tid, IOPRIO_IDLE) } != 0 {
+        log::debug!(
+            "cannot lower a background thread's I/O priority: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernel_keeps_custom_slices() -> bool {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let mut v = release
+            .split(['.', '-'])
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+        (major, minor) >= (6, 12)
+    }
+
+    #[test]
+    fn a_background_thread_runs_at_nice_10_with_the_default_slice() {
+        std::thread::spawn(|| {
+            background();
+            let a = attr().unwrap();
+            assert_eq!(a.nice, NICE);
+            assert_eq!(a.policy, libc::SCHED_OTHER as u32);
+            assert_ne!(a.runtime, REQUEST_SLICE_NS);
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn a_request_thread_keeps_its_nice_value_and_gets_the_short_slice() {
+        std::thread::spawn(|| {
+            let before = attr().unwrap();
+            request_thread();
+            request_thread();
+            let a = attr().unwrap();
+            assert_eq!(a.nice, before.nice);
+            assert_eq!(a.policy, before.policy);
+            if kernel_keeps_custom_slices() {
+                assert_eq!(a.runtime, REQUEST_SLICE_NS);
+            }
+        })
+        .join()
+        .unwrap();
+    }
+}
