@@ -110,6 +110,8 @@ pub fn run(mut opts: Options, ready: Option<Box<dyn FnOnce()>>) -> Result<()> {
         Some(mnt) => Some(mount(&site, mnt, opts.stop_on_unmount)?),
         None => None,
     };
+    // Beside VMs on the same host the replica's work yields the CPU to them; its I/O keeps its
+    // class, as a commit's writes and fsyncs are the replication lag.
     let threads = Threads {
         count: 4,
         name: "ferry-replica",
@@ -122,6 +124,7 @@ pub fn run(mut opts: Options, ready: Option<Box<dyn FnOnce()>>) -> Result<()> {
         std::thread::Builder::new()
             .name("ferry-scrub".into())
             .spawn(move || {
+                crate::priority::background();
                 loop {
                     std::thread::sleep(every);
                     for (name, store) in site.stores() {
