@@ -590,3 +590,71 @@ fn direct_backing_keeps_o_direct_io_out_of_the_host_page_cache() {
         "{cached} of {pages} pages cached without it"
     );
 }
+
+/// The threads of a mount daemon, as (name, nice value, time slice in ns if the kernel
+/// reports one).
+fn threads_of(pid: i32) -> Vec<(String, i64, Option<u64>)> {
+    let mut out = Vec::new();
+    for t in fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let comm = fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let stat = fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        // Fields after the parenthesised name; nice is field 19 of stat(5), the 17th after it.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let nice = rest.split_whitespace().nth(16).unwrap().parse().unwrap();
+        let sched = fs::read_to_string(t.path().join("sched")).unwrap_or_default();
+        let slice = sched
+            .lines()
+            .find(|l| l.starts_with("se.slice"))
+            .and_then(|l| l.split(':').nth(1))
+            .and_then(|v| v.trim().parse().ok());
+        out.push((comm.trim().to_string(), nice, slice));
+    }
+    out
+}
+
+#[test]
+fn request_threads_ask_for_the_shortest_slice_and_sync_threads_run_at_nice_10() {
+    let m = Mount::new();
+    let path = m.path("vm.img");
+    let f = File::create(&path).unwrap();
+    f.set_len(1 << 20).unwrap();
+    // Writes from several threads at once, so more than one worker serves requests.
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let f = &f;
+            s.spawn(move || {
+                for i in 0..64u64 {
+                    f.write_all_at(&[t as u8 + 1; 4096], (i * 4 + t) * 4096)
+                        .unwrap();
+                    f.sync_data().unwrap();
+                }
+            });
+        }
+    });
+    let threads = threads_of(m.pid());
+    let workers: Vec<_> = threads
+        .iter()
+        .filter(|t| t.0.starts_with("fuser"))
+        .collect();
+    assert!(!workers.is_empty(), "no FUSE workers among {threads:?}");
+    assert!(workers.iter().all(|t| t.1 == 0), "{workers:?}");
+    if workers.iter().any(|t| t.2.is_some()) {
+        // The kernel reports slices (6.6+) and keeps a custom one (6.12+): one worker at least
+        // served the writes above with the 0.1 ms slice.
+        let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        let mut v = release
+            .split(['.', '-'])
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        if (v.next().unwrap(), v.next().unwrap()) >= (6, 12) {
+            assert!(workers.iter().any(|t| t.2 == Some(100_000)), "{workers:?}");
+        }
+    }
+    let sync: Vec<_> = threads
+        .iter()
+        .filter(|t| t.0.starts_with("ferry-chunk") || t.0 == "sync-points")
+        .collect();
+    assert!(!sync.is_empty(), "no sync threads among {threads:?}");
+    assert!(sync.iter().all(|t| t.1 == 10), "{sync:?}");
+}
