@@ -9,7 +9,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::process::Command;
 
-use common::{FERRY, Mount, covers, require, run};
+use common::{FERRY, Mount, covers, require, run, threads_of};
 
 #[test]
 fn posix_operations_reach_the_backing_directory() {
@@ -589,29 +589,6 @@ fn direct_backing_keeps_o_direct_io_out_of_the_host_page_cache() {
         cached > pages / 2,
         "{cached} of {pages} pages cached without it"
     );
-}
-
-/// The threads of a mount daemon, as (name, nice value, time slice in ns if the kernel
-/// reports one).
-fn threads_of(pid: i32) -> Vec<(String, i64, Option<u64>)> {
-    let mut out = Vec::new();
-    for t in fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
-        let comm = fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        let stat = fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-        // Fields after the parenthesised name; nice is field 19 of stat(5), the 17th after it.
-        let Some((_, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let nice = rest.split_whitespace().nth(16).unwrap().parse().unwrap();
-        let sched = fs::read_to_string(t.path().join("sched")).unwrap_or_default();
-        let slice = sched
-            .lines()
-            .find(|l| l.starts_with("se.slice"))
-            .and_then(|l| l.split(':').nth(1))
-            .and_then(|v| v.trim().parse().ok());
-        out.push((comm.trim().to_string(), nice, slice));
-    }
-    out
 }
 
 #[test]

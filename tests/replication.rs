@@ -9,7 +9,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Pair, Replica, keygen, random, require, run};
+use common::{Pair, Replica, keygen, random, require, run, threads_of};
 
 fn identical(p: &Pair, name: &str) {
     common::cmp(&p.primary.backing(name), &p.replica_path(name));
@@ -740,4 +740,20 @@ fn a_kernel_that_caps_the_socket_buffers_slows_nothing_silently() {
         )),
         "the replica's status does not say why syncs may be slow:\n{text}"
     );
+}
+
+#[test]
+fn a_replica_daemon_works_at_nice_10() {
+    // Beside VMs on the same host, its checking and applying yield the CPU to them.
+    let p = Pair::new();
+    fs::write(p.primary.path("vm.img"), random(4 << 20, 3)).unwrap();
+    p.sync_ok();
+    identical(&p, "vm.img");
+    let threads = threads_of(p.replica.pid() as i32);
+    let runtime: Vec<_> = threads
+        .iter()
+        .filter(|t| t.0.starts_with("ferry-replica"))
+        .collect();
+    assert!(!runtime.is_empty(), "no runtime threads among {threads:?}");
+    assert!(runtime.iter().all(|t| t.1 == 10), "{runtime:?}");
 }

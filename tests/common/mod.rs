@@ -762,3 +762,29 @@ pub fn sync_in_background(mnt: &Path) -> std::thread::JoinHandle<(Value, bool, S
     let mnt = mnt.to_path_buf();
     std::thread::spawn(move || sync(&mnt))
 }
+
+/// The threads of a process, as (name, nice value, time slice in ns if the kernel
+/// reports one).
+pub fn threads_of(pid: i32) -> Vec<(String, i64, Option<u64>)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        // Fields after the parenthesised name; nice is field 19 of stat(5), the 17th after it.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let nice = rest.split_whitespace().nth(16).unwrap().parse().unwrap();
+        let sched = std::fs::read_to_string(t.path().join("sched")).unwrap_or_default();
+        let slice = sched
+            .lines()
+            .find(|l| l.starts_with("se.slice"))
+            .and_then(|l| l.split(':').nth(1))
+            .and_then(|v| v.trim().parse().ok());
+        out.push((comm.trim().to_string(), nice, slice));
+    }
+    out
+}
