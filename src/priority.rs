@@ -3,8 +3,10 @@
 //!
 //! - **request threads** (the mounts' FUSE workers) keep the daemon's nice value and ask for
 //!   the scheduler's shortest time slice, [`REQUEST_SLICE_NS`]: a guest's write waits for one
-//!   of them to wake, and with the default slice a woken thread waited up to a whole slice
-//!   (1.4 ms on two CPUs) behind whatever ran there, even behind a nice 10 thread;
+//!   of them to wake, and with the default slice (1.4 ms on two CPUs) a woken worker often
+//!   waited for a CPU behind whatever ran there, nice 10 threads included (nice shares the CPU
+//!   out over time, it does not make a woken thread run at once); with the short slice those
+//!   waits halved in bench-cow's trace;
 //! - **background threads** (a sync's re-chunking, hashing and shipping; a replica's checking
 //!   and applying) run at nice [`NICE`]: under contention they get about a tenth of the CPU
 //!   time a nice 0 thread wants, so the VMs are served first, yet the work still progresses
