@@ -13,7 +13,9 @@ mod rechunk;
 mod scan;
 mod source;
 
-pub use pieces::overlay_id;
+#[cfg(test)]
+pub(crate) use pieces::forget as forget_pieces;
+pub use pieces::{hash as hash_by_pieces, overlay_id};
 pub use rechunk::{Tuning, chunk_full, rechunk, rechunk_tuned};
 pub use scan::ScanStats;
 pub use source::{FileSource, Source, hole_end};

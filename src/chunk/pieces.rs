@@ -85,6 +85,16 @@ pub(super) fn put(id: Hash, values: Vec<ChainingValue>) {
     insert(&mut CACHE.lock(), id, values.into());
 }
 
+/// Forgets the pieces' values of the chunk `id` (tests: a chunk whose pieces are not cached).
+#[cfg(test)]
+pub(crate) fn forget(id: &Hash) {
+    let mut c = CACHE.lock();
+    if let Some(v) = c.new.remove(id) {
+        c.new_bytes -= v.len() * size_of::<ChainingValue>();
+    }
+    c.old.remove(id);
+}
+
 fn insert(c: &mut Cache, id: Hash, v: Arc<[ChainingValue]>) {
     let bytes = v.len() * size_of::<ChainingValue>();
     if c.new_bytes + bytes > CACHE_BYTES / 2 {
@@ -95,6 +105,23 @@ fn insert(c: &mut Cache, id: Hash, v: Arc<[ChainingValue]>) {
     if let Some(prev) = c.new.insert(id, v) {
         c.new_bytes -= prev.len() * size_of::<ChainingValue>();
     }
+}
+
+/// The id of the chunk `bytes` (its BLAKE3 hash), hashed by pieces when it has more than one,
+/// whose values are then remembered: the first patch or in-place write to a chunk that a scan
+/// or a received frame hashed this way reads and hashes only the pieces it touches.
+pub fn hash(bytes: &[u8]) -> Hash {
+    if bytes.len() <= PIECE {
+        return blake3::hash(bytes);
+    }
+    let values: Vec<ChainingValue> = bytes
+        .chunks(PIECE)
+        .enumerate()
+        .map(|(i, p)| value(i, p))
+        .collect();
+    let id = root(&values, bytes.len());
+    put(id, values);
+    id
 }
 
 /// The id of a chunk of `len` bytes that is chunk `base`'s bytes (read through `read`: offset in
@@ -171,6 +198,33 @@ mod tests {
                 .collect();
             assert_eq!(root(&values, len), blake3::hash(bytes), "{len} bytes");
         }
+    }
+
+    /// A chunk hashed by `hash` (as a scan and a replica's check of a received chunk do) has
+    /// BLAKE3's id, and its pieces are remembered: the first overlay of it already reads only
+    /// the piece it touches.
+    #[test]
+    fn a_chunk_hashed_by_pieces_has_its_blake3_id_and_its_first_overlay_is_cheap() {
+        let bytes = random(65_536 + 777, 21);
+        let id = hash(&bytes);
+        assert_eq!(id, blake3::hash(&bytes));
+        assert_eq!(hash(&bytes[..PIECE]), blake3::hash(&bytes[..PIECE]));
+        let mut read = |at: u64, buf: &mut [u8]| {
+            buf.copy_from_slice(&bytes[at as usize..at as usize + buf.len()]);
+            Ok(())
+        };
+        let change: &[u8] = &[7; 100];
+        let (new, n) = overlay_id(
+            Some(&id),
+            bytes.len(),
+            &[(3 * PIECE + 5, change)],
+            &mut read,
+        )
+        .unwrap();
+        let mut want = bytes.clone();
+        want[3 * PIECE + 5..3 * PIECE + 105].copy_from_slice(change);
+        assert_eq!(new, blake3::hash(&want));
+        assert_eq!(n, PIECE as u64, "only the touched piece is read");
     }
 
     /// A patch's id from the cached pieces of its base equals the hash of the patched bytes,

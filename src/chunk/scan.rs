@@ -339,7 +339,7 @@ impl<'a> Scanner<'a> {
             return;
         }
         let buf = &self.buf;
-        let hash = |(i, r): &(usize, Range<usize>)| (*i, blake3::hash(&buf[r.clone()]));
+        let hash = |(i, r): &(usize, Range<usize>)| (*i, super::pieces::hash(&buf[r.clone()]));
         let hashes: Vec<(usize, blake3::Hash)> = if self.pending_bytes >= PARALLEL_HASH {
             self.pending.par_iter().map(hash).collect()
         } else {

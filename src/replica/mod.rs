@@ -1360,9 +1360,12 @@ mod tests {
                 "round {round}"
             );
         }
-        // A base damaged outside the patch's ranges, in a chunk never hashed as pieces: refused.
+        // A base damaged outside the patch's ranges, in a chunk whose pieces are not cached (a
+        // scan or a received frame caches them; damage behind a cached chunk is found by
+        // `ferry verify --deep`, not by a patch): refused.
         let m = store.manifest("img").unwrap().clone();
         let e = m.entries()[m.entries().len() / 2];
+        crate::chunk::forget_pieces(&e.hash().unwrap());
         flip_byte(&dir.path().join("img"), e.offset + 10);
         let mut want = img[e.offset as usize..e.end() as usize].to_vec();
         want[e.len as usize - 1] ^= 0xff;

@@ -171,7 +171,7 @@ fn verified(hash: &Hash, zstd: bool, data: Vec<u8>, max: usize) -> Result<Vec<u8
     } else {
         data
     };
-    if blake3::hash(&raw).as_bytes() != hash {
+    if crate::chunk::hash_by_pieces(&raw).as_bytes() != hash {
         return Err(Refusal::new(
             RefuseCode::Corrupt,
             format!(
