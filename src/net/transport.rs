@@ -50,6 +50,121 @@ pub async fn read_frame_within(
     Ok(Some(frame::decode(&body)?))
 }
 
+/// Reads a data stream's frames in batches: all that have arrived once one is complete. A
+/// sync of scattered writes is thousands of 4 KiB patch frames; read one at a time, each was a
+/// hand-off from the connection to its reader and on to the thread that checks it.
+pub struct FrameBatches {
+    recv: quinn::RecvStream,
+    limit: usize,
+    buf: Vec<u8>,
+}
+
+/// Bytes a batch takes beyond its first frame, at most.
+const BATCH_BYTES: usize = 1 << 20;
+
+impl FrameBatches {
+    /// Batches of `recv`'s frames, each at most `limit` bytes (see
+    /// [`frame::data_frame_limit`]).
+    pub fn new(recv: quinn::RecvStream, limit: usize) -> FrameBatches {
+        FrameBatches {
+            recv,
+            limit,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Asks the peer to stop sending.
+    pub fn stop(&mut self) {
+        let _ = self.recv.stop(0u32.into());
+    }
+
+    /// The next frames, at least one; `None` when the peer finished the stream cleanly between
+    /// frames. Memory follows what the peer sent, not what it announced.
+    pub async fn next(&mut self) -> Result<Option<Vec<Frame>>> {
+        loop {
+            let frames = self.complete()?;
+            if !frames.is_empty() {
+                return Ok(Some(frames));
+            }
+            if !self.read(true).await? {
+                if self.buf.is_empty() {
+                    return Ok(None);
+                }
+                bail!("the stream ended inside a frame");
+            }
+            // What else has arrived joins this batch, without waiting for more.
+            while self.buf.len() < self.limit + BATCH_BYTES && self.read(false).await? {}
+        }
+    }
+
+    /// Appends the next bytes of the stream to the buffer; false when it is finished (or, not
+    /// `wait`ing, when nothing more has arrived).
+    async fn read(&mut self, wait: bool) -> Result<bool> {
+        let next = self.recv.read_chunk(BATCH_BYTES, true);
+        let r = if wait {
+            next.await
+        } else {
+            // `read_chunk` is cancel-safe: dropped unfinished, it has taken nothing.
+            match ready_now(next).await {
+                Some(r) => r,
+                None => return Ok(false),
+            }
+        };
+        match r {
+            Ok(Some(chunk)) => {
+                self.buf.extend_from_slice(&chunk.bytes);
+                Ok(true)
+            }
+            Ok(None) => Ok(false),
+            // The peer closed the connection between frames: the session is over.
+            Err(quinn::ReadError::ConnectionLost(
+                quinn::ConnectionError::ApplicationClosed(_)
+                | quinn::ConnectionError::LocallyClosed,
+            )) if self.buf.is_empty() => Ok(false),
+            Err(e) => Err(e).context("reading a frame"),
+        }
+    }
+
+    /// The complete frames at the front of the buffer, removed from it.
+    fn complete(&mut self) -> Result<Vec<Frame>> {
+        let mut frames = Vec::new();
+        let mut at = 0;
+        while self.buf.len() - at >= 4 {
+            let len = frame::check_len(self.buf[at..at + 4].try_into().expect("4 bytes"))?;
+            if len > self.limit {
+                bail!(
+                    "a frame of {len} bytes exceeds this stream's limit of {} bytes",
+                    self.limit
+                );
+            }
+            if self.buf.len() - at < 4 + len {
+                break;
+            }
+            match frame::decode(&self.buf[at + 4..at + 4 + len]) {
+                Ok(f) => frames.push(f),
+                // The frames before a broken one are delivered; the next call reports it.
+                Err(_) if !frames.is_empty() => break,
+                Err(e) => return Err(e.into()),
+            }
+            at += 4 + len;
+        }
+        self.buf.drain(..at);
+        Ok(frames)
+    }
+}
+
+/// The output of `fut` if it is ready at once (polled once, then dropped).
+async fn ready_now<F: std::future::Future>(fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(match fut.as_mut().poll(cx) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        })
+    })
+    .await
+}
+
 /// Writes one frame.
 pub async fn write_frame(send: &mut quinn::SendStream, f: &Frame) -> Result<()> {
     send.write_all(&frame::encode(f))
@@ -274,3 +389,83 @@ pub fn fingerprint(conn: &quinn::Connection) -> Result<Fingerprint> {
 }
 
 pub type Shared<T> = Arc<parking_lot::Mutex<T>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::Identity;
+
+    /// A connected pair over loopback: the endpoints, the client's connection and the server's.
+    async fn pair() -> ([quinn::Endpoint; 2], quinn::Connection, quinn::Connection) {
+        let (a, b) = (Identity::generate().unwrap(), Identity::generate().unwrap());
+        let any = "127.0.0.1:0".parse().unwrap();
+        let server = super::server(&b, &[a.fingerprint()], any).unwrap();
+        let addr = server.local_addr().unwrap();
+        let client = super::client(&a, &[b.fingerprint()], any, Congestion::default()).unwrap();
+        let accept = tokio::spawn(async move {
+            let conn = server.accept().await.unwrap().await.unwrap();
+            (server, conn)
+        });
+        let out = client.connect(addr, SERVER_NAME).unwrap().await.unwrap();
+        let (server, conn) = accept.await.unwrap();
+        ([client, server], out, conn)
+    }
+
+    fn chunk(i: u32) -> Frame {
+        Frame::Chunk {
+            hash: [i as u8; 32],
+            zstd: false,
+            data: vec![i as u8; 4096 + i as usize],
+        }
+    }
+
+    /// Frames written back to back arrive whole and in order, many to a batch; a stream that
+    /// ends inside a frame is an error, not a short frame; a frame over the stream's limit is
+    /// refused before its body is read.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn frames_written_together_are_read_in_batches_whole_and_in_order() {
+        let (_ep, out, conn) = pair().await;
+        let mut bytes = Vec::new();
+        for i in 0..1000 {
+            frame::encode_to(&chunk(i), &mut bytes);
+        }
+        let mut send = out.open_uni().await.unwrap();
+        send.write_all(&bytes).await.unwrap();
+        send.finish().unwrap();
+        let mut batches = FrameBatches::new(conn.accept_uni().await.unwrap(), 64 << 10);
+        let (mut got, mut reads) = (Vec::new(), 0);
+        while let Some(b) = batches.next().await.unwrap() {
+            assert!(!b.is_empty());
+            got.extend(b);
+            reads += 1;
+        }
+        assert_eq!(got, (0..1000).map(chunk).collect::<Vec<_>>());
+        assert!(reads < 500, "{reads} batches for 1000 frames");
+
+        // Cut short: the last frame lacks its final byte.
+        let mut send = out.open_uni().await.unwrap();
+        send.write_all(&bytes[..bytes.len() - 1]).await.unwrap();
+        send.finish().unwrap();
+        let mut batches = FrameBatches::new(conn.accept_uni().await.unwrap(), 64 << 10);
+        let mut n = 0;
+        let err = loop {
+            match batches.next().await {
+                Ok(Some(b)) => n += b.len(),
+                Ok(None) => panic!("a stream cut inside a frame ended cleanly"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(n, 999);
+        assert!(format!("{err:#}").contains("inside a frame"), "{err:#}");
+
+        // Over the limit.
+        let mut send = out.open_uni().await.unwrap();
+        send.write_all(&(1u32 << 20).to_le_bytes()).await.unwrap();
+        let mut batches = FrameBatches::new(conn.accept_uni().await.unwrap(), 64 << 10);
+        let err = batches.next().await.unwrap_err();
+        assert!(
+            format!("{err:#}").contains("exceeds this stream's limit"),
+            "{err:#}"
+        );
+    }
+}

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use super::site::{Caller, Shared as SharedStore};
 use super::{META_DIR, Site};
 use crate::chunk::ChunkParams;
-use crate::net::transport::{self, read_frame, read_frame_within, write_frame};
+use crate::net::transport::{self, read_frame, write_frame};
 use crate::net::{Fingerprint, Identity, Node, Threads};
 use crate::wire::frame::{Frame, Refusal, RefuseCode, VERSION};
 use crate::wire::replica::{Checked, ReplicaSession, ReplicaStore};
@@ -33,9 +33,10 @@ pub const CONNECTIONS_PER_PRIMARY: usize = 8;
 /// of a Merkle descent), so this never holds up one that reads.
 const ANSWERS_QUEUED: usize = 64;
 
-/// Data frames read from one stream ahead of the thread that checks and stages them: enough
-/// that reading and checking overlap, few enough that a slow store stops the reading (and QUIC's
-/// flow control then the primary) after a few frames' worth of memory.
+/// Batches of data frames read from one stream ahead of the thread that checks and stages them
+/// (each what had arrived, about 1 MiB at most beyond its first frame): enough that reading and
+/// checking overlap, few enough that a slow store stops the reading (and QUIC's flow control
+/// then the primary) after a few MiB of memory.
 const STREAM_QUEUED: usize = 4;
 
 /// The connections open per primary key.
@@ -486,24 +487,27 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
         let busy = busy.clone();
         let max_chunk = store.lock().params().max_size as usize;
         tokio::spawn(async move {
-            while let Ok(mut uni) = conn.accept_uni().await {
+            while let Ok(uni) = conn.accept_uni().await {
                 let tx = tx.clone();
                 let handle = handle.clone();
                 let refuse = refuse.clone();
                 let store = store.clone();
                 let busy = busy.clone();
                 tokio::spawn(async move {
-                    // The stream's frames are checked and staged on one blocking thread of its
-                    // own, fed by a short queue (a `block_in_place` per frame handed the
-                    // runtime's worker to another thread each time).
-                    let (frames, mut queued) = mpsc::channel::<Frame>(STREAM_QUEUED);
+                    // The stream's frames are read in batches (all that have arrived) and
+                    // checked and staged on one blocking thread of its own, fed by a short
+                    // queue (a `block_in_place` per frame handed the runtime's worker to
+                    // another thread each time).
+                    let (batches, mut queued) = mpsc::channel::<Vec<Frame>>(STREAM_QUEUED);
                     let answers = tx.clone();
                     let worker = tokio::task::spawn_blocking(move || {
                         let mut since = Instant::now();
-                        while let Some(f) = queued.blocking_recv() {
+                        while let Some(batch) = queued.blocking_recv() {
                             let waited = since.elapsed();
                             let t = Instant::now();
-                            let go_on = handle(check(&store, max_chunk, f), &answers);
+                            let go_on = batch
+                                .into_iter()
+                                .all(|f| handle(check(&store, max_chunk, f), &answers));
                             busy.add(t.elapsed(), waited);
                             if !go_on {
                                 break;
@@ -511,24 +515,25 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
                             since = Instant::now();
                         }
                     });
+                    let mut uni = transport::FrameBatches::new(uni, data_limit);
                     loop {
-                        match read_frame_within(&mut uni, data_limit).await {
-                            Ok(Some(f)) => {
-                                if frames.send(f).await.is_err() {
+                        match uni.next().await {
+                            Ok(Some(batch)) => {
+                                if batches.send(batch).await.is_err() {
                                     // The session ended.
-                                    let _ = uni.stop(0u32.into());
+                                    uni.stop();
                                     break;
                                 }
                             }
                             Ok(None) => break,
                             Err(e) => {
                                 refuse(&tx, format!("bad data frame: {e:#}"));
-                                let _ = uni.stop(0u32.into());
+                                uni.stop();
                                 break;
                             }
                         }
                     }
-                    drop(frames);
+                    drop(batches);
                     let _ = worker.await;
                 });
             }

@@ -14,7 +14,7 @@ use super::link::Cause;
 use crate::chunk::ChunkParams;
 use crate::manifest::Manifest;
 use crate::net::transport::{ConnectError, connect, read_frame, refused_by_tls, write_frame};
-use crate::wire::frame::{Frame, Refusal};
+use crate::wire::frame::{Frame, Refusal, encode_to};
 use crate::wire::primary::{
     Acked, ChunkSource, Claim, Generation, Job, Out, PeerKnowledge, PrimarySession, group_root,
     make_frame,
@@ -278,18 +278,32 @@ async fn send_data(
                 if jobs.is_empty() {
                     break;
                 }
-                for (job, made) in make_frames(jobs, &how).await? {
-                    let (mut frame, n) = Arc::try_unwrap(made).unwrap_or_else(|m| (*m).clone());
-                    if let Some(tamper) = &how.tamper {
-                        tamper(&mut frame);
+                // One write for the whole batch: the replica reads what has arrived at once.
+                let mut bytes = Vec::new();
+                let mut payload = 0;
+                let made = make_frames(jobs, &how).await?;
+                for (_, made) in &made {
+                    let (frame, n) = &**made;
+                    payload += n;
+                    match &how.tamper {
+                        Some(tamper) => {
+                            let mut frame = frame.clone();
+                            tamper(&mut frame);
+                            encode_to(&frame, &mut bytes);
+                        }
+                        None => encode_to(frame, &mut bytes),
                     }
-                    let refs: Vec<&Bucket> = how.buckets.iter().map(|b| &**b).collect();
-                    pace(&refs, n).await;
                     crate::fault::point("sync.frame.send").map_err(|e| lost(e.into()))?;
-                    write_frame(&mut uni, &frame).await.map_err(lost)?;
+                }
+                let refs: Vec<&Bucket> = how.buckets.iter().map(|b| &**b).collect();
+                pace(&refs, payload).await;
+                uni.write_all(&bytes)
+                    .await
+                    .map_err(|e| lost(anyhow::Error::from(e).context("sending a frame")))?;
 
-                    let stats = &how.stats;
-                    stats.bytes_sent.fetch_add(n, Ordering::Relaxed);
+                let stats = &how.stats;
+                stats.bytes_sent.fetch_add(payload, Ordering::Relaxed);
+                for (job, _) in &made {
                     stats.done_bytes.fetch_add(job.bytes(), Ordering::Relaxed);
                     let counter = if matches!(job, Job::Patch { .. }) {
                         &stats.patches_sent

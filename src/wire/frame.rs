@@ -290,12 +290,19 @@ pub enum FrameError {
 
 /// Encodes a frame with its length prefix.
 pub fn encode(f: &Frame) -> Vec<u8> {
-    let body = postcard::to_stdvec(f).expect("frames always serialise");
-    debug_assert!(body.len() <= MAX_FRAME, "an oversized frame was built");
-    let mut out = Vec::with_capacity(4 + body.len());
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&body);
+    let mut out = Vec::new();
+    encode_to(f, &mut out);
     out
+}
+
+/// Appends a frame with its length prefix to `out` (several frames written at once).
+pub fn encode_to(f: &Frame, out: &mut Vec<u8>) {
+    let at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    *out = postcard::to_extend(f, std::mem::take(out)).expect("frames always serialise");
+    let len = out.len() - at - 4;
+    debug_assert!(len <= MAX_FRAME, "an oversized frame was built");
+    out[at..at + 4].copy_from_slice(&(len as u32).to_le_bytes());
 }
 
 /// Checks a length prefix before the body is read.
