@@ -99,6 +99,10 @@ pub struct Store {
     verified: Option<(SystemTime, u64)>,
     /// The epoch this namespace accepts and who holds it (`.ferry/epoch.json`).
     holder: Holder,
+    /// Committed images open for reading, by path, with the generation they were opened at:
+    /// a patch check reads a piece or two of its base, and opening the file for each of
+    /// thousands of patches cost more than the read.
+    readers: parking_lot::Mutex<std::collections::HashMap<String, (u64, Arc<File>)>>,
 }
 
 /// A store's figures, for metrics.
@@ -248,6 +252,7 @@ impl Store {
             apply_seconds: None,
             verified: None,
             holder,
+            readers: Default::default(),
         };
         store.replay()?;
         store.load_manifests()?;
@@ -713,7 +718,10 @@ fn write_entry(f: &File, path: &str, e: &Entry, staged: &Staged) -> Result<()> {
 /// used without it, so the patches of several data streams are checked at once (see
 /// `wire::replica::Checked`).
 pub struct PatchBase {
-    file: PathBuf,
+    /// The committed image, if it could be opened.
+    file: Option<Arc<File>>,
+    /// Its size (the committed manifest's).
+    size: u64,
     offset: u64,
     len: u64,
     /// The committed chunk at the patch's place, when it has the patch's length.
@@ -730,17 +738,16 @@ impl PatchBase {
         if !crate::wire::replica::ranges_fit(self.len, ranges) {
             return Ok(false);
         }
-        let Ok(f) = File::open(&self.file) else {
+        let Some(f) = &self.file else {
             return Ok(false);
         };
-        let size = f.metadata()?.len();
         let mut read = |at: u64, buf: &mut [u8]| -> io::Result<()> {
             // A hostile offset near 2^64 fails the check, never wraps.
             let at = self
                 .offset
                 .checked_add(at)
                 .ok_or(io::ErrorKind::InvalidInput)?;
-            let avail = size.saturating_sub(at).min(buf.len() as u64) as usize;
+            let avail = self.size.saturating_sub(at).min(buf.len() as u64) as usize;
             buf[avail..].fill(0);
             f.read_exact_at(&mut buf[..avail], at)
         };
@@ -769,12 +776,27 @@ impl Store {
             .map(|i| m.entries()[i])
             .filter(|e| e.len == len)
             .and_then(|e| e.hash());
+        let generation = self.record.generation;
+        let file = {
+            let mut readers = self.readers.lock();
+            match readers.get(path) {
+                Some((g, f)) if *g == generation => Some(f.clone()),
+                _ => File::open(self.root.join(path)).ok().map(|f| {
+                    let f = Arc::new(f);
+                    // Files of an older generation (an image since removed) are let go.
+                    readers.retain(|_, (g, _)| *g == generation);
+                    readers.insert(path.to_string(), (generation, f.clone()));
+                    f
+                }),
+            }
+        };
         Some(PatchBase {
-            file: self.root.join(path),
+            file,
+            size: m.size(),
             offset,
             len,
             base,
-            generation: self.record.generation,
+            generation,
         })
     }
 }
