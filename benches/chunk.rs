@@ -148,8 +148,9 @@ fn compare(
     let (inc, stats) = rechunk(stale, new, dirty).unwrap();
     assert_eq!(inc, chunk_full(new, p).unwrap().0, "incremental != full");
     println!(
-        "incremental re-chunk read {} MiB and hashed {} MiB for {} MiB dirty",
+        "incremental re-chunk read {} MiB, cut {} MiB and hashed {} MiB for {} MiB dirty",
         stats.bytes_read >> 20,
+        stats.bytes_cut >> 20,
         stats.bytes_hashed >> 20,
         dirty.iter().map(|r| r.end - r.start).sum::<u64>() >> 20
     );

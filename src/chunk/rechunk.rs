@@ -114,12 +114,26 @@ pub fn rechunk_tuned(
 ) -> io::Result<(Manifest, ScanStats)> {
     let p = stale.params();
     let new_size = src.size();
-    let runs = normalize(dirty, stale.size(), new_size);
+    let dirty = normalize(dirty, stale.size(), new_size);
     let InPlace {
         rehashed,
         rest: runs,
         mut stats,
-    } = rehash_in_place(stale, src, &runs)?;
+    } = rehash_in_place(stale, src, &dirty)?;
+    // A data chunk the scan starts where a stale data chunk started: the rule did not fire in
+    // the stale chunk before its end, and its outcome at a position depends only on the bytes
+    // up to there, so it still does not fire before the first dirty byte.
+    let known = |pos: u64| -> u64 {
+        let Some(e) = stale.index_starting_at(pos).map(|i| stale.entries()[i]) else {
+            return 0;
+        };
+        if !matches!(e.kind, Kind::Data(_)) {
+            return 0;
+        }
+        let i = dirty.partition_point(|r| r.end <= pos);
+        let first_dirty = dirty.get(i).map_or(u64::MAX, |r| r.start.max(pos));
+        first_dirty.min(e.end()) - pos
+    };
     let hint = |q: u64| -> io::Result<u64> {
         Ok(src
             .known_zero_until(q)?
@@ -162,7 +176,7 @@ pub fn rechunk_tuned(
     }
 
     let run = |start: Start, stop: Stop| -> io::Result<Done> {
-        let mut scanner = Scanner::new(src, &hint, p);
+        let mut scanner = Scanner::new(src, &hint, p).with_known(&known);
         let mut entries = Vec::new();
         let end = match stop {
             Stop::Stale { until } => scanner.scan(

@@ -62,14 +62,25 @@ pub struct ScanStats {
     pub bytes_read: u64,
     /// Bytes hashed with BLAKE3 as data chunks.
     pub bytes_hashed: u64,
+    /// Bytes FastCDC's gear hash ran over to find cuts.
+    pub bytes_cut: u64,
 }
 
 impl std::ops::AddAssign for ScanStats {
     fn add_assign(&mut self, o: ScanStats) {
         self.bytes_read += o.bytes_read;
         self.bytes_hashed += o.bytes_hashed;
+        self.bytes_cut += o.bytes_cut;
     }
 }
+
+/// For a data chunk starting at the given offset, how far into it FastCDC's rule is known not
+/// to fire (0 when nothing is known): see [`Scanner::with_known`].
+pub(crate) type KnownNoCut<'a> = dyn Fn(u64) -> u64 + Sync + 'a;
+
+/// The bytes before a position that FastCDC's gear hash still depends on there: each pair of
+/// bytes shifts the hash left by two, so a byte's contribution is gone 64 bytes later.
+const GEAR_MEMORY: u64 = 64;
 
 /// Known-zero hint: the end of a run of zero bytes starting at the given offset (or the offset
 /// itself when nothing is known).
@@ -97,6 +108,7 @@ pub(crate) struct Scanner<'a> {
     /// Data chunks emitted but not yet hashed: (index in the output, range in `buf`).
     pending: Vec<(usize, Range<usize>)>,
     pending_bytes: usize,
+    known: Option<&'a KnownNoCut<'a>>,
     pub(crate) stats: ScanStats,
 }
 
@@ -116,8 +128,20 @@ impl<'a> Scanner<'a> {
             read_size: FIRST_READ / 2,
             pending: Vec::new(),
             pending_bytes: 0,
+            known: None,
             stats: ScanStats::default(),
         }
+    }
+
+    /// Lets the scan skip what is known: `known(pos)` is how many bytes into a data chunk
+    /// starting at `pos` the rule provably does not fire (a re-chunk knows this of a stale
+    /// chunk's bytes up to its first dirty byte: the stale scan tested them). The gear hash then
+    /// starts [`GEAR_MEMORY`] bytes before that point instead of at `min_size`, which gives the
+    /// same hash from that point on; a cut found in those warm-up bytes is not trusted and
+    /// the chunk is cut from `min_size`.
+    pub(crate) fn with_known(mut self, known: &'a KnownNoCut<'a>) -> Self {
+        self.known = Some(known);
+        self
     }
 
     /// Scans from `start`, appending entries to `out`, until `stop(end)` returns true for the
@@ -194,7 +218,8 @@ impl<'a> Scanner<'a> {
             };
             while q < checked {
                 if self.zero_run_at(q) {
-                    return Ok(Some(self.data_entry(pos, self.cut(pos, q), out)));
+                    let len = self.cut(pos, q);
+                    return Ok(Some(self.data_entry(pos, len, out)));
                 }
                 q += ZERO_BLOCK;
             }
@@ -227,19 +252,50 @@ impl<'a> Scanner<'a> {
     }
 
     /// FastCDC's cut for a chunk starting at `pos` in a segment ending at `end` (buffered).
-    fn cut(&self, pos: u64, end: u64) -> u64 {
-        let from = (pos - self.base) as usize;
+    fn cut(&mut self, pos: u64, end: u64) -> u64 {
+        let min = self.p.min_size as u64;
+        // Where the hash may start: a whole gear memory before the first position whose
+        // outcome is not known, on the rule's pair boundary, and not before `min_size`.
+        let known = self.known.map_or(0, |k| k(pos)).min(end - pos);
+        let from = known.saturating_sub(GEAR_MEMORY) & !1;
+        if from > min {
+            let len = from + self.cut_from(pos + from, end, from);
+            if len >= known {
+                return len;
+            }
+            // The rule fired in the warm-up, where the hash is not yet the real one.
+        }
+        self.cut_from(pos, end, 0)
+    }
+
+    /// FastCDC's cut of the chunk starting `skip` bytes before `at`, hashing from `at` (from
+    /// `min_size` when `skip` is 0): the cut's length counted from `at`.
+    fn cut_from(&mut self, at: u64, end: u64, skip: u64) -> u64 {
+        let from = (at - self.base) as usize;
         let to = (end - self.base) as usize;
+        let (min, avg, max) = match skip {
+            0 => (
+                self.p.min_size as usize,
+                self.p.avg_size as usize,
+                self.p.max_size as usize,
+            ),
+            s => (
+                0,
+                (self.p.avg_size as u64).saturating_sub(s) as usize,
+                (self.p.max_size as u64 - s) as usize,
+            ),
+        };
         let (_, len) = v2020::cut(
             &self.buf[from..to],
-            self.p.min_size as usize,
-            self.p.avg_size as usize,
-            self.p.max_size as usize,
+            min,
+            avg,
+            max,
             self.mask_s,
             self.mask_l,
             self.mask_s << 1,
             self.mask_l << 1,
         );
+        self.stats.bytes_cut += (len as u64).saturating_sub(min as u64);
         len as u64
     }
 
