@@ -59,8 +59,9 @@ pub struct FrameBatches {
     buf: Vec<u8>,
 }
 
-/// Bytes a batch takes beyond its first frame, at most.
-const BATCH_BYTES: usize = 1 << 20;
+/// Bytes buffered beyond one frame of the stream's limit, at most: a batch holds at most
+/// `limit + BATCH_BYTES` bytes of frames (about 60 patches of 4 KiB beyond the first).
+const BATCH_BYTES: usize = 256 << 10;
 
 impl FrameBatches {
     /// Batches of `recv`'s frames, each at most `limit` bytes (see
@@ -93,14 +94,19 @@ impl FrameBatches {
                 bail!("the stream ended inside a frame");
             }
             // What else has arrived joins this batch, without waiting for more.
-            while self.buf.len() < self.limit + BATCH_BYTES && self.read(false).await? {}
+            while self.read(false).await? {}
         }
     }
 
     /// Appends the next bytes of the stream to the buffer; false when it is finished (or, not
     /// `wait`ing, when nothing more has arrived).
     async fn read(&mut self, wait: bool) -> Result<bool> {
-        let next = self.recv.read_chunk(BATCH_BYTES, true);
+        // Waiting, the buffer holds less than one whole frame (else `complete` took it).
+        let room = (self.limit + BATCH_BYTES).saturating_sub(self.buf.len());
+        if room == 0 {
+            return Ok(false);
+        }
+        let next = self.recv.read_chunk(room, true);
         let r = if wait {
             next.await
         } else {
@@ -419,9 +425,9 @@ mod tests {
         }
     }
 
-    /// Frames written back to back arrive whole and in order, many to a batch; a stream that
-    /// ends inside a frame is an error, not a short frame; a frame over the stream's limit is
-    /// refused before its body is read.
+    /// Frames written back to back arrive whole and in order, many to a batch of bounded size;
+    /// a stream that ends inside a frame is an error, not a short frame; a frame over the
+    /// stream's limit is refused before its body is read.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn frames_written_together_are_read_in_batches_whole_and_in_order() {
         let (_ep, out, conn) = pair().await;
@@ -436,6 +442,11 @@ mod tests {
         let (mut got, mut reads) = (Vec::new(), 0);
         while let Some(b) = batches.next().await.unwrap() {
             assert!(!b.is_empty());
+            let bytes: usize = b.iter().map(|f| frame::encode(f).len()).sum();
+            assert!(
+                bytes <= (64 << 10) + BATCH_BYTES,
+                "a batch of {bytes} bytes"
+            );
             got.extend(b);
             reads += 1;
         }

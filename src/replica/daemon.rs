@@ -34,7 +34,7 @@ pub const CONNECTIONS_PER_PRIMARY: usize = 8;
 const ANSWERS_QUEUED: usize = 64;
 
 /// Batches of data frames read from one stream ahead of the thread that checks and stages them
-/// (each what had arrived, about 1 MiB at most beyond its first frame): enough that reading and
+/// (each what had arrived, at most one frame's limit plus 256 KiB): enough that reading and
 /// checking overlap, few enough that a slow store stops the reading (and QUIC's flow control
 /// then the primary) after a few MiB of memory.
 const STREAM_QUEUED: usize = 4;
