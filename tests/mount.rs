@@ -9,7 +9,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::process::Command;
 
-use common::{FERRY, Mount, covers, require, run, threads_of};
+use common::{FERRY, Mount, covers, require, run, threads_where};
 
 #[test]
 fn posix_operations_reach_the_backing_directory() {
@@ -610,12 +610,7 @@ fn request_threads_ask_for_the_shortest_slice_and_sync_threads_run_at_nice_10() 
             });
         }
     });
-    let threads = threads_of(m.pid());
-    let workers: Vec<_> = threads
-        .iter()
-        .filter(|t| t.0.starts_with("fuser"))
-        .collect();
-    assert!(!workers.is_empty(), "no FUSE workers among {threads:?}");
+    let workers = threads_where(m.pid(), "FUSE workers", |n| n.starts_with("fuser"));
     assert!(workers.iter().all(|t| t.1 == 0), "{workers:?}");
     if workers.iter().any(|t| t.2.is_some()) {
         // The kernel reports slices (6.6+) and keeps a custom one (6.12+): one worker at least
@@ -628,10 +623,8 @@ fn request_threads_ask_for_the_shortest_slice_and_sync_threads_run_at_nice_10() 
             assert!(workers.iter().any(|t| t.2 == Some(100_000)), "{workers:?}");
         }
     }
-    let sync: Vec<_> = threads
-        .iter()
-        .filter(|t| t.0.starts_with("ferry-chunk") || t.0 == "sync-points")
-        .collect();
-    assert!(!sync.is_empty(), "no sync threads among {threads:?}");
+    let sync = threads_where(m.pid(), "sync threads", |n| {
+        n.starts_with("ferry-chunk") || n == "sync-points"
+    });
     assert!(sync.iter().all(|t| t.1 == 10), "{sync:?}");
 }

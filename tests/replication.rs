@@ -9,7 +9,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Pair, Replica, keygen, random, require, run, threads_of};
+use common::{Pair, Replica, keygen, random, require, run, threads_where};
 
 fn identical(p: &Pair, name: &str) {
     common::cmp(&p.primary.backing(name), &p.replica_path(name));
@@ -749,11 +749,8 @@ fn a_replica_daemon_works_at_nice_10() {
     fs::write(p.primary.path("vm.img"), random(4 << 20, 3)).unwrap();
     p.sync_ok();
     identical(&p, "vm.img");
-    let threads = threads_of(p.replica.pid() as i32);
-    let runtime: Vec<_> = threads
-        .iter()
-        .filter(|t| t.0.starts_with("ferry-replica"))
-        .collect();
-    assert!(!runtime.is_empty(), "no runtime threads among {threads:?}");
+    let runtime = threads_where(p.replica.pid() as i32, "runtime threads", |n| {
+        n.starts_with("ferry-replica")
+    });
     assert!(runtime.iter().all(|t| t.1 == 10), "{runtime:?}");
 }

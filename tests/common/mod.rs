@@ -788,3 +788,16 @@ pub fn threads_of(pid: i32) -> Vec<(String, i64, Option<u64>)> {
     }
     out
 }
+
+/// The threads of `pid` whose name `pick` accepts, as [`threads_of`] gives them; fails the test,
+/// naming `what`, when there is none.
+pub fn threads_where(
+    pid: i32,
+    what: &str,
+    pick: impl Fn(&str) -> bool,
+) -> Vec<(String, i64, Option<u64>)> {
+    let all = threads_of(pid);
+    let picked: Vec<_> = all.iter().filter(|t| pick(&t.0)).cloned().collect();
+    assert!(!picked.is_empty(), "no {what} among {all:?}");
+    picked
+}
