@@ -1,10 +1,12 @@
 //! Durable file updates: write a temporary file, fsync it, rename it over the target, fsync the
 //! directory. After a crash the target holds either its old content or the new content.
 //! [`write_new`] creates a file that must not exist yet (keys), linking instead of renaming.
+//! [`Writeback`] and [`empty_behind`] keep large staging files' disk work off a commit's path.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 /// Replaces `path` with `data` atomically and durably.
@@ -80,6 +82,64 @@ pub fn write_new(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
 /// Makes a directory's entries (creations, renames, removals) durable.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+/// Bytes a staging file takes before [`Writeback`] starts writing them to disk.
+const WRITEBACK_STEP: u64 = 8 << 20;
+
+/// Starts writing an append-only file's new bytes back to disk as they come, without waiting
+/// for them (`sync_file_range(2)`, `SYNC_FILE_RANGE_WRITE`), so that the fsync that makes it
+/// durable waits for the last few MiB, not for all of them: the disk works while the data
+/// still arrives.
+#[derive(Debug, Default)]
+pub struct Writeback {
+    started: u64,
+}
+
+impl Writeback {
+    /// The file's bytes now end at `end`.
+    pub fn appended(&mut self, file: &File, end: u64) {
+        if end < self.started + WRITEBACK_STEP {
+            return;
+        }
+        // Only a hint: an error here shows again at the fsync, which is what counts.
+        unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                self.started as libc::off64_t,
+                (end - self.started) as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+        self.started = end;
+    }
+}
+
+/// Empties the file open as `file` at `path`: a new empty file takes its name, and the old
+/// one, if large, is closed on a thread of its own, where the kernel frees its pages and
+/// blocks (truncating a 200 MiB staging journal took about 45 ms on a commit's path). Not
+/// durable: for files whose stale content is harmless after a crash (self-checking staging
+/// records, a patch log stamped with its generation).
+pub fn empty_behind(path: &Path, file: &mut File) -> io::Result<()> {
+    if file.metadata()?.len() < WRITEBACK_STEP {
+        return file.set_len(0);
+    }
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let new = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    let old = std::mem::replace(file, new);
+    let _ = std::thread::Builder::new()
+        .name("ferry-free".into())
+        .spawn(move || drop(old));
+    Ok(())
 }
 
 /// The temporary file beside `path` that this process writes before the final step.

@@ -15,6 +15,8 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use crate::durable::{self, Writeback};
+
 const MAGIC: &[u8; 4] = b"FJ01";
 const HEADER: u64 = 40;
 
@@ -25,6 +27,7 @@ pub struct Journal {
     index: HashMap<[u8; 32], (u64, u32)>,
     /// Records whose bytes do not match the hash in their header: (hash, data offset, length).
     damaged: Vec<([u8; 32], u64, u32)>,
+    writeback: Writeback,
 }
 
 impl Journal {
@@ -92,6 +95,7 @@ impl Journal {
             end: pos,
             index,
             damaged,
+            writeback: Writeback::default(),
         })
     }
 
@@ -130,6 +134,7 @@ impl Journal {
         self.index
             .insert(*hash, (self.end + HEADER, data.len() as u32));
         self.end += rec.len() as u64;
+        self.writeback.appended(&self.file, self.end);
         Ok(())
     }
 
@@ -215,10 +220,11 @@ impl Journal {
         self.file.sync_data()
     }
 
-    /// Empties the journal (after its generation is applied).
+    /// Empties the journal (after its generation is applied). Not durable: records that come
+    /// back after a crash are verified chunks, staged for nothing (see [`durable::empty_behind`]).
     pub fn clear(&mut self) -> io::Result<()> {
-        self.file.set_len(0)?;
-        self.file.sync_all()?;
+        durable::empty_behind(&self.path, &mut self.file)?;
+        self.writeback = Writeback::default();
         self.index.clear();
         self.damaged.clear();
         self.end = 0;
@@ -229,6 +235,34 @@ impl Journal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cleared_journal_starts_empty_small_or_large_and_keeps_only_what_follows() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("journal");
+        // 1 MiB chunks: the small journal is emptied in place, the large one replaced.
+        for count in [2u8, 24] {
+            let mut j = Journal::open(&p, 1 << 20).unwrap();
+            let old: Vec<Vec<u8>> = (0..count).map(|i| vec![i; 1 << 20]).collect();
+            for c in &old {
+                j.append(blake3::hash(c).as_bytes(), c).unwrap();
+            }
+            j.clear().unwrap();
+            assert_eq!((j.len(), j.bytes()), (0, 0));
+            let new = vec![0xee; 5000];
+            let h = *blake3::hash(&new).as_bytes();
+            j.append(&h, &new).unwrap();
+            j.sync().unwrap();
+            drop(j);
+            assert_eq!(std::fs::metadata(&p).unwrap().len(), HEADER + 5000);
+            let j = Journal::open(&p, 1 << 20).unwrap();
+            assert_eq!(j.len(), 1, "{count} chunks before the clear");
+            assert_eq!(j.get(&h).unwrap().as_deref(), Some(&new[..]));
+            assert!(!j.contains(blake3::hash(&old[0]).as_bytes()));
+            let mut j = j;
+            j.clear().unwrap();
+        }
+    }
 
     #[test]
     fn a_torn_tail_is_cut_and_the_prefix_kept() {

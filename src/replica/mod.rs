@@ -670,8 +670,11 @@ fn write_changes(
     new: &Manifest,
     staged: &Staged,
 ) -> Result<()> {
+    // In offset order: the disk starts on the written ranges while the next are written.
+    let mut writeback = durable::Writeback::default();
     for e in changed_entries(old, new) {
         write_entry(f, path, e, staged)?;
+        writeback.appended(f, e.end());
     }
     Ok(())
 }

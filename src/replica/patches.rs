@@ -22,6 +22,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use crate::durable::{self, Writeback};
 use crate::wire::frame::Hash;
 
 const FILE_MAGIC: &[u8; 4] = b"FPL1";
@@ -125,6 +126,7 @@ pub struct PatchLog {
     generation: u64,
     end: u64,
     index: HashMap<Hash, Staged>,
+    writeback: Writeback,
 }
 
 impl PatchLog {
@@ -143,6 +145,7 @@ impl PatchLog {
             generation,
             end: 0,
             index: HashMap::new(),
+            writeback: Writeback::default(),
         };
         let len = log.file.metadata()?.len();
         let mut head = [0u8; FILE_HEADER as usize];
@@ -267,6 +270,7 @@ impl PatchLog {
             },
         );
         self.end = at + rec.len() as u64;
+        self.writeback.appended(&self.file, self.end);
         Ok(())
     }
 
@@ -298,10 +302,11 @@ impl PatchLog {
     }
 
     /// Empties the log for patches of generation `generation`'s images (the file's header is
-    /// written with the first record: an empty log is an empty file).
+    /// written with the first record: an empty log is an empty file). Not durable: a log that
+    /// comes back after a crash is stamped with an older generation, and dropped when opened.
     pub fn clear(&mut self, generation: u64) -> io::Result<()> {
-        self.file.set_len(0)?;
-        self.file.sync_all()?;
+        durable::empty_behind(&self.path, &mut self.file)?;
+        self.writeback = Writeback::default();
         self.index.clear();
         self.generation = generation;
         self.end = 0;
