@@ -1253,9 +1253,10 @@ pub fn seed(
 }
 
 /// Narrows the copy-before-write window to what the selected replicas can still ask for: per
-/// image, the data entries of `g` that differ from what each of them holds. Only when each of
-/// them was seen to acknowledge what it holds; one that may hold something else may ask for
-/// anything, and so may one that lacks an image.
+/// image, the data entries of `g` that differ from what each of them holds, and of those that
+/// go as patches only the patches' ranges. Only when each of them was seen to acknowledge what
+/// it holds; one that may hold something else may ask for anything, and so may one that lacks
+/// an image.
 fn narrow(window: &Window, peers: &[Peer], g: &Generation) {
     let selected: Vec<&Peer> = peers.iter().filter(|p| p.selected).collect();
     if selected.is_empty() || selected.iter().any(|p| !p.confirmed) {
@@ -1267,23 +1268,12 @@ fn narrow(window: &Window, peers: &[Peer], g: &Generation) {
             let Some(held) = p.known.manifests.get(path) else {
                 continue 'images;
             };
-            for r in may_ask(held, m) {
+            for r in crate::wire::primary::may_read(held, p.known.dirty.get(path), m) {
                 spans.insert(r);
             }
         }
         window.narrow(path, spans.to_vec());
     }
-}
-
-/// What a replica holding `held` may ask for of `new` (read to ship it): the spans of the data
-/// entries not identical there.
-fn may_ask<'a>(
-    held: &'a Manifest,
-    new: &'a Manifest,
-) -> impl Iterator<Item = std::ops::Range<u64>> + 'a {
-    manifest::changed_entries(held, new)
-        .filter(|e| !e.is_zero())
-        .map(|e| e.offset..e.end())
 }
 
 /// A replica acknowledged `g`: it is that replica's new base. A manifest that is also the
@@ -1509,44 +1499,6 @@ impl Engine {
             }
             p.selected = c.selected;
             p.reason = c.reason;
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::chunk::chunk_full;
-    use crate::testutil::{random, small_params};
-
-    /// What the window keeps after the cut: every data entry that differs from what the
-    /// replica holds (its bytes are read to ship it), none that it holds at the same place.
-    #[test]
-    fn the_spans_a_replica_may_ask_for_are_the_entries_it_does_not_hold_there() {
-        let old = random(100_000, 7);
-        let mut new = old.clone();
-        new[40_000..40_010].fill(1);
-        new.extend_from_slice(&[0u8; 10_000]);
-        new.extend_from_slice(&random(5_000, 8));
-        let (held, _) = chunk_full(&old, small_params()).unwrap();
-        let (m, _) = chunk_full(&new, small_params()).unwrap();
-        let spans: Vec<std::ops::Range<u64>> = may_ask(&held, &m).collect();
-        assert!(spans.iter().any(|s| s.contains(&40_000)));
-        assert!(spans.iter().any(|s| s.contains(&(new.len() as u64 - 1))));
-        // The zero run at 100,000.. is punched by the replica, not read.
-        assert!(!spans.iter().any(|s| s.contains(&105_000)));
-        // Far from the write the chunks are held at their places.
-        assert!(
-            !spans
-                .iter()
-                .any(|s| s.contains(&10_000) || s.contains(&80_000))
-        );
-        for e in m.entries() {
-            let listed = spans
-                .iter()
-                .any(|s| s.start == e.offset && s.end == e.end());
-            let held_there = held.entries().contains(e);
-            assert_eq!(listed, !held_there && !e.is_zero(), "{e:?}");
         }
     }
 }

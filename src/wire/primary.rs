@@ -696,19 +696,7 @@ impl PrimarySession {
             return None;
         }
         let base = self.bases.get(path)?;
-        if base.size() == 0 {
-            return None;
-        }
-        let dirty = self.peer.dirty.get(path)?;
-        let ranges: Vec<Range<u64>> = dirty
-            .overlapping(offset..offset + len)
-            .map(|r| r.start - offset..r.end - offset)
-            .collect();
-        let changed: u64 = ranges.iter().map(|r| r.end - r.start).sum();
-        // Bytes past the base's end are zeros there; a patch only pays for sparse changes.
-        if changed * 2 > len || ranges.len() > 64 {
-            return None;
-        }
+        let ranges = patch_ranges(base, self.peer.dirty.get(path)?, offset, len)?;
         let base_hash = base
             .index_starting_at(offset)
             .map(|i| base.entries()[i])
@@ -724,6 +712,61 @@ impl PrimarySession {
             ranges,
         })
     }
+}
+
+/// The ranges (offsets in the chunk) a patch of the chunk `[offset, offset + len)` carries to a
+/// replica holding `base`, with `dirty` the bytes changed since that replica's generation; `None`
+/// when the chunk goes whole (no base, or too much of it changed for a patch to pay). The sync
+/// reads only these ranges for such a patch, so its copy-before-write window keeps only them
+/// (`sync::narrow`).
+pub fn patch_ranges(
+    base: &Manifest,
+    dirty: &RangeSet,
+    offset: u64,
+    len: u64,
+) -> Option<Vec<Range<u64>>> {
+    if base.size() == 0 {
+        return None;
+    }
+    let ranges: Vec<Range<u64>> = dirty
+        .overlapping(offset..offset + len)
+        .map(|r| r.start - offset..r.end - offset)
+        .collect();
+    let changed: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+    // Bytes past the base's end are zeros there; a patch only pays for sparse changes.
+    if changed * 2 > len || ranges.len() > 64 {
+        return None;
+    }
+    Some(ranges)
+}
+
+/// What a session shipping `new` to a replica holding `held` may read of the images, `dirty`
+/// being the bytes changed since that replica's generation: of each data entry not identical
+/// there, the ranges of its patch when it goes as one ([`patch_ranges`]), else the whole entry.
+/// The sync's copy-before-write window keeps no more (`sync::narrow`): at 50 MB/s of scattered
+/// writes nearly every chunk changes between two sync points, and keeping whole chunks copied
+/// nearly every write the guest made during a sync (180 MB a sync, spilling to disk).
+///
+/// A replica that refuses a patch (its base is not what this primary knows: `NeedFull`) asks
+/// for the whole chunk, which the window may no longer hold: reading it fails its hash, the
+/// shipment fails, the replica counts as unconfirmed, and the next sync point keeps whole
+/// chunks for it.
+pub fn may_read<'a>(
+    held: &'a Manifest,
+    dirty: Option<&'a RangeSet>,
+    new: &'a Manifest,
+) -> impl Iterator<Item = Range<u64>> + 'a {
+    crate::manifest::changed_entries(held, new)
+        .filter(|e| !e.is_zero())
+        .flat_map(move |e| {
+            let whole = std::iter::once(0..e.len);
+            let parts: Box<dyn Iterator<Item = Range<u64>>> =
+                match dirty.and_then(|d| patch_ranges(held, d, e.offset, e.len)) {
+                    Some(ranges) => Box::new(ranges.into_iter()),
+                    None => Box::new(whole),
+                };
+            parts.map(move |r| e.offset + r.start..e.offset + r.end)
+        })
 }
 
 fn tree_depth(size: u64) -> usize {
@@ -897,12 +940,63 @@ mod tests {
     use super::*;
     use crate::chunk::chunk_full;
 
+    use crate::testutil::random;
     use crate::testutil::small_params as params;
 
     /// Found by the `primary_session` fuzz target: a replica whose `Welcome` reports an image
     /// of an absurd size (here about 2^50 bytes) made the primary list every Merkle leaf of it
     /// before asking for them, and run out of memory. A size far above the image shipped is
     /// refused with the figures instead.
+    /// Without the bytes changed since the replica's generation: every data entry that differs
+    /// from what it holds (its bytes are read to ship it), none that it holds at that place.
+    #[test]
+    fn a_session_may_read_the_entries_the_replica_does_not_hold_there() {
+        let old = random(100_000, 7);
+        let mut new = old.clone();
+        new[40_000..40_010].fill(1);
+        new.extend_from_slice(&[0u8; 10_000]);
+        new.extend_from_slice(&random(5_000, 8));
+        let (held, _) = chunk_full(&old, params()).unwrap();
+        let (m, _) = chunk_full(&new, params()).unwrap();
+        let spans: Vec<std::ops::Range<u64>> = may_read(&held, None, &m).collect();
+        assert!(spans.iter().any(|s| s.contains(&40_000)));
+        assert!(spans.iter().any(|s| s.contains(&(new.len() as u64 - 1))));
+        // The zero run at 100,000.. is punched by the replica, not read.
+        assert!(!spans.iter().any(|s| s.contains(&105_000)));
+        // Far from the write the chunks are held at their places.
+        assert!(
+            !spans
+                .iter()
+                .any(|s| s.contains(&10_000) || s.contains(&80_000))
+        );
+        for e in m.entries() {
+            let listed = spans
+                .iter()
+                .any(|s| s.start == e.offset && s.end == e.end());
+            let held_there = held.entries().contains(e);
+            assert_eq!(listed, !held_there && !e.is_zero(), "{e:?}");
+        }
+    }
+
+    /// With them: a chunk that goes as a patch is read at the patch's ranges only.
+    #[test]
+    fn a_session_may_read_only_the_ranges_of_a_patch() {
+        let old = random(100_000, 7);
+        let mut new = old.clone();
+        new[40_000..40_010].fill(1);
+        let (held, _) = chunk_full(&old, params()).unwrap();
+        let (m, _) = chunk_full(&new, params()).unwrap();
+        let mut dirty = RangeSet::new();
+        dirty.insert(40_000..40_010);
+        let spans: Vec<Range<u64>> = may_read(&held, Some(&dirty), &m).collect();
+        assert_eq!(spans, vec![40_000..40_010]);
+        // Most of a chunk written: it goes whole.
+        let e = m.entries()[m.index_at(40_000).unwrap()];
+        dirty.insert(e.offset..e.end() - 10);
+        let spans: Vec<Range<u64>> = may_read(&held, Some(&dirty), &m).collect();
+        assert_eq!(spans, vec![e.offset..e.end()]);
+    }
+
     #[test]
     fn a_replica_reporting_an_absurd_image_size_is_refused_not_reconciled() {
         // A Welcome (its sixth byte the protocol version), then the absurd frame.

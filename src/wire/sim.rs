@@ -8,7 +8,7 @@ use proptest::prelude::*;
 
 use super::frame::{self, Frame};
 pub(super) use super::mem::{Images as Src, MemStore, params};
-use super::primary::{self, Claim, Generation, Out, PeerKnowledge, PrimarySession};
+use super::primary::{self, ChunkSource, Claim, Generation, Out, PeerKnowledge, PrimarySession};
 use super::replica::{self, ReplicaSession};
 use crate::chunk::{chunk_full, rechunk};
 use crate::dirty::RangeSet;
@@ -41,12 +41,22 @@ fn ship(
     known: PeerKnowledge,
     store: &mut MemStore,
 ) -> Run {
+    ship_from(&Src(images.clone()), manifests, number, known, store)
+}
+
+/// [`ship`], reading the images from `src`.
+fn ship_from(
+    src: &dyn ChunkSource,
+    manifests: &BTreeMap<String, Arc<Manifest>>,
+    number: u64,
+    known: PeerKnowledge,
+    store: &mut MemStore,
+) -> Run {
     let g = Arc::new(Generation {
         number,
         group_root: primary::group_root(manifests),
         images: manifests.clone(),
     });
-    let src = Src(images.clone());
     let (mut p, hello) = PrimarySession::new(&Claim::first("test"), params(), g, known);
     let mut r = ReplicaSession::default();
     let mut to_replica = vec![hello];
@@ -65,7 +75,7 @@ fn ship(
                     Out::Send(f) => to_replica.push(f),
                     Out::Jobs => {
                         while let Some(job) = p.next_job() {
-                            let (f, n) = primary::make_frame(&job, &src).unwrap();
+                            let (f, n) = primary::make_frame(&job, src).unwrap();
                             data_bytes += n;
                             patches += matches!(f, Frame::Patch { .. }) as u64;
                             to_replica.push(f);
@@ -315,8 +325,77 @@ fn invalid_paths_are_refused() {
     );
 }
 
+/// The images as a sync's narrowed copy-before-write window keeps them: a read of anything
+/// else is refused (the real window would return bytes written since the freeze).
+struct Narrowed {
+    images: Src,
+    kept: BTreeMap<String, RangeSet>,
+}
+
+impl ChunkSource for Narrowed {
+    fn read(&self, path: &str, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+        let kept = self
+            .kept
+            .get(path)
+            .is_some_and(|k| k.contains_range(offset..offset + len));
+        if !kept {
+            return Err(std::io::Error::other(format!(
+                "{path} [{offset}, {}) is not in the narrowed window",
+                offset + len
+            )));
+        }
+        self.images.read(path, offset, len)
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// A session reads nothing that `primary::may_read` leaves out of the window, for a replica
+    /// whose base and changed bytes the primary knows, whatever the writes.
+    #[test]
+    fn a_session_reads_only_what_the_narrowed_window_keeps(
+        len in 20_000usize..300_000,
+        writes in prop::collection::vec((0usize..300_000, 1usize..20_000, any::<u8>()), 1..12),
+        grow in 0usize..30_000,
+    ) {
+        let old = random(len, 21);
+        let mut store = MemStore::default();
+        let images = BTreeMap::from([("img".to_string(), old.clone())]);
+        let ms = manifests(&images);
+        ship(&images, &ms, 1, PeerKnowledge::default(), &mut store).result.unwrap();
+        let mut new = old.clone();
+        new.resize(len + grow, 0);
+        let mut dirty = RangeSet::new();
+        if grow > 0 {
+            dirty.insert(len as u64..(len + grow) as u64);
+        }
+        for (at, n, b) in writes {
+            let at = at % new.len();
+            let end = (at + n).min(new.len());
+            new[at..end].fill(b);
+            dirty.insert(at as u64..end as u64);
+        }
+        let held = ms["img"].clone();
+        let (m, _) = rechunk(&held, &new, &dirty.to_vec()).unwrap();
+        let mut kept = RangeSet::new();
+        for r in primary::may_read(&held, Some(&dirty), &m) {
+            kept.insert(r);
+        }
+        let known = PeerKnowledge {
+            generation: 1,
+            manifests: ms.clone(),
+            dirty: BTreeMap::from([("img".to_string(), dirty)]),
+        };
+        let images = BTreeMap::from([("img".to_string(), new)]);
+        let src = Narrowed {
+            images: Src(images.clone()),
+            kept: BTreeMap::from([("img".to_string(), kept)]),
+        };
+        let ms2 = BTreeMap::from([("img".to_string(), Arc::new(m))]);
+        ship_from(&src, &ms2, 2, known, &mut store).result.unwrap();
+        assert_same(&images, &store);
+    }
 
     /// Whatever the replica holds and whatever the primary believes it holds, the replica ends
     /// with exactly the primary's images.
