@@ -10,8 +10,9 @@
 //! spill file under the mount's state directory, which is removed when the window closes.
 //!
 //! Once the sync point is cut, the sync knows what the replicas can still ask for (the entries
-//! that differ from what each holds) and narrows the window to those spans
-//! ([`Window::narrow`]): a write elsewhere needs no copy. At a steady 50 MB/s of scattered
+//! that differ from what each holds, and of those that go as patches only the patches' ranges:
+//! `wire::primary::may_read`) and narrows the window to those spans ([`Window::narrow`]): a
+//! write elsewhere needs no copy. At a steady 50 MB/s of scattered
 //! writes, the whole-image window copied every block written during a sync (92 MB for a
 //! 1.9 s sync) and spilled to disk past its memory bound.
 
