@@ -255,11 +255,10 @@ mod tests {
             j.sync().unwrap();
             drop(j);
             assert_eq!(std::fs::metadata(&p).unwrap().len(), HEADER + 5000);
-            let j = Journal::open(&p, 1 << 20).unwrap();
+            let mut j = Journal::open(&p, 1 << 20).unwrap();
             assert_eq!(j.len(), 1, "{count} chunks before the clear");
             assert_eq!(j.get(&h).unwrap().as_deref(), Some(&new[..]));
             assert!(!j.contains(blake3::hash(&old[0]).as_bytes()));
-            let mut j = j;
             j.clear().unwrap();
         }
     }

@@ -52,7 +52,7 @@ use crate::manifest::{self, GenRecord, Kind, Manifest, ManifestDir, hex};
 use crate::net::{Congestion, Fingerprint, Identity, Node, Threads};
 use crate::wire::frame::Takeover;
 use crate::wire::primary::{
-    Acked, ChunkSource, Claim, Generation, PeerKnowledge, PrimarySession, group_root,
+    Acked, ChunkSource, Claim, Generation, PeerKnowledge, PrimarySession, group_root, may_read,
 };
 
 use board::{Board, State};
@@ -1268,7 +1268,7 @@ fn narrow(window: &Window, peers: &[Peer], g: &Generation) {
             let Some(held) = p.known.manifests.get(path) else {
                 continue 'images;
             };
-            for r in crate::wire::primary::may_read(held, p.known.dirty.get(path), m) {
+            for r in may_read(held, p.known.dirty.get(path), m) {
                 spans.insert(r);
             }
         }

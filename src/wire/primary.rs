@@ -759,13 +759,12 @@ pub fn may_read<'a>(
     crate::manifest::changed_entries(held, new)
         .filter(|e| !e.is_zero())
         .flat_map(move |e| {
-            let whole = std::iter::once(0..e.len);
-            let parts: Box<dyn Iterator<Item = Range<u64>>> =
-                match dirty.and_then(|d| patch_ranges(held, d, e.offset, e.len)) {
-                    Some(ranges) => Box::new(ranges.into_iter()),
-                    None => Box::new(whole),
-                };
-            parts.map(move |r| e.offset + r.start..e.offset + r.end)
+            let ranges = dirty
+                .and_then(|d| patch_ranges(held, d, e.offset, e.len))
+                .unwrap_or_else(|| std::iter::once(0..e.len).collect());
+            ranges
+                .into_iter()
+                .map(move |r| e.offset + r.start..e.offset + r.end)
         })
 }
 
