@@ -210,6 +210,12 @@ fn rehash(
     }
     let id = pieces::root(&values, len);
     pieces::put(id, values);
+    // The old bytes are gone from this place (see `pieces::overlay_id`).
+    if let Kind::Data(old) = e.kind
+        && old != id
+    {
+        pieces::forget(&old);
+    }
     Ok(Rehashed {
         id: Some(id),
         read,
@@ -305,6 +311,27 @@ mod tests {
             mask_l << 1,
         )
         .1
+    }
+
+    /// A chunk re-hashed in place leaves the cache with its new bytes' values, not the old.
+    #[test]
+    fn a_chunk_rehashed_in_place_forgets_its_old_pieces() {
+        let p = ChunkParams::default();
+        let mut img = random(1 << 20, 5);
+        let (stale, _) = super::super::chunk_full(&img, p).unwrap();
+        let e = *stale
+            .entries()
+            .iter()
+            .find(|e| e.offset > 0 && e.len > 40_000)
+            .expect("a chunk of several pieces");
+        let old = e.hash().unwrap();
+        assert!(pieces::get(&old).is_some());
+        let at = (e.offset + 20_000) as usize;
+        img[at..at + 4096].fill(0x5A);
+        let (m, _) = super::super::rechunk(&stale, &img, &[at as u64..at as u64 + 4096]).unwrap();
+        let new = m.entries()[m.index_at(e.offset).unwrap()].hash().unwrap();
+        assert_ne!(new, old);
+        assert!(pieces::get(&old).is_none() && pieces::get(&new).is_some());
     }
 
     /// The restated rule agrees with the crate's cut: no position before a cut fires, the cut's

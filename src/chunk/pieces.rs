@@ -85,8 +85,8 @@ pub(super) fn put(id: Hash, values: Vec<ChainingValue>) {
     insert(&mut CACHE.lock(), id, values.into());
 }
 
-/// Forgets the pieces' values of the chunk `id` (tests: a chunk whose pieces are not cached).
-#[cfg(test)]
+/// Forgets the pieces' values of the chunk `id`: a chunk rewritten in place into another id,
+/// whose old bytes are gone from that place (and tests: a chunk whose pieces are not cached).
 pub(crate) fn forget(id: &Hash) {
     let mut c = CACHE.lock();
     if let Some(v) = c.new.remove(id) {
@@ -170,6 +170,12 @@ pub fn overlay_id(
     }
     let id = root(&values, len);
     put(id, values);
+    // The base's bytes are superseded at this place: keep the cache to the chunks that are
+    // (its size then follows the images, not the number of sync points). The same bytes
+    // elsewhere are hashed whole at their next change, once.
+    if let Some(base) = base.filter(|b| **b != id) {
+        forget(base);
+    }
     Ok((id, read_bytes))
 }
 
@@ -262,13 +268,24 @@ mod tests {
             Ok(())
         };
         let (id2, n) = overlay_id(Some(&id1), len, &as_ranges(&patch2), &mut read_one).unwrap();
-        assert_eq!(id2, blake3::hash(&laid(&one, &patch2)));
+        let two = laid(&one, &patch2);
+        assert_eq!(id2, blake3::hash(&two));
         assert_eq!(n, (len - 8 * PIECE) as u64);
+        // The superseded base is forgotten (the cache holds what is in place), the new one kept.
+        assert!(get(&id1).is_none() && get(&id2).is_some());
         // Ranges across a piece boundary touch both pieces.
+        let mut read_two = |at: u64, buf: &mut [u8]| {
+            buf.copy_from_slice(&two[at as usize..at as usize + buf.len()]);
+            Ok(())
+        };
         let p3 = vec![(2 * PIECE - 3, vec![4; 6])];
-        let (id3, n) = overlay_id(Some(&id1), len, &as_ranges(&p3), &mut read_one).unwrap();
-        assert_eq!(id3, blake3::hash(&laid(&one, &p3)));
+        let (id3, n) = overlay_id(Some(&id2), len, &as_ranges(&p3), &mut read_two).unwrap();
+        assert_eq!(id3, blake3::hash(&laid(&two, &p3)));
         assert_eq!(n, 2 * PIECE as u64);
+        // A patch over the forgotten base is still right, read whole.
+        let (again, n) = overlay_id(Some(&id1), len, &as_ranges(&p3), &mut read_one).unwrap();
+        assert_eq!(again, blake3::hash(&laid(&one, &p3)));
+        assert_eq!(n, len as u64);
         // A small chunk is hashed whole.
         let small = &base[..1000];
         let mut read_small = |at: u64, buf: &mut [u8]| {
