@@ -328,7 +328,8 @@ mod tests {
         assert!(pieces::get(&old).is_some());
         let at = (e.offset + 20_000) as usize;
         img[at..at + 4096].fill(0x5A);
-        let (m, _) = super::super::rechunk(&stale, &img, &[at as u64..at as u64 + 4096]).unwrap();
+        let written = at as u64..at as u64 + 4096;
+        let (m, _) = super::super::rechunk(&stale, &img, std::slice::from_ref(&written)).unwrap();
         let new = m.entries()[m.index_at(e.offset).unwrap()].hash().unwrap();
         assert_ne!(new, old);
         assert!(pieces::get(&old).is_none() && pieces::get(&new).is_some());
