@@ -258,6 +258,13 @@ pub fn rechunk_tuned(
             "internal error: re-chunk produced an invalid manifest ({e}); please report it"
         ))
     })?;
+    // The pieces' values of chunks the scan replaced are forgotten, as the in-place path
+    // forgets what it rewrites: the cache holds what is in place.
+    for e in crate::manifest::changed_entries(&m, stale) {
+        if let Some(h) = e.hash() {
+            super::pieces::forget(&h);
+        }
+    }
     Ok((m, stats))
 }
 
@@ -420,6 +427,29 @@ fn copy_stale(stale: &Manifest, range: Range<u64>, out: &mut Vec<Entry>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Chunks the scan replaced (a write over a cut moves it) leave the pieces cache; the new
+    /// ones are in it.
+    #[test]
+    fn a_rescanned_change_forgets_the_replaced_chunks_pieces() {
+        let p = ChunkParams::default();
+        let mut img = crate::testutil::random(1 << 20, 8);
+        let (stale, _) = chunk_full(&img, p).unwrap();
+        let c = stale.entries()[3];
+        let (before, at) = (stale.entries()[2].hash().unwrap(), c.hash().unwrap());
+        assert!(super::super::pieces::get(&before).is_some());
+        let written = c.offset - 2048..c.offset + 2048;
+        img[written.start as usize..written.end as usize].fill(0x3C);
+        let (m, _) = rechunk(&stale, &img, std::slice::from_ref(&written)).unwrap();
+        for gone in [before, at] {
+            assert!(!m.entries().iter().any(|e| e.hash() == Some(gone)));
+            assert!(super::super::pieces::get(&gone).is_none());
+        }
+        let new = m.entries()[m.index_at(written.start).unwrap()]
+            .hash()
+            .unwrap();
+        assert!(super::super::pieces::get(&new).is_some());
+    }
 
     #[test]
     #[allow(clippy::single_range_in_vec_init)]
