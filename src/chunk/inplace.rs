@@ -210,12 +210,6 @@ fn rehash(
     }
     let id = pieces::root(&values, len);
     pieces::put(id, values);
-    // The old bytes are gone from this place (see `pieces::overlay_id`).
-    if let Kind::Data(old) = e.kind
-        && old != id
-    {
-        pieces::forget(&old);
-    }
     Ok(Rehashed {
         id: Some(id),
         read,
@@ -313,7 +307,8 @@ mod tests {
         .1
     }
 
-    /// A chunk re-hashed in place leaves the cache with its new bytes' values, not the old.
+    /// A chunk re-hashed in place leaves the cache with its new bytes' values, not the old (the
+    /// re-chunk forgets every chunk it replaced).
     #[test]
     fn a_chunk_rehashed_in_place_forgets_its_old_pieces() {
         let p = ChunkParams::default();

@@ -258,8 +258,8 @@ pub fn rechunk_tuned(
             "internal error: re-chunk produced an invalid manifest ({e}); please report it"
         ))
     })?;
-    // The pieces' values of chunks the scan replaced are forgotten, as the in-place path
-    // forgets what it rewrites: the cache holds what is in place.
+    // The pieces' values of the chunks replaced (re-hashed in place or cut again) are
+    // forgotten, as a replica's patch check forgets its base: the cache holds what is in place.
     for e in crate::manifest::changed_entries(&m, stale) {
         if let Some(h) = e.hash() {
             super::pieces::forget(&h);
