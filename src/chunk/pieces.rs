@@ -85,8 +85,8 @@ pub(super) fn put(id: Hash, values: Vec<ChainingValue>) {
     insert(&mut CACHE.lock(), id, values.into());
 }
 
-/// Forgets the pieces' values of the chunk `id`: a chunk rewritten in place into another id,
-/// whose old bytes are gone from that place (and tests: a chunk whose pieces are not cached).
+/// Forgets the pieces' values of the chunk `id`, whose bytes a re-chunk or a patch replaced at
+/// the place they were hashed for (and tests: a chunk whose pieces are not cached).
 pub(crate) fn forget(id: &Hash) {
     let mut c = CACHE.lock();
     if let Some(v) = c.new.remove(id) {
