@@ -57,6 +57,10 @@ pub const POINTS: &[(&str, &str)] = &[
         "replica.ack.send",
         "sending the acknowledgement of a committed generation",
     ),
+    (
+        "replica.settle",
+        "fsyncing the images after the acknowledgement",
+    ),
 ];
 
 /// Evaluates the failpoint `name`: `Ok(())` unless it is configured to fire.

@@ -451,6 +451,10 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
                 let _ = tx.blocking_send(f);
             }
             if committed {
+                // The acknowledgement is on its way: now the images' fsync, off the lag.
+                if let Err(e) = store.lock().settle() {
+                    log::error!("{e:#}");
+                }
                 crate::heap::give_back();
             }
             if s.is_closed() {

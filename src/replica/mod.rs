@@ -11,14 +11,22 @@
 //! 3. the commit record `.ferry/staging/commit` is written atomically: the generation is
 //!    committed;
 //! 4. the images are changed in place from the journal and the patches (data written, zero
-//!    extents punched as holes, sizes set) and fsynced;
+//!    extents punched as holes, sizes set), not yet fsynced;
 //! 5. the staged manifests replace the committed ones (hard links), then the generation record
-//!    is replaced;
-//! 6. the staging area is emptied.
+//!    is replaced: the generation is acknowledged after this step;
+//! 6. *settling*, after the acknowledgement and before anything else touches the store: the
+//!    images are fsynced, then the staging area is emptied.
 //!
-//! On start, a commit record newer than the generation record is replayed from step 4 (writing
-//! the same bytes again is harmless); a staging journal without a commit record is kept, so an
-//! interrupted transfer resumes without sending those chunks again.
+//! On start, a commit record not older than the generation record is replayed from step 4:
+//! every chunk the staging holds is written again at each place the generation's manifests put
+//! it (writing the same bytes again is harmless), since a crash before step 6 may have lost any
+//! of step 4's writes and the committed manifests may already be the new ones. The images are
+//! written from the staging alone, so the replay needs neither the old manifests nor the old
+//! bytes. A staging journal without a commit record is kept, so an interrupted transfer resumes
+//! without sending those chunks again.
+//!
+//! Settling after the acknowledgement takes the images' fsync (a random write per patch on the
+//! disk) off every sync's lag; the next session, staging or commit waits for it.
 
 pub mod daemon;
 mod fuse;
@@ -78,6 +86,40 @@ struct CommitRecord {
     group_root: String,
     changes: Vec<NsChange>,
     images: Vec<String>,
+    /// The generation the staged patches patch (absent in records written before settling
+    /// existed: those were applied and fsynced before the generation record was replaced).
+    #[serde(default)]
+    base: Option<u64>,
+}
+
+impl CommitRecord {
+    fn read(meta: &Path) -> Result<Option<CommitRecord>> {
+        let p = meta.join("staging").join("commit");
+        match fs::read(&p) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .with_context(|| format!("commit record {} is corrupt", p.display())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).context(format!("cannot read {}", p.display())),
+        }
+    }
+}
+
+/// A generation written into the images but not yet fsynced there (step 6).
+struct Unsettled {
+    generation: u64,
+    /// The images it wrote. None after a settle failed: a failed fsync may have dropped the
+    /// pages it could not write, so the next settle writes the staged chunks again.
+    files: Option<Vec<File>>,
+}
+
+/// Which entries of a generation's manifests applying writes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Writes {
+    /// Those that differ from the committed manifests in memory: each must be staged.
+    Changed,
+    /// Every entry whose chunk is staged (a replay: the others are in place already).
+    Staged,
 }
 
 /// A replica's store.
@@ -103,6 +145,8 @@ pub struct Store {
     /// a patch check reads a piece or two of its base, and opening the file for each of
     /// thousands of patches cost more than the read.
     readers: parking_lot::Mutex<std::collections::HashMap<String, (u64, Arc<File>)>>,
+    /// The generation applied but not yet settled (step 6 of the module comment).
+    unsettled: Option<Unsettled>,
 }
 
 /// A store's figures, for metrics.
@@ -228,9 +272,14 @@ impl Store {
             &root.join(META_DIR).join("staging").join("journal"),
             params.max_size,
         )?;
+        // A generation applied but not settled may have replaced the generation record: its
+        // patches were staged on the generation its commit record names.
+        let staged_on = CommitRecord::read(&root.join(META_DIR))?
+            .and_then(|c| c.base)
+            .unwrap_or(record.generation);
         let patches = PatchLog::open(
             &root.join(META_DIR).join("staging").join("patches"),
-            record.generation,
+            staged_on,
             params.max_size,
         )?;
         let holder =
@@ -253,6 +302,7 @@ impl Store {
             verified: None,
             holder,
             readers: Default::default(),
+            unsettled: None,
         };
         store.replay()?;
         store.load_manifests()?;
@@ -476,13 +526,18 @@ impl Store {
         Ok(buf)
     }
 
-    /// Applies a committed generation (steps 4 to 6 of the module comment), and brings the
-    /// chunk index along: by the changed entries, or built again when applying failed midway
-    /// (the manifests in memory may then be partly the new ones).
-    fn apply(&mut self, commit: &CommitRecord, new: &BTreeMap<String, Manifest>) -> Result<()> {
+    /// Applies a committed generation (steps 4 and 5 of the module comment; [`Store::settle`]
+    /// is step 6), and brings the chunk index along: by the changed entries, or built again
+    /// when applying failed midway (the manifests in memory may then be partly the new ones).
+    fn apply(
+        &mut self,
+        commit: &CommitRecord,
+        new: &BTreeMap<String, Manifest>,
+        writes: Writes,
+    ) -> Result<()> {
         // The committed manifests this generation removes or replaces.
         let mut before: BTreeMap<String, Manifest> = BTreeMap::new();
-        if let Err(e) = self.apply_steps(commit, new, &mut before) {
+        if let Err(e) = self.apply_steps(commit, new, writes, &mut before) {
             self.rebuild_index();
             return Err(e);
         }
@@ -499,6 +554,7 @@ impl Store {
         &mut self,
         commit: &CommitRecord,
         new: &BTreeMap<String, Manifest>,
+        writes: Writes,
         before: &mut BTreeMap<String, Manifest>,
     ) -> Result<()> {
         for c in &commit.changes {
@@ -516,6 +572,7 @@ impl Store {
             }
         }
         let empty = Manifest::empty(self.params);
+        let mut files = Vec::with_capacity(new.len());
         for (path, m) in new {
             let file_path = self.root.join(path);
             self.displace(path, commit.generation)?;
@@ -528,17 +585,24 @@ impl Store {
                 .truncate(false)
                 .open(&file_path)
                 .with_context(|| format!("cannot open {}", file_path.display()))?;
-            let old = self.manifests.get(path).unwrap_or(&empty);
+            let old = match writes {
+                Writes::Changed => self.manifests.get(path).unwrap_or(&empty),
+                Writes::Staged => &empty,
+            };
             let staged = Staged {
                 journal: &self.journal,
                 patches: &self.patches,
             };
-            write_changes(&f, path, old, m, &staged)
+            write_changes(&f, path, old, m, &staged, writes)
                 .with_context(|| format!("cannot apply generation to {}", file_path.display()))?;
             f.set_len(m.size())?;
-            f.sync_all()?;
+            files.push(f);
         }
-        durable::fsync_dir(&self.root)?;
+        // From here on a crash replays the generation from the staging (module comment).
+        self.unsettled = Some(Unsettled {
+            generation: commit.generation,
+            files: Some(files),
+        });
         // The staged manifests (step 2; a replay finds them there too) become the committed
         // ones by a link: no second encoding and writing of every entry.
         let (staged, committed) = (
@@ -561,39 +625,88 @@ impl Store {
             &self.meta().join("generation"),
             &serde_json::to_vec(&self.record)?,
         )?;
-        // Staging is done with: commit record first, then the journal and staged manifests.
+        Ok(())
+    }
+
+    /// Makes the generation last applied durable in the images and empties the staging (step 6
+    /// of the module comment): called after its acknowledgement is on its way, and before
+    /// anything stages, commits, scrubs or serves a session. Nothing to do when it ran already.
+    /// On an error the generation stays unsettled and the next call writes it again from the
+    /// staging.
+    pub fn settle(&mut self) -> Result<()> {
+        let Some(u) = self.unsettled.take() else {
+            return Ok(());
+        };
+        let generation = u.generation;
+        let settled = self.settle_this(u);
+        if settled.is_err() {
+            self.unsettled = Some(Unsettled {
+                generation,
+                files: None,
+            });
+        }
+        settled.with_context(|| {
+            format!(
+                "store {}: generation {generation} is committed and acknowledged but cannot be \
+                 made durable in its images (its staging is kept, and written again at the \
+                 next session or restart); check the disk and the kernel log",
+                self.root.display()
+            )
+        })
+    }
+
+    fn settle_this(&mut self, u: Unsettled) -> Result<()> {
+        crate::fault::point("replica.settle")?;
+        let Some(files) = u.files else {
+            // Written again from the staging, and settled (replay ends in `settle`).
+            return self.replay();
+        };
+        for f in &files {
+            f.sync_all()?;
+        }
+        drop(files);
+        durable::fsync_dir(&self.root)?;
+        self.clear_staging(u.generation)
+    }
+
+    /// Empties the staging area once generation `generation` is durable in the images: the
+    /// commit record first, then the journal, patches and staged manifests.
+    fn clear_staging(&mut self, generation: u64) -> Result<()> {
         let staging = self.meta().join("staging");
         crate::fault::point("replica.staging.cleanup")?;
         let _ = fs::remove_file(staging.join("commit"));
         durable::fsync_dir(&staging)?;
         self.journal.clear()?;
-        self.patches.clear(commit.generation)?;
+        self.patches.clear(generation)?;
         let _ = fs::remove_dir_all(staging.join("manifests"));
         fs::create_dir_all(staging.join("manifests"))?;
         Ok(())
     }
 
-    /// Replays a committed but not yet applied generation.
+    /// Replays a committed generation that may not be durable in the images yet: not applied
+    /// at all, applied in part, or applied but not settled.
     fn replay(&mut self) -> Result<()> {
-        let p = self.meta().join("staging").join("commit");
-        let commit: CommitRecord = match fs::read(&p) {
-            Ok(b) => serde_json::from_slice(&b)
-                .with_context(|| format!("commit record {} is corrupt", p.display()))?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-        if commit.generation <= self.record.generation {
-            // Applied; only the clean-up was interrupted.
-            let _ = fs::remove_file(&p);
-            self.journal.clear()?;
-            self.patches.clear(self.record.generation)?;
+        let Some(commit) = CommitRecord::read(&self.meta())? else {
             return Ok(());
+        };
+        if commit.generation < self.record.generation {
+            // Settled already; only the clean-up was interrupted.
+            return self.clear_staging(self.record.generation);
         }
-        log::warn!(
-            "store {}: generation {} was committed but not fully applied; applying it again",
-            self.root.display(),
-            commit.generation
-        );
+        if commit.generation > self.record.generation {
+            log::warn!(
+                "store {}: generation {} was committed but not fully applied; applying it again",
+                self.root.display(),
+                commit.generation
+            );
+        } else {
+            log::info!(
+                "store {}: generation {} was applied but may not be durable in its images yet; \
+                 writing its staged chunks again",
+                self.root.display(),
+                commit.generation
+            );
+        }
         // The committed manifests as they were before (or already after) this generation.
         for path in &commit.images {
             if let Ok(m) = self.manifests_in("manifests").load(path) {
@@ -607,7 +720,8 @@ impl Store {
                 self.manifests_in("staging/manifests").load(path)?,
             );
         }
-        self.apply(&commit, &new)
+        self.apply(&commit, &new, Writes::Staged)?;
+        self.settle()
     }
 }
 
@@ -669,17 +783,16 @@ fn write_changes(
     old: &Manifest,
     new: &Manifest,
     staged: &Staged,
+    writes: Writes,
 ) -> Result<()> {
-    // In offset order: the disk starts on the written ranges while the next are written.
-    let mut writeback = durable::Writeback::default();
+    // Into the page cache only: the disk's work is settling's (after the acknowledgement).
     for e in changed_entries(old, new) {
-        write_entry(f, path, e, staged)?;
-        writeback.appended(f, e.end());
+        write_entry(f, path, e, staged, writes)?;
     }
     Ok(())
 }
 
-fn write_entry(f: &File, path: &str, e: &Entry, staged: &Staged) -> Result<()> {
+fn write_entry(f: &File, path: &str, e: &Entry, staged: &Staged, writes: Writes) -> Result<()> {
     crate::fault::point("replica.image.write")?;
     match e.kind {
         Kind::Data(h) => {
@@ -689,7 +802,7 @@ fn write_entry(f: &File, path: &str, e: &Entry, staged: &Staged) -> Result<()> {
             } else if staged.patches.place(h) == Some((path, e.offset, e.len as u32)) {
                 let p = staged.patches.get(h)?.context("staged patch vanished")?;
                 p.write_into(f)?;
-            } else {
+            } else if writes == Writes::Changed {
                 bail!("chunk {} at {} is not staged", manifest::hex(h), e.offset);
             }
         }
@@ -891,6 +1004,7 @@ impl ReplicaStore for Store {
     }
 
     fn stage(&mut self, hash: &Hash, data: &[u8]) -> io::Result<()> {
+        self.settle().map_err(io::Error::other)?;
         crate::fault::point("replica.journal.append")?;
         self.journal.append(hash, data)
     }
@@ -908,6 +1022,7 @@ impl ReplicaStore for Store {
         ranges: &[(u64, serde_bytes::ByteBuf)],
         checked_at: Option<u64>,
     ) -> io::Result<bool> {
+        self.settle().map_err(io::Error::other)?;
         crate::fault::point("replica.journal.append")?;
         if self.journal.contains(hash) || self.patches.contains(hash) {
             return Ok(true);
@@ -1019,6 +1134,7 @@ impl Store {
     }
 
     fn commit_timed(&mut self, g: &Generation) -> Result<()> {
+        self.settle()?;
         // 1. Chunks the store holds elsewhere are copied into the journal (and verified), so
         //    applying never reads from an image it is changing. Only the entries that applying
         //    writes are needed: the others are in place already (an image the generation
@@ -1102,6 +1218,7 @@ impl Store {
             group_root: manifest::hex(&g.group_root),
             changes: g.changes.clone(),
             images: g.images.keys().cloned().collect(),
+            base: Some(self.patches.generation()),
         };
         crate::fault::point("replica.commit.record")?;
         durable::write_atomic(
@@ -1121,7 +1238,7 @@ impl Store {
             changes.insert(path.clone(), Some(Arc::new(m.clone())));
         }
         view.begin_apply(changes);
-        let applied = self.apply(&commit, &g.images);
+        let applied = self.apply(&commit, &g.images, Writes::Changed);
         let point = applied.and_then(|()| self.record_point(SystemTime::now()));
         match point {
             Ok(p) => view.end_apply(p),
@@ -1206,8 +1323,9 @@ mod tests {
             group_root: manifest::hex(&g.group_root),
             changes: vec![],
             images: vec!["a".to_string(), "b".to_string()],
+            base: Some(0),
         };
-        assert!(store.apply(&commit, &g.images).is_err());
+        assert!(store.apply(&commit, &g.images, Writes::Changed).is_err());
         assert_eq!(
             store.manifests["a"], g.images["a"],
             "the case this test is about"
@@ -1347,6 +1465,7 @@ mod tests {
             f.staged_bytes
         );
         store.commit(&g).unwrap();
+        store.settle().unwrap();
         assert_eq!(fs::read(dir.path().join("img")).unwrap(), new);
         assert_eq!(store.figures().staged_chunks, 0);
         drop(store);
@@ -1524,6 +1643,69 @@ mod tests {
         assert_eq!(fs::read(dir.path().join("b")).unwrap(), again);
     }
 
+    /// A generation is acknowledged before its writes into the images are fsynced: a power
+    /// loss then may lose any of them, after the committed manifests and the generation record
+    /// were replaced. The next open writes every staged chunk and patch again (the patches
+    /// staged on the generation before, which the record no longer names), and the images are
+    /// the acknowledged generation; settling empties the staging.
+    #[test]
+    fn a_generation_acknowledged_before_its_fsync_survives_a_power_loss() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = random(300_000, 21);
+        fs::write(dir.path().join("img"), &old).unwrap();
+        let mut store = Store::open(dir.path(), params()).unwrap();
+        // Small writes (patches), a new region past the end (whole chunks), a new image.
+        let mut new = old.clone();
+        for at in [7_000, 90_000, 150_000, 260_000] {
+            new[at..at + 64].fill(9);
+        }
+        new.extend_from_slice(&random(100_000, 22));
+        let fresh = random(150_000, 23);
+        let g = generation(1, vec![("img", &new), ("fresh", &fresh)]);
+        let bytes = BTreeMap::from([("img", new.clone()), ("fresh", fresh.clone())]);
+        assert!(stage_as_patches(&mut store, &g, &bytes) >= 3);
+        store.commit(&g).unwrap();
+        assert_eq!(store.generation().0, 1);
+        assert!(
+            store.figures().staged_chunks > 0,
+            "staging kept until settled"
+        );
+        assert!(store.meta().join("staging/commit").exists());
+
+        // The power loss: none of the images' writes reached the disk.
+        fs::write(dir.path().join("img"), &old).unwrap();
+        fs::remove_file(dir.path().join("fresh")).unwrap();
+        drop(store);
+        let mut store = Store::open(dir.path(), params()).unwrap();
+        assert_eq!(store.generation().0, 1);
+        assert!(fs::read(dir.path().join("img")).unwrap() == new);
+        assert!(fs::read(dir.path().join("fresh")).unwrap() == fresh);
+        assert_eq!(store.figures().staged_chunks, 0);
+        assert!(!store.meta().join("staging/commit").exists());
+
+        // The next generation's first staged patch settles the one before; then settled
+        // after its acknowledgement, as the daemon does.
+        let mut next = new.clone();
+        next[20_000..20_100].fill(3);
+        let g2 = generation(2, vec![("img", &next)]);
+        stage_as_patches(&mut store, &g2, &BTreeMap::from([("img", next.clone())]));
+        store.commit(&g2).unwrap();
+        let mut third = next.clone();
+        third[200_000..200_010].fill(5);
+        let g3 = generation(3, vec![("img", &third)]);
+        stage_as_patches(&mut store, &g3, &BTreeMap::from([("img", third.clone())]));
+        store.commit(&g3).unwrap();
+        store.settle().unwrap();
+        assert!(fs::read(dir.path().join("img")).unwrap() == third);
+        assert_eq!(store.figures().staged_chunks, 0);
+        assert!(!store.meta().join("staging/commit").exists());
+        drop(store);
+        fs::write(dir.path().join("img"), &new).unwrap(); // a settled generation is not redone
+        let store = Store::open(dir.path(), params()).unwrap();
+        assert_eq!(store.generation().0, 3);
+        assert!(fs::read(dir.path().join("img")).unwrap() == new);
+    }
+
     /// A crash while the images are being changed, with some patches written and others not:
     /// the replay on the next open writes them all again and the image is the new generation.
     /// Patches staged on a generation that is then applied are dropped, never laid over the
@@ -1552,6 +1734,8 @@ mod tests {
             group_root: manifest::hex(&g.group_root),
             changes: vec![],
             images: vec!["img".to_string()],
+            // As written before settling existed: the patches were staged on the record's.
+            base: None,
         };
         durable::write_atomic(
             &store.meta().join("staging").join("commit"),

@@ -33,7 +33,8 @@ pub use crate::wire::scrub::{Damage, Report, State};
 /// Re-hashes the store's images and kept chunks; with `repair`, mends what it can.
 pub fn scrub(store: &Mutex<Store>, repair: bool) -> Result<Report> {
     let (root, paths, generation, view) = {
-        let s = store.lock();
+        let mut s = store.lock();
+        s.settle()?;
         let paths: Vec<String> = s.manifests.keys().cloned().collect();
         (s.root.clone(), paths, s.record.generation, s.view().clone())
     };
@@ -200,7 +201,7 @@ impl Store {
                     journal: &self.journal,
                     patches: &self.patches,
                 };
-                write_entry(&f, path, e, &staged)?;
+                write_entry(&f, path, e, &staged, super::Writes::Changed)?;
                 f.sync_data()?;
                 return Ok(State::Repaired);
             }

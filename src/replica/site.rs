@@ -435,6 +435,8 @@ impl Site {
                 None => self.open_store(name).map_err(store_err)?,
             };
             let mut st = store.lock();
+            // What the last session committed is durable in the images before the next one.
+            st.settle().map_err(store_err)?;
             let (committed, _) = st.committed();
             let follows_base = c.takeover.is_some_and(|t| {
                 st.holds(t.generation, &crate::manifest::hex(&t.group_root))
