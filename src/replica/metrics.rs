@@ -40,7 +40,7 @@ pub fn registry(site: &Arc<Site>) -> Registry {
     );
     reg.register(
         "ferry_store_commit_seconds",
-        "Time to commit a generation: verify, journal, apply",
+        "Time to commit a generation: verify, journal, apply, up to its acknowledgement (the images' fsync follows it)",
         apply.clone(),
     );
     let last: Arc<parking_lot::Mutex<BTreeMap<String, Figures>>> = Arc::default();
