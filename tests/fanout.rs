@@ -152,7 +152,7 @@ fn a_replica_offline_for_several_generations_catches_up_in_one_plan() {
 }
 
 #[test]
-fn a_fan_out_makes_each_chunk_frame_once() {
+fn a_fan_out_makes_each_data_frame_once() {
     common::require_root();
     let f = fanout(3, "[primary]\nreplicas = 3\n", &["a", "b", "c"]);
     fs::write(f.primary.path("vm.img"), common::random(24 << 20, 7)).unwrap();
@@ -177,6 +177,39 @@ fn a_fan_out_makes_each_chunk_frame_once() {
         3 * chunks[0]
     );
     assert_eq!(reused, 2 * chunks[0], "{v}");
+    for i in 0..3 {
+        assert!(f.has(i, "vm.img"));
+    }
+
+    // Scattered small writes go as patches: each patch's ranges are read once too.
+    {
+        use std::os::unix::fs::FileExt;
+        let img = fs::OpenOptions::new()
+            .write(true)
+            .open(f.primary.path("vm.img"))
+            .unwrap();
+        for i in 0..40u64 {
+            img.write_all_at(&common::random(4096, 100 + i), i * 600_000 + 12_288)
+                .unwrap();
+        }
+    }
+    let (v, ok) = f.sync();
+    assert!(ok, "{v}");
+    let rs = v["replicas"].as_array().unwrap();
+    let sent = |r: &serde_json::Value, what: &str| r[what].as_u64().unwrap();
+    let patches = sent(&rs[0], "patches_sent");
+    let frames = patches + sent(&rs[0], "chunks_sent");
+    assert!(patches > 20, "{v}");
+    for r in rs {
+        assert_eq!(sent(r, "patches_sent"), patches, "{v}");
+        assert_eq!(
+            sent(r, "patches_sent") + sent(r, "chunks_sent"),
+            frames,
+            "{v}"
+        );
+    }
+    let reused: u64 = rs.iter().map(|r| sent(r, "chunks_reused")).sum();
+    assert_eq!(reused, 2 * frames, "{v}");
     for i in 0..3 {
         assert!(f.has(i, "vm.img"));
     }

@@ -82,7 +82,7 @@ impl SyncMetrics {
         );
         reg.register(
             "chunks_reused",
-            "Chunk frames made once for another replica of the same sync (fan-out)",
+            "Data frames (chunks and patches) made once for another replica of the same sync (fan-out)",
             m.reused.clone(),
         );
         reg.register(

@@ -140,7 +140,8 @@ pub struct PeerOutcome {
     pub attempts: u32,
     /// Payload bytes of the last attempt alone.
     pub last_attempt_bytes: u64,
-    /// Chunks taken from the frames made for another replica of the same sync (fan-out).
+    /// Data frames (chunks and patches) taken from those made for another replica of the
+    /// same sync (fan-out).
     pub chunks_reused: u64,
     /// Chunks of the new content this replica already held, so not sent (deduplication).
     pub chunks_held: u64,

@@ -23,10 +23,11 @@ use crate::wire::primary::{
 /// Data streams per connection: as many as a peer accepts at once.
 pub const STREAMS: usize = crate::net::tls::DATA_STREAMS as usize;
 
-/// Chunk frames already made for one generation, shared by its shipments to every replica, so
-/// a fan-out reads, verifies and compresses each chunk once: the first shipment to want a
-/// chunk makes its frame, the others wait for it. Bounded: a frame pushed out (the oldest
-/// first) is made again if another replica still wants it.
+/// Data frames already made for one generation, shared by its shipments to every replica, so
+/// a fan-out reads, verifies and compresses each chunk, and reads each patch's ranges, once:
+/// the first shipment to want a frame makes it, the others wait for it (frames are known by
+/// [`Job::frame_key`]). Bounded: a frame pushed out (the oldest first) is made again if
+/// another replica still wants it.
 pub struct FrameCache {
     limit: u64,
     inner: parking_lot::Mutex<CacheInner>,
@@ -50,13 +51,13 @@ impl FrameCache {
         })
     }
 
-    /// The frame of chunk `hash`, made by `make` unless another shipment made it (or is
-    /// making it). The flag says whether it was reused.
-    async fn get_or_make<F>(&self, hash: [u8; 32], make: F) -> Result<(Made, bool), Cause>
+    /// The frame known by `key`, made by `make` unless another shipment made it (or is making
+    /// it). The flag says whether it was reused.
+    async fn get_or_make<F>(&self, key: [u8; 32], make: F) -> Result<(Made, bool), Cause>
     where
         F: std::future::Future<Output = Result<(Frame, u64), Cause>>,
     {
-        let cell = self.inner.lock().frames.entry(hash).or_default().clone();
+        let cell = self.inner.lock().frames.entry(key).or_default().clone();
         let mut made_here = false;
         let made = cell
             .get_or_try_init(|| async {
@@ -68,7 +69,7 @@ impl FrameCache {
         if made_here {
             let mut c = self.inner.lock();
             c.bytes += made.1;
-            c.order.push_back((hash, made.1));
+            c.order.push_back((key, made.1));
             while c.bytes > self.limit {
                 let Some((old, n)) = c.order.pop_front() else {
                     break;
@@ -99,8 +100,8 @@ pub struct ShipStats {
     /// Bytes of image the replica asked for, and how many of them were sent (for progress).
     pub planned_bytes: AtomicU64,
     pub done_bytes: AtomicU64,
-    /// Chunk frames taken from the [`FrameCache`] (made for another replica) instead of read,
-    /// verified and compressed again.
+    /// Data frames (chunks and patches) taken from the [`FrameCache`] (made for another
+    /// replica) instead of read, verified and compressed again.
     pub chunks_reused: AtomicU64,
     /// Chunks of the generation's new content the replica already held (not sent): what
     /// content addressing saved.
@@ -335,11 +336,14 @@ fn next_batch(session: &Session) -> Vec<Job> {
     jobs
 }
 
-/// The frames of `jobs`, in order. Chunk frames shared with other shipments (a fan-out) come
-/// from the cache, made once; the others are made together on one blocking thread.
+/// The frames of `jobs`, in order. In a fan-out (a shared cache) every frame comes from the
+/// cache, made once for all the replicas; otherwise they are made together on one blocking
+/// thread.
 async fn make_frames(jobs: Vec<Job>, how: &Shipment) -> Result<Vec<(Job, Made)>, Cause> {
-    let shared = |job: &Job| matches!(job, Job::Chunk { .. }) && how.cache.is_some();
-    let own: Vec<Job> = jobs.iter().filter(|j| !shared(j)).cloned().collect();
+    let own: Vec<Job> = match how.cache {
+        Some(_) => Vec::new(),
+        None => jobs.clone(),
+    };
     let src = how.src.clone();
     let mut own = tokio::task::spawn_blocking(move || {
         own.iter()
@@ -352,8 +356,8 @@ async fn make_frames(jobs: Vec<Job>, how: &Shipment) -> Result<Vec<(Job, Made)>,
     .into_iter();
     let mut out = Vec::with_capacity(jobs.len());
     for job in jobs {
-        let made = match (&job, &how.cache) {
-            (Job::Chunk { hash, .. }, Some(cache)) => {
+        let made = match &how.cache {
+            Some(cache) => {
                 let src = how.src.clone();
                 let j = job.clone();
                 let make = async move {
@@ -362,13 +366,13 @@ async fn make_frames(jobs: Vec<Job>, how: &Shipment) -> Result<Vec<(Job, Made)>,
                         .map_err(|e| Cause::Local(e.to_string()))?
                         .map_err(Cause::Local)
                 };
-                let (made, reused) = cache.get_or_make(*hash, make).await?;
+                let (made, reused) = cache.get_or_make(job.frame_key(), make).await?;
                 if reused {
                     how.stats.chunks_reused.fetch_add(1, Ordering::Relaxed);
                 }
                 made
             }
-            _ => own.next().expect("one frame per own job"),
+            None => own.next().expect("one frame per own job"),
         };
         out.push((job, made));
     }

@@ -74,6 +74,40 @@ impl Job {
             Job::Chunk { len, .. } | Job::Patch { len, .. } => *len,
         }
     }
+
+    /// What the frame this job makes is known by, for sharing it between the replicas of one
+    /// sync: a chunk's frame by its id (its bytes wherever they are); a patch's by everything
+    /// it is made of (replicas at different generations are sent different ranges of the
+    /// same chunk), under a key of its own so it never meets a chunk id.
+    pub fn frame_key(&self) -> Hash {
+        match self {
+            Job::Chunk { hash, .. } => *hash,
+            Job::Patch {
+                hash,
+                path,
+                offset,
+                len,
+                base,
+                ranges,
+            } => {
+                let mut h = blake3::Hasher::new_derive_key("ferry 2026 patch frame");
+                h.update(hash);
+                h.update(&offset.to_le_bytes());
+                h.update(&len.to_le_bytes());
+                h.update(&base.map_or([0; 33], |b| {
+                    let mut k = [1; 33];
+                    k[1..].copy_from_slice(&b);
+                    k
+                }));
+                for r in ranges {
+                    h.update(&r.start.to_le_bytes());
+                    h.update(&r.end.to_le_bytes());
+                }
+                h.update(path.as_bytes());
+                *h.finalize().as_bytes()
+            }
+        }
+    }
 }
 
 /// What the session asks the transport to do.
@@ -937,10 +971,40 @@ pub fn make_frame(job: &Job, src: &dyn ChunkSource) -> Result<(Frame, u64), Stri
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chunk::chunk_full;
 
+    use crate::chunk::chunk_full;
     use crate::testutil::random;
     use crate::testutil::small_params as params;
+
+    /// A patch frame is shared only with a replica that would be sent the very same frame.
+    #[test]
+    fn a_patch_frame_is_known_by_everything_it_is_made_of() {
+        let patch = |base: Option<Hash>, ranges: &[(u64, u64)], path: &str| Job::Patch {
+            hash: [7; 32],
+            path: path.to_string(),
+            offset: 65536,
+            len: 65536,
+            base,
+            ranges: ranges.iter().map(|&(a, b)| a..b).collect(),
+        };
+        let one = patch(Some([1; 32]), &[(0, 4096)], "vm.img");
+        assert_eq!(one.frame_key(), one.clone().frame_key());
+        for other in [
+            patch(Some([2; 32]), &[(0, 4096)], "vm.img"),
+            patch(None, &[(0, 4096)], "vm.img"),
+            patch(Some([1; 32]), &[(0, 4096), (8192, 12288)], "vm.img"),
+            patch(Some([1; 32]), &[(0, 8192)], "vm.img"),
+            patch(Some([1; 32]), &[(0, 4096)], "vm2.img"),
+            Job::Chunk {
+                hash: [7; 32],
+                path: "vm.img".into(),
+                offset: 65536,
+                len: 65536,
+            },
+        ] {
+            assert_ne!(one.frame_key(), other.frame_key(), "{other:?}");
+        }
+    }
 
     /// Found by the `primary_session` fuzz target: a replica whose `Welcome` reports an image
     /// of an absurd size (here about 2^50 bytes) made the primary list every Merkle leaf of it
