@@ -37,7 +37,7 @@ type Made = Arc<(Frame, u64)>;
 
 #[derive(Default)]
 struct CacheInner {
-    frames: std::collections::HashMap<[u8; 32], Arc<tokio::sync::OnceCell<Made>>>,
+    frames: std::collections::HashMap<[u8; 32], Arc<std::sync::OnceLock<Result<Made, String>>>>,
     order: std::collections::VecDeque<([u8; 32], u64)>,
     bytes: u64,
 }
@@ -52,20 +52,36 @@ impl FrameCache {
     }
 
     /// The frame known by `key`, made by `make` unless another shipment made it (or is making
-    /// it). The flag says whether it was reused.
-    async fn get_or_make<F>(&self, key: [u8; 32], make: F) -> Result<(Made, bool), Cause>
-    where
-        F: std::future::Future<Output = Result<(Frame, u64), Cause>>,
-    {
+    /// it: this blocks until it is made). The flag says whether it was reused. A frame that
+    /// could not be made is not kept: the next to want it tries again.
+    fn get_or_make(
+        &self,
+        key: [u8; 32],
+        make: impl FnOnce() -> Result<(Frame, u64), String>,
+    ) -> Result<(Made, bool), String> {
         let cell = self.inner.lock().frames.entry(key).or_default().clone();
+        let mut make = Some(make);
         let mut made_here = false;
-        let made = cell
-            .get_or_try_init(|| async {
+        let got = cell
+            .get_or_init(|| {
                 made_here = true;
-                make.await.map(Arc::new)
+                (make.take().expect("made once"))().map(Arc::new)
             })
-            .await?
             .clone();
+        let made = match got {
+            Ok(made) => made,
+            Err(e) => {
+                let mut c = self.inner.lock();
+                if c.frames.get(&key).is_some_and(|k| Arc::ptr_eq(k, &cell)) {
+                    c.frames.remove(&key);
+                }
+                drop(c);
+                return match make.take() {
+                    Some(make) => make().map(|f| (Arc::new(f), false)),
+                    None => Err(e),
+                };
+            }
+        };
         if made_here {
             let mut c = self.inner.lock();
             c.bytes += made.1;
@@ -336,46 +352,31 @@ fn next_batch(session: &Session) -> Vec<Job> {
     jobs
 }
 
-/// The frames of `jobs`, in order. In a fan-out (a shared cache) every frame comes from the
-/// cache, made once for all the replicas; otherwise they are made together on one blocking
-/// thread.
+/// The frames of `jobs`, in order, made on one blocking thread; in a fan-out (a shared cache)
+/// each is taken from the cache, made once for all the replicas.
 async fn make_frames(jobs: Vec<Job>, how: &Shipment) -> Result<Vec<(Job, Made)>, Cause> {
-    let own: Vec<Job> = match how.cache {
-        Some(_) => Vec::new(),
-        None => jobs.clone(),
-    };
-    let src = how.src.clone();
-    let mut own = tokio::task::spawn_blocking(move || {
-        own.iter()
-            .map(|j| make_frame(j, &*src).map(Arc::new))
-            .collect::<Result<Vec<_>, String>>()
+    let (src, cache) = (how.src.clone(), how.cache.clone());
+    let (out, reused) = tokio::task::spawn_blocking(move || {
+        let mut reused = 0;
+        let mut out = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let made = match &cache {
+                Some(cache) => {
+                    let (made, again) =
+                        cache.get_or_make(job.frame_key(), || make_frame(&job, &*src))?;
+                    reused += again as u64;
+                    made
+                }
+                None => Arc::new(make_frame(&job, &*src)?),
+            };
+            out.push((job, made));
+        }
+        Ok::<_, String>((out, reused))
     })
     .await
     .map_err(|e| Cause::Local(e.to_string()))?
-    .map_err(Cause::Local)?
-    .into_iter();
-    let mut out = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        let made = match &how.cache {
-            Some(cache) => {
-                let src = how.src.clone();
-                let j = job.clone();
-                let make = async move {
-                    tokio::task::spawn_blocking(move || make_frame(&j, &*src))
-                        .await
-                        .map_err(|e| Cause::Local(e.to_string()))?
-                        .map_err(Cause::Local)
-                };
-                let (made, reused) = cache.get_or_make(job.frame_key(), make).await?;
-                if reused {
-                    how.stats.chunks_reused.fetch_add(1, Ordering::Relaxed);
-                }
-                made
-            }
-            None => own.next().expect("one frame per own job"),
-        };
-        out.push((job, made));
-    }
+    .map_err(Cause::Local)?;
+    how.stats.chunks_reused.fetch_add(reused, Ordering::Relaxed);
     Ok(out)
 }
 
