@@ -13,7 +13,6 @@ mod rechunk;
 mod scan;
 mod source;
 
-#[cfg(test)]
 pub(crate) use pieces::forget as forget_pieces;
 pub use pieces::{hash as hash_by_pieces, overlay_id};
 pub use rechunk::{Tuning, chunk_full, rechunk, rechunk_tuned};
@@ -21,6 +20,12 @@ pub use scan::ScanStats;
 pub use source::{FileSource, Source, hole_end};
 
 pub use crate::manifest::{ChunkParams, ParamsError, ZERO_BLOCK};
+
+/// Whether chunk `id`'s pieces are cached (tests).
+#[cfg(test)]
+pub(crate) fn pieces_cached(id: &blake3::Hash) -> bool {
+    pieces::get(id).is_some()
+}
 
 /// Rounds `x` down to a multiple of [`ZERO_BLOCK`].
 pub(crate) fn align_down(x: u64) -> u64 {

@@ -547,6 +547,19 @@ impl Store {
             .map(|p| (p.as_str(), before.get(p), self.manifests.get(p)))
             .collect();
         self.index.update(&changes, &self.manifests);
+        // The pieces cached for the chunks this generation replaced (received whole, or
+        // patched) are let go: the cache then holds what the images hold, not every chunk
+        // ever received up to its bound.
+        let empty = Manifest::empty(self.params);
+        for (_, old, now) in &changes {
+            if let Some(old) = old {
+                for e in changed_entries(now.unwrap_or(&empty), old) {
+                    if let Some(h) = e.hash() {
+                        crate::chunk::forget_pieces(&h);
+                    }
+                }
+            }
+        }
         Ok(())
     }
 
@@ -1472,6 +1485,64 @@ mod tests {
         let store = Store::open(dir.path(), params()).unwrap();
         assert_eq!(store.generation().0, 1);
         assert_eq!(fs::read(dir.path().join("img")).unwrap(), new);
+    }
+
+    /// A commit lets go of the cached pieces of the chunks it replaced: the cache holds what
+    /// the images hold, where it grew to its bound with every chunk ever received.
+    #[test]
+    fn a_commit_forgets_the_pieces_of_the_chunks_it_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let params = ChunkParams::new(16384, 65536, 262144).unwrap();
+        let old = random(2 << 20, 31);
+        fs::write(dir.path().join("img"), &old).unwrap();
+        let mut store = Store::open(dir.path(), params).unwrap();
+        let ids = |bytes: &[u8]| -> Vec<(blake3::Hash, std::ops::Range<usize>)> {
+            chunk_full(&bytes.to_vec(), params)
+                .unwrap()
+                .0
+                .entries()
+                .iter()
+                .filter_map(|e| Some((e.hash()?, e.offset as usize..e.end() as usize)))
+                .collect()
+        };
+        // Receiving a chunk hashes it by pieces (`wire::replica`): the committed ones were.
+        let before = ids(&old);
+        for (_, r) in &before {
+            crate::chunk::hash_by_pieces(&old[r.clone()]);
+        }
+        let mut new = old.clone();
+        new[500_000..900_000].copy_from_slice(&random(400_000, 32));
+        let after = ids(&new);
+        for (_, r) in &after {
+            crate::chunk::hash_by_pieces(&new[r.clone()]);
+        }
+        let g = Generation {
+            number: 1,
+            group_root: [1; 32],
+            changes: vec![],
+            images: BTreeMap::from([("img".to_string(), chunk_full(&new, params).unwrap().0)]),
+        };
+        stage_missing(&mut store, &g, &BTreeMap::from([("img", new.clone())]));
+        store.commit(&g).unwrap();
+        let still: Vec<blake3::Hash> = after.iter().map(|(h, _)| *h).collect();
+        let replaced: Vec<blake3::Hash> = before
+            .iter()
+            .map(|(h, _)| *h)
+            .filter(|h| !still.contains(h))
+            .collect();
+        assert!(replaced.len() >= 4, "{} chunks replaced", replaced.len());
+        for h in &replaced {
+            assert!(
+                !crate::chunk::pieces_cached(h),
+                "a replaced chunk's pieces are kept"
+            );
+        }
+        for h in &still {
+            assert!(
+                crate::chunk::pieces_cached(h),
+                "a chunk in place lost its pieces"
+            );
+        }
     }
 
     /// With chunks of several 8 KiB pieces, a patch is checked by the pieces it touches once
