@@ -611,11 +611,6 @@ impl Store {
             f.set_len(m.size())?;
             files.push(f);
         }
-        // From here on a crash replays the generation from the staging (module comment).
-        self.unsettled = Some(Unsettled {
-            generation: commit.generation,
-            files: Some(files),
-        });
         // The staged manifests (step 2; a replay finds them there too) become the committed
         // ones by a link: no second encoding and writing of every entry.
         let (staged, committed) = (
@@ -638,6 +633,12 @@ impl Store {
             &self.meta().join("generation"),
             &serde_json::to_vec(&self.record)?,
         )?;
+        // Only now is there something to settle: an apply that failed before this keeps its
+        // commit record, and is replayed at the next start.
+        self.unsettled = Some(Unsettled {
+            generation: commit.generation,
+            files: Some(files),
+        });
         Ok(())
     }
 
@@ -1485,6 +1486,37 @@ mod tests {
         let store = Store::open(dir.path(), params()).unwrap();
         assert_eq!(store.generation().0, 1);
         assert_eq!(fs::read(dir.path().join("img")).unwrap(), new);
+    }
+
+    /// An apply that fails before the generation record is replaced leaves nothing to settle:
+    /// its commit record stays for the replay at the next start, which finishes it.
+    #[test]
+    fn a_failed_apply_is_not_settled_but_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = random(200_000, 41);
+        fs::write(dir.path().join("img"), &old).unwrap();
+        let mut store = Store::open(dir.path(), params()).unwrap();
+        let mut new = old.clone();
+        new[50_000..50_500].fill(8);
+        let g = generation(1, vec![("img", &new)]);
+        stage_as_patches(&mut store, &g, &BTreeMap::from([("img", new.clone())]));
+        // The generation record cannot be replaced: its temporary file's name is taken.
+        let tmp = store
+            .meta()
+            .join(format!(".generation.tmp.{}", std::process::id()));
+        fs::create_dir(&tmp).unwrap();
+        assert!(store.commit(&g).is_err());
+        store.settle().unwrap();
+        assert!(
+            store.meta().join("staging/commit").exists(),
+            "kept for the replay"
+        );
+        drop(store);
+        fs::remove_dir(&tmp).unwrap();
+        let store = Store::open(dir.path(), params()).unwrap();
+        assert_eq!(store.generation().0, 1);
+        assert!(fs::read(dir.path().join("img")).unwrap() == new);
+        assert!(!store.meta().join("staging/commit").exists());
     }
 
     /// A commit lets go of the cached pieces of the chunks it replaced: the cache holds what
