@@ -11,7 +11,8 @@
 //! 3. the commit record `.ferry/staging/commit` is written atomically: the generation is
 //!    committed;
 //! 4. the images are changed in place from the journal and the patches (data written, zero
-//!    extents punched as holes, sizes set), not yet fsynced;
+//!    extents punched as holes, sizes set), not yet fsynced (a large generation by several
+//!    threads, each a run of entries: into the page cache this is CPU work);
 //! 5. the staged manifests replace the committed ones (hard links), then the generation record
 //!    is replaced: the generation is acknowledged after this step;
 //! 6. *settling*, after the acknowledgement and before anything else touches the store: the
@@ -799,11 +800,54 @@ fn write_changes(
     staged: &Staged,
     writes: Writes,
 ) -> Result<()> {
-    // Into the page cache only: the disk's work is settling's (after the acknowledgement).
-    for e in changed_entries(old, new) {
-        write_entry(f, path, e, staged, writes)?;
+    // Into the page cache only: the disk's work is settling's (after the acknowledgement). So
+    // the work is the CPU's (reading each chunk back from the staging, checking its hash,
+    // copying it into the image): a large generation is written by several threads, each a
+    // run of entries in offset order.
+    let entries: Vec<&Entry> = changed_entries(old, new).collect();
+    let bytes: u64 = entries.iter().map(|e| e.len).sum();
+    let threads = apply_threads(bytes, entries.len());
+    if threads <= 1 {
+        for e in entries {
+            write_entry(f, path, e, staged, writes)?;
+        }
+        return Ok(());
     }
-    Ok(())
+    let run = entries.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = entries
+            .chunks(run)
+            .map(|part| {
+                s.spawn(move || -> Result<()> {
+                    for e in part {
+                        write_entry(f, path, e, staged, writes)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        // Every worker is waited for before the first error is returned.
+        let results: Vec<Result<()>> = workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("an apply thread panicked")))
+            })
+            .collect();
+        results.into_iter().collect::<Result<()>>()
+    })
+}
+
+/// How many threads write a generation of `bytes` in `entries` entries into one image: one
+/// per CPU (at most 4) for at least 8 MiB or 1,024 entries (below that a thread's start costs
+/// more than it saves), else one.
+fn apply_threads(bytes: u64, entries: usize) -> usize {
+    if bytes < 8 << 20 && entries < 1024 {
+        return 1;
+    }
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4)
 }
 
 fn write_entry(f: &File, path: &str, e: &Entry, staged: &Staged, writes: Writes) -> Result<()> {
@@ -1403,6 +1447,43 @@ mod tests {
         store.commit(&g).unwrap();
         assert_eq!(fs::read(dir.path().join("b")).unwrap(), old);
         assert_eq!(store.images().len(), 2);
+    }
+
+    /// A large generation is written into its image by several threads, each a run of its
+    /// entries: the image ends byte for byte the generation's, and a chunk that no longer
+    /// matches its hash in the journal, in any thread's run, fails the commit (nothing is
+    /// acknowledged) instead of being skipped.
+    #[test]
+    fn a_large_generation_is_written_by_several_threads_byte_for_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path(), params()).unwrap();
+        let one = random(3_000_000, 31);
+        let g = generation(1, vec![("img", &one)]);
+        let m = &g.images["img"];
+        let bytes: u64 = m.entries().iter().map(|e| e.len).sum();
+        assert!(
+            apply_threads(bytes, m.entries().len()) > 1 || num_cpus() == 1,
+            "the case this test is about: {} entries",
+            m.entries().len()
+        );
+        stage_missing(&mut store, &g, &BTreeMap::from([("img", one.clone())]));
+        store.commit(&g).unwrap();
+        store.settle().unwrap();
+        assert_eq!(fs::read(dir.path().join("img")).unwrap(), one);
+
+        let two = random(3_000_000, 32);
+        let g2 = generation(2, vec![("img", &two)]);
+        stage_missing(&mut store, &g2, &BTreeMap::from([("img", two.clone())]));
+        let journal = store.journal.path().to_path_buf();
+        let last = *journal_records(&journal).last().unwrap();
+        flip_byte(&journal, last.0 + last.1 / 2);
+        let err = store.commit(&g2).unwrap_err();
+        assert!(format!("{err:#}").contains("corrupt"), "{err:#}");
+        assert_eq!(store.committed().0, 1, "nothing acknowledged");
+    }
+
+    fn num_cpus() -> usize {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
     }
 
     /// Reads all of `path` as generation `n` has it, through the view.
