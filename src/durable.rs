@@ -85,7 +85,7 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Bytes a staging file takes before [`Writeback`] starts writing them to disk.
-const WRITEBACK_STEP: u64 = 8 << 20;
+pub const WRITEBACK_STEP: u64 = 8 << 20;
 
 /// Starts writing an append-only file's new bytes back to disk as they come, without waiting
 /// for them (`sync_file_range(2)`, `SYNC_FILE_RANGE_WRITE`), so that the fsync that makes it
@@ -102,17 +102,22 @@ impl Writeback {
         if end < self.started + WRITEBACK_STEP {
             return;
         }
-        // Only a hint: an error here shows again at the fsync, which is what counts.
-        unsafe {
-            libc::sync_file_range(
-                file.as_raw_fd(),
-                self.started as libc::off64_t,
-                (end - self.started) as libc::off64_t,
-                libc::SYNC_FILE_RANGE_WRITE,
-            )
-        };
+        start_writeback(file, self.started, end - self.started);
         self.started = end;
     }
+}
+
+/// Starts writing `len` bytes of `file` from `offset` back to disk (0: to its end), without
+/// waiting for them. Only a hint: an error here shows again at the fsync, which is what counts.
+pub fn start_writeback(file: &File, offset: u64, len: u64) {
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
 }
 
 /// Empties the file open as `file` at `path`: a new empty file takes its name, and the old

@@ -6,13 +6,15 @@
 //! 1. every chunk of the generation is in the staging journal (received and verified, or copied
 //!    from where the store already holds it and verified), or is a patch staged for the very
 //!    place it goes (`patches`: the changed ranges over the committed bytes there), and both
-//!    are fsynced;
+//!    are fsynced; or, in an image the store does not hold yet, is written at its places in
+//!    that image's staged file (`fresh`), completed and fsynced;
 //! 2. the new manifests are written under `.ferry/staging/manifests/`;
 //! 3. the commit record `.ferry/staging/commit` is written atomically: the generation is
 //!    committed;
-//! 4. the images are changed in place from the journal and the patches (data written, zero
-//!    extents punched as holes, sizes set), not yet fsynced (a large generation by several
-//!    threads, each a run of entries: into the page cache this is CPU work);
+//! 4. new images' staged files are renamed where they go; the other images are changed in
+//!    place from the journal and the patches (data written, zero extents punched as holes,
+//!    sizes set), not yet fsynced (a large generation by several threads, each a run of
+//!    entries: into the page cache this is CPU work);
 //! 5. the staged manifests replace the committed ones (hard links), then the generation record
 //!    is replaced: the generation is acknowledged after this step;
 //! 6. *settling*, after the acknowledgement and before anything else touches the store: the
@@ -23,13 +25,15 @@
 //! it (writing the same bytes again is harmless), since a crash before step 6 may have lost any
 //! of step 4's writes and the committed manifests may already be the new ones. The images are
 //! written from the staging alone, so the replay needs neither the old manifests nor the old
-//! bytes. A staging journal without a commit record is kept, so an interrupted transfer resumes
-//! without sending those chunks again.
+//! bytes; a new image's staged file still there is renamed. A staging journal without a commit
+//! record is kept, so an interrupted transfer resumes without sending those chunks again (and a
+//! new image's staged file, checked by hash first: see `fresh`).
 //!
 //! Settling after the acknowledgement takes the images' fsync (a random write per patch on the
 //! disk) off every sync's lag; the next session, staging or commit waits for it.
 
 pub mod daemon;
+mod fresh;
 mod fuse;
 pub mod history;
 mod index;
@@ -47,7 +51,6 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -64,6 +67,7 @@ use crate::wire::frame::{Hash, ImageState, NsChange};
 use crate::wire::replica::{Generation, ReplicaStore};
 use std::time::SystemTime;
 
+use fresh::Fresh;
 use index::ChunkIndex;
 pub use journal::Journal;
 pub use keep::Policy;
@@ -91,6 +95,9 @@ struct CommitRecord {
     /// existed: those were applied and fsynced before the generation record was replaced).
     #[serde(default)]
     base: Option<u64>,
+    /// The new images staged in place (`fresh`): applied by renaming their staged files.
+    #[serde(default)]
+    fresh: Vec<String>,
 }
 
 impl CommitRecord {
@@ -134,6 +141,8 @@ pub struct Store {
     journal: Journal,
     /// Chunks of the next generation staged as patches of the committed images.
     patches: PatchLog,
+    /// New images of the next generation, staged in place.
+    fresh: Fresh,
     /// Every held generation, read by the replica mount (set once the store is open).
     view: Option<Arc<View>>,
     /// Seconds each commit took (metrics), when someone watches.
@@ -283,6 +292,7 @@ impl Store {
             staged_on,
             params.max_size,
         )?;
+        let root_meta_images = root.join(META_DIR).join("staging").join("images");
         let holder =
             epoch::load::<Holder>(&root.join(META_DIR).join(epoch::FILE))?.unwrap_or_else(|| {
                 Holder {
@@ -298,6 +308,7 @@ impl Store {
             index: ChunkIndex::default(),
             journal,
             patches,
+            fresh: Fresh::new(&root_meta_images)?,
             view: None,
             apply_seconds: None,
             verified: None,
@@ -339,8 +350,8 @@ impl Store {
             epoch: self.record.epoch,
             images: self.manifests.len(),
             image_bytes: self.manifests.values().map(|m| m.size()).sum(),
-            staged_bytes: self.journal.bytes() + self.patches.bytes(),
-            staged_chunks: self.journal.len() + self.patches.len(),
+            staged_bytes: self.journal.bytes() + self.patches.bytes() + self.fresh.staged().1,
+            staged_chunks: self.journal.len() + self.patches.len() + self.fresh.staged().0,
             chunks: self.index.len(),
             kept_generations: self.view().generations().len(),
             kept_bytes: self.view().kept_figures().0,
@@ -519,12 +530,17 @@ impl Store {
 
     /// Reads bytes of a committed image, zeros past its end.
     fn read_image(&self, image: &str, offset: u64, len: u64) -> io::Result<Vec<u8>> {
-        let f = File::open(self.root.join(image))?;
-        let size = f.metadata()?.len();
-        let mut buf = vec![0u8; len as usize];
-        let avail = size.saturating_sub(offset).min(len) as usize;
-        f.read_exact_at(&mut buf[..avail], offset)?;
-        Ok(buf)
+        read_image(&self.root, image, offset, len)
+    }
+
+    /// Where a generation's chunks can be read from before it is applied.
+    fn sources(&self) -> Sources<'_> {
+        Sources {
+            root: &self.root,
+            journal: &self.journal,
+            patches: &self.patches,
+            index: &self.index,
+        }
     }
 
     /// Applies a committed generation (steps 4 and 5 of the module comment; [`Store::settle`]
@@ -593,6 +609,24 @@ impl Store {
             if let Some(dir) = file_path.parent() {
                 fs::create_dir_all(dir)?;
             }
+            let fresh = commit.fresh.contains(path);
+            if fresh {
+                // Staged in place and durable (step 1): renamed where it goes, unless a
+                // replay finds that done already.
+                let staged = Fresh::staged_path(&self.meta().join("staging").join("images"), path);
+                crate::fault::point("replica.image.write")?;
+                match fs::rename(&staged, &file_path) {
+                    Ok(()) => durable::fsync_dir(file_path.parent().unwrap_or(&self.root))?,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound && writes == Writes::Staged => {}
+                    Err(e) => {
+                        return Err(e).context(format!(
+                            "cannot move the staged image {} to {}",
+                            staged.display(),
+                            file_path.display()
+                        ));
+                    }
+                }
+            }
             let f = OpenOptions::new()
                 .write(true)
                 .create(true)
@@ -607,8 +641,11 @@ impl Store {
                 journal: &self.journal,
                 patches: &self.patches,
             };
-            write_changes(&f, path, old, m, &staged, writes)
-                .with_context(|| format!("cannot apply generation to {}", file_path.display()))?;
+            if !fresh {
+                write_changes(&f, path, old, m, &staged, writes).with_context(|| {
+                    format!("cannot apply generation to {}", file_path.display())
+                })?;
+            }
             f.set_len(m.size())?;
             files.push(f);
         }
@@ -693,8 +730,11 @@ impl Store {
         durable::fsync_dir(&staging)?;
         self.journal.clear()?;
         self.patches.clear(generation)?;
-        let _ = fs::remove_dir_all(staging.join("manifests"));
-        fs::create_dir_all(staging.join("manifests"))?;
+        self.fresh.clear();
+        for dir in ["manifests", "images"] {
+            let _ = fs::remove_dir_all(staging.join(dir));
+            fs::create_dir_all(staging.join(dir))?;
+        }
         Ok(())
     }
 
@@ -784,6 +824,60 @@ fn rebuild_record(
     Ok(record)
 }
 
+/// Bytes of a committed image, zeros past its end.
+fn read_image(root: &Path, image: &str, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+    let f = File::open(root.join(image))?;
+    let size = f.metadata()?.len();
+    let mut buf = vec![0u8; len as usize];
+    let avail = size.saturating_sub(offset).min(len) as usize;
+    f.read_exact_at(&mut buf[..avail], offset)?;
+    Ok(buf)
+}
+
+/// Where a chunk of the next generation can be read from: the journal, a staged patch over
+/// the committed bytes it patches, or the place the store holds it. Every way is verified.
+struct Sources<'a> {
+    root: &'a Path,
+    journal: &'a Journal,
+    patches: &'a PatchLog,
+    index: &'a ChunkIndex,
+}
+
+impl Sources<'_> {
+    fn bytes(&self, h: &Hash) -> Result<Vec<u8>> {
+        if let Some(data) = self.journal.get(h)? {
+            return Ok(data);
+        }
+        if let Some((src, off, len)) = self.patches.place(h) {
+            let p = self.patches.get(h)?.context("staged patch vanished")?;
+            let data = p.over(read_image(self.root, src, off, len as u64)?);
+            if blake3::hash(&data).as_bytes() != h {
+                bail!(
+                    "staged patch {} over {src} at {off} does not make its chunk: the store is \
+                     damaged there; run `ferry verify --deep`",
+                    manifest::hex(h)
+                );
+            }
+            return Ok(data);
+        }
+        let Some((src, off, len)) = self.index.get(h).cloned() else {
+            bail!(
+                "chunk {} of the generation is neither staged nor stored",
+                manifest::hex(h)
+            );
+        };
+        let data = read_image(self.root, &src, off, len)?;
+        if blake3::hash(&data).as_bytes() != h {
+            bail!(
+                "stored chunk {} in {src} at {off} does not match its hash: the store is \
+                 damaged; run `ferry verify --deep`",
+                manifest::hex(h)
+            );
+        }
+        Ok(data)
+    }
+}
+
 /// What a generation's chunks are staged in.
 struct Staged<'a> {
     journal: &'a Journal,
@@ -864,26 +958,7 @@ fn write_entry(f: &File, path: &str, e: &Entry, staged: &Staged, writes: Writes)
                 bail!("chunk {} at {} is not staged", manifest::hex(h), e.offset);
             }
         }
-        Kind::Zero => {
-            let r = unsafe {
-                libc::fallocate(
-                    f.as_raw_fd(),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    e.offset as i64,
-                    e.len as i64,
-                )
-            };
-            if r != 0 {
-                // No hole punching here: write the zeros.
-                let zeros = vec![0u8; 1 << 20];
-                let mut off = e.offset;
-                while off < e.end() {
-                    let n = (e.end() - off).min(zeros.len() as u64) as usize;
-                    f.write_all_at(&zeros[..n], off)?;
-                    off += n as u64;
-                }
-            }
-        }
+        Kind::Zero => fresh::punch(f, e)?,
     }
     Ok(())
 }
@@ -992,7 +1067,9 @@ impl Store {
         let mut kept = std::collections::HashSet::new();
         for (path, new) in images {
             let old = self.manifests.get(path).unwrap_or(&empty);
-            for e in changed_entries(old, new) {
+            // A new image is staged in place: its growth is all it needs.
+            let fresh = !self.manifests.contains_key(path);
+            for e in changed_entries(old, new).filter(|_| !fresh) {
                 if let Some(h) = e.hash()
                     && staged.insert(*h.as_bytes())
                     && !self.journal.contains(h.as_bytes())
@@ -1051,7 +1128,10 @@ impl ReplicaStore for Store {
     }
 
     fn have(&self, hash: &Hash) -> bool {
-        self.journal.contains(hash) || self.patches.contains(hash) || self.index.contains(hash)
+        self.journal.contains(hash)
+            || self.patches.contains(hash)
+            || self.index.contains(hash)
+            || self.fresh.holds(hash)
     }
 
     fn base_bytes(&self, path: &str, offset: u64, len: u64) -> io::Result<Vec<u8>> {
@@ -1064,7 +1144,10 @@ impl ReplicaStore for Store {
     fn stage(&mut self, hash: &Hash, data: &[u8]) -> io::Result<()> {
         self.settle().map_err(io::Error::other)?;
         crate::fault::point("replica.journal.append")?;
-        self.journal.append(hash, data)
+        if self.fresh.write(hash, data)? {
+            self.journal.append(hash, data)?;
+        }
+        Ok(())
     }
 
     /// Checks the patch by the pieces it touches when the committed chunk at its place was
@@ -1106,6 +1189,11 @@ impl ReplicaStore for Store {
                     .collect(),
             })
             .map(|()| true)
+    }
+
+    fn prepare(&mut self, images: &BTreeMap<String, Manifest>) -> io::Result<()> {
+        self.settle().map_err(io::Error::other)?;
+        self.fresh.prepare(&self.manifests, images)
     }
 
     fn room_for(&self, images: &BTreeMap<String, Manifest>) -> std::result::Result<(), String> {
@@ -1203,7 +1291,21 @@ impl Store {
                 .iter()
                 .any(|c| matches!(c, NsChange::Remove { path } if path == p))
         };
+        //    A new image staged in place is completed instead, from the same sources, and
+        //    made durable.
+        let mut fresh = Vec::new();
         for (path, m) in &g.images {
+            if self.fresh.stages(path, m) {
+                let src = Sources {
+                    root: &self.root,
+                    journal: &self.journal,
+                    patches: &self.patches,
+                    index: &self.index,
+                };
+                self.fresh.complete(path, &mut |h| src.bytes(h))?;
+                fresh.push(path.clone());
+                continue;
+            }
             let old = match self.manifests.get(path) {
                 Some(old) if !removed(path) => old,
                 _ => &empty,
@@ -1221,39 +1323,12 @@ impl Store {
                         .changes
                         .iter()
                         .any(|c| matches!(c, NsChange::Rename { from, .. } if from == path));
-                match self.patches.place(&h) {
-                    Some(place) if unmoved && place == (path.as_str(), e.offset, e.len as u32) => {
-                        continue;
-                    }
-                    Some((src, off, len)) => {
-                        let p = self.patches.get(&h)?.context("staged patch vanished")?;
-                        let data = p.over(self.read_image(src, off, len as u64)?);
-                        if *blake3::hash(&data).as_bytes() != h {
-                            bail!(
-                                "staged patch {} over {src} at {off} does not make its chunk: \
-                                 the store is damaged there; run `ferry verify --deep`",
-                                manifest::hex(&h)
-                            );
-                        }
-                        self.journal.append(&h, &data)?;
-                        continue;
-                    }
-                    None => {}
+                if unmoved
+                    && self.patches.place(&h) == Some((path.as_str(), e.offset, e.len as u32))
+                {
+                    continue;
                 }
-                let Some((src, off, len)) = self.index.get(&h).cloned() else {
-                    bail!(
-                        "chunk {} of the generation is neither staged nor stored",
-                        manifest::hex(&h)
-                    );
-                };
-                let data = self.read_image(&src, off, len)?;
-                if *blake3::hash(&data).as_bytes() != h {
-                    bail!(
-                        "stored chunk {} in {src} at {off} does not match its hash: the \
-                         store is damaged; run `ferry verify --deep`",
-                        manifest::hex(&h)
-                    );
-                }
+                let data = self.sources().bytes(&h)?;
                 self.journal.append(&h, &data)?;
             }
         }
@@ -1277,12 +1352,16 @@ impl Store {
             changes: g.changes.clone(),
             images: g.images.keys().cloned().collect(),
             base: Some(self.patches.generation()),
+            fresh,
         };
         crate::fault::point("replica.commit.record")?;
         durable::write_atomic(
             &self.meta().join("staging").join("commit"),
             &serde_json::to_vec(&commit)?,
         )?;
+        // The staged new images are the commit record's now (renamed by the apply, or by its
+        // replay).
+        self.fresh.clear();
         // 4-6, readers of the previous generation reading what changes from the kept chunks.
         let mut changes: BTreeMap<String, Option<Arc<Manifest>>> = g
             .changes
@@ -1382,6 +1461,7 @@ mod tests {
             changes: vec![],
             images: vec!["a".to_string(), "b".to_string()],
             base: Some(0),
+            fresh: vec![],
         };
         assert!(store.apply(&commit, &g.images, Writes::Changed).is_err());
         assert_eq!(
@@ -1480,6 +1560,101 @@ mod tests {
         let err = store.commit(&g2).unwrap_err();
         assert!(format!("{err:#}").contains("corrupt"), "{err:#}");
         assert_eq!(store.committed().0, 1, "nothing acknowledged");
+    }
+
+    /// Receives `g` as a session does: prepared (new images staged in place), then every
+    /// chunk the store lacks staged.
+    fn receive(store: &mut Store, g: &Generation, bytes: &BTreeMap<&str, Vec<u8>>) {
+        store.prepare(&g.images).unwrap();
+        stage_missing(store, g, bytes);
+    }
+
+    /// A new image is staged as a file of its own, each chunk written at its places as it
+    /// comes, and renamed into the store at the commit: its bytes are written once and the
+    /// journal holds only what the images the store holds need. A power loss that undoes the
+    /// rename (the staged file durable, its new name not) is replayed.
+    #[test]
+    fn a_new_image_is_staged_in_place_not_in_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = random(200_000, 51);
+        fs::write(dir.path().join("img"), &old).unwrap();
+        let mut store = Store::open(dir.path(), params()).unwrap();
+        let mut new = old.clone();
+        let shared = random(20_000, 52);
+        new.extend_from_slice(&shared);
+        // The new image repeats itself (one chunk at two places) and shares bytes with "img".
+        let half = random(150_000, 53);
+        let fresh = [&half[..], &half[..], &shared[..]].concat();
+        let g = generation(1, vec![("img", &new), ("vms/fresh", &fresh)]);
+        let bytes = BTreeMap::from([("img", new.clone()), ("vms/fresh", fresh.clone())]);
+        receive(&mut store, &g, &bytes);
+        let img_changed: std::collections::HashSet<[u8; 32]> =
+            changed_entries(&store.manifests["img"], &g.images["img"])
+                .filter_map(|e| e.hash().map(|h| *h.as_bytes()))
+                .collect();
+        assert_eq!(
+            store.journal.len(),
+            img_changed.len(),
+            "only img's chunks journaled"
+        );
+        store.commit(&g).unwrap();
+        assert!(fs::read(dir.path().join("vms/fresh")).unwrap() == fresh);
+        assert!(fs::read(dir.path().join("img")).unwrap() == new);
+
+        // The power loss: the rename did not reach the disk, nor did img's writes.
+        let staged = Fresh::staged_path(&store.meta().join("staging/images"), "vms/fresh");
+        fs::rename(dir.path().join("vms/fresh"), &staged).unwrap();
+        fs::write(dir.path().join("img"), &old).unwrap();
+        drop(store);
+        let mut store = Store::open(dir.path(), params()).unwrap();
+        assert_eq!(store.generation().0, 1);
+        assert!(fs::read(dir.path().join("vms/fresh")).unwrap() == fresh);
+        assert!(fs::read(dir.path().join("img")).unwrap() == new);
+        assert!(!staged.exists());
+        store.settle().unwrap();
+        assert_eq!(
+            fs::read_dir(store.meta().join("staging/images"))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
+
+    /// A transfer of a new image that stops midway goes on from what it wrote: after a restart
+    /// the staged file's entries are checked by hash, and only those that match are not asked
+    /// for again.
+    #[test]
+    fn an_interrupted_new_image_goes_on_from_what_it_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path(), params()).unwrap();
+        let fresh = random(400_000, 61);
+        let g = generation(1, vec![("fresh", &fresh)]);
+        let entries = g.images["fresh"].entries().to_vec();
+        store.prepare(&g.images).unwrap();
+        let half = entries.len() / 2;
+        for e in &entries[..half] {
+            let h = e.hash().unwrap();
+            store
+                .stage(h.as_bytes(), &fresh[e.offset as usize..e.end() as usize])
+                .unwrap();
+        }
+        assert_eq!(store.journal.len(), 0);
+        drop(store);
+        // One staged chunk is damaged on disk meanwhile.
+        let staged = Fresh::staged_path(&dir.path().join(".ferry/staging/images"), "fresh");
+        flip_byte(&staged, entries[1].offset + 5);
+
+        let mut store = Store::open(dir.path(), params()).unwrap();
+        store.prepare(&g.images).unwrap();
+        let held: Vec<bool> = entries
+            .iter()
+            .map(|e| store.have(e.hash().unwrap().as_bytes()))
+            .collect();
+        let expected: Vec<bool> = (0..entries.len()).map(|k| k < half && k != 1).collect();
+        assert_eq!(held, expected);
+        stage_missing(&mut store, &g, &BTreeMap::from([("fresh", fresh.clone())]));
+        store.commit(&g).unwrap();
+        assert!(fs::read(dir.path().join("fresh")).unwrap() == fresh);
     }
 
     fn num_cpus() -> usize {
@@ -1920,6 +2095,7 @@ mod tests {
             images: vec!["img".to_string()],
             // As written before settling existed: the patches were staged on the record's.
             base: None,
+            fresh: vec![],
         };
         durable::write_atomic(
             &store.meta().join("staging").join("commit"),

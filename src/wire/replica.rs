@@ -66,6 +66,11 @@ pub trait ReplicaStore {
     fn room_for(&self, _images: &BTreeMap<String, Manifest>) -> Result<(), String> {
         Ok(())
     }
+    /// Prepares to receive these new manifests (after [`ReplicaStore::room_for`] agreed): a
+    /// store may stage some images in place, and may then `have` chunks it did not before.
+    fn prepare(&mut self, _images: &BTreeMap<String, Manifest>) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A generation as the replica received it.
@@ -528,7 +533,7 @@ fn begin(
 impl Pending {
     /// `Plan`: part of one image's plan, checked against the base the store holds; the
     /// last image's plan is answered with the `Want` list.
-    fn plan(&mut self, store: &dyn ReplicaStore, f: Frame) -> Result<Vec<Frame>, Refusal> {
+    fn plan(&mut self, store: &mut dyn ReplicaStore, f: Frame) -> Result<Vec<Frame>, Refusal> {
         let Frame::Plan {
             generation,
             path,
@@ -591,6 +596,14 @@ impl Pending {
             store
                 .room_for(&self.images)
                 .map_err(|e| Refusal::new(RefuseCode::NoSpace, e))?;
+            store.prepare(&self.images).map_err(|e| {
+                Refusal::new(
+                    RefuseCode::Store,
+                    format!("cannot stage the generation's new images: {e}"),
+                )
+            })?;
+            // What an earlier, interrupted session staged is not asked for again.
+            self.outstanding.retain(|h| !store.have(h));
             let want: Vec<Hash> = self.outstanding.iter().copied().collect();
             let mut frames: Vec<Frame> = want
                 .chunks(MAX_ITEMS)
