@@ -1657,6 +1657,31 @@ mod tests {
         assert!(fs::read(dir.path().join("fresh")).unwrap() == fresh);
     }
 
+    /// A new image whose manifest changed between two sessions (the primary's image changed
+    /// before the interrupted transfer was retried): a chunk written for the first manifest
+    /// counts only where the second puts it too.
+    #[test]
+    fn a_new_image_staged_for_another_manifest_counts_only_chunks_in_their_new_places() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path(), params()).unwrap();
+        let first = random(300_000, 71);
+        let g1 = generation(1, vec![("fresh", &first)]);
+        receive(&mut store, &g1, &BTreeMap::from([("fresh", first.clone())]));
+        // The same bytes moved by 1,000: the same chunks (but the first) at other offsets.
+        let second = [&random(1_000, 72)[..], &first[..]].concat();
+        let g2 = generation(1, vec![("fresh", &second)]);
+        store.prepare(&g2.images).unwrap();
+        let moved = g2.images["fresh"].entries()[2];
+        assert!(!store.have(moved.hash().unwrap().as_bytes()));
+        stage_missing(
+            &mut store,
+            &g2,
+            &BTreeMap::from([("fresh", second.clone())]),
+        );
+        store.commit(&g2).unwrap();
+        assert!(fs::read(dir.path().join("fresh")).unwrap() == second);
+    }
+
     fn num_cpus() -> usize {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     }

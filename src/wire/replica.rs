@@ -584,10 +584,9 @@ impl Pending {
         .map_err(|e| format!("plan for {path:?}: {e}"))?;
         // Only the splices can name a chunk the replica lacks: every other entry is the
         // committed base's, held in its image (so the wants cost the change, not the image).
+        // Those the store has are taken out once every plan is in and the store prepared.
         for w in splices.iter().flat_map(|s| &s.entries) {
-            if let WireEntry::Data { hash, .. } = w
-                && !store.have(hash)
-            {
+            if let WireEntry::Data { hash, .. } = w {
                 self.outstanding.insert(*hash);
             }
         }
@@ -602,7 +601,8 @@ impl Pending {
                     format!("cannot stage the generation's new images: {e}"),
                 )
             })?;
-            // What an earlier, interrupted session staged is not asked for again.
+            // Chunks the store holds or staged (an earlier, interrupted session's too) are not
+            // asked for.
             self.outstanding.retain(|h| !store.have(h));
             let want: Vec<Hash> = self.outstanding.iter().copied().collect();
             let mut frames: Vec<Frame> = want
