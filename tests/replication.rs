@@ -228,18 +228,9 @@ fn a_replica_killed_mid_transfer_resumes_without_resending_what_it_staged() {
             .output()
             .unwrap()
     });
-    // Kill the replica once a good part of the image is staged (a new image: in a file of its
-    // own, written where each chunk goes, so its blocks count, not its length).
-    let staging = p.replica.images.join(".ferry/staging/images");
-    let staged = || -> u64 {
-        fs::read_dir(&staging)
-            .map(|d| {
-                d.filter_map(|e| e.ok()?.metadata().ok())
-                    .map(|m| m.blocks() * 512)
-                    .sum()
-            })
-            .unwrap_or(0)
-    };
+    // Kill the replica once a good part of the image is staged.
+    let store = p.replica.images.clone();
+    let staged = || common::staged_bytes(&store);
     let t = Instant::now();
     loop {
         if staged() > (size as u64) / 4 {

@@ -452,9 +452,7 @@ impl NsPair {
     }
 
     fn staged(&self) -> u64 {
-        fs::metadata(self.replica.images.join(".ferry/staging/journal"))
-            .map(|m| m.len())
-            .unwrap_or(0)
+        common::staged_bytes(&self.replica.images)
     }
 }
 
