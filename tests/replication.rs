@@ -230,7 +230,7 @@ fn a_replica_killed_mid_transfer_resumes_without_resending_what_it_staged() {
     });
     // Kill the replica once a good part of the image is staged.
     let store = p.replica.images.clone();
-    let staged = || common::staged_bytes(&store);
+    let staged = || ferry::replica::staged_on_disk(&store);
     let t = Instant::now();
     loop {
         if staged() > (size as u64) / 4 {

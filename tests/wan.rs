@@ -452,7 +452,7 @@ impl NsPair {
     }
 
     fn staged(&self) -> u64 {
-        common::staged_bytes(&self.replica.images)
+        ferry::replica::staged_on_disk(&self.replica.images)
     }
 }
 

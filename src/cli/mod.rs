@@ -905,11 +905,7 @@ fn replica_status(config: &std::path::Path, pid: serde_json::Value) -> Result<se
             };
             let points = view.points();
             let newest = points.last();
-            let staging = rc.store.join(&ns.name).join(".ferry/staging");
-            let staged: u64 = ["journal", "patches"]
-                .iter()
-                .map(|f| std::fs::metadata(staging.join(f)).map_or(0, |m| m.len()))
-                .sum();
+            let staged = crate::replica::staged_on_disk(&rc.store.join(&ns.name));
             serde_json::json!({
                 "primary": ns.name,
                 "fingerprint": ns.fingerprint,

@@ -824,6 +824,24 @@ fn rebuild_record(
     Ok(record)
 }
 
+/// Bytes on disk a store (a namespace's directory) has staged for the generation in transfer,
+/// read from its files (for a status without the daemon): the journal, the patches, and the
+/// blocks of the new images staged in place (their lengths may run ahead of what arrived).
+pub fn staged_on_disk(store: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let staging = store.join(META_DIR).join("staging");
+    let logs: u64 = ["journal", "patches"]
+        .iter()
+        .map(|f| fs::metadata(staging.join(f)).map_or(0, |m| m.len()))
+        .sum();
+    let fresh: u64 = fs::read_dir(staging.join("images")).map_or(0, |d| {
+        d.filter_map(|e| e.ok()?.metadata().ok())
+            .map(|m| m.blocks() * 512)
+            .sum()
+    });
+    logs + fresh
+}
+
 /// Bytes of a committed image, zeros past its end.
 fn read_image(root: &Path, image: &str, offset: u64, len: u64) -> io::Result<Vec<u8>> {
     let f = File::open(root.join(image))?;

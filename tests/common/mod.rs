@@ -240,21 +240,6 @@ pub fn covers(have: &[Range<u64>], need: &Range<u64>) -> bool {
     pos >= need.end
 }
 
-/// Bytes a replica store (a namespace's directory) has staged for the generation in transfer:
-/// its journal, and the blocks of the new images staged in place (written where each chunk
-/// goes, so their blocks count, not their lengths).
-pub fn staged_bytes(store: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let staging = store.join(".ferry/staging");
-    let journal = std::fs::metadata(staging.join("journal")).map_or(0, |m| m.len());
-    let fresh: u64 = std::fs::read_dir(staging.join("images")).map_or(0, |d| {
-        d.filter_map(|e| e.ok()?.metadata().ok())
-            .map(|m| m.blocks() * 512)
-            .sum()
-    });
-    journal + fresh
-}
-
 pub fn cmp(a: &Path, b: &Path) {
     run(Command::new("cmp").arg(a).arg(b));
 }
