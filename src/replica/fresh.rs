@@ -78,6 +78,11 @@ impl Fresh {
             self.images.drain(..).map(|i| (i.path.clone(), i)).collect();
         self.places.clear();
         self.elsewhere.clear();
+        // Most generations change only images the store holds: nothing to map then (this runs
+        // at every sync point).
+        if images.keys().all(|p| committed.contains_key(p)) {
+            return Ok(());
+        }
         for (path, m) in images {
             if let Some(old) = committed.get(path) {
                 self.elsewhere.extend(
