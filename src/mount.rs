@@ -579,6 +579,7 @@ fn serve(
         }));
     }
     let socket = state.join("control.sock");
+    let closing_engine = engine.clone();
     crate::control::serve(
         &socket,
         control_handler(
@@ -664,8 +665,9 @@ fn serve(
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         log::warn!("cannot tell systemd the mount is ready: {e}");
     }
-    session.run().context("FUSE session failed")?;
-    Ok(())
+    let ran = session.run().context("FUSE session failed");
+    closing_engine.close_connections();
+    ran
 }
 
 /// The kernel lets a FUSE mount hold at most 1% of the dirty page limit, strictly

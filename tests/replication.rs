@@ -87,6 +87,42 @@ fn qemu_images_replicate_byte_identical_and_a_second_sync_ships_the_dirty_bytes(
     identical(&p, "vm.qcow2");
 }
 
+/// A primary keeps one connection to each replica from one sync point to the next (its
+/// congestion controller keeps what it learnt of the path; no handshake per sync point), and
+/// a replica that restarted in between is reached again at once, not after a retry's wait.
+#[test]
+fn sync_points_share_one_connection_and_a_restarted_replica_is_reached_at_once() {
+    let mut p = Pair::new();
+    fs::write(p.primary.path("a.img"), random(2 << 20, 1)).unwrap();
+    let r = p.sync_ok();
+    assert_eq!(r["replicas"][0]["connections"], 1, "{r}");
+    let f = OpenOptions::new()
+        .write(true)
+        .open(p.primary.path("a.img"))
+        .unwrap();
+    for i in 0..3u64 {
+        f.write_all_at(&random(4096, 10 + i), i * 300_000).unwrap();
+        let r = p.sync_ok();
+        assert_eq!(r["replicas"][0]["connections"], 0, "sync {i}: {r}");
+        assert_eq!(r["replicas"][0]["attempts"], 1, "sync {i}: {r}");
+        identical(&p, "a.img");
+    }
+    let log = p.replica.log_text();
+    assert_eq!(log.matches("connected from").count(), 1, "{log}");
+
+    // Killed: it tells nobody. The kept connection is dead, and the primary does not know
+    // it until the first frame of the next session meets the new daemon.
+    p.replica.kill9();
+    p.replica.start();
+    f.write_all_at(&random(4096, 20), 1_000_000).unwrap();
+    let t = Instant::now();
+    let r = p.sync_ok();
+    assert_eq!(r["replicas"][0]["attempts"], 1, "{r}");
+    assert_eq!(r["replicas"][0]["connections"], 1, "{r}");
+    assert!(t.elapsed() < Duration::from_secs(10), "{r}");
+    identical(&p, "a.img");
+}
+
 #[test]
 fn an_unpinned_primary_is_refused_and_nothing_of_its_lands() {
     let p = Pair::new();
@@ -187,14 +223,17 @@ fn a_corrupted_chunk_is_caught_and_nothing_is_applied() {
         tamper: Some(tamper),
         cache: None,
     };
+    let pool = ferry::net::Pool::new(ep);
     let attempt = |how: &Shipment| {
-        let (session, hello) = PrimarySession::new(
-            &Claim::first("test"),
-            params,
-            g.clone(),
-            PeerKnowledge::default(),
-        );
-        rt.block_on(ship(&ep, addr, session, hello, how))
+        let session = || {
+            PrimarySession::new(
+                &Claim::first("test"),
+                params,
+                g.clone(),
+                PeerKnowledge::default(),
+            )
+        };
+        rt.block_on(ship(&pool, addr, session, how))
     };
     match attempt(&how) {
         Err(Cause::Refused(r)) => {

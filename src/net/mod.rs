@@ -6,6 +6,7 @@
 pub mod bdp;
 pub mod keys;
 pub mod node;
+pub mod pool;
 pub mod tls;
 pub mod transport;
 
@@ -14,6 +15,7 @@ pub use keys::{
     fingerprint_in, keygen,
 };
 pub use node::{Node, Threads};
+pub use pool::Pool;
 pub use tls::{
     ALPN, Congestion, SERVER_NAME, Side, TlsError, client_config, peer_fingerprint, server_config,
     transport_config_with,

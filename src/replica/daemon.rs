@@ -321,15 +321,58 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
         anyhow::bail!("{why} ({remote} refused)");
     };
     log::info!("primary {fp} connected from {remote}");
-    let (mut send, mut recv) = tokio::time::timeout(HELLO_WITHIN, conn.accept_bi())
-        .await
-        .map_err(|_| {
-            anyhow::anyhow!(
-                "primary {fp} opened no stream within {} s",
-                HELLO_WITHIN.as_secs()
-            )
-        })?
-        .context("no control stream")?;
+    // A primary keeps its connection from one sync point to the next (`net::pool`): each
+    // session is a control stream of its own, one after the other. The first must come at
+    // once; later ones whenever the next sync point is (keep-alives hold the connection).
+    let mut sessions = 0u64;
+    let ended = loop {
+        let next = conn.accept_bi();
+        let stream = if sessions == 0 {
+            tokio::time::timeout(HELLO_WITHIN, next)
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "primary {fp} opened no stream within {} s",
+                        HELLO_WITHIN.as_secs()
+                    )
+                })?
+                .context("no control stream")?
+        } else {
+            match next.await {
+                Ok(stream) => stream,
+                // The primary closed the connection, or it timed out: nothing was under way.
+                Err(_) => break Ok(()),
+            }
+        };
+        sessions += 1;
+        match session(&conn, stream, &site, fp, remote).await {
+            Ok(Ended::Finished) => continue,
+            Ok(Ended::Closed) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    conn.close(0u32.into(), b"session over");
+    log::info!("primary {fp} disconnected after {sessions} session(s)");
+    crate::heap::give_back();
+    ended
+}
+
+/// How a session ended: the primary finished its control stream after it (the connection
+/// serves the next one), or the session was refused, broken or lost (the connection closes).
+enum Ended {
+    Finished,
+    Closed,
+}
+
+/// One session: the primary's Hello on the control stream `(send, recv)`, then the frames of
+/// one generation on the control stream and the connection's data streams.
+async fn session(
+    conn: &quinn::Connection,
+    (mut send, mut recv): (quinn::SendStream, quinn::RecvStream),
+    site: &Site,
+    fp: Fingerprint,
+    remote: std::net::SocketAddr,
+) -> Result<Ended> {
     // The first frame names the primary, hence its namespace: the only store this session
     // can reach. A peer that connects and says nothing is not waited for.
     let first = tokio::time::timeout(HELLO_WITHIN, read_frame(&mut recv))
@@ -376,8 +419,7 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
             let _ = write_frame(&mut send, &answer).await;
             let _ = send.finish();
             let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
-            conn.close(0u32.into(), b"probed");
-            return Ok(());
+            return Ok(Ended::Closed);
         }
         _ => Err(Refusal::new(RefuseCode::Protocol, "expected Hello first")),
     };
@@ -388,8 +430,7 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
             let _ = write_frame(&mut send, &r.frame()).await;
             let _ = send.finish();
             let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
-            conn.close(0u32.into(), b"refused");
-            return Ok(());
+            return Ok(Ended::Closed);
         }
     };
     let session = Arc::new(parking_lot::Mutex::new(ReplicaSession::default()));
@@ -547,13 +588,13 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
     if let Some(hello) = first
         && !tokio::task::block_in_place(|| handle(Checked::unchecked(hello), &tx))
     {
+        data.abort();
+        let _ = data.await;
         drop(tx);
         let _ = writer.await;
-        data.abort();
-        conn.close(0u32.into(), b"session over");
-        return Ok(());
+        return Ok(Ended::Closed);
     }
-    let result = loop {
+    let ended = loop {
         tokio::select! {
             r = read_frame(&mut recv) => match r {
                 Ok(Some(Frame::Scrub { repair })) if session.lock().is_ready() => {
@@ -564,25 +605,29 @@ async fn connection(incoming: quinn::Incoming, site: Arc<Site>, open: &Open) -> 
                         busy.take_pct();
                     }
                     if !tokio::task::block_in_place(|| handle(Checked::unchecked(f), &tx)) {
-                        break Ok(());
+                        break Ok(Ended::Closed);
                     }
                 }
-                Ok(None) => break Ok(()),
+                // The primary is done with this session (it finishes the stream only after
+                // an acknowledgement); one that stopped midway left the session open, and is
+                // not given another on this connection.
+                Ok(None) if session.lock().is_ready() => break Ok(Ended::Finished),
+                Ok(None) => break Ok(Ended::Closed),
                 Err(e) => {
                     refuse(&tx, format!("bad control frame: {e:#}"));
                     break Err(e);
                 }
             },
-            _ = closed.notified() => break Ok(()),
+            _ = closed.notified() => break Ok(Ended::Closed),
         }
     };
+    // The next session's data streams are accepted by its own reader: this one is gone
+    // first. The answers still queued go out; the writer ends with the last sender.
+    data.abort();
+    let _ = data.await;
     drop(tx);
     let _ = writer.await;
-    data.abort();
-    conn.close(0u32.into(), b"session over");
-    log::info!("primary {fp} disconnected");
-    crate::heap::give_back();
-    result
+    ended
 }
 
 /// How busy a connection's data-stream readers are: the time they spent checking and staging

@@ -49,7 +49,7 @@ use crate::fs::cow::Window;
 use crate::fs::outside::Outside;
 use crate::fs::{Frozen as FrozenChanges, Tracker};
 use crate::manifest::{self, GenRecord, Kind, Manifest, ManifestDir, hex};
-use crate::net::{Congestion, Fingerprint, Identity, Node, Threads};
+use crate::net::{Congestion, Fingerprint, Identity, Node, Pool, Threads};
 use crate::wire::frame::Takeover;
 use crate::wire::primary::{
     Acked, ChunkSource, Claim, Generation, PeerKnowledge, PrimarySession, group_root, may_read,
@@ -135,9 +135,11 @@ pub struct PeerOutcome {
     /// near 100, the replica set the pace, not the link.
     pub busy_pct: u8,
     pub duration_ms: u64,
-    /// Connections it took (a lost connection is retried with backoff; staged chunks are not
+    /// Sessions it took (a lost connection is retried with backoff; staged chunks are not
     /// sent again).
     pub attempts: u32,
+    /// Connections made to it: 0 when the sync ran on the connection kept from the last one.
+    pub connections: u64,
     /// Payload bytes of the last attempt alone.
     pub last_attempt_bytes: u64,
     /// Data frames (chunks and patches) taken from those made for another replica of the
@@ -178,6 +180,8 @@ pub struct Engine {
     outside: Arc<Outside>,
     bucket: Option<Arc<Bucket>>,
     net: Option<Node>,
+    /// The connections kept open to the replicas (with `net`).
+    pool: Option<Arc<Pool>>,
     work: parking_lot::Mutex<Work>,
     board: Arc<Board>,
     /// Told every sync's report (metrics).
@@ -496,6 +500,9 @@ impl Engine {
             tracker,
             outside,
             bucket: opts.bandwidth_limit.map(|r| Arc::new(Bucket::new(r))),
+            pool: net
+                .as_ref()
+                .map(|n| Arc::new(Pool::new(n.endpoint().clone()))),
             net,
             work: parking_lot::Mutex::new(Work {
                 generation: rec.generation,
@@ -880,6 +887,18 @@ impl Engine {
         })
     }
 
+    /// Closes the connections kept to the replicas, and waits (a second at most) until they
+    /// have told the replicas: the mount is going away.
+    pub fn close_connections(&self) {
+        if let (Some(net), Some(pool)) = (&self.net, &self.pool) {
+            pool.close_all();
+            net.block_on(async {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), net.endpoint().wait_idle()).await;
+            });
+        }
+    }
+
     /// `ferry verify` (the replicas): asks every replica what it holds and compares it with
     /// this primary's manifests of the generation it last committed; with `deep`, each replica
     /// re-hashes its store too, mending what it can when `repair` (see `replica/scrub.rs`).
@@ -930,7 +949,7 @@ impl Engine {
         timeout: Duration,
         window: &Arc<Window>,
     ) -> Vec<PeerOutcome> {
-        let Some(net) = &self.net else {
+        let (Some(net), Some(pool)) = (&self.net, &self.pool) else {
             return vec![];
         };
         let src: Arc<dyn ChunkSource + Send + Sync> = Arc::new(Frozen(window.clone()));
@@ -966,7 +985,7 @@ impl Engine {
                     cache: cache.clone(),
                 };
                 let drive = Drive {
-                    ep: net.endpoint().clone(),
+                    pool: pool.clone(),
                     board: self.board.clone(),
                     claim: claim.clone(),
                     params,
@@ -1027,6 +1046,7 @@ impl Engine {
             busy_pct: 0,
             duration_ms: s.took.as_millis() as u64,
             attempts: s.attempts,
+            connections: n(&s.total.connections),
             last_attempt_bytes: n(&s.last.bytes_sent),
             chunks_reused: n(&s.total.chunks_reused),
             chunks_held: n(&s.total.chunks_held),
@@ -1323,7 +1343,7 @@ fn remember(
 /// Drives one replica's shipment: connects and ships, and asks the [`Link`] what to do after
 /// each failure; publishes every attempt on the board.
 struct Drive {
-    ep: quinn::Endpoint,
+    pool: Arc<Pool>,
     board: Arc<Board>,
     claim: Claim,
     params: ChunkParams,
@@ -1357,11 +1377,10 @@ impl Drive {
                     stats: how.stats.clone(),
                 }
             });
-            let (session, hello) =
-                PrimarySession::new(&self.claim, self.params, g.clone(), known.clone());
+            let session =
+                || PrimarySession::new(&self.claim, self.params, g.clone(), known.clone());
             let deadline = tokio::time::Instant::from_std(link.deadline());
-            let r =
-                tokio::time::timeout_at(deadline, ship(&self.ep, addr, session, hello, &how)).await;
+            let r = tokio::time::timeout_at(deadline, ship(&self.pool, addr, session, &how)).await;
             total.add(&how.stats);
             let cause = match r {
                 Ok(Ok(acked)) => break (Ok(acked), how.stats),

@@ -13,6 +13,7 @@ use super::bucket::{Bucket, pace};
 use super::link::Cause;
 use crate::chunk::ChunkParams;
 use crate::manifest::Manifest;
+use crate::net::Pool;
 use crate::net::transport::{ConnectError, connect, read_frame, refused_by_tls, write_frame};
 use crate::wire::frame::{Frame, Refusal, encode_to};
 use crate::wire::primary::{
@@ -122,6 +123,8 @@ pub struct ShipStats {
     /// Chunks of the generation's new content the replica already held (not sent): what
     /// content addressing saved.
     pub chunks_held: AtomicU64,
+    /// Connections made: none when the session ran on the one kept from the last sync point.
+    pub connections: AtomicU64,
 }
 
 impl ShipStats {
@@ -138,6 +141,7 @@ impl ShipStats {
             (&self.done_bytes, &o.done_bytes),
             (&self.chunks_reused, &o.chunks_reused),
             (&self.chunks_held, &o.chunks_held),
+            (&self.connections, &o.connections),
         ] {
             a.fetch_add(b.load(Ordering::Relaxed), Ordering::Relaxed);
         }
@@ -161,38 +165,67 @@ pub struct Shipment {
     pub cache: Option<Arc<FrameCache>>,
 }
 
-/// Runs a session to completion against the replica at `addr`.
+/// Runs a session to completion against the replica at `addr`, on the connection kept to it
+/// (or a new one). `session` makes the session and its first frame: a kept connection that
+/// turns out dead before the replica answered anything (the replica restarted, the path
+/// changed) is replaced at once, and the session started over on the new one.
 pub async fn ship(
-    ep: &quinn::Endpoint,
+    pool: &Pool,
     addr: SocketAddr,
-    session: PrimarySession,
-    hello: Frame,
+    session: impl Fn() -> (PrimarySession, Frame),
     how: &Shipment,
 ) -> Result<Acked, Cause> {
-    let conn = reach(ep, addr).await?;
-    let r = run(&conn, session, hello, how).await;
-    let stats = &how.stats;
+    loop {
+        let lease = pool.lease(addr).await.map_err(unreachable)?;
+        if !lease.reused {
+            how.stats.connections.fetch_add(1, Ordering::Relaxed);
+        }
+        let before = lease.conn.stats();
+        let (s, hello) = session();
+        let mut answered = false;
+        let r = run(&lease.conn, s, hello, how, &mut answered).await;
+        count(&lease.conn, &before, &how.stats);
+        let stale = lease.reused && !answered && matches!(r, Err(Cause::Lost(_)));
+        match r {
+            Ok(acked) => {
+                lease.keep();
+                return Ok(acked);
+            }
+            Err(e) if stale => {
+                log::info!("{addr}: the kept connection is gone ({e}); connecting again");
+                drop(lease);
+            }
+            Err(Cause::Trust(m)) => {
+                return Err(Cause::Trust(format!(
+                    "{addr} refused this node's certificate ({m}): pin this node's fingerprint \
+                     (ferry id) in the replica's primaries"
+                )));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Adds what the connection sent since `before` to `stats`, and its RTT estimate.
+fn count(conn: &quinn::Connection, before: &quinn::ConnectionStats, stats: &ShipStats) {
     let c = conn.stats();
-    stats
-        .wire_bytes
-        .fetch_add(c.udp_tx.bytes, Ordering::Relaxed);
-    stats
-        .packets_sent
-        .fetch_add(c.path.sent_packets, Ordering::Relaxed);
-    stats
-        .packets_lost
-        .fetch_add(c.path.lost_packets, Ordering::Relaxed);
+    let add = |a: &AtomicU64, now: u64, then: u64| {
+        a.fetch_add(now.saturating_sub(then), Ordering::Relaxed);
+    };
+    add(&stats.wire_bytes, c.udp_tx.bytes, before.udp_tx.bytes);
+    add(
+        &stats.packets_sent,
+        c.path.sent_packets,
+        before.path.sent_packets,
+    );
+    add(
+        &stats.packets_lost,
+        c.path.lost_packets,
+        before.path.lost_packets,
+    );
     stats
         .rtt_us
         .store(conn.rtt().as_micros() as u64, Ordering::Relaxed);
-    conn.close(0u32.into(), b"done");
-    r.map_err(|e| match e {
-        Cause::Trust(m) => Cause::Trust(format!(
-            "{addr} refused this node's certificate ({m}): pin this node's fingerprint \
-             (ferry id) in the replica's primaries"
-        )),
-        e => e,
-    })
 }
 
 /// A lost connection; or a refusal by the TLS layer (the peer refused our certificate after
@@ -205,11 +238,14 @@ fn lost(e: anyhow::Error) -> Cause {
     }
 }
 
+/// One session on `conn`; `answered` is set once the replica sent a frame. A session that
+/// ends well finishes its control stream: the replica then waits for the next one.
 async fn run(
     conn: &quinn::Connection,
     session: PrimarySession,
     hello: Frame,
     how: &Shipment,
+    answered: &mut bool,
 ) -> Result<Acked, Cause> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(e.into()))?;
     write_frame(&mut send, &hello).await.map_err(lost)?;
@@ -219,6 +255,7 @@ async fn run(
             .await
             .map_err(lost)?
             .ok_or_else(|| lost(anyhow!("replica closed the session")))?;
+        *answered = true;
         crate::fault::point("sync.frame.recv").map_err(|e| lost(e.into()))?;
         let outs = session.lock().handle(f);
         for o in outs {
@@ -241,7 +278,10 @@ async fn run(
                         write_frame(&mut send, &c).await.map_err(lost)?;
                     }
                 }
-                Out::Done(Ok(acked)) => return Ok(acked),
+                Out::Done(Ok(acked)) => {
+                    send.finish().map_err(|e| lost(e.into()))?;
+                    return Ok(acked);
+                }
                 Out::Done(Err(e)) => return Err(e.into()),
             }
         }
@@ -380,12 +420,17 @@ async fn make_frames(jobs: Vec<Job>, how: &Shipment) -> Result<Vec<(Job, Made)>,
     Ok(out)
 }
 
-/// A connection to the peer at `addr`, or why there is none.
-async fn reach(ep: &quinn::Endpoint, addr: SocketAddr) -> Result<quinn::Connection, Cause> {
-    connect(ep, addr).await.map_err(|e| match e {
+/// Why there is no connection.
+fn unreachable(e: ConnectError) -> Cause {
+    match e {
         e @ ConnectError::Trust { .. } => Cause::Trust(e.to_string()),
         e => Cause::Unreachable(e.to_string()),
-    })
+    }
+}
+
+/// A new connection to the peer at `addr`, or why there is none.
+async fn reach(ep: &quinn::Endpoint, addr: SocketAddr) -> Result<quinn::Connection, Cause> {
+    connect(ep, addr).await.map_err(unreachable)
 }
 
 /// Checks that a peer answers (a full handshake, so its certificate too); its round-trip time.
