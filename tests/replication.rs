@@ -88,10 +88,11 @@ fn qemu_images_replicate_byte_identical_and_a_second_sync_ships_the_dirty_bytes(
 }
 
 /// A primary keeps one connection to each replica from one sync point to the next (its
-/// congestion controller keeps what it learnt of the path; no handshake per sync point), and
-/// a replica that restarted in between is reached again at once, not after a retry's wait.
+/// congestion controller keeps what it learnt of the path; no handshake per sync point); a
+/// replica that restarted in between is reached on a new one, and one that is gone is told
+/// unreachable as soon as without a kept connection, not after the connection's idle timeout.
 #[test]
-fn sync_points_share_one_connection_and_a_restarted_replica_is_reached_at_once() {
+fn sync_points_share_one_connection_and_a_replica_gone_meanwhile_is_noticed() {
     let mut p = Pair::new();
     fs::write(p.primary.path("a.img"), random(2 << 20, 1)).unwrap();
     let r = p.sync_ok();
@@ -110,17 +111,32 @@ fn sync_points_share_one_connection_and_a_restarted_replica_is_reached_at_once()
     let log = p.replica.log_text();
     assert_eq!(log.matches("connected from").count(), 1, "{log}");
 
-    // Killed: it tells nobody. The kept connection is dead, and the primary does not know
-    // it until the first frame of the next session meets the new daemon.
+    // Killed: it tells nobody. The new daemon resets the old connection (the primary's next
+    // packet on it meets a stateless reset), and the sync connects anew.
     p.replica.kill9();
     p.replica.start();
     f.write_all_at(&random(4096, 20), 1_000_000).unwrap();
     let t = Instant::now();
     let r = p.sync_ok();
-    assert_eq!(r["replicas"][0]["attempts"], 1, "{r}");
     assert_eq!(r["replicas"][0]["connections"], 1, "{r}");
     assert!(t.elapsed() < Duration::from_secs(10), "{r}");
     identical(&p, "a.img");
+    assert_eq!(p.replica.log_text().matches("connected from").count(), 2);
+
+    // Killed and not started again: the kept connection looks open until its idle timeout
+    // (30 s); the sync hears nothing on it, tries a new one and says the replica is
+    // unreachable after the grace for that (10 s), not after the idle timeout.
+    p.replica.kill9();
+    f.write_all_at(&random(4096, 21), 1_100_000).unwrap();
+    let t = Instant::now();
+    let (r, ok) = p.sync();
+    assert!(!ok, "{r}");
+    assert_eq!(r["replicas"][0]["cause"], "unreachable", "{r}");
+    assert!(
+        t.elapsed() < Duration::from_secs(25),
+        "{:?}: {r}",
+        t.elapsed()
+    );
 }
 
 #[test]
@@ -225,15 +241,13 @@ fn a_corrupted_chunk_is_caught_and_nothing_is_applied() {
     };
     let pool = ferry::net::Pool::new(ep);
     let attempt = |how: &Shipment| {
-        let session = || {
-            PrimarySession::new(
-                &Claim::first("test"),
-                params,
-                g.clone(),
-                PeerKnowledge::default(),
-            )
-        };
-        rt.block_on(ship(&pool, addr, session, how))
+        let (session, hello) = PrimarySession::new(
+            &Claim::first("test"),
+            params,
+            g.clone(),
+            PeerKnowledge::default(),
+        );
+        rt.block_on(ship(&pool, addr, session, hello, how))
     };
     match attempt(&how) {
         Err(Cause::Refused(r)) => {

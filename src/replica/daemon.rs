@@ -302,8 +302,11 @@ async fn serve(site: Arc<Site>, ep: quinn::Endpoint) -> Result<()> {
             }
         }
     }
+    // Closing tells every primary at once; draining a connection to a primary that cannot
+    // be reached (its site is down: the reason to promote) would take three backed-off probe
+    // timeouts, seconds, while this daemon holds the store's lock.
     ep.close(0u32.into(), b"replica stopping");
-    ep.wait_idle().await;
+    let _ = tokio::time::timeout(Duration::from_millis(500), ep.wait_idle()).await;
     Ok(())
 }
 

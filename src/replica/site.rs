@@ -50,7 +50,13 @@ pub fn read_promoted(root: &Path) -> Result<Promoted> {
     Ok(epoch::load(&p)?.unwrap_or_default())
 }
 
-/// Takes the store's lock, or says who holds it.
+/// How long [`lock`] waits for a holder to let go: a replica daemon told to stop (`umount`
+/// of its replica mount, `systemctl stop`) still closes its connections for a moment after
+/// the command that stopped it returned.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Takes the store's lock (waiting [`LOCK_WAIT`] at most for a stopping holder), or says who
+/// holds it.
 pub fn lock(root: &Path) -> Result<fs::File> {
     use std::os::unix::io::AsRawFd;
     let p = root.join(META_DIR).join(LOCK);
@@ -60,8 +66,13 @@ pub fn lock(root: &Path) -> Result<fs::File> {
         .write(true)
         .open(&p)
         .with_context(|| format!("cannot open {}", p.display()))?;
+    let t = std::time::Instant::now();
     // SAFETY: flock on a file descriptor we own.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    while unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        if t.elapsed() < LOCK_WAIT {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            continue;
+        }
         anyhow::bail!(
             "store {} is in use: a replica daemon (or a promotion) holds {}; stop it first \
              (systemctl stop ferry-replica, or umount its replica mount)",

@@ -1377,10 +1377,11 @@ impl Drive {
                     stats: how.stats.clone(),
                 }
             });
-            let session =
-                || PrimarySession::new(&self.claim, self.params, g.clone(), known.clone());
+            let (session, hello) =
+                PrimarySession::new(&self.claim, self.params, g.clone(), known.clone());
             let deadline = tokio::time::Instant::from_std(link.deadline());
-            let r = tokio::time::timeout_at(deadline, ship(&self.pool, addr, session, &how)).await;
+            let r = tokio::time::timeout_at(deadline, ship(&self.pool, addr, session, hello, &how))
+                .await;
             total.add(&how.stats);
             let cause = match r {
                 Ok(Ok(acked)) => break (Ok(acked), how.stats),

@@ -166,43 +166,31 @@ pub struct Shipment {
 }
 
 /// Runs a session to completion against the replica at `addr`, on the connection kept to it
-/// (or a new one). `session` makes the session and its first frame: a kept connection that
-/// turns out dead before the replica answered anything (the replica restarted, the path
-/// changed) is replaced at once, and the session started over on the new one.
+/// (or a new one).
 pub async fn ship(
     pool: &Pool,
     addr: SocketAddr,
-    session: impl Fn() -> (PrimarySession, Frame),
+    session: PrimarySession,
+    hello: Frame,
     how: &Shipment,
 ) -> Result<Acked, Cause> {
-    loop {
-        let lease = pool.lease(addr).await.map_err(unreachable)?;
-        if !lease.reused {
-            how.stats.connections.fetch_add(1, Ordering::Relaxed);
+    let lease = pool.lease(addr).await.map_err(unreachable)?;
+    if !lease.reused {
+        how.stats.connections.fetch_add(1, Ordering::Relaxed);
+    }
+    let before = lease.conn.stats();
+    let r = run(&lease.conn, lease.reused, session, hello, how).await;
+    count(&lease.conn, &before, &how.stats);
+    match r {
+        Ok(acked) => {
+            lease.keep();
+            Ok(acked)
         }
-        let before = lease.conn.stats();
-        let (s, hello) = session();
-        let mut answered = false;
-        let r = run(&lease.conn, s, hello, how, &mut answered).await;
-        count(&lease.conn, &before, &how.stats);
-        let stale = lease.reused && !answered && matches!(r, Err(Cause::Lost(_)));
-        match r {
-            Ok(acked) => {
-                lease.keep();
-                return Ok(acked);
-            }
-            Err(e) if stale => {
-                log::info!("{addr}: the kept connection is gone ({e}); connecting again");
-                drop(lease);
-            }
-            Err(Cause::Trust(m)) => {
-                return Err(Cause::Trust(format!(
-                    "{addr} refused this node's certificate ({m}): pin this node's fingerprint \
-                     (ferry id) in the replica's primaries"
-                )));
-            }
-            Err(e) => return Err(e),
-        }
+        Err(Cause::Trust(m)) => Err(Cause::Trust(format!(
+            "{addr} refused this node's certificate ({m}): pin this node's fingerprint (ferry \
+             id) in the replica's primaries"
+        ))),
+        Err(e) => Err(e),
     }
 }
 
@@ -238,24 +226,29 @@ fn lost(e: anyhow::Error) -> Cause {
     }
 }
 
-/// One session on `conn`; `answered` is set once the replica sent a frame. A session that
-/// ends well finishes its control stream: the replica then waits for the next one.
+/// One session on `conn` (`reused`: kept from an earlier one). A session that ends well
+/// finishes its control stream: the replica then waits for the next one.
 async fn run(
     conn: &quinn::Connection,
+    reused: bool,
     session: PrimarySession,
     hello: Frame,
     how: &Shipment,
-    answered: &mut bool,
 ) -> Result<Acked, Cause> {
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(e.into()))?;
+    let mut answered = false;
+    let (mut send, mut recv) = heard(conn, reused, async {
+        conn.open_bi().await.map_err(|e| lost(e.into()))
+    })
+    .await?;
     write_frame(&mut send, &hello).await.map_err(lost)?;
     let session: Session = Arc::new(parking_lot::Mutex::new(session));
     loop {
-        let f = read_frame(&mut recv)
-            .await
-            .map_err(lost)?
-            .ok_or_else(|| lost(anyhow!("replica closed the session")))?;
-        *answered = true;
+        let f = heard(conn, reused && !answered, async {
+            read_frame(&mut recv).await.map_err(lost)
+        })
+        .await?
+        .ok_or_else(|| lost(anyhow!("replica closed the session")))?;
+        answered = true;
         crate::fault::point("sync.frame.recv").map_err(|e| lost(e.into()))?;
         let outs = session.lock().handle(f);
         for o in outs {
@@ -285,6 +278,36 @@ async fn run(
                 Out::Done(Err(e)) => return Err(e.into()),
             }
         }
+    }
+}
+
+/// `step` (opening the session's control stream, waiting for the replica's first answer),
+/// and, when `check`ed (the connection was kept from an earlier session and the replica has
+/// not answered on it yet), whether the replica is there at all. One that went away without a
+/// word (its host lost power; its daemon killed and not started again) leaves the connection
+/// looking open until the idle timeout, 30 s: when nothing at all comes back from it within
+/// a moment, not even an acknowledgement or a keep-alive, the connection is taken for lost
+/// (the next attempt connects anew, and learns within seconds whether the replica is there). A replica
+/// that answers at the transport level is waited for: it may be busy making the last
+/// generation durable.
+async fn heard<T>(
+    conn: &quinn::Connection,
+    check: bool,
+    step: impl std::future::Future<Output = Result<T, Cause>>,
+) -> Result<T, Cause> {
+    if !check {
+        return step.await;
+    }
+    let before = conn.stats().udp_rx.datagrams;
+    let within = conn.rtt() * 3 + 2 * crate::net::tls::KEEP_ALIVE;
+    let mut step = std::pin::pin!(step);
+    match tokio::time::timeout(within, &mut step).await {
+        Ok(r) => r,
+        Err(_) if conn.stats().udp_rx.datagrams > before => step.await,
+        Err(_) => Err(Cause::Lost(format!(
+            "nothing came back on the kept connection within {} ms",
+            within.as_millis()
+        ))),
     }
 }
 
