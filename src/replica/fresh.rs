@@ -17,6 +17,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -27,7 +28,9 @@ use crate::wire::frame::Hash;
 /// One new image being staged.
 struct Image {
     path: String,
-    manifest: Manifest,
+    /// The root of the manifest it is staged for: it names that manifest (every entry's offset,
+    /// length and hash, and the size, are under it).
+    root: blake3::Hash,
     file: File,
     /// Per entry of the manifest: whether the file holds its bytes.
     written: Vec<bool>,
@@ -37,12 +40,23 @@ struct Image {
     held: (usize, u64),
 }
 
-/// The new images of the generation being received.
+/// A place of a data chunk in a new image.
+struct Place {
+    hash: Hash,
+    /// Index into [`Fresh::images`], and of the entry in its manifest.
+    image: u32,
+    entry: u32,
+    offset: u64,
+}
+
+/// The new images of the generation being received. What it holds per chunk of a new image:
+/// its place (48 bytes) and a flag; the manifests stay the session's (a 500 GiB image in 64 KiB
+/// chunks: about 400 MB while it is staged, freed at the commit).
 pub struct Fresh {
     dir: PathBuf,
     images: Vec<Image>,
-    /// Every place of a data chunk in the new images: (image, entry).
-    places: HashMap<Hash, Vec<(u32, u32)>>,
+    /// Every place of a data chunk in the new images, sorted by hash.
+    places: Vec<Place>,
     /// Chunks the generation also writes into images the store holds: these go to the
     /// journal too.
     elsewhere: HashSet<Hash>,
@@ -55,7 +69,7 @@ impl Fresh {
         Ok(Fresh {
             dir: dir.to_path_buf(),
             images: Vec::new(),
-            places: HashMap::new(),
+            places: Vec::new(),
             elsewhere: HashSet::new(),
         })
     }
@@ -76,7 +90,7 @@ impl Fresh {
     ) -> io::Result<()> {
         let mut before: HashMap<String, Image> =
             self.images.drain(..).map(|i| (i.path.clone(), i)).collect();
-        self.places.clear();
+        self.places = Vec::new();
         self.elsewhere.clear();
         // Most generations change only images the store holds: nothing to map then (this runs
         // at every sync point).
@@ -91,21 +105,30 @@ impl Fresh {
                 continue;
             }
             let image = match before.remove(path) {
-                Some(i) if i.manifest == *m => i,
+                Some(i) if i.root == m.root() => i,
                 _ => self.open(path, m)?,
             };
             let n = self.images.len() as u32;
-            for (k, e) in image.manifest.entries().iter().enumerate() {
+            for (k, e) in m.entries().iter().enumerate() {
                 if let Some(h) = e.hash() {
-                    self.places
-                        .entry(*h.as_bytes())
-                        .or_default()
-                        .push((n, k as u32));
+                    self.places.push(Place {
+                        hash: *h.as_bytes(),
+                        image: n,
+                        entry: k as u32,
+                        offset: e.offset,
+                    });
                 }
             }
             self.images.push(image);
         }
+        self.places.sort_unstable_by_key(|p| p.hash);
         Ok(())
+    }
+
+    /// The places of chunk `hash`: a run of [`Fresh::places`].
+    fn places_of(places: &[Place], hash: &Hash) -> Range<usize> {
+        let start = places.partition_point(|p| p.hash < *hash);
+        start..start + places[start..].partition_point(|p| p.hash == *hash)
     }
 
     /// Opens (or creates) the staged file of `path` for manifest `m`, counting as written the
@@ -135,7 +158,7 @@ impl Fresh {
         }
         Ok(Image {
             path: path.to_string(),
-            manifest: m.clone(),
+            root: m.root(),
             file,
             written,
             unflushed: 0,
@@ -146,33 +169,33 @@ impl Fresh {
     /// Whether chunk `hash` is staged here and needed nowhere else: at every place it has in
     /// the new images, and wanted by no image the store holds.
     pub fn holds(&self, hash: &Hash) -> bool {
+        let places = &self.places[Fresh::places_of(&self.places, hash)];
         !self.elsewhere.contains(hash)
-            && self.places.get(hash).is_some_and(|places| {
-                places
-                    .iter()
-                    .all(|&(i, k)| self.images[i as usize].written[k as usize])
-            })
+            && !places.is_empty()
+            && places
+                .iter()
+                .all(|p| self.images[p.image as usize].written[p.entry as usize])
     }
 
     /// Writes a verified chunk at every place it has in the new images. True when the journal
     /// must stage it too (needed elsewhere, or by no new image).
     pub fn write(&mut self, hash: &Hash, data: &[u8]) -> io::Result<bool> {
-        let Some(places) = self.places.get(hash) else {
+        let run = Fresh::places_of(&self.places, hash);
+        if run.is_empty() {
             return Ok(true);
-        };
-        for &(i, k) in places {
-            let image = &mut self.images[i as usize];
-            if image.written[k as usize] {
+        }
+        let len = data.len() as u64;
+        for p in &self.places[run] {
+            let image = &mut self.images[p.image as usize];
+            if image.written[p.entry as usize] {
                 continue;
             }
-            let e = image.manifest.entries()[k as usize];
-            debug_assert_eq!(e.len, data.len() as u64);
-            image.file.write_all_at(data, e.offset)?;
-            image.written[k as usize] = true;
-            image.held = (image.held.0 + 1, image.held.1 + e.len);
+            image.file.write_all_at(data, p.offset)?;
+            image.written[p.entry as usize] = true;
+            image.held = (image.held.0 + 1, image.held.1 + len);
             // The disk works while the data still arrives: the commit's fsync waits for the
             // last few MiB, not for the whole image (as the journal's `Writeback` does).
-            image.unflushed += e.len;
+            image.unflushed += len;
             if image.unflushed >= crate::durable::WRITEBACK_STEP {
                 crate::durable::start_writeback(&image.file, 0, 0);
                 image.unflushed = 0;
@@ -185,7 +208,7 @@ impl Fresh {
     pub fn stages(&self, path: &str, m: &Manifest) -> bool {
         self.images
             .iter()
-            .any(|i| i.path == path && i.manifest == *m)
+            .any(|i| i.path == path && i.root == m.root())
     }
 
     /// Completes the staged file of `path` (staged for `m`: see [`Fresh::stages`]): the
@@ -194,14 +217,15 @@ impl Fresh {
     pub fn complete(
         &mut self,
         path: &str,
+        m: &Manifest,
         fill: &mut dyn FnMut(&Hash) -> anyhow::Result<Vec<u8>>,
     ) -> anyhow::Result<()> {
         let image = self
             .images
             .iter_mut()
-            .find(|i| i.path == path)
+            .find(|i| i.path == path && i.root == m.root())
             .expect("complete() follows stages()");
-        for (k, e) in image.manifest.entries().iter().enumerate() {
+        for (k, e) in m.entries().iter().enumerate() {
             match e.kind {
                 Kind::Data(h) if !image.written[k] => {
                     let data = fill(h.as_bytes())?;
@@ -213,7 +237,7 @@ impl Fresh {
                 Kind::Zero => punch(&image.file, e)?,
             }
         }
-        image.file.set_len(image.manifest.size())?;
+        image.file.set_len(m.size())?;
         image.file.sync_all()?;
         crate::durable::fsync_dir(&self.dir)?;
         Ok(())
@@ -229,8 +253,8 @@ impl Fresh {
     /// Forgets every staged image (their files are removed with the staging).
     pub fn clear(&mut self) {
         self.images.clear();
-        self.places.clear();
-        self.elsewhere.clear();
+        self.places = Vec::new();
+        self.elsewhere = HashSet::new();
     }
 }
 

@@ -1320,7 +1320,7 @@ impl Store {
                     patches: &self.patches,
                     index: &self.index,
                 };
-                self.fresh.complete(path, &mut |h| src.bytes(h))?;
+                self.fresh.complete(path, m, &mut |h| src.bytes(h))?;
                 fresh.push(path.clone());
                 continue;
             }
