@@ -42,10 +42,6 @@ impl Pool {
         }
     }
 
-    pub fn endpoint(&self) -> &quinn::Endpoint {
-        &self.ep
-    }
-
     /// The open connection to `addr`, or a new one.
     pub async fn lease(&self, addr: SocketAddr) -> Result<Lease<'_>, ConnectError> {
         let open = self.open.lock().get(&addr).cloned();
