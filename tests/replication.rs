@@ -110,6 +110,8 @@ fn sync_points_share_one_connection_and_a_replica_gone_meanwhile_is_noticed() {
     }
     let log = p.replica.log_text();
     assert_eq!(log.matches("connected from").count(), 1, "{log}");
+    let st = p.primary.status();
+    assert_eq!(st["sync"]["replicas"][0]["connected"], true, "{st}");
 
     // Killed: it tells nobody. The new daemon resets the old connection (the primary's next
     // packet on it meets a stateless reset), and the sync connects anew.
@@ -137,6 +139,8 @@ fn sync_points_share_one_connection_and_a_replica_gone_meanwhile_is_noticed() {
         "{:?}: {r}",
         t.elapsed()
     );
+    let st = p.primary.status();
+    assert_eq!(st["sync"]["replicas"][0]["connected"], false, "{st}");
 }
 
 #[test]

@@ -64,6 +64,14 @@ impl Pool {
         })
     }
 
+    /// Whether a connection to `addr` is open now (kept from the last session, or serving one).
+    pub fn is_open(&self, addr: SocketAddr) -> bool {
+        self.open
+            .lock()
+            .get(&addr)
+            .is_some_and(|c| c.close_reason().is_none())
+    }
+
     /// Closes every kept connection (the primary stops).
     pub fn close_all(&self) {
         for (_, c) in self.open.lock().drain() {

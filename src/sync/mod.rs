@@ -1212,6 +1212,15 @@ impl Engine {
     /// Status for `ferry status`: a copy of the board, never waiting for a sync.
     pub fn status(&self) -> Value {
         let mut v = self.board.json();
+        if let (Some(pool), Some(replicas)) = (&self.pool, v["replicas"].as_array_mut()) {
+            for r in replicas {
+                let open = r["addr"]
+                    .as_str()
+                    .and_then(|a| a.parse().ok())
+                    .is_some_and(|a| pool.is_open(a));
+                r["connected"] = open.into();
+            }
+        }
         v["outside"] = serde_json::to_value(self.outside.findings()).unwrap_or_default();
         v["outside_watch"] = self.outside.watching().into();
         v["udp_buffer_capped"] = crate::net::transport::capped_buffer().into();
