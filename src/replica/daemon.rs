@@ -588,40 +588,37 @@ async fn session(
         })
     };
 
-    if let Some(hello) = first
-        && !tokio::task::block_in_place(|| handle(Checked::unchecked(hello), &tx))
-    {
-        data.abort();
-        let _ = data.await;
-        drop(tx);
-        let _ = writer.await;
-        return Ok(Ended::Closed);
-    }
-    let ended = loop {
-        tokio::select! {
-            r = read_frame(&mut recv) => match r {
-                Ok(Some(Frame::Scrub { repair })) if session.lock().is_ready() => {
-                    let _ = tx.send(scrub(store.clone(), repair, &fp).await).await;
-                }
-                Ok(Some(f)) => {
-                    if matches!(f, Frame::Begin { .. }) {
-                        busy.take_pct();
+    let welcomed = first
+        .is_none_or(|hello| tokio::task::block_in_place(|| handle(Checked::unchecked(hello), &tx)));
+    let ended = if !welcomed {
+        Ok(Ended::Closed)
+    } else {
+        loop {
+            tokio::select! {
+                r = read_frame(&mut recv) => match r {
+                    Ok(Some(Frame::Scrub { repair })) if session.lock().is_ready() => {
+                        let _ = tx.send(scrub(store.clone(), repair, &fp).await).await;
                     }
-                    if !tokio::task::block_in_place(|| handle(Checked::unchecked(f), &tx)) {
-                        break Ok(Ended::Closed);
+                    Ok(Some(f)) => {
+                        if matches!(f, Frame::Begin { .. }) {
+                            busy.take_pct();
+                        }
+                        if !tokio::task::block_in_place(|| handle(Checked::unchecked(f), &tx)) {
+                            break Ok(Ended::Closed);
+                        }
                     }
-                }
-                // The primary is done with this session (it finishes the stream only after
-                // an acknowledgement); one that stopped midway left the session open, and is
-                // not given another on this connection.
-                Ok(None) if session.lock().is_ready() => break Ok(Ended::Finished),
-                Ok(None) => break Ok(Ended::Closed),
-                Err(e) => {
-                    refuse(&tx, format!("bad control frame: {e:#}"));
-                    break Err(e);
-                }
-            },
-            _ = closed.notified() => break Ok(Ended::Closed),
+                    // The primary is done with this session (it finishes the stream only after
+                    // an acknowledgement); one that stopped midway left the session open, and is
+                    // not given another on this connection.
+                    Ok(None) if session.lock().is_ready() => break Ok(Ended::Finished),
+                    Ok(None) => break Ok(Ended::Closed),
+                    Err(e) => {
+                        refuse(&tx, format!("bad control frame: {e:#}"));
+                        break Err(e);
+                    }
+                },
+                _ = closed.notified() => break Ok(Ended::Closed),
+            }
         }
     };
     // The next session's data streams are accepted by its own reader: this one is gone

@@ -287,9 +287,9 @@ async fn run(
 /// word (its host lost power; its daemon killed and not started again) leaves the connection
 /// looking open until the idle timeout, 30 s: when nothing at all comes back from it within
 /// a moment, not even an acknowledgement or a keep-alive, the connection is taken for lost
-/// (the next attempt connects anew, and learns within seconds whether the replica is there). A replica
-/// that answers at the transport level is waited for: it may be busy making the last
-/// generation durable.
+/// (the next attempt connects anew, and learns within seconds whether the replica is there).
+/// A replica that answers at the transport level is waited for: it may be busy making the
+/// last generation durable.
 async fn heard<T>(
     conn: &quinn::Connection,
     check: bool,
