@@ -97,6 +97,7 @@ fn sync_points_share_one_connection_and_a_replica_gone_meanwhile_is_noticed() {
     fs::write(p.primary.path("a.img"), random(2 << 20, 1)).unwrap();
     let r = p.sync_ok();
     assert_eq!(r["replicas"][0]["connections"], 1, "{r}");
+    assert_eq!(r["replicas"][0]["planned_ahead"], 0, "{r}");
     let f = OpenOptions::new()
         .write(true)
         .open(p.primary.path("a.img"))
@@ -106,6 +107,8 @@ fn sync_points_share_one_connection_and_a_replica_gone_meanwhile_is_noticed() {
         let r = p.sync_ok();
         assert_eq!(r["replicas"][0]["connections"], 0, "sync {i}: {r}");
         assert_eq!(r["replicas"][0]["attempts"], 1, "sync {i}: {r}");
+        // Planned on what the last acknowledgement said, sent with the Hello.
+        assert_eq!(r["replicas"][0]["planned_ahead"], 1, "sync {i}: {r}");
         identical(&p, "a.img");
     }
     let log = p.replica.log_text();
@@ -121,6 +124,7 @@ fn sync_points_share_one_connection_and_a_replica_gone_meanwhile_is_noticed() {
     let t = Instant::now();
     let r = p.sync_ok();
     assert_eq!(r["replicas"][0]["connections"], 1, "{r}");
+    assert_eq!(r["replicas"][0]["planned_ahead"], 0, "{r}");
     assert!(t.elapsed() < Duration::from_secs(10), "{r}");
     identical(&p, "a.img");
     assert_eq!(p.replica.log_text().matches("connected from").count(), 2);

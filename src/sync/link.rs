@@ -80,6 +80,8 @@ impl From<Ended> for Cause {
         match e {
             Ended::Refused(r) => Cause::Refused(r),
             Ended::Broken(s) => Cause::Broken(s),
+            // The next attempt connects anew and plans on the replica's answer.
+            Ended::Stale(s) => Cause::Lost(s),
         }
     }
 }

@@ -140,6 +140,9 @@ pub struct PeerOutcome {
     pub attempts: u32,
     /// Connections made to it: 0 when the sync ran on the connection kept from the last one.
     pub connections: u64,
+    /// Sessions planned before the replica's first answer, on the state the last sync left it
+    /// in (on a kept connection): one round trip less each.
+    pub planned_ahead: u64,
     /// Payload bytes of the last attempt alone.
     pub last_attempt_bytes: u64,
     /// Data frames (chunks and patches) taken from those made for another replica of the
@@ -1047,6 +1050,7 @@ impl Engine {
             duration_ms: s.took.as_millis() as u64,
             attempts: s.attempts,
             connections: n(&s.total.connections),
+            planned_ahead: n(&s.total.planned_ahead),
             last_attempt_bytes: n(&s.last.bytes_sent),
             chunks_reused: n(&s.total.chunks_reused),
             chunks_held: n(&s.total.chunks_held),

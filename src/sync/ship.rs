@@ -14,6 +14,7 @@ use super::link::Cause;
 use crate::chunk::ChunkParams;
 use crate::manifest::Manifest;
 use crate::net::Pool;
+use crate::net::pool::Lease;
 use crate::net::transport::{ConnectError, connect, read_frame, refused_by_tls, write_frame};
 use crate::wire::frame::{Frame, Refusal, encode_to};
 use crate::wire::primary::{
@@ -125,6 +126,9 @@ pub struct ShipStats {
     pub chunks_held: AtomicU64,
     /// Connections made: none when the session ran on the one kept from the last sync point.
     pub connections: AtomicU64,
+    /// Sessions planned ahead of the replica's `Welcome`, on the state the last session on the
+    /// same connection left it in, that were acknowledged: one round trip less each.
+    pub planned_ahead: AtomicU64,
 }
 
 impl ShipStats {
@@ -142,6 +146,7 @@ impl ShipStats {
             (&self.chunks_reused, &o.chunks_reused),
             (&self.chunks_held, &o.chunks_held),
             (&self.connections, &o.connections),
+            (&self.planned_ahead, &o.planned_ahead),
         ] {
             a.fetch_add(b.load(Ordering::Relaxed), Ordering::Relaxed);
         }
@@ -179,11 +184,14 @@ pub async fn ship(
         how.stats.connections.fetch_add(1, Ordering::Relaxed);
     }
     let before = lease.conn.stats();
-    let r = run(&lease.conn, lease.reused, session, hello, how).await;
+    let r = run(&lease, session, hello, how).await;
     count(&lease.conn, &before, &how.stats);
     match r {
         Ok(acked) => {
-            lease.keep();
+            if lease.last.is_some() {
+                how.stats.planned_ahead.fetch_add(1, Ordering::Relaxed);
+            }
+            lease.keep(&acked);
             Ok(acked)
         }
         Err(Cause::Trust(m)) => Err(Cause::Trust(format!(
@@ -226,21 +234,28 @@ fn lost(e: anyhow::Error) -> Cause {
     }
 }
 
-/// One session on `conn` (`reused`: kept from an earlier one). A session that ends well
-/// finishes its control stream: the replica then waits for the next one.
+/// One session on the leased connection. On a kept one, the session is planned on the state
+/// the last session left the replica in and sent with the `Hello` (the replica's `Welcome`
+/// then only confirms it). A session that ends well finishes its control stream: the replica
+/// then waits for the next one.
 async fn run(
-    conn: &quinn::Connection,
-    reused: bool,
-    session: PrimarySession,
+    lease: &Lease<'_>,
+    mut session: PrimarySession,
     hello: Frame,
     how: &Shipment,
 ) -> Result<Acked, Cause> {
+    let (conn, reused) = (&lease.conn, lease.reused);
     let mut answered = false;
     let (mut send, mut recv) = heard(conn, reused, async {
         conn.open_bi().await.map_err(|e| lost(e.into()))
     })
     .await?;
     write_frame(&mut send, &hello).await.map_err(lost)?;
+    if let Some(last) = &lease.last {
+        for f in session.plan_ahead(last) {
+            write_frame(&mut send, &f).await.map_err(lost)?;
+        }
+    }
     let session: Session = Arc::new(parking_lot::Mutex::new(session));
     loop {
         let f = heard(conn, reused && !answered, async {

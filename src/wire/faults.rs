@@ -163,7 +163,7 @@ fn attempt(
                     Out::Done(Err(e)) => {
                         let why = match e {
                             Ended::Refused(r) => format!("refused ({:?}): {}", r.code, r.reason),
-                            Ended::Broken(s) => s,
+                            Ended::Broken(s) | Ended::Stale(s) => s,
                         };
                         return (End::Failed(why), resent);
                     }

@@ -130,6 +130,10 @@ pub enum Ended {
     /// The replica broke the protocol's rules (a bug or a version mismatch on its side).
     #[error("{0}")]
     Broken(String),
+    /// The session was planned ahead of the replica's `Welcome` ([`PrimarySession::plan_ahead`])
+    /// on a state the replica no longer holds: a new session, planned on its `Welcome`, is needed.
+    #[error("{0}")]
+    Stale(String),
 }
 
 /// A successful acknowledgement.
@@ -228,6 +232,10 @@ pub struct PrimarySession {
     commit_sent: bool,
     /// Images whose base was found by reconciliation (their dirty ranges are unknown).
     pub reconciled: Vec<String>,
+    /// Planned ahead: the `Welcome` the plan assumed, until the replica's own confirms it, and
+    /// what the plan led to beyond frames to send (held back until then).
+    ahead: Option<Frame>,
+    held_back: Vec<Out>,
 }
 
 impl PrimarySession {
@@ -259,6 +267,8 @@ impl PrimarySession {
             locations: HashMap::new(),
             commit_sent: false,
             reconciled: Vec::new(),
+            ahead: None,
+            held_back: Vec::new(),
         };
         (s, hello)
     }
@@ -302,10 +312,39 @@ impl PrimarySession {
         &self.bases
     }
 
+    /// Plans on the state the replica acknowledged at the end of the last session on this
+    /// connection (`last`), without waiting for its `Welcome`: returns the frames to send right
+    /// after the `Hello`, which saves a round trip per sync point on a kept connection. The
+    /// replica's `Welcome` must then report exactly that state, or the session ends as
+    /// [`Ended::Stale`] (the replica refuses such a plan anyway: its `Begin` names the base
+    /// generation, and each `Plan` the image's base root). Only this primary writes its
+    /// namespace, so the state changes between its sessions only by a promotion elsewhere,
+    /// which fences this primary at its `Hello`.
+    pub fn plan_ahead(&mut self, last: &Acked) -> Vec<Frame> {
+        let welcome = Frame::Welcome {
+            version: VERSION,
+            epoch: self.epoch,
+            generation: last.generation,
+            group_root: last.group_root,
+            images: last.images.clone(),
+        };
+        let outs = self.handle(welcome.clone());
+        self.ahead = Some(welcome);
+        let mut frames = Vec::new();
+        for o in outs {
+            match o {
+                Out::Send(f) => frames.push(f),
+                o => self.held_back.push(o),
+            }
+        }
+        frames
+    }
+
     /// Handles one frame from the replica.
     pub fn handle(&mut self, f: Frame) -> Vec<Out> {
         let r = match f {
             Frame::Refuse { code, reason } => Err(Ended::Refused(Refusal { code, reason })),
+            f if self.ahead.is_some() => self.confirm(f),
             f => self.step(f).map_err(Ended::Broken),
         };
         match r {
@@ -314,6 +353,25 @@ impl PrimarySession {
                 self.phase = Phase::Done;
                 vec![Out::Done(Err(e))]
             }
+        }
+    }
+
+    /// The replica's first answer to a session planned ahead: its `Welcome`, which must be the
+    /// one the plan assumed.
+    fn confirm(&mut self, f: Frame) -> Result<Vec<Out>, Ended> {
+        let assumed = self.ahead.take().expect("planned ahead");
+        match f {
+            Frame::Welcome { .. } if f == assumed => Ok(std::mem::take(&mut self.held_back)),
+            Frame::Welcome { generation, .. } => Err(Ended::Stale(format!(
+                "the replica's state changed since the last sync on this connection (it holds \
+                 generation {generation}, and the plan was made for generation {}): planning \
+                 again on its answer",
+                self.peer_generation
+            ))),
+            other => Err(Ended::Broken(format!(
+                "unexpected {} from the replica before its Welcome",
+                super::replica::frame_name(&other)
+            ))),
         }
     }
 

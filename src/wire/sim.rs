@@ -52,6 +52,19 @@ fn ship_from(
     known: PeerKnowledge,
     store: &mut MemStore,
 ) -> Run {
+    ship_ahead(src, manifests, number, known, store, None)
+}
+
+/// [`ship_from`], planned ahead of the replica's `Welcome` on `last` when given (a session on
+/// a kept connection): the plan follows the `Hello` at once.
+fn ship_ahead(
+    src: &dyn ChunkSource,
+    manifests: &BTreeMap<String, Arc<Manifest>>,
+    number: u64,
+    known: PeerKnowledge,
+    store: &mut MemStore,
+    last: Option<&primary::Acked>,
+) -> Run {
     let g = Arc::new(Generation {
         number,
         group_root: primary::group_root(manifests),
@@ -60,6 +73,9 @@ fn ship_from(
     let (mut p, hello) = PrimarySession::new(&Claim::first("test"), params(), g, known);
     let mut r = ReplicaSession::default();
     let mut to_replica = vec![hello];
+    if let Some(last) = last {
+        to_replica.extend(p.plan_ahead(last));
+    }
     let (mut data_bytes, mut patches) = (0, 0);
     let (mut sent, mut answered) = (Vec::new(), Vec::new());
     for _ in 0..10_000 {
@@ -144,6 +160,80 @@ fn a_first_sync_then_a_patch_sync() {
     assert_same(&images, &store);
     assert!(run.patches >= 1);
     assert!(run.data_bytes <= 110, "sent {}", run.data_bytes);
+}
+
+/// A session planned ahead of the replica's `Welcome` (on the state the last acknowledgement
+/// on a kept connection reported) commits as one planned on the `Welcome` does, its plan sent
+/// with the `Hello`. Planned on a state the replica no longer holds, it ends as stale (the
+/// transport connects anew and plans on the answer), and the replica commits nothing of it.
+#[test]
+fn a_session_planned_ahead_commits_and_a_stale_plan_commits_nothing() {
+    let mut store = MemStore::default();
+    let mut images = BTreeMap::from([("a".to_string(), random(200_000, 4))]);
+    let ms1 = manifests(&images);
+    let first = ship(&images, &ms1, 1, PeerKnowledge::default(), &mut store);
+    let acked1 = first.result.unwrap();
+    let change = |images: &mut BTreeMap<String, Vec<u8>>,
+                  base: &BTreeMap<String, Arc<Manifest>>,
+                  generation: u64,
+                  at: usize| {
+        let img = images.get_mut("a").unwrap();
+        img[at..at + 100].fill(generation as u8);
+        let written = at as u64..at as u64 + 100;
+        let (new, _) = rechunk(&base["a"], &img.clone(), std::slice::from_ref(&written)).unwrap();
+        let mut dirty = RangeSet::new();
+        dirty.insert(written);
+        let known = PeerKnowledge {
+            generation: generation - 1,
+            manifests: base.clone(),
+            dirty: BTreeMap::from([("a".to_string(), dirty)]),
+        };
+        (BTreeMap::from([("a".to_string(), Arc::new(new))]), known)
+    };
+    let (ms2, known) = change(&mut images, &ms1, 2, 50_000);
+    let src = Src(images.clone());
+    let run = ship_ahead(&src, &ms2, 2, known, &mut store, Some(&acked1));
+    let acked2 = run.result.unwrap();
+    assert_eq!(acked2.generation, 2);
+    assert_same(&images, &store);
+    assert!(
+        run.patches >= 1 && run.data_bytes <= 110,
+        "sent {}",
+        run.data_bytes
+    );
+    // The replica got the plan right behind the Hello, before any answer: Hello, Begin, Plan.
+    let mut at = 0;
+    let mut first_frames = Vec::new();
+    while at < run.sent.len() && first_frames.len() < 3 {
+        let n = u32::from_le_bytes(run.sent[at..at + 4].try_into().unwrap()) as usize;
+        first_frames.push(replica::frame_name(
+            &frame::decode(&run.sent[at + 4..at + 4 + n]).unwrap(),
+        ));
+        at += 4 + n;
+    }
+    assert_eq!(first_frames, ["Hello", "Begin", "Plan"]);
+
+    // Planned on generation 1 while the replica holds 2: stale, and nothing is committed.
+    let before = store.images["a"].0.clone();
+    let (ms3, known) = change(&mut images, &ms1, 2, 120_000);
+    let run = ship_ahead(
+        &Src(images.clone()),
+        &ms3,
+        3,
+        known,
+        &mut store,
+        Some(&acked1),
+    );
+    assert!(
+        matches!(&run.result, Err(primary::Ended::Stale(m)) if m.contains("generation 2")),
+        "{:?}",
+        run.result
+    );
+    assert_eq!((store.generation, store.group_root), (2, acked2.group_root));
+    assert!(
+        store.images["a"].0 == before,
+        "the replica kept generation 2"
+    );
 }
 
 /// The seeds of the two session fuzz targets: the frames the replica got in a first sync and
