@@ -476,6 +476,11 @@ fn verify_deep_names_a_flipped_byte_in_an_image_and_a_kept_chunk_and_repair_mend
         .collect();
     assert_eq!(states, ["resync", "repaired"], "{v}");
     assert!(damage(&v["replicas"][0]).is_empty(), "{v}");
+    // The repair changed the replica's image behind the primary's kept connection: the sync
+    // that brings the chunk was planned on the last acknowledgement, found stale at the
+    // replica's Welcome, and went through on a new connection.
+    let log = p.primary.log_text();
+    assert!(log.contains("planning again on its answer"), "{log}");
     assert!(verify(&p, &["--deep"]).1);
     assert_eq!(fs::read(p.replica_path("a.img")).unwrap(), new);
     let restore_point = p
