@@ -221,8 +221,11 @@ pub struct PrimarySession {
     peer_images: BTreeMap<String, ImageState>,
     recon: BTreeMap<String, Recon>,
     wanted: Vec<Hash>,
-    /// Distinct chunks the plan offered (new content of this generation for this replica).
-    offered: usize,
+    /// Distinct chunks the plan offered (new content of this generation for this replica), in
+    /// the plan's order.
+    offered: Vec<Hash>,
+    /// Of those, the ones sent ahead of the replica's wants ([`PrimarySession::early_jobs`]).
+    early: HashSet<Hash>,
     /// Of those, the ones the replica already held (stored or staged): not sent.
     held: u64,
     jobs: VecDeque<Job>,
@@ -261,7 +264,8 @@ impl PrimarySession {
             peer_images: BTreeMap::new(),
             recon: BTreeMap::new(),
             wanted: Vec::new(),
-            offered: 0,
+            offered: Vec::new(),
+            early: HashSet::new(),
             held: 0,
             jobs: VecDeque::new(),
             locations: HashMap::new(),
@@ -716,7 +720,8 @@ impl PrimarySession {
             .iter()
             .filter(|(p, m)| self.bases[*p].root() != m.root())
             .count() as u32;
-        let offered: HashSet<&Hash> = plans
+        let mut seen = HashSet::new();
+        self.offered = plans
             .iter()
             .filter_map(|f| match f {
                 Frame::Plan { splices, .. } => Some(splices),
@@ -725,11 +730,11 @@ impl PrimarySession {
             .flatten()
             .flat_map(|s| &s.entries)
             .filter_map(|e| match e {
-                WireEntry::Data { hash, .. } => Some(hash),
+                WireEntry::Data { hash, .. } => Some(*hash),
                 WireEntry::Zero { .. } => None,
             })
+            .filter(|h| seen.insert(*h))
             .collect();
-        self.offered = offered.len();
         let mut out = vec![Out::Send(Frame::Begin {
             generation: self.number,
             base_generation: self.peer_generation,
@@ -743,18 +748,33 @@ impl PrimarySession {
     }
 
     /// Turns the wanted hashes into jobs: a patch where the replica's base of the chunk's span
-    /// is known and few of its bytes changed, else the whole chunk.
+    /// is known and few of its bytes changed, else the whole chunk. Chunks sent ahead of the
+    /// wants are not sent again.
     fn make_jobs(&mut self) -> Result<(), String> {
-        // Where each wanted chunk is: only images planned to this replica can hold one, and
-        // only wanted hashes are kept (a session used to index every chunk of every image).
-        let wanted: HashSet<&Hash> = self.wanted.iter().collect();
+        let wanted = std::mem::take(&mut self.wanted);
+        self.locate(&wanted);
+        self.held += self.offered.len().saturating_sub(wanted.len()) as u64;
+        for hash in wanted {
+            if !self.early.contains(&hash) {
+                let job = self.job(hash)?;
+                self.jobs.push_back(job);
+            }
+        }
+        Ok(())
+    }
+
+    /// Where each of `hashes` is in the generation: only images planned to this replica can
+    /// hold one, and only these hashes are kept (a session used to index every chunk of every
+    /// image).
+    fn locate(&mut self, hashes: &[Hash]) {
+        let hashes: HashSet<&Hash> = hashes.iter().collect();
         for (path, m) in &self.generation.images {
             if self.bases.get(path).is_some_and(|b| b.root() == m.root()) {
                 continue;
             }
             for e in m.entries() {
                 if let Some(h) = e.hash()
-                    && wanted.contains(h.as_bytes())
+                    && hashes.contains(h.as_bytes())
                 {
                     self.locations
                         .entry(*h.as_bytes())
@@ -762,25 +782,48 @@ impl PrimarySession {
                 }
             }
         }
-        let wanted = std::mem::take(&mut self.wanted);
-        self.held += self.offered.saturating_sub(wanted.len()) as u64;
-        for hash in wanted {
-            let (path, offset, len) = self
-                .locations
-                .get(&hash)
-                .cloned()
-                .ok_or("replica wants a chunk that is not in the generation")?;
-            let job = self
-                .patch_for(&path, offset, len, hash)
-                .unwrap_or(Job::Chunk {
-                    hash,
-                    path,
-                    offset,
-                    len,
-                });
-            self.jobs.push_back(job);
+    }
+
+    fn job(&self, hash: Hash) -> Result<Job, String> {
+        let (path, offset, len) = self
+            .locations
+            .get(&hash)
+            .cloned()
+            .ok_or("replica wants a chunk that is not in the generation")?;
+        Ok(self
+            .patch_for(&path, offset, len, hash)
+            .unwrap_or(Job::Chunk {
+                hash,
+                path,
+                offset,
+                len,
+            }))
+    }
+
+    /// The first chunks of a plan made ahead ([`PrimarySession::plan_ahead`]), up to `budget`
+    /// bytes of image, as jobs to send right behind the plan, before the replica's wants come
+    /// back: over a long path the link would otherwise idle for that round trip. They go on the
+    /// control stream, so the replica reads them after the plan, when it knows what it wants:
+    /// it stages those and counts any other as a duplicate (one it held already elsewhere).
+    /// The wants that come back then ask again only for what was not sent.
+    pub fn early_jobs(&mut self, budget: u64) -> Vec<Job> {
+        if !matches!(self.phase, Phase::Wants) || self.ahead.is_none() {
+            return Vec::new();
         }
-        Ok(())
+        let offered = self.offered.clone();
+        self.locate(&offered);
+        let mut jobs = Vec::new();
+        let mut bytes = 0;
+        for hash in offered {
+            if bytes >= budget {
+                break;
+            }
+            let Ok(job) = self.job(hash) else { continue };
+            bytes += job.bytes();
+            self.early.insert(hash);
+            jobs.push(job);
+        }
+        jobs
     }
 
     fn patch_for(&self, path: &str, offset: u64, len: u64, hash: Hash) -> Option<Job> {

@@ -31,6 +31,8 @@ struct Run {
     data_bytes: u64,
     patches: u64,
     reconciled: Vec<String>,
+    /// Frames the replica got before the primary had any answer from it.
+    first_round: usize,
 }
 
 /// Ships `images` as generation `number` to `store`, with what the primary believes it holds.
@@ -55,15 +57,33 @@ fn ship_from(
     ship_ahead(src, manifests, number, known, store, None)
 }
 
+/// Sends `jobs`' frames, counting their bytes and patches.
+fn made(
+    jobs: Vec<primary::Job>,
+    src: &dyn ChunkSource,
+    bytes: &mut u64,
+    patches: &mut u64,
+) -> Vec<Frame> {
+    jobs.iter()
+        .map(|job| {
+            let (f, n) = primary::make_frame(job, src).unwrap();
+            *bytes += n;
+            *patches += matches!(f, Frame::Patch { .. }) as u64;
+            f
+        })
+        .collect()
+}
+
 /// [`ship_from`], planned ahead of the replica's `Welcome` on `last` when given (a session on
-/// a kept connection): the plan follows the `Hello` at once.
+/// a kept connection): the plan follows the `Hello` at once, and behind it up to `budget`
+/// bytes of its chunks, before the wants.
 fn ship_ahead(
     src: &dyn ChunkSource,
     manifests: &BTreeMap<String, Arc<Manifest>>,
     number: u64,
     known: PeerKnowledge,
     store: &mut MemStore,
-    last: Option<&primary::Acked>,
+    last: Option<(&primary::Acked, u64)>,
 ) -> Run {
     let g = Arc::new(Generation {
         number,
@@ -73,11 +93,14 @@ fn ship_ahead(
     let (mut p, hello) = PrimarySession::new(&Claim::first("test"), params(), g, known);
     let mut r = ReplicaSession::default();
     let mut to_replica = vec![hello];
-    if let Some(last) = last {
-        to_replica.extend(p.plan_ahead(last));
-    }
     let (mut data_bytes, mut patches) = (0, 0);
+    if let Some((last, budget)) = last {
+        to_replica.extend(p.plan_ahead(last));
+        let early = p.early_jobs(budget);
+        to_replica.extend(made(early, src, &mut data_bytes, &mut patches));
+    }
     let (mut sent, mut answered) = (Vec::new(), Vec::new());
+    let first_round = to_replica.len();
     for _ in 0..10_000 {
         let mut to_primary = Vec::new();
         for f in to_replica.drain(..) {
@@ -90,12 +113,8 @@ fn ship_ahead(
                 match o {
                     Out::Send(f) => to_replica.push(f),
                     Out::Jobs => {
-                        while let Some(job) = p.next_job() {
-                            let (f, n) = primary::make_frame(&job, src).unwrap();
-                            data_bytes += n;
-                            patches += matches!(f, Frame::Patch { .. }) as u64;
-                            to_replica.push(f);
-                        }
+                        let jobs = std::iter::from_fn(|| p.next_job()).collect();
+                        to_replica.extend(made(jobs, src, &mut data_bytes, &mut patches));
                         to_replica.extend(p.data_sent());
                     }
                     Out::Done(result) => {
@@ -106,6 +125,7 @@ fn ship_ahead(
                             data_bytes,
                             patches,
                             reconciled: p.reconciled.clone(),
+                            first_round,
                         };
                     }
                 }
@@ -163,9 +183,11 @@ fn a_first_sync_then_a_patch_sync() {
 }
 
 /// A session planned ahead of the replica's `Welcome` (on the state the last acknowledgement
-/// on a kept connection reported) commits as one planned on the `Welcome` does, its plan sent
-/// with the `Hello`. Planned on a state the replica no longer holds, it ends as stale (the
-/// transport connects anew and plans on the answer), and the replica commits nothing of it.
+/// on a kept connection reported) commits as one planned on the `Welcome` does: its plan sent
+/// with the `Hello`, and behind it the chunks a round trip of the path carries, before the
+/// wants; what the wants ask for beyond those follows, and nothing is sent twice. Planned on
+/// a state the replica no longer holds, it ends as stale (the transport connects anew and
+/// plans on the answer), and the replica commits nothing of it.
 #[test]
 fn a_session_planned_ahead_commits_and_a_stale_plan_commits_nothing() {
     let mut store = MemStore::default();
@@ -176,13 +198,16 @@ fn a_session_planned_ahead_commits_and_a_stale_plan_commits_nothing() {
     let change = |images: &mut BTreeMap<String, Vec<u8>>,
                   base: &BTreeMap<String, Arc<Manifest>>,
                   generation: u64,
-                  at: usize| {
+                  at: &[usize]| {
         let img = images.get_mut("a").unwrap();
-        img[at..at + 100].fill(generation as u8);
-        let written = at as u64..at as u64 + 100;
-        let (new, _) = rechunk(&base["a"], &img.clone(), std::slice::from_ref(&written)).unwrap();
         let mut dirty = RangeSet::new();
-        dirty.insert(written);
+        let mut written = Vec::new();
+        for &at in at {
+            img[at..at + 100].fill(generation as u8);
+            written.push(at as u64..at as u64 + 100);
+            dirty.insert(at as u64..at as u64 + 100);
+        }
+        let (new, _) = rechunk(&base["a"], &img.clone(), &written).unwrap();
         let known = PeerKnowledge {
             generation: generation - 1,
             manifests: base.clone(),
@@ -190,49 +215,73 @@ fn a_session_planned_ahead_commits_and_a_stale_plan_commits_nothing() {
         };
         (BTreeMap::from([("a".to_string(), Arc::new(new))]), known)
     };
-    let (ms2, known) = change(&mut images, &ms1, 2, 50_000);
-    let src = Src(images.clone());
-    let run = ship_ahead(&src, &ms2, 2, known, &mut store, Some(&acked1));
+    let names = |sent: &[u8], n: usize| {
+        let (mut at, mut out) = (0, Vec::new());
+        while at < sent.len() && out.len() < n {
+            let len = u32::from_le_bytes(sent[at..at + 4].try_into().unwrap()) as usize;
+            out.push(replica::frame_name(
+                &frame::decode(&sent[at + 4..at + 4 + len]).unwrap(),
+            ));
+            at += 4 + len;
+        }
+        out
+    };
+
+    // Everything fits in a round trip: the patch follows the plan, before any answer.
+    let (ms2, known) = change(&mut images, &ms1, 2, &[50_000]);
+    let run = ship_ahead(
+        &Src(images.clone()),
+        &ms2,
+        2,
+        known,
+        &mut store,
+        Some((&acked1, u64::MAX)),
+    );
     let acked2 = run.result.unwrap();
     assert_eq!(acked2.generation, 2);
     assert_same(&images, &store);
-    assert!(
-        run.patches >= 1 && run.data_bytes <= 110,
-        "sent {}",
-        run.data_bytes
-    );
-    // The replica got the plan right behind the Hello, before any answer: Hello, Begin, Plan.
-    let mut at = 0;
-    let mut first_frames = Vec::new();
-    while at < run.sent.len() && first_frames.len() < 3 {
-        let n = u32::from_le_bytes(run.sent[at..at + 4].try_into().unwrap()) as usize;
-        first_frames.push(replica::frame_name(
-            &frame::decode(&run.sent[at + 4..at + 4 + n]).unwrap(),
-        ));
-        at += 4 + n;
-    }
-    assert_eq!(first_frames, ["Hello", "Begin", "Plan"]);
+    assert_eq!(run.patches, 1);
+    assert!(run.data_bytes <= 110, "sent {}", run.data_bytes);
+    assert_eq!(names(&run.sent, 4), ["Hello", "Begin", "Plan", "Patch"]);
+    assert_eq!(run.first_round, 4, "the patch went before the wants");
 
-    // Planned on generation 1 while the replica holds 2: stale, and nothing is committed.
-    let before = store.images["a"].0.clone();
-    let (ms3, known) = change(&mut images, &ms1, 2, 120_000);
+    // Two chunks change, one fits ahead of the wants: the other follows them, each sent once.
+    let (ms3, known) = change(&mut images, &ms2, 3, &[20_000, 150_000]);
     let run = ship_ahead(
         &Src(images.clone()),
         &ms3,
         3,
         known,
         &mut store,
-        Some(&acked1),
+        Some((&acked2, 1)),
+    );
+    let acked3 = run.result.unwrap();
+    assert_same(&images, &store);
+    assert_eq!(run.patches, 2, "each chunk sent once");
+    assert!(run.data_bytes <= 220, "sent {}", run.data_bytes);
+    assert_eq!(names(&run.sent, 4), ["Hello", "Begin", "Plan", "Patch"]);
+    assert_eq!(run.first_round, 4, "one patch went before the wants");
+
+    // Planned on generation 2 while the replica holds 3: stale, and nothing is committed.
+    let before = store.images["a"].0.clone();
+    let (ms4, known) = change(&mut images, &ms2, 3, &[120_000]);
+    let run = ship_ahead(
+        &Src(images.clone()),
+        &ms4,
+        4,
+        known,
+        &mut store,
+        Some((&acked2, u64::MAX)),
     );
     assert!(
-        matches!(&run.result, Err(primary::Ended::Stale(m)) if m.contains("generation 2")),
+        matches!(&run.result, Err(primary::Ended::Stale(m)) if m.contains("generation 3")),
         "{:?}",
         run.result
     );
-    assert_eq!((store.generation, store.group_root), (2, acked2.group_root));
+    assert_eq!((store.generation, store.group_root), (3, acked3.group_root));
     assert!(
         store.images["a"].0 == before,
-        "the replica kept generation 2"
+        "the replica kept generation 3"
     );
 }
 
