@@ -588,6 +588,7 @@ async fn session(
         })
     };
 
+    let max_chunk = store.lock().params().max_size as usize;
     let welcomed = first
         .is_none_or(|hello| tokio::task::block_in_place(|| handle(Checked::unchecked(hello), &tx)));
     let ended = if !welcomed {
@@ -603,7 +604,12 @@ async fn session(
                         if matches!(f, Frame::Begin { .. }) {
                             busy.take_pct();
                         }
-                        if !tokio::task::block_in_place(|| handle(Checked::unchecked(f), &tx)) {
+                        // Data frames come here too, behind a plan sent ahead of the wants:
+                        // checked off the session's lock, as on a data stream.
+                        let go_on = tokio::task::block_in_place(|| {
+                            handle(check(&store, max_chunk, f), &tx)
+                        });
+                        if !go_on {
                             break Ok(Ended::Closed);
                         }
                     }
