@@ -252,21 +252,31 @@ async fn run(
     .await?;
     write_frame(&mut send, &hello).await.map_err(lost)?;
     if let Some(last) = &lease.last {
-        for f in session.plan_ahead(last) {
-            write_frame(&mut send, &f).await.map_err(lost)?;
-        }
-        // What the path carries in a round trip goes right behind the plan, so the link does
-        // not idle while the replica's wants come back.
-        let early = session.early_jobs(conn.stats().path.cwnd.min(EARLY_MAX));
-        if !early.is_empty() {
-            let planned: u64 = early.iter().map(Job::bytes).sum();
-            how.stats
-                .planned_bytes
-                .fetch_add(planned, Ordering::Relaxed);
-            send_batch(&mut send, early, how).await?;
+        // Written before the replica's first answer: watched for a replica gone silent, and a
+        // stream it stopped (it refused the Hello, or its store is full) yields its reason.
+        let ahead = heard(conn, reused, async {
+            for f in session.plan_ahead(last) {
+                write_frame(&mut send, &f).await.map_err(lost)?;
+            }
+            // What the path carries in a round trip goes right behind the plan, so the link
+            // does not idle while the replica's wants come back.
+            let early = session.early_jobs(conn.stats().path.cwnd.min(EARLY_MAX));
+            if !early.is_empty() {
+                let planned: u64 = early.iter().map(Job::bytes).sum();
+                how.stats
+                    .planned_bytes
+                    .fetch_add(planned, Ordering::Relaxed);
+                send_batch(&mut send, early, how).await?;
+            }
+            Ok(())
+        })
+        .await;
+        if let Err(e) = ahead {
+            return Err(refusal_behind(&mut recv, e).await);
         }
     }
     let session: Session = Arc::new(parking_lot::Mutex::new(session));
+    let mut held_counted = 0;
     loop {
         let f = heard(conn, reused && !answered, async {
             read_frame(&mut recv).await.map_err(lost)
@@ -287,7 +297,11 @@ async fn run(
                     how.stats
                         .planned_bytes
                         .fetch_add(planned, Ordering::Relaxed);
-                    how.stats.chunks_held.fetch_add(held, Ordering::Relaxed);
+                    // Counted once (a NeedFull brings more jobs, not more held chunks).
+                    how.stats
+                        .chunks_held
+                        .fetch_add(held - held_counted, Ordering::Relaxed);
+                    held_counted = held;
                     // Nothing left when everything wanted went ahead of the wants.
                     if planned > 0
                         && let Err(e) = send_data(conn, &session, how).await

@@ -160,6 +160,8 @@ fn attempt(
                         }
                     }
                     Out::Done(Ok(a)) => return (End::Acked(a), resent),
+                    // A stale plan is worth another attempt, as `sync::link` takes it.
+                    Out::Done(Err(Ended::Stale(_))) => return (End::Lost, resent),
                     Out::Done(Err(e)) => {
                         let why = match e {
                             Ended::Refused(r) => format!("refused ({:?}): {}", r.code, r.reason),

@@ -366,12 +366,19 @@ impl PrimarySession {
         let assumed = self.ahead.take().expect("planned ahead");
         match f {
             Frame::Welcome { .. } if f == assumed => Ok(std::mem::take(&mut self.held_back)),
-            Frame::Welcome { generation, .. } => Err(Ended::Stale(format!(
-                "the replica's state changed since the last sync on this connection (it holds \
-                 generation {generation}, and the plan was made for generation {}): planning \
-                 again on its answer",
-                self.peer_generation
-            ))),
+            Frame::Welcome { generation, .. } => {
+                let Frame::Welcome {
+                    generation: was, ..
+                } = assumed
+                else {
+                    unreachable!("a Welcome is assumed")
+                };
+                Err(Ended::Stale(format!(
+                    "the replica's state changed since the last sync on this connection (it \
+                     holds generation {generation}, the plan was made for its generation {was} \
+                     as acknowledged then): planning again on its answer"
+                )))
+            }
             other => Err(Ended::Broken(format!(
                 "unexpected {} from the replica before its Welcome",
                 super::replica::frame_name(&other)
@@ -763,11 +770,17 @@ impl PrimarySession {
         Ok(())
     }
 
-    /// Where each of `hashes` is in the generation: only images planned to this replica can
-    /// hold one, and only these hashes are kept (a session used to index every chunk of every
-    /// image).
+    /// Where each of `hashes` not located yet is in the generation: only images planned to
+    /// this replica can hold one, and only these hashes are kept (a session used to index every
+    /// chunk of every image).
     fn locate(&mut self, hashes: &[Hash]) {
-        let hashes: HashSet<&Hash> = hashes.iter().collect();
+        let hashes: HashSet<&Hash> = hashes
+            .iter()
+            .filter(|h| !self.locations.contains_key(*h))
+            .collect();
+        if hashes.is_empty() {
+            return;
+        }
         for (path, m) in &self.generation.images {
             if self.bases.get(path).is_some_and(|b| b.root() == m.root()) {
                 continue;
