@@ -20,8 +20,17 @@ fuzz_target!(|data: &[u8]| {
     for h in &held {
         let patch = log.get(h).unwrap().expect("listed");
         assert_eq!(&patch.hash, h);
-        assert!(patch.ranges.iter().all(|(at, b)| *at as usize + b.len() <= patch.len as usize));
+        assert!(
+            patch
+                .ranges
+                .iter()
+                .all(|(at, b)| *at as usize + b.len() <= patch.len as usize)
+        );
     }
     drop(log);
-    assert_eq!(open().unwrap().len(), held.len(), "a second open keeps the same records");
+    assert_eq!(
+        open().unwrap().len(),
+        held.len(),
+        "a second open keeps the same records"
+    );
 });
