@@ -818,7 +818,8 @@ impl PrimarySession {
     /// back: over a long path the link would otherwise idle for that round trip. They go on the
     /// control stream, so the replica reads them after the plan, when it knows what it wants:
     /// it stages those and counts any other as a duplicate (one it held already elsewhere).
-    /// The wants that come back then ask again only for what was not sent.
+    /// The wants that come back then ask again only for what was not sent. Only chunks of
+    /// images the replica holds a version of go ahead: a new image is often a copy.
     pub fn early_jobs(&mut self, budget: u64) -> Vec<Job> {
         if !matches!(self.phase, Phase::Wants) || self.ahead.is_none() {
             return Vec::new();
@@ -830,6 +831,14 @@ impl PrimarySession {
         for hash in offered {
             if bytes >= budget {
                 break;
+            }
+            // Not for an image new to the replica: a copy of another image (a VM cloned from a
+            // template) is all chunks it holds already, which its wants leave out.
+            let new_image = self.locations.get(&hash).is_none_or(|(path, ..)| {
+                self.bases.get(path).is_none_or(|b| b.entries().is_empty())
+            });
+            if new_image {
+                continue;
             }
             let Ok(job) = self.job(hash) else { continue };
             bytes += job.bytes();

@@ -262,26 +262,48 @@ fn a_session_planned_ahead_commits_and_a_stale_plan_commits_nothing() {
     assert_eq!(names(&run.sent, 4), ["Hello", "Begin", "Plan", "Patch"]);
     assert_eq!(run.first_round, 4, "one patch went before the wants");
 
-    // Planned on generation 2 while the replica holds 3: stale, and nothing is committed.
+    // A new image, a copy of the other: nothing goes ahead (the replica holds every chunk of
+    // it already, and its wants are empty), and nothing is sent.
+    let mut copied = images.clone();
+    copied.insert("b".to_string(), images["a"].clone());
+    let ms_copy = manifests(&copied);
+    let known = PeerKnowledge {
+        generation: 3,
+        manifests: ms3.clone(),
+        dirty: BTreeMap::new(),
+    };
+    let run = ship_ahead(
+        &Src(copied.clone()),
+        &ms_copy,
+        4,
+        known,
+        &mut store,
+        Some((&acked3, u64::MAX)),
+    );
+    let acked4 = run.result.unwrap();
+    assert_same(&copied, &store);
+    assert_eq!((run.data_bytes, run.first_round), (0, 3), "nothing ahead");
+
+    // Planned on generation 2 while the replica holds 4: stale, and nothing is committed.
     let before = store.images["a"].0.clone();
-    let (ms4, known) = change(&mut images, &ms2, 3, &[120_000]);
+    let (ms5, known) = change(&mut images, &ms2, 3, &[120_000]);
     let run = ship_ahead(
         &Src(images.clone()),
-        &ms4,
-        4,
+        &ms5,
+        5,
         known,
         &mut store,
         Some((&acked2, u64::MAX)),
     );
     assert!(
-        matches!(&run.result, Err(primary::Ended::Stale(m)) if m.contains("generation 3")),
+        matches!(&run.result, Err(primary::Ended::Stale(m)) if m.contains("generation 4")),
         "{:?}",
         run.result
     );
-    assert_eq!((store.generation, store.group_root), (3, acked3.group_root));
+    assert_eq!((store.generation, store.group_root), (4, acked4.group_root));
     assert!(
         store.images["a"].0 == before,
-        "the replica kept generation 3"
+        "the replica kept generation 4"
     );
 }
 
