@@ -526,6 +526,7 @@ async fn session(
 
     // Data streams: every frame goes to the same session. Once it is closed, they are
     // stopped, so the primary stops sending and reads the refusal.
+    let max_chunk = store.lock().params().max_size as usize;
     let data = {
         let conn = conn.clone();
         let tx = tx.clone();
@@ -533,7 +534,6 @@ async fn session(
         let refuse = refuse.clone();
         let store = store.clone();
         let busy = busy.clone();
-        let max_chunk = store.lock().params().max_size as usize;
         tokio::spawn(async move {
             while let Ok(uni) = conn.accept_uni().await {
                 let tx = tx.clone();
@@ -588,7 +588,6 @@ async fn session(
         })
     };
 
-    let max_chunk = store.lock().params().max_size as usize;
     let welcomed = first
         .is_none_or(|hello| tokio::task::block_in_place(|| handle(Checked::unchecked(hello), &tx)));
     let ended = if !welcomed {

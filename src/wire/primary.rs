@@ -322,8 +322,9 @@ impl PrimarySession {
     /// replica's `Welcome` must then report exactly that state, or the session ends as
     /// [`Ended::Stale`] (the replica refuses such a plan anyway: its `Begin` names the base
     /// generation, and each `Plan` the image's base root). Only this primary writes its
-    /// namespace, so the state changes between its sessions only by a promotion elsewhere,
-    /// which fences this primary at its `Hello`.
+    /// namespace, so between its sessions the state changes only by a deep repair on the
+    /// replica (caught here) or a promotion elsewhere (which fences this primary at its
+    /// `Hello`).
     pub fn plan_ahead(&mut self, last: &Acked) -> Vec<Frame> {
         let welcome = Frame::Welcome {
             version: VERSION,
@@ -824,11 +825,11 @@ impl PrimarySession {
         if !matches!(self.phase, Phase::Wants) || self.ahead.is_none() {
             return Vec::new();
         }
-        let offered = self.offered.clone();
+        let offered = std::mem::take(&mut self.offered);
         self.locate(&offered);
         let mut jobs = Vec::new();
         let mut bytes = 0;
-        for hash in offered {
+        for &hash in &offered {
             if bytes >= budget {
                 break;
             }
@@ -845,6 +846,7 @@ impl PrimarySession {
             self.early.insert(hash);
             jobs.push(job);
         }
+        self.offered = offered;
         jobs
     }
 
