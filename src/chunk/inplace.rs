@@ -33,16 +33,16 @@
 use std::io;
 use std::ops::Range;
 
-use fastcdc::v2020::{self, Normalization};
 use rayon::prelude::*;
 
+use super::gear::{Fires, Rule, WINDOW, position};
 use super::pieces;
 use super::scan::ScanStats;
-use super::{ChunkParams, Source, ZERO_BLOCK, align_down, is_zero};
+use super::{Source, ZERO_BLOCK, align_down, is_zero};
 use crate::manifest::{Kind, Manifest};
 
 /// How far a change reaches forward in FastCDC's decisions (the gear hash's memory, rounded up).
-const REACH: u64 = 64;
+const REACH: u64 = WINDOW;
 
 /// The dirty runs of one stale data chunk.
 struct Candidate {
@@ -93,10 +93,10 @@ pub(super) fn rehash_in_place(
         i = j;
     }
 
-    let cut = CutRule::new(stale.params());
+    let rule = Rule::new(stale.params());
     let results: Vec<io::Result<Rehashed>> = candidates
         .par_iter()
-        .map(|c| rehash(stale, src, &cut, c, runs))
+        .map(|c| rehash(stale, src, &rule, c, runs))
         .collect();
     let mut rehashed = Vec::with_capacity(candidates.len());
     let mut stats = ScanStats::default();
@@ -104,6 +104,7 @@ pub(super) fn rehash_in_place(
         let r = r?;
         stats.bytes_read += r.read;
         stats.bytes_hashed += r.hashed;
+        stats.bytes_cut += r.cut;
         match r.id {
             Some(h) => rehashed.push((c.index, h)),
             None => rest.extend_from_slice(&runs[c.runs.clone()]),
@@ -133,15 +134,34 @@ struct Rehashed {
     id: Option<blake3::Hash>,
     read: u64,
     hashed: u64,
+    cut: u64,
 }
 
 /// Checks that the chunk's runs move no cut and hashes its new bytes: only the pieces the runs
 /// reach when the old bytes' piece values are cached (see `pieces.rs`), else the whole chunk.
-/// `id` is `None` when the runs may move a cut.
+/// `id` is `None` when the runs may move a cut. The rule is tested at the positions the runs
+/// reach through the free hash's hits there (`gear.rs`), which, with the old bytes' fires
+/// cached, also give the new bytes' fires.
 fn rehash(
     stale: &Manifest,
     src: &dyn Source,
-    cut: &CutRule,
+    rule: &Rule,
+    c: &Candidate,
+    runs: &[Range<u64>],
+) -> io::Result<Rehashed> {
+    // A buffer per thread, never cleared: only the bytes read into it are looked at.
+    thread_local!(static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) });
+    let mut buf = BUF.take();
+    let r = rehash_into(&mut buf, stale, src, rule, c, runs);
+    BUF.set(buf);
+    r
+}
+
+fn rehash_into(
+    buf: &mut Vec<u8>,
+    stale: &Manifest,
+    src: &dyn Source,
+    rule: &Rule,
     c: &Candidate,
     runs: &[Range<u64>],
 ) -> io::Result<Rehashed> {
@@ -151,7 +171,7 @@ fn rehash(
     let local = |x: u64| (x - e.offset) as usize;
     let cached = match e.kind {
         Kind::Data(old) if len > pieces::PIECE => {
-            pieces::get(&old).filter(|v| v.len() == pieces::count(len))
+            pieces::get(&old).filter(|k| k.values.len() == pieces::count(len))
         }
         _ => None,
     };
@@ -171,50 +191,79 @@ fn rehash(
         None => reach.push(0..pieces::count(len)),
     }
     let bytes = |p: &Range<usize>| p.start * pieces::PIECE..(p.end * pieces::PIECE).min(len);
-    let mut buf = vec![0u8; len];
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    let buf = &mut buf[..len];
     let mut read = 0;
     for p in &reach {
         let b = bytes(p);
         read += b.len() as u64;
         src.read_at(&mut buf[b.clone()], e.offset + b.start as u64)?;
     }
-    let refused = Rehashed {
+    let mut done = Rehashed {
         id: None,
         read,
         hashed: 0,
+        cut: 0,
     };
+    // The hits at the positions each run reaches, `[start, end + REACH)` (within the chunk).
+    let (min, edge) = (rule.min, rule.min + WINDOW);
+    let mut hits = Vec::new();
+    let mut reached = Vec::with_capacity(runs.len());
     for r in runs {
-        if !blocks_keep_a_nonzero_byte(&buf, e.offset, r) {
-            return Ok(refused);
+        if !blocks_keep_a_nonzero_byte(buf, e.offset, r) {
+            return Ok(done);
         }
-        let to = (r.end + REACH).min(e.end());
-        if cut.fires_in(&buf, local(r.start), local(to)) {
-            return Ok(refused);
+        let (from, to) = (local(r.start), local((r.end + REACH).min(e.end())));
+        if (from as u64) < edge && to as u64 > min {
+            // Near `min_size` the crate's hash, started there, is not yet the free one.
+            done.cut += to.min(edge as usize) as u64 - min;
+            if rule
+                .first_from_min(buf, from as u64, (to as u64).min(edge))
+                .is_some()
+            {
+                return Ok(done);
+            }
         }
+        let from = from.max(WINDOW as usize);
+        let first = hits.len();
+        done.cut += rule.scan(buf, from, to, 0, &mut hits, true);
+        let fires = |&h: &u32| position(h) >= edge && rule.fires(h, position(h));
+        if hits[first..].iter().any(fires) {
+            return Ok(done);
+        }
+        reached.push(from as u64..to as u64);
     }
     if len <= pieces::PIECE {
-        return Ok(Rehashed {
-            id: Some(blake3::hash(&buf)),
-            read,
-            hashed: len as u64,
-        });
+        done.id = Some(blake3::hash(buf));
+        done.hashed = len as u64;
+        return Ok(done);
     }
-    let mut values = cached.map_or_else(|| vec![[0; 32]; pieces::count(len)], |v| v.to_vec());
-    let mut hashed = 0;
+    // The new bytes' fires: the old ones where the runs did not reach, the new hits where they did.
+    let fires = cached.as_ref().and_then(|k| k.fires.as_ref()).map(|old| {
+        let untouched = |&&h: &&u32| !reached.iter().any(|r| r.contains(&position(h)));
+        let mut all: Vec<u32> = old.hits.iter().filter(untouched).copied().collect();
+        all.extend(hits.iter().filter(|&&h| position(h) >= u64::from(old.from)));
+        all.sort_unstable();
+        Fires {
+            from: old.from,
+            hits: all.into(),
+        }
+    });
+    let mut values =
+        cached.map_or_else(|| vec![[0; 32]; pieces::count(len)], |k| k.values.to_vec());
     for p in &reach {
         for i in p.clone() {
             let b = &buf[bytes(&(i..i + 1))];
             values[i] = pieces::value(i, b);
-            hashed += b.len() as u64;
+            done.hashed += b.len() as u64;
         }
     }
     let id = pieces::root(&values, len);
-    pieces::put(id, values);
-    Ok(Rehashed {
-        id: Some(id),
-        read,
-        hashed,
-    })
+    pieces::put(id, values, fires);
+    done.id = Some(id);
+    Ok(done)
 }
 
 /// True when every aligned block that `r` touches holds a non-zero byte inside `r`. `buf` holds
@@ -231,139 +280,55 @@ fn blocks_keep_a_nonzero_byte(buf: &[u8], base: u64, r: &Range<u64>) -> bool {
     true
 }
 
-/// FastCDC 2020's cut rule (normalisation level 1) position by position, as
-/// `fastcdc::v2020::cut` applies it: from `min_size` on, the gear hash of the bytes so far is
-/// tested at every position `j` (the chunk would end before `j`), with the strict mask below
-/// `avg_size` and the loose one from there.
-pub(super) struct CutRule {
-    gear: &'static [u64; 256],
-    mask_s: u64,
-    mask_l: u64,
-    min: usize,
-    avg: usize,
-}
-
-impl CutRule {
-    pub(super) fn new(p: ChunkParams) -> CutRule {
-        let (mask_s, mask_l) = v2020::select_masks(p.avg_size as usize, Normalization::Level1);
-        let gear = match v2020::get_gear_with_seed(0).0 {
-            std::borrow::Cow::Borrowed(g) => g.try_into().expect("a gear table has 256 entries"),
-            std::borrow::Cow::Owned(_) => unreachable!("seed 0 borrows the static table"),
-        };
-        CutRule {
-            gear,
-            mask_s,
-            mask_l,
-            min: p.min_size as usize,
-            avg: p.avg_size as usize,
-        }
-    }
-
-    /// True when the rule fires at some position in `[from, to)` of the chunk whose bytes start
-    /// at `chunk[0]`. Exact for positions at least three bytes before the chunk's window ends
-    /// (there the window cannot make the strict mask end earlier than `avg_size`).
-    pub(super) fn fires_in(&self, chunk: &[u8], from: usize, to: usize) -> bool {
-        let from = from.max(self.min);
-        if from >= to {
-            return false;
-        }
-        // The hash starts at `min_size`; from further on, 64 bytes rebuild it exactly.
-        let mut hash = 0u64;
-        for &b in &chunk[from.saturating_sub(REACH as usize).max(self.min)..from] {
-            hash = (hash << 1).wrapping_add(self.gear[b as usize]);
-        }
-        for (j, &b) in chunk.iter().enumerate().take(to).skip(from) {
-            hash = (hash << 1).wrapping_add(self.gear[b as usize]);
-            let mask = if j < self.avg {
-                self.mask_s
-            } else {
-                self.mask_l
-            };
-            if hash & mask == 0 {
-                return true;
-            }
-        }
-        false
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chunk::ChunkParams;
     use crate::testutil::random;
-
-    fn cut_of(p: ChunkParams, chunk: &[u8]) -> usize {
-        let (mask_s, mask_l) = v2020::select_masks(p.avg_size as usize, Normalization::Level1);
-        v2020::cut(
-            chunk,
-            p.min_size as usize,
-            p.avg_size as usize,
-            p.max_size as usize,
-            mask_s,
-            mask_l,
-            mask_s << 1,
-            mask_l << 1,
-        )
-        .1
-    }
 
     /// A chunk re-hashed in place leaves the cache with its new bytes' values, not the old (the
     /// re-chunk forgets every chunk it replaced).
     #[test]
     fn a_chunk_rehashed_in_place_forgets_its_old_pieces() {
         let p = ChunkParams::default();
-        let mut img = random(1 << 20, 5);
+        let mut img = random(4 << 20, 5);
         let (stale, _) = super::super::chunk_full(&img, p).unwrap();
-        let e = *stale
+        // A chunk of several pieces with a hit where the write will land (the hit must go).
+        let edge = (p.min_size as u64 + WINDOW) as u32;
+        let (e, hit) = stale
             .entries()
             .iter()
-            .find(|e| e.offset > 0 && e.len > 40_000)
-            .expect("a chunk of several pieces");
+            .filter(|e| e.offset > 0 && e.len > 40_000)
+            .find_map(|e| {
+                let fires = pieces::get(&e.hash()?)?.fires.clone()?;
+                let h = fires.between(edge.into(), e.len - 8_000).first().copied()?;
+                Some((*e, position(h)))
+            })
+            .expect("a chunk of several pieces with a hit in its middle");
         let old = e.hash().unwrap();
-        assert!(pieces::get(&old).is_some());
-        let at = (e.offset + 20_000) as usize;
+        let at = (e.offset + hit - 100) as usize;
         img[at..at + 4096].fill(0x5A);
         let written = at as u64..at as u64 + 4096;
-        let (m, _) = super::super::rechunk(&stale, &img, std::slice::from_ref(&written)).unwrap();
-        let new = m.entries()[m.index_at(e.offset).unwrap()].hash().unwrap();
+        let (m, stats) =
+            super::super::rechunk(&stale, &img, std::slice::from_ref(&written)).unwrap();
+        let i = m.index_at(e.offset).unwrap();
+        assert_eq!(
+            (m.entries()[i].offset, m.entries()[i].len),
+            (e.offset, e.len)
+        );
+        assert!(stats.bytes_cut < 8_192, "re-hashed in place: {stats:?}");
+        let new = m.entries()[i].hash().unwrap();
         assert_ne!(new, old);
         assert!(pieces::get(&old).is_none() && pieces::get(&new).is_some());
-    }
-
-    /// The restated rule agrees with the crate's cut: no position before a cut fires, the cut's
-    /// own position does (unless the window forced it), from any starting position.
-    #[test]
-    fn the_rule_finds_exactly_the_crates_cuts() {
-        for p in [
-            ChunkParams::default(),
-            ChunkParams {
-                min_size: 256,
-                avg_size: 1024,
-                max_size: 4096,
-                zero_min: 4096,
-            },
-        ] {
-            let rule = CutRule::new(p);
-            let data = random(4 << 20, 7);
-            let mut pos = 0;
-            let mut fired = 0;
-            while pos < data.len() {
-                let window = &data[pos..(pos + p.max_size as usize).min(data.len())];
-                let len = cut_of(p, window);
-                for from in [0, len / 3, len.saturating_sub(70), len.saturating_sub(3)] {
-                    assert!(
-                        !rule.fires_in(window, from, len),
-                        "before the cut at {pos}+{len}"
-                    );
-                }
-                if len < window.len() {
-                    assert!(rule.fires_in(window, len.saturating_sub(10), len + 1));
-                    assert!(rule.fires_in(window, len, len + 1));
-                    fired += 1;
-                }
-                pos += len;
-            }
-            assert!(fired > 40, "{fired} cuts by the rule");
-        }
+        // Its fires are those of its new bytes, as a scan of them finds.
+        let fires = pieces::get(&new)
+            .unwrap()
+            .fires
+            .clone()
+            .expect("fires kept");
+        let bytes = &img[e.offset as usize..e.end() as usize];
+        let mut hits = Vec::new();
+        Rule::new(p).scan(bytes, fires.from as usize, bytes.len(), 0, &mut hits, false);
+        assert_eq!(*fires.hits, *hits);
     }
 }

@@ -7,6 +7,7 @@
 //! dirty run where its state is known, and stops it where its output meets the stale manifest
 //! again, so the result equals a full scan exactly (DESIGN.md invariant 1).
 
+mod gear;
 mod inplace;
 mod pieces;
 mod rechunk;

@@ -16,10 +16,13 @@ use blake3::hazmat::{ChainingValue, HasherExt, Mode, left_subtree_len, merge_sub
 use blake3::{Hash, Hasher};
 use parking_lot::Mutex;
 
+use super::gear::Fires;
+
 /// The piece size: a power of two, a multiple of BLAKE3's 1 KiB chunk.
 pub(super) const PIECE: usize = 8192;
 
-/// Bytes of chaining values the cache holds at most (about 12 GiB of image in 64 KiB chunks).
+/// Bytes of chaining values (and fires) the cache holds at most (about 12 GiB of image in 64 KiB
+/// chunks).
 const CACHE_BYTES: usize = 64 << 20;
 
 /// The number of pieces of a chunk of `len` bytes.
@@ -58,19 +61,32 @@ fn subtree(values: &[ChainingValue], offset: usize, len: usize) -> ChainingValue
     )
 }
 
+/// What is remembered of a chunk's bytes: its pieces' values, and where FastCDC's rule can fire
+/// in them when a scan cut them (`gear.rs`; a replica's patch check does not cut).
+pub(crate) struct Known {
+    pub(crate) values: Box<[ChainingValue]>,
+    pub(crate) fires: Option<Fires>,
+}
+
+impl Known {
+    fn bytes(&self) -> usize {
+        self.values.len() * size_of::<ChainingValue>() + self.fires.as_ref().map_or(0, Fires::bytes)
+    }
+}
+
 /// Two generations of entries: lookups promote from the older, and when the newer fills half the
 /// budget the older is dropped (a clock of two hands: what was used since the last turn stays).
 #[derive(Default)]
 struct Cache {
-    new: HashMap<Hash, Arc<[ChainingValue]>>,
-    old: HashMap<Hash, Arc<[ChainingValue]>>,
+    new: HashMap<Hash, Arc<Known>>,
+    old: HashMap<Hash, Arc<Known>>,
     new_bytes: usize,
 }
 
 static CACHE: LazyLock<Mutex<Cache>> = LazyLock::new(Mutex::default);
 
-/// The pieces' values of the chunk `id`, if they are cached.
-pub(super) fn get(id: &Hash) -> Option<Arc<[ChainingValue]>> {
+/// What is known of the chunk `id`, if it is cached.
+pub(crate) fn get(id: &Hash) -> Option<Arc<Known>> {
     let mut c = CACHE.lock();
     if let Some(v) = c.new.get(id) {
         return Some(v.clone());
@@ -80,9 +96,13 @@ pub(super) fn get(id: &Hash) -> Option<Arc<[ChainingValue]>> {
     Some(v)
 }
 
-/// Remembers the pieces' values of the chunk `id`.
-pub(super) fn put(id: Hash, values: Vec<ChainingValue>) {
-    insert(&mut CACHE.lock(), id, values.into());
+/// Remembers the pieces' values of the chunk `id`, and its fires if they were found.
+pub(super) fn put(id: Hash, values: Vec<ChainingValue>, fires: Option<Fires>) {
+    let known = Known {
+        values: values.into(),
+        fires,
+    };
+    insert(&mut CACHE.lock(), id, Arc::new(known));
 }
 
 /// Forgets the pieces' values of the chunk `id`, whose bytes a re-chunk or a patch replaced at
@@ -90,20 +110,20 @@ pub(super) fn put(id: Hash, values: Vec<ChainingValue>) {
 pub(crate) fn forget(id: &Hash) {
     let mut c = CACHE.lock();
     if let Some(v) = c.new.remove(id) {
-        c.new_bytes -= v.len() * size_of::<ChainingValue>();
+        c.new_bytes -= v.bytes();
     }
     c.old.remove(id);
 }
 
-fn insert(c: &mut Cache, id: Hash, v: Arc<[ChainingValue]>) {
-    let bytes = v.len() * size_of::<ChainingValue>();
+fn insert(c: &mut Cache, id: Hash, v: Arc<Known>) {
+    let bytes = v.bytes();
     if c.new_bytes + bytes > CACHE_BYTES / 2 {
         c.old = std::mem::take(&mut c.new);
         c.new_bytes = 0;
     }
     c.new_bytes += bytes;
     if let Some(prev) = c.new.insert(id, v) {
-        c.new_bytes -= prev.len() * size_of::<ChainingValue>();
+        c.new_bytes -= prev.bytes();
     }
 }
 
@@ -111,6 +131,11 @@ fn insert(c: &mut Cache, id: Hash, v: Arc<[ChainingValue]>) {
 /// whose values are then remembered: the first patch or in-place write to a chunk that a scan
 /// or a received frame hashed this way reads and hashes only the pieces it touches.
 pub fn hash(bytes: &[u8]) -> Hash {
+    hash_with(bytes, None)
+}
+
+/// [`hash`], remembering the chunk's fires with its pieces' values (a scan's chunk).
+pub(super) fn hash_with(bytes: &[u8], fires: Option<Fires>) -> Hash {
     if bytes.len() <= PIECE {
         return blake3::hash(bytes);
     }
@@ -120,7 +145,7 @@ pub fn hash(bytes: &[u8]) -> Hash {
         .map(|(i, p)| value(i, p))
         .collect();
     let id = root(&values, bytes.len());
-    put(id, values);
+    put(id, values, fires);
     id
 }
 
@@ -150,14 +175,14 @@ pub fn overlay_id(
         return Ok((blake3::hash(&buf), len as u64));
     }
     let n = count(len);
-    let cached = base.and_then(get).filter(|v| v.len() == n);
+    let cached = base.and_then(get).filter(|k| k.values.len() == n);
     let mut touched = vec![cached.is_none(); n];
     for (r, bytes) in ranges.iter().filter(|(_, b)| !b.is_empty()) {
         for t in &mut touched[r / PIECE..=(r + bytes.len() - 1) / PIECE] {
             *t = true;
         }
     }
-    let mut values = cached.map_or_else(|| vec![[0; 32]; n], |v| v.to_vec());
+    let mut values = cached.map_or_else(|| vec![[0; 32]; n], |k| k.values.to_vec());
     let mut buf = vec![0u8; PIECE];
     let mut read_bytes = 0;
     for i in (0..n).filter(|&i| touched[i]) {
@@ -169,7 +194,7 @@ pub fn overlay_id(
         values[i] = value(i, piece);
     }
     let id = root(&values, len);
-    put(id, values);
+    put(id, values, None);
     // The base's bytes are superseded at this place: keep the cache to the chunks that are
     // (its size then follows the images, not the number of sync points). The same bytes
     // elsewhere are hashed whole at their next change, once.

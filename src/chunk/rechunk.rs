@@ -39,8 +39,9 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use super::gear::WINDOW;
 use super::inplace::{InPlace, rehash_in_place};
-use super::scan::{End, ScanStats, Scanner, Start};
+use super::scan::{End, ScanStats, Scanner, Span, Start};
 use super::{ChunkParams, Source, align_down};
 use crate::manifest::{Entry, Kind, Manifest};
 
@@ -120,19 +121,44 @@ pub fn rechunk_tuned(
         rest: runs,
         mut stats,
     } = rehash_in_place(stale, src, &dirty)?;
-    // A data chunk the scan starts where a stale data chunk started: the rule did not fire in
-    // the stale chunk before its end, and its outcome at a position depends only on the bytes
-    // up to there, so it still does not fire before the first dirty byte.
-    let known = |pos: u64| -> u64 {
-        let Some(e) = stale.index_starting_at(pos).map(|i| stale.entries()[i]) else {
-            return 0;
+    // The free hash's hits at a position are a stale chunk's (cached with its pieces) where no
+    // dirty byte lies within `WINDOW` bytes up to the position (`gear.rs`).
+    let hits_at = |j: u64| -> Span {
+        let i = dirty.partition_point(|r| r.end + WINDOW - 1 <= j);
+        let next_dirty = match dirty.get(i) {
+            Some(r) if r.start <= j => {
+                return Span::Unknown {
+                    until: r.end + WINDOW - 1,
+                };
+            }
+            Some(r) => r.start,
+            None => u64::MAX,
         };
-        if !matches!(e.kind, Kind::Data(_)) {
-            return 0;
+        let Some(e) = stale.index_at(j).map(|k| stale.entries()[k]) else {
+            return Span::Unknown { until: next_dirty };
+        };
+        let until = e.end().min(next_dirty);
+        let known = match e.kind {
+            Kind::Data(id) => super::pieces::get(&id),
+            Kind::Zero => None,
+        };
+        match known {
+            Some(known) if known.fires.is_some() => {
+                let from = e.offset + u64::from(known.fires.as_ref().map_or(0, |f| f.from));
+                if j < from {
+                    Span::Unknown {
+                        until: from.min(until),
+                    }
+                } else {
+                    Span::Known {
+                        until,
+                        base: e.offset,
+                        known,
+                    }
+                }
+            }
+            _ => Span::Unknown { until },
         }
-        let i = dirty.partition_point(|r| r.end <= pos);
-        let first_dirty = dirty.get(i).map_or(u64::MAX, |r| r.start.max(pos));
-        first_dirty.min(e.end()) - pos
     };
     let hint = |q: u64| -> io::Result<u64> {
         Ok(src
@@ -176,7 +202,7 @@ pub fn rechunk_tuned(
     }
 
     let run = |start: Start, stop: Stop| -> io::Result<Done> {
-        let mut scanner = Scanner::new(src, &hint, p).with_known(&known);
+        let mut scanner = Scanner::new(src, &hint, p).with_hits(&hits_at);
         let mut entries = Vec::new();
         let end = match stop {
             Stop::Stale { until } => scanner.scan(

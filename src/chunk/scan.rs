@@ -21,9 +21,12 @@
 use std::io;
 use std::ops::Range;
 
-use fastcdc::v2020::{self, Normalization};
+use std::sync::Arc;
+
 use rayon::prelude::*;
 
+use super::gear::{Fires, Rule, WINDOW, position};
+use super::pieces::Known;
 use super::{ChunkParams, Source, ZERO_BLOCK, align_down, is_zero};
 use crate::manifest::{Entry, Kind};
 
@@ -74,13 +77,38 @@ impl std::ops::AddAssign for ScanStats {
     }
 }
 
-/// For a data chunk starting at the given offset, how far into it FastCDC's rule is known not
-/// to fire (0 when nothing is known): see [`Scanner::with_known`].
-pub(crate) type KnownNoCut<'a> = dyn Fn(u64) -> u64 + Sync + 'a;
+/// What a re-chunk knows of the free gear hash's hits (`gear.rs`) from an image position on.
+pub(crate) enum Span {
+    /// Up to `until` the hits are those of a chunk whose bytes start at `base` (a stale chunk
+    /// with its fires cached, and no dirty byte within [`WINDOW`] before any of these positions).
+    Known {
+        until: u64,
+        base: u64,
+        known: Arc<Known>,
+    },
+    /// Up to `until` the hits must be found by hashing the bytes.
+    Unknown { until: u64 },
+}
 
-/// The bytes before a position that FastCDC's gear hash still depends on there: each pair of
-/// bytes shifts the hash left by two, so a byte's contribution is gone 64 bytes later.
-const GEAR_MEMORY: u64 = 64;
+/// A hit of a chunk starting at `base`, seen from a chunk starting at `pos` (at most the hit's
+/// position).
+fn rebased(hit: u32, base: u64, pos: u64) -> u32 {
+    super::gear::moved(hit, position(hit) + base - pos)
+}
+
+/// The span of hits known at an image position: see [`Scanner::with_hits`].
+pub(crate) type HitsAt<'a> = dyn Fn(u64) -> Span + Sync + 'a;
+
+/// The hits of the free hash in the data chunk being cut: those at positions `[from, next)`
+/// relative to `pos`, and the first where the rule fires, if any was seen.
+#[derive(Default)]
+struct Cutting {
+    pos: u64,
+    from: u64,
+    next: u64,
+    hits: Vec<u32>,
+    fire: Option<u64>,
+}
 
 /// Known-zero hint: the end of a run of zero bytes starting at the given offset (or the offset
 /// itself when nothing is known).
@@ -97,30 +125,28 @@ pub(crate) struct Scanner<'a> {
     src: &'a dyn Source,
     hint: &'a ZeroHint<'a>,
     p: ChunkParams,
-    mask_s: u64,
-    mask_l: u64,
+    rule: Rule,
     size: u64,
     /// `buf[..filled]` holds the image bytes `[base, base + filled)`.
     buf: Vec<u8>,
     filled: usize,
     base: u64,
     read_size: u64,
-    /// Data chunks emitted but not yet hashed: (index in the output, range in `buf`).
-    pending: Vec<(usize, Range<usize>)>,
+    /// Data chunks emitted but not yet hashed: (index in the output, range in `buf`, fires).
+    pending: Vec<(usize, Range<usize>, Option<Fires>)>,
     pending_bytes: usize,
-    known: Option<&'a KnownNoCut<'a>>,
+    hits_at: Option<&'a HitsAt<'a>>,
+    cutting: Cutting,
     pub(crate) stats: ScanStats,
 }
 
 impl<'a> Scanner<'a> {
     pub(crate) fn new(src: &'a dyn Source, hint: &'a ZeroHint<'a>, p: ChunkParams) -> Self {
-        let (mask_s, mask_l) = v2020::select_masks(p.avg_size as usize, Normalization::Level1);
         Scanner {
             src,
             hint,
             p,
-            mask_s,
-            mask_l,
+            rule: Rule::new(p),
             size: src.size(),
             buf: Vec::new(),
             filled: 0,
@@ -128,19 +154,18 @@ impl<'a> Scanner<'a> {
             read_size: FIRST_READ / 2,
             pending: Vec::new(),
             pending_bytes: 0,
-            known: None,
+            hits_at: None,
+            cutting: Cutting::default(),
             stats: ScanStats::default(),
         }
     }
 
-    /// Lets the scan skip what is known: `known(pos)` is how many bytes into a data chunk
-    /// starting at `pos` the rule provably does not fire (a re-chunk knows this of a stale
-    /// chunk's bytes up to its first dirty byte: the stale scan tested them). The gear hash then
-    /// starts [`GEAR_MEMORY`] bytes before that point instead of at `min_size`, which gives the
-    /// same hash from that point on; a cut found in those warm-up bytes is not trusted and
-    /// the chunk is cut from `min_size`.
-    pub(crate) fn with_known(mut self, known: &'a KnownNoCut<'a>) -> Self {
-        self.known = Some(known);
+    /// Lets the scan look up what is known: `hits_at(pos)` tells where the free hash's hits
+    /// from `pos` on are those of a stale chunk whose fires are cached (a re-chunk knows this of
+    /// the stale chunks' clean bytes). There the rule is tested at those hits only; elsewhere
+    /// the bytes are hashed.
+    pub(crate) fn with_hits(mut self, hits_at: &'a HitsAt<'a>) -> Self {
+        self.hits_at = Some(hits_at);
         self
     }
 
@@ -242,7 +267,9 @@ impl<'a> Scanner<'a> {
     /// pushes it right away, so it will be `out[out.len()]`.
     fn data_entry(&mut self, pos: u64, len: u64, out: &[Entry]) -> Entry {
         let from = (pos - self.base) as usize;
-        self.pending.push((out.len(), from..from + len as usize));
+        let fires = self.fires_of(pos, len);
+        self.pending
+            .push((out.len(), from..from + len as usize, fires));
         self.pending_bytes += len as usize;
         Entry {
             offset: pos,
@@ -251,52 +278,97 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    /// FastCDC's cut for a chunk starting at `pos` in a segment ending at `end` (buffered).
+    /// FastCDC's cut for a chunk starting at `pos` in a segment ending at `end` (buffered): the
+    /// crate's `v2020::cut` of those bytes (`gear.rs` restates it), from the free hash's hits.
     fn cut(&mut self, pos: u64, end: u64) -> u64 {
-        let min = self.p.min_size as u64;
-        // Where the hash may start: a whole gear memory before the first position whose
-        // outcome is not known, on the rule's pair boundary, and not before `min_size`.
-        let known = self.known.map_or(0, |k| k(pos)).min(end - pos);
-        let from = known.saturating_sub(GEAR_MEMORY) & !1;
-        if from > min {
-            let len = from + self.cut_from(pos + from, end, from);
-            if len >= known {
-                return len;
-            }
-            // The rule fired in the warm-up, where the hash is not yet the real one.
+        let (last, len) = self.rule.window(end - pos);
+        let (min, edge) = (self.rule.min, (self.rule.min + WINDOW).min(last));
+        if last <= min {
+            return len;
         }
-        self.cut_from(pos, end, 0)
+        let chunk = &self.buf[(pos - self.base) as usize..(end - self.base) as usize];
+        if let Some(j) = self.rule.first_from_min(chunk, min, edge) {
+            self.stats.bytes_cut += j + 1 - min;
+            return j;
+        }
+        self.stats.bytes_cut += edge - min;
+        self.find_hits(pos, pos + last);
+        match self.cutting.fire {
+            Some(j) if j < last => j,
+            _ => len,
+        }
     }
 
-    /// FastCDC's cut of the chunk starting `skip` bytes before `at`, hashing from `at` (from
-    /// `min_size` when `skip` is 0): the cut's length counted from `at`.
-    fn cut_from(&mut self, at: u64, end: u64, skip: u64) -> u64 {
-        let from = (at - self.base) as usize;
-        let to = (end - self.base) as usize;
-        let (min, avg, max) = match skip {
-            0 => (
-                self.p.min_size as usize,
-                self.p.avg_size as usize,
-                self.p.max_size as usize,
-            ),
-            s => (
-                0,
-                (self.p.avg_size as u64).saturating_sub(s) as usize,
-                (self.p.max_size as u64 - s) as usize,
-            ),
-        };
-        let (_, len) = v2020::cut(
-            &self.buf[from..to],
-            min,
-            avg,
-            max,
-            self.mask_s,
-            self.mask_l,
-            self.mask_s << 1,
-            self.mask_l << 1,
-        );
-        self.stats.bytes_cut += (len as u64).saturating_sub(min as u64);
-        len as u64
+    /// Finds the free hash's hits in the chunk at `pos` up to `to` (buffered), or up to the first
+    /// where the rule fires: from `hits_at` where it knows them, else by hashing the bytes.
+    fn find_hits(&mut self, pos: u64, to: u64) {
+        let min = self.rule.min;
+        let c = &mut self.cutting;
+        if c.pos != pos || c.next < pos + min {
+            *c = Cutting {
+                pos,
+                from: pos + min,
+                next: pos + min,
+                hits: std::mem::take(&mut c.hits),
+                fire: None,
+            };
+            c.hits.clear();
+        }
+        let edge = min + WINDOW;
+        let fires = |h: u32| position(h) >= edge && self.rule.fires(h, position(h));
+        while c.next < to && c.fire.is_none() {
+            let j = c.next;
+            let first = c.hits.len();
+            let span = self
+                .hits_at
+                .map_or(Span::Unknown { until: u64::MAX }, |f| f(j));
+            match span {
+                Span::Known { until, base, known } if known.fires.is_some() => {
+                    let until = until.min(to);
+                    let f = known.fires.as_ref().expect("matched on it");
+                    let hits = f.between(j - base, until - base).iter();
+                    c.hits.extend(hits.map(|&h| rebased(h, base, pos)));
+                    c.next = until;
+                }
+                Span::Known { until, .. } | Span::Unknown { until } => {
+                    let until = until.min(to);
+                    let at = |x: u64| (x - self.base) as usize;
+                    let n = self
+                        .rule
+                        .scan(&self.buf, at(j), at(until), at(pos), &mut c.hits, true);
+                    self.stats.bytes_cut += n;
+                    c.next = until;
+                }
+            }
+            c.fire = c.hits[first..]
+                .iter()
+                .find(|&&h| fires(h))
+                .map(|&h| position(h));
+            if let Some(f) = c.fire {
+                c.next = pos + f + 1;
+            }
+        }
+    }
+
+    /// The fires of the chunk `[pos, pos + len)` just cut, when its hits were all found.
+    fn fires_of(&mut self, pos: u64, len: u64) -> Option<Fires> {
+        let c = &self.cutting;
+        if c.pos != pos || c.next <= c.from || len <= self.rule.min {
+            return None;
+        }
+        if c.next < pos + len && c.fire.is_none() {
+            self.find_hits(pos, pos + len);
+        }
+        let c = &self.cutting;
+        (c.next >= pos + len).then(|| Fires {
+            from: (c.from - pos) as u32,
+            hits: c
+                .hits
+                .iter()
+                .copied()
+                .filter(|&h| position(h) < len)
+                .collect(),
+        })
     }
 
     /// True when a zero extent may start at aligned `q`: `zero_min` zero bytes within the image.
@@ -395,17 +467,19 @@ impl<'a> Scanner<'a> {
             return;
         }
         let buf = &self.buf;
-        let hash = |(i, r): &(usize, Range<usize>)| (*i, super::pieces::hash(&buf[r.clone()]));
+        let pending = std::mem::take(&mut self.pending);
+        let hash = |(i, r, f): (usize, Range<usize>, Option<Fires>)| {
+            (i, super::pieces::hash_with(&buf[r], f))
+        };
         let hashes: Vec<(usize, blake3::Hash)> = if self.pending_bytes >= PARALLEL_HASH {
-            self.pending.par_iter().map(hash).collect()
+            pending.into_par_iter().map(hash).collect()
         } else {
-            self.pending.iter().map(hash).collect()
+            pending.into_iter().map(hash).collect()
         };
         for (i, h) in hashes {
             out[i].kind = Kind::Data(h);
         }
         self.stats.bytes_hashed += self.pending_bytes as u64;
-        self.pending.clear();
         self.pending_bytes = 0;
     }
 }
