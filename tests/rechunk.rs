@@ -190,14 +190,15 @@ fn check(params: ChunkParams, parts: &[(u64, Fill)], ops: &[Op], holes: bool, tu
     let mut bytes = old.bytes.clone();
     let dirty = apply(&mut bytes, &stale, ops);
     let new = Image { bytes, holes };
+    // Full chunks first: each round's incremental re-chunk leaves in the cache what it found
+    // (pieces and fires, found in place or by the scan), and the next round relies on that.
     let (full, _) = chunk_full(&new, params).unwrap();
-    let (inc, _) = rechunk(&stale, &new, &dirty).unwrap();
+    let (split_full, _) = rechunk_tuned(&Manifest::empty(params), &new, &[], tuning).unwrap();
     assert_eq!(
-        inc.entries(),
+        split_full.entries(),
         full.entries(),
-        "incremental != full for dirty {dirty:?}"
+        "split full != full, {tuning:?}"
     );
-    assert_eq!(inc.root(), full.root());
     // Split into small speculative pieces (joined, or rescanned where they do not meet), the
     // result is the same.
     let (inc, _) = rechunk_tuned(&stale, &new, &dirty, tuning).unwrap();
@@ -206,23 +207,54 @@ fn check(params: ChunkParams, parts: &[(u64, Fill)], ops: &[Op], holes: bool, tu
         full.entries(),
         "split incremental != full, {tuning:?}"
     );
-    let (split_full, _) = rechunk_tuned(&Manifest::empty(params), &new, &[], tuning).unwrap();
+    let (inc, _) = rechunk(&stale, &new, &dirty).unwrap();
     assert_eq!(
-        split_full.entries(),
+        inc.entries(),
         full.entries(),
-        "split full != full, {tuning:?}"
+        "incremental != full for dirty {dirty:?}"
     );
+    assert_eq!(inc.root(), full.root());
     // The same places written again with other bytes: chunks re-hashed in place above are now
     // re-hashed from their cached pieces.
     let mut bytes = new.bytes.clone();
     let dirty = apply(&mut bytes, &full, &other_bytes(ops));
     let newer = Image { bytes, holes };
+    let want = chunk_full(&newer, params).unwrap().0;
     let (inc, _) = rechunk(&full, &newer, &dirty).unwrap();
     assert_eq!(
         inc.entries(),
-        chunk_full(&newer, params).unwrap().0.entries(),
+        want.entries(),
         "second incremental != full for dirty {dirty:?}"
     );
+    // Then other places: a scan crossing bytes the rounds before wrote finds its cuts there by
+    // the fires those rounds left.
+    let mut bytes = newer.bytes.clone();
+    let dirty = apply(&mut bytes, &inc, &other_places(ops));
+    let newest = Image { bytes, holes };
+    let want = chunk_full(&newest, params).unwrap().0;
+    let (third, _) = rechunk(&inc, &newest, &dirty).unwrap();
+    assert_eq!(
+        third.entries(),
+        want.entries(),
+        "third incremental != full for dirty {dirty:?}"
+    );
+}
+
+/// The same operations at nearby places (next boundary, next block, elsewhere), other bytes.
+fn other_places(ops: &[Op]) -> Vec<Op> {
+    let moved = |at: &At| match *at {
+        At::Boundary(i, d) => At::Boundary(i.wrapping_add(1), d),
+        At::Block(i, d) => At::Block(i.wrapping_add(1), d),
+        At::Anywhere(x) => At::Anywhere(x.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+    };
+    other_bytes(ops)
+        .iter()
+        .map(|op| match op {
+            Op::Write(at, len, f) => Op::Write(moved(at), *len, f.clone()),
+            Op::WriteTo(at, len, f) => Op::WriteTo(moved(at), *len, f.clone()),
+            Op::Truncate(n) => Op::Truncate(*n),
+        })
+        .collect()
 }
 
 /// The same operations writing other bytes (zeros stay zeros).
