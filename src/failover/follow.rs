@@ -149,6 +149,11 @@ impl Agent {
 
     async fn follow(&mut self, etcd: &mut Etcd) -> anyhow::Result<()> {
         let ttl = self.cfg.ttl;
+        // A key found gone just after this replica (re)gained etcd may have expired while etcd
+        // itself was out (it lost quorum, or this host lost it): the primary, alive, could not
+        // renew either and takes its key back as soon as it can. No campaign before that had
+        // a whole ttl (`policy::settled`).
+        let reached = Instant::now();
         let mut lease = etcd.grant().await?;
         let mut tick = tokio::time::interval(policy::renew_every(ttl).min(Duration::from_secs(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -210,16 +215,18 @@ impl Agent {
             };
             let others = candidates(etcd, &ns).await?;
             let at = *turn.get_or_insert_with(|| {
-                let wait = policy::campaign_delay(&me, &others, ttl / 2);
+                let now = Instant::now();
+                let wait = policy::campaign_delay(&me, &others, ttl / 2)
+                    .max(policy::settled(reached, now, ttl));
                 log::warn!(
                     "failover: the leader key of cluster {} is gone; this replica holds \
                      generation {} of epoch {} and campaigns in {wait:?} unless a newer one \
-                     takes the key first",
+                     (or the primary, back on etcd) takes the key first",
                     self.cfg.cluster,
                     me.generation,
                     me.epoch
                 );
-                Instant::now() + wait
+                now + wait
             });
             if Instant::now() < at {
                 continue;

@@ -69,6 +69,14 @@ pub fn campaign_delay(me: &Candidate, others: &[Candidate], step: Duration) -> D
     step * rank(me, others) as u32
 }
 
+/// How much longer a replica that reached etcd at `reached` waits, at `now`, before it may
+/// campaign: until a ttl has passed since. A leader key that expired while etcd was out of
+/// reach (of this replica, and so perhaps of the primary too) is the primary's to take back
+/// first; a key gone while this replica was following is not held up.
+pub fn settled(reached: Instant, now: Instant, ttl: Duration) -> Duration {
+    (reached + ttl).saturating_duration_since(now)
+}
+
 /// Whether `me` may campaign after its wait, re-checked against the candidates alive now: no
 /// live candidate holds a newer generation. (One as new with a smaller name had its turn
 /// first and did not take it.)
@@ -133,6 +141,22 @@ mod tests {
         // Alone, a replica does not wait.
         assert_eq!(
             campaign_delay(&c2, std::slice::from_ref(&c2), step),
+            Duration::ZERO
+        );
+    }
+
+    /// A replica that just reached etcd waits out a ttl from then (the primary's chance to take
+    /// back a key that expired while etcd was out); one following for longer waits nothing more.
+    #[test]
+    fn a_replica_just_back_on_etcd_lets_the_primary_reclaim_first() {
+        let (t0, ttl) = (Instant::now(), Duration::from_secs(4));
+        assert_eq!(settled(t0, t0, ttl), ttl);
+        assert_eq!(
+            settled(t0, t0 + Duration::from_secs(1), ttl),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            settled(t0, t0 + Duration::from_secs(9), ttl),
             Duration::ZERO
         );
     }
