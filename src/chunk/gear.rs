@@ -32,9 +32,11 @@ const STRICT: u32 = 1;
 const LOOSE: u32 = 2;
 
 /// Where the free gear hash meets a mask in one chunk's bytes: every hit at a position in
-/// `[from, len)`, in order, each `position << 2 | flags`.
+/// `[from, len)`, in order, each `position << 2 | flags`, for the masks of `avg_size` `avg`
+/// (the same bytes chunked with another average have other hits).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Fires {
+    pub(crate) avg: u32,
     pub(crate) from: u32,
     pub(crate) hits: Box<[u32]>,
 }

@@ -241,12 +241,14 @@ fn rehash_into(
         return Ok(done);
     }
     // The new bytes' fires: the old ones where the runs did not reach, the new hits where they did.
-    let fires = cached.as_ref().and_then(|k| k.fires.as_ref()).map(|old| {
+    let avg = stale.params().avg_size;
+    let fires = cached.as_ref().and_then(|k| k.fires_for(avg)).map(|old| {
         let untouched = |&&h: &&u32| !reached.iter().any(|r| r.contains(&position(h)));
         let mut all: Vec<u32> = old.hits.iter().filter(untouched).copied().collect();
         all.extend(hits.iter().filter(|&&h| position(h) >= u64::from(old.from)));
         all.sort_unstable();
         Fires {
+            avg,
             from: old.from,
             hits: all.into(),
         }
@@ -300,7 +302,7 @@ mod tests {
             .iter()
             .filter(|e| e.offset > 0 && e.len > 40_000)
             .find_map(|e| {
-                let fires = pieces::get(&e.hash()?)?.fires.clone()?;
+                let fires = pieces::get(&e.hash()?)?.fires_for(p.avg_size)?.clone();
                 let h = fires.between(edge.into(), e.len - 8_000).first().copied()?;
                 Some((*e, position(h)))
             })

@@ -69,6 +69,11 @@ pub(crate) struct Known {
 }
 
 impl Known {
+    /// The chunk's fires for chunks of average size `avg`, if they were found.
+    pub(crate) fn fires_for(&self, avg: u32) -> Option<&Fires> {
+        self.fires.as_ref().filter(|f| f.avg == avg)
+    }
+
     fn bytes(&self) -> usize {
         self.values.len() * size_of::<ChainingValue>() + self.fires.as_ref().map_or(0, Fires::bytes)
     }
@@ -229,6 +234,22 @@ mod tests {
                 .collect();
             assert_eq!(root(&values, len), blake3::hash(bytes), "{len} bytes");
         }
+    }
+
+    /// A chunk's fires belong to the average size they were found for: the same bytes cut with
+    /// other masks have other hits, and a mount's images may be chunked with other parameters.
+    #[test]
+    fn fires_are_found_only_for_the_average_they_were_made_with() {
+        let bytes = random(65_536 + 5, 77);
+        let fires = Fires {
+            avg: 65_536,
+            from: 16_384,
+            hits: vec![20_000 << 2 | 1].into(),
+        };
+        let id = hash_with(&bytes, Some(fires.clone()));
+        let known = get(&id).unwrap();
+        assert_eq!(known.fires_for(65_536), Some(&fires));
+        assert_eq!(known.fires_for(16_384), None);
     }
 
     /// A chunk hashed by `hash` (as a scan and a replica's check of a received chunk do) has

@@ -142,9 +142,13 @@ pub fn rechunk_tuned(
             Kind::Data(id) => super::pieces::get(&id),
             Kind::Zero => None,
         };
-        match known {
-            Some(known) if known.fires.is_some() => {
-                let from = e.offset + u64::from(known.fires.as_ref().map_or(0, |f| f.from));
+        let from = known
+            .as_ref()
+            .and_then(|k| k.fires_for(p.avg_size))
+            .map(|f| f.from);
+        match (known, from) {
+            (Some(known), Some(from)) => {
+                let from = e.offset + u64::from(from);
                 if j < from {
                     Span::Unknown {
                         until: from.min(until),

@@ -314,7 +314,7 @@ impl<'a> Scanner<'a> {
             };
             c.hits.clear();
         }
-        let edge = min + WINDOW;
+        let (edge, avg) = (min + WINDOW, self.p.avg_size);
         let fires = |h: u32| position(h) >= edge && self.rule.fires(h, position(h));
         while c.next < to && c.fire.is_none() {
             let j = c.next;
@@ -323,9 +323,9 @@ impl<'a> Scanner<'a> {
                 .hits_at
                 .map_or(Span::Unknown { until: u64::MAX }, |f| f(j));
             match span {
-                Span::Known { until, base, known } if known.fires.is_some() => {
+                Span::Known { until, base, known } if known.fires_for(avg).is_some() => {
                     let until = until.min(to);
-                    let f = known.fires.as_ref().expect("matched on it");
+                    let f = known.fires_for(avg).expect("matched on it");
                     let hits = f.between(j - base, until - base).iter();
                     c.hits.extend(hits.map(|&h| rebased(h, base, pos)));
                     c.next = until;
@@ -361,6 +361,7 @@ impl<'a> Scanner<'a> {
         }
         let c = &self.cutting;
         (c.next >= pos + len).then(|| Fires {
+            avg: self.p.avg_size,
             from: (c.from - pos) as u32,
             hits: c
                 .hits
