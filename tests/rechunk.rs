@@ -216,28 +216,35 @@ fn check(params: ChunkParams, parts: &[(u64, Fill)], ops: &[Op], holes: bool, tu
     assert_eq!(inc.root(), full.root());
     // The same places written again with other bytes: chunks re-hashed in place above are now
     // re-hashed from their cached pieces.
-    let mut bytes = new.bytes.clone();
-    let dirty = apply(&mut bytes, &full, &other_bytes(ops));
-    let newer = Image { bytes, holes };
-    let want = chunk_full(&newer, params).unwrap().0;
-    let (inc, _) = rechunk(&full, &newer, &dirty).unwrap();
+    let (second, newer) = next_round(&full, &new, &other_bytes(ops), params, "second");
+    // Then other places: a scan crossing bytes the rounds before wrote finds its cuts there by
+    // the fires those rounds left.
+    next_round(&second, &newer, &other_places(ops), params, "third");
+}
+
+/// Applies `ops` to `image` (whose manifest is `stale`) and checks that the incremental
+/// re-chunk of the result equals its full chunking; returns both.
+fn next_round(
+    stale: &Manifest,
+    image: &Image,
+    ops: &[Op],
+    params: ChunkParams,
+    round: &str,
+) -> (Manifest, Image) {
+    let mut bytes = image.bytes.clone();
+    let dirty = apply(&mut bytes, stale, ops);
+    let next = Image {
+        bytes,
+        holes: image.holes,
+    };
+    let want = chunk_full(&next, params).unwrap().0;
+    let (inc, _) = rechunk(stale, &next, &dirty).unwrap();
     assert_eq!(
         inc.entries(),
         want.entries(),
-        "second incremental != full for dirty {dirty:?}"
+        "{round} incremental != full for dirty {dirty:?}"
     );
-    // Then other places: a scan crossing bytes the rounds before wrote finds its cuts there by
-    // the fires those rounds left.
-    let mut bytes = newer.bytes.clone();
-    let dirty = apply(&mut bytes, &inc, &other_places(ops));
-    let newest = Image { bytes, holes };
-    let want = chunk_full(&newest, params).unwrap().0;
-    let (third, _) = rechunk(&inc, &newest, &dirty).unwrap();
-    assert_eq!(
-        third.entries(),
-        want.entries(),
-        "third incremental != full for dirty {dirty:?}"
-    );
+    (inc, next)
 }
 
 /// The same operations at nearby places (next boundary, next block, elsewhere), other bytes.
