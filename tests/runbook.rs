@@ -218,8 +218,22 @@ impl Host {
             fs::create_dir_all(&b).unwrap();
             setup += &format!("mkdir -p /{d}\nmount --bind {} /{d}\n", b.display());
         }
+        // A fresh /tmp and /run; the checkout (with the binary) stays where it is if it lies
+        // under them (a clone in /tmp): held open across the tmpfs mounts, then bound back (by the
+        // open descriptor: `mount` must not resolve its path, which the tmpfs now hides).
+        let checkout = env!("CARGO_MANIFEST_DIR");
+        let hidden = ["/tmp/", "/run/"].iter().any(|t| checkout.starts_with(t));
+        if hidden {
+            setup += &format!("exec 9<{checkout}\n");
+        }
+        setup += "mount -t tmpfs tmpfs /tmp\nmount -t tmpfs tmpfs /run\n";
+        if hidden {
+            setup += &format!(
+                "mkdir -p {checkout}\nmount --no-canonicalize --bind /proc/self/fd/9 {checkout}\n"
+            );
+        }
         setup += &format!(
-            "mount -t tmpfs tmpfs /tmp\nmount -t tmpfs tmpfs /run\nip link set lo up\n\
+            "ip link set lo up\n\
              echo {name} > /etc/hostname\necho '{addr} {name}' >> /etc/hosts\n"
         );
         let (ok, out) = host.sh(&setup, Duration::from_secs(30));
