@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::chunk::{ChunkParams, Source, chunk_full, rechunk};
+use crate::chunk::{ChunkParams, ScanStats, Source, chunk_full, rechunk};
 use crate::dirty::{RangeSet, rebase};
 use crate::fs::NsEvent;
 use crate::manifest::Manifest;
@@ -50,6 +50,8 @@ pub struct Cut {
     pub gone: Vec<String>,
     /// Images that cannot be read, and why (they keep their stale manifests).
     pub broken: BTreeMap<String, String>,
+    /// What the re-chunks read, hashed and ran the gear hash over, all images together.
+    pub scan: ScanStats,
 }
 
 pub fn cut(
@@ -59,6 +61,7 @@ pub fn cut(
     params: ChunkParams,
 ) -> Cut {
     let mut next = stale.clone();
+    let mut scan = ScanStats::default();
     for ev in changes.events {
         apply_event(&mut next, ev);
     }
@@ -89,11 +92,12 @@ pub fn cut(
             .unwrap_or_default();
         let new = match next.get(path) {
             Some(stale) if dirty.is_empty() && stale.size() == src.size() => continue,
-            Some(stale) => rechunk(stale, *src, &dirty).map(|r| r.0),
-            None => chunk_full(*src, params).map(|r| r.0),
+            Some(stale) => rechunk(stale, *src, &dirty),
+            None => chunk_full(*src, params),
         };
         match new {
-            Ok(m) => {
+            Ok((m, stats)) => {
+                scan += stats;
                 if next.get(path).is_none_or(|s| s.root() != m.root()) {
                     next.insert(path.clone(), Arc::new(m));
                 }
@@ -118,6 +122,7 @@ pub fn cut(
         changed,
         gone,
         broken,
+        scan,
     }
 }
 

@@ -621,7 +621,7 @@ impl Engine {
             }
             v.skipped = skipped;
         });
-        let changed = match self.cut(work, &frozen, only.as_ref(), &window) {
+        let (changed, scan) = match self.cut(work, &frozen, only.as_ref(), &window) {
             Ok(c) => c,
             Err(e) => {
                 self.tracker.close_window();
@@ -669,11 +669,15 @@ impl Engine {
             images: work.images.clone(),
         });
         log::info!(
-            "sync point: generation {} ({} images, {} dirty bytes, {} changed) cut in {rechunk_ms} ms",
+            "sync point: generation {} ({} images, {} dirty bytes, {} changed) cut in {rechunk_ms} ms \
+             (read {} bytes, hashed {}, gear-hashed {})",
             generation.number,
             generation.images.len(),
             dirty_bytes,
-            changed
+            changed,
+            scan.bytes_read,
+            scan.bytes_hashed,
+            scan.bytes_cut
         );
         self.publish_cut(work);
         let outcomes = self.ship_all(work, &generation, timeout, &window);
@@ -733,7 +737,7 @@ impl Engine {
         frozen: &FrozenChanges,
         only: Option<&HashSet<PathBuf>>,
         window: &Window,
-    ) -> Result<usize> {
+    ) -> Result<(usize, crate::chunk::ScanStats)> {
         let root = self.root.clone();
         let lookup = move |k: &str| match fs::symlink_metadata(root.join(k)) {
             Ok(m) => Some(format!("it is now a {}", kind_of(&m))),
@@ -777,7 +781,7 @@ impl Engine {
             group_root: hex(&work.group_root),
         }
         .write(&self.active_record())?;
-        Ok(c.changed.len())
+        Ok((c.changed.len(), c.scan))
     }
 
     /// Says which images became unreadable or readable again, and keeps the changes frozen
