@@ -10,6 +10,7 @@
 //! stale; a bound keeps its memory fixed.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::{Arc, LazyLock};
 
 use blake3::hazmat::{ChainingValue, HasherExt, Mode, left_subtree_len, merge_subtrees_non_root};
@@ -141,17 +142,59 @@ pub fn hash(bytes: &[u8]) -> Hash {
 
 /// [`hash`], remembering the chunk's fires with its pieces' values (a scan's chunk).
 pub(super) fn hash_with(bytes: &[u8], fires: Option<Fires>) -> Hash {
+    hash_reusing(bytes, fires, &[]).0
+}
+
+/// [`hash_with`], taking piece `i`'s value from `known[i]` where it is given (see [`same`])
+/// instead of hashing the piece. Returns the id and the bytes hashed.
+pub(super) fn hash_reusing(
+    bytes: &[u8],
+    fires: Option<Fires>,
+    known: &[Option<ChainingValue>],
+) -> (Hash, usize) {
     if bytes.len() <= PIECE {
-        return blake3::hash(bytes);
+        return (blake3::hash(bytes), bytes.len());
     }
+    let mut hashed = 0;
     let values: Vec<ChainingValue> = bytes
         .chunks(PIECE)
         .enumerate()
-        .map(|(i, p)| value(i, p))
+        .map(|(i, p)| match known.get(i) {
+            Some(Some(v)) => *v,
+            _ => {
+                hashed += p.len();
+                value(i, p)
+            }
+        })
         .collect();
     let id = root(&values, bytes.len());
     put(id, values, fires);
-    id
+    (id, hashed)
+}
+
+/// The pieces a new chunk of `new_len` bytes shares with a cached chunk of `old_len` bytes that
+/// started at the same place (pure): piece `i` has the old value where it covers the same bytes
+/// of both chunks (the same offset and length) and `clean` says none of those bytes changed
+/// (`clean` takes a range of offsets in the chunk). A piece's value depends only on its bytes
+/// and its offset in the chunk, so it is the new chunk's value too: a write that moves a cut
+/// re-hashes the pieces it changed and the bytes the cut moved over, not the chunk's clean
+/// start.
+pub(super) fn same(
+    values: &[ChainingValue],
+    old_len: usize,
+    new_len: usize,
+    clean: impl Fn(Range<usize>) -> bool,
+) -> Vec<Option<ChainingValue>> {
+    if old_len <= PIECE || new_len <= PIECE || values.len() != count(old_len) {
+        return Vec::new();
+    }
+    (0..count(new_len))
+        .map(|i| {
+            let at = i * PIECE;
+            let (end_new, end_old) = ((at + PIECE).min(new_len), (at + PIECE).min(old_len));
+            (at < old_len && end_new == end_old && clean(at..end_new)).then(|| values[i])
+        })
+        .collect()
 }
 
 /// The id of a chunk of `len` bytes that is chunk `base`'s bytes (read through `read`: offset in
@@ -234,6 +277,36 @@ mod tests {
                 .collect();
             assert_eq!(root(&values, len), blake3::hash(bytes), "{len} bytes");
         }
+    }
+
+    /// A new chunk starting where a cached one did takes the old values of the whole pieces
+    /// both cover alike and that did not change; with them its id is BLAKE3's.
+    #[test]
+    fn a_new_chunk_shares_the_clean_pieces_it_covers_like_the_old_one() {
+        let old = random(65_536 + 777, 31);
+        let old_values: Vec<_> = old
+            .chunks(PIECE)
+            .enumerate()
+            .map(|(i, p)| value(i, p))
+            .collect();
+        // A write at 20,000..24,096 moved the cut from 66,313 to 40,000.
+        let mut new = old[..40_000].to_vec();
+        new[20_000..24_096].copy_from_slice(&random(4096, 32));
+        let clean = |r: Range<usize>| r.end <= 20_000 || r.start >= 24_096;
+        let known = same(&old_values, old.len(), new.len(), clean);
+        let shared: Vec<bool> = known.iter().map(Option::is_some).collect();
+        // Piece 2 holds the write; piece 4 ends at 40,000 in the new chunk, 40,960 in the old.
+        assert_eq!(shared, [true, true, false, true, false]);
+        let (id, hashed) = hash_reusing(&new, None, &known);
+        assert_eq!(id, blake3::hash(&new));
+        assert_eq!(hashed, PIECE + (40_000 - 4 * PIECE));
+        // The same length: the tail piece is shared too. Unlike lengths of the old tail: not.
+        let whole = same(&old_values, old.len(), old.len(), |_| true);
+        assert!(whole.iter().all(Option::is_some));
+        assert_eq!(hash_reusing(&old, None, &whole), (blake3::hash(&old), 0));
+        let longer = same(&old_values, old.len(), old.len() + 1, |_| true);
+        assert_eq!(longer.iter().filter(|v| v.is_none()).count(), 1);
+        assert!(same(&old_values, old.len(), PIECE, |_| true).is_empty());
     }
 
     /// A chunk's fires belong to the average size they were found for: the same bytes cut with

@@ -164,6 +164,21 @@ pub fn rechunk_tuned(
             _ => Span::Unknown { until },
         }
     };
+    // A new chunk that starts where a stale one did shares that one's clean whole pieces.
+    let same_pieces = |start: u64, len: usize| {
+        let Some(e) = stale.index_starting_at(start).map(|k| stale.entries()[k]) else {
+            return Vec::new();
+        };
+        let Some(known) = e.hash().and_then(|id| super::pieces::get(&id)) else {
+            return Vec::new();
+        };
+        let clean = |r: Range<usize>| {
+            let (from, to) = (start + r.start as u64, start + r.end as u64);
+            let i = dirty.partition_point(|d| d.end <= from);
+            dirty.get(i).is_none_or(|d| d.start >= to)
+        };
+        super::pieces::same(&known.values, e.len as usize, len, clean)
+    };
     let hint = |q: u64| -> io::Result<u64> {
         Ok(src
             .known_zero_until(q)?
@@ -206,7 +221,9 @@ pub fn rechunk_tuned(
     }
 
     let run = |start: Start, stop: Stop| -> io::Result<Done> {
-        let mut scanner = Scanner::new(src, &hint, p).with_hits(&hits_at);
+        let mut scanner = Scanner::new(src, &hint, p)
+            .with_hits(&hits_at)
+            .with_same_pieces(&same_pieces);
         let mut entries = Vec::new();
         let end = match stop {
             Stop::Stale { until } => scanner.scan(
@@ -456,6 +473,7 @@ fn copy_stale(stale: &Manifest, range: Range<u64>, out: &mut Vec<Entry>) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::pieces::PIECE;
     use super::*;
 
     /// Chunks the scan replaced (a write over a cut moves it) leave the pieces cache; the new
@@ -479,6 +497,38 @@ mod tests {
             .hash()
             .unwrap();
         assert!(super::super::pieces::get(&new).is_some());
+    }
+
+    /// A write over a chunk's end moves its cut, so the scan cuts the chunk again: the clean
+    /// whole pieces before the write keep their cached values (the same bytes at the same
+    /// offsets of a chunk starting at the same place), and only the rest is hashed.
+    #[test]
+    fn a_moved_cut_rehashes_the_bytes_after_the_write_not_the_chunks_clean_start() {
+        let p = ChunkParams::default();
+        let mut img = crate::testutil::random(4 << 20, 9);
+        let (stale, _) = chunk_full(&img, p).unwrap();
+        let c = *stale
+            .entries()
+            .iter()
+            .find(|e| e.len as usize > 4 * PIECE)
+            .unwrap();
+        let written = c.end() - 2048..c.end() + 2048;
+        img[written.start as usize..written.end as usize]
+            .copy_from_slice(&crate::testutil::random(4096, 10));
+        let (m, stats) = rechunk(&stale, &img, std::slice::from_ref(&written)).unwrap();
+        assert_eq!(m.root(), chunk_full(&img, p).unwrap().0.root());
+        let at = m.entries()[m.index_at(c.offset).unwrap()];
+        assert!(at.offset == c.offset && at.len != c.len, "the cut moved");
+        let changed: u64 = crate::manifest::changed_entries(&stale, &m)
+            .map(|e| e.len)
+            .sum();
+        let kept = (written.start - c.offset) / PIECE as u64 * PIECE as u64;
+        assert!(kept >= 4 * PIECE as u64);
+        assert!(
+            stats.bytes_hashed <= changed - kept,
+            "hashed {} of {changed} changed bytes; {kept} had cached values",
+            stats.bytes_hashed
+        );
     }
 
     #[test]

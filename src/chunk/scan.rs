@@ -29,6 +29,7 @@ use super::gear::{Fires, Rule, WINDOW, position};
 use super::pieces::Known;
 use super::{ChunkParams, Source, ZERO_BLOCK, align_down, is_zero};
 use crate::manifest::{Entry, Kind};
+use blake3::hazmat::ChainingValue;
 
 /// Where a scan begins: at an entry start, or inside a zero run that is known to qualify as a
 /// zero extent: `[run_start, pos)` is zero, `pos` is aligned, and the run is at least
@@ -99,6 +100,21 @@ fn rebased(hit: u32, base: u64, pos: u64) -> u32 {
 /// The span of hits known at an image position: see [`Scanner::with_hits`].
 pub(crate) type HitsAt<'a> = dyn Fn(u64) -> Span + Sync + 'a;
 
+/// The pieces' values a data chunk at (offset, length) shares with a cached stale chunk: see
+/// [`Scanner::with_same_pieces`].
+pub(crate) type SamePieces<'a> = dyn Fn(u64, usize) -> Vec<Option<ChainingValue>> + Sync + 'a;
+
+/// A data chunk emitted but not yet hashed.
+struct Pending {
+    /// Its index in the output.
+    index: usize,
+    /// Its bytes in the scanner's buffer.
+    bytes: Range<usize>,
+    fires: Option<Fires>,
+    /// Its pieces' values known without hashing (`SamePieces`).
+    known: Vec<Option<ChainingValue>>,
+}
+
 /// The hits of the free hash in the data chunk being cut: those at positions `[from, next)`
 /// relative to `pos`, and the first where the rule fires, if any was seen.
 #[derive(Default)]
@@ -132,10 +148,11 @@ pub(crate) struct Scanner<'a> {
     filled: usize,
     base: u64,
     read_size: u64,
-    /// Data chunks emitted but not yet hashed: (index in the output, range in `buf`, fires).
-    pending: Vec<(usize, Range<usize>, Option<Fires>)>,
+    /// Data chunks emitted but not yet hashed.
+    pending: Vec<Pending>,
     pending_bytes: usize,
     hits_at: Option<&'a HitsAt<'a>>,
+    same_pieces: Option<&'a SamePieces<'a>>,
     cutting: Cutting,
     pub(crate) stats: ScanStats,
 }
@@ -155,6 +172,7 @@ impl<'a> Scanner<'a> {
             pending: Vec::new(),
             pending_bytes: 0,
             hits_at: None,
+            same_pieces: None,
             cutting: Cutting::default(),
             stats: ScanStats::default(),
         }
@@ -166,6 +184,14 @@ impl<'a> Scanner<'a> {
     /// the bytes are hashed.
     pub(crate) fn with_hits(mut self, hits_at: &'a HitsAt<'a>) -> Self {
         self.hits_at = Some(hits_at);
+        self
+    }
+
+    /// Lets the scan take the values of a new chunk's pieces that a cached stale chunk starting
+    /// at the same place has, with the same bytes (`same_pieces(offset, len)`, see
+    /// `pieces::same`), instead of hashing them.
+    pub(crate) fn with_same_pieces(mut self, same_pieces: &'a SamePieces<'a>) -> Self {
+        self.same_pieces = Some(same_pieces);
         self
     }
 
@@ -268,8 +294,15 @@ impl<'a> Scanner<'a> {
     fn data_entry(&mut self, pos: u64, len: u64, out: &[Entry]) -> Entry {
         let from = (pos - self.base) as usize;
         let fires = self.fires_of(pos, len);
-        self.pending
-            .push((out.len(), from..from + len as usize, fires));
+        let known = self
+            .same_pieces
+            .map_or_else(Vec::new, |same| same(pos, len as usize));
+        self.pending.push(Pending {
+            index: out.len(),
+            bytes: from..from + len as usize,
+            fires,
+            known,
+        });
         self.pending_bytes += len as usize;
         Entry {
             offset: pos,
@@ -469,18 +502,19 @@ impl<'a> Scanner<'a> {
         }
         let buf = &self.buf;
         let pending = std::mem::take(&mut self.pending);
-        let hash = |(i, r, f): (usize, Range<usize>, Option<Fires>)| {
-            (i, super::pieces::hash_with(&buf[r], f))
+        let hash = |p: Pending| {
+            let (id, hashed) = super::pieces::hash_reusing(&buf[p.bytes], p.fires, &p.known);
+            (p.index, id, hashed)
         };
-        let hashes: Vec<(usize, blake3::Hash)> = if self.pending_bytes >= PARALLEL_HASH {
+        let hashes: Vec<(usize, blake3::Hash, usize)> = if self.pending_bytes >= PARALLEL_HASH {
             pending.into_par_iter().map(hash).collect()
         } else {
             pending.into_iter().map(hash).collect()
         };
-        for (i, h) in hashes {
+        for (i, h, hashed) in hashes {
             out[i].kind = Kind::Data(h);
+            self.stats.bytes_hashed += hashed as u64;
         }
-        self.stats.bytes_hashed += self.pending_bytes as u64;
         self.pending_bytes = 0;
     }
 }
