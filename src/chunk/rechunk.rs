@@ -499,11 +499,10 @@ mod tests {
         assert!(super::super::pieces::get(&new).is_some());
     }
 
-    /// A write over a chunk's end moves its cut, so the scan cuts the chunk again: the clean
-    /// whole pieces before the write keep their cached values (the same bytes at the same
-    /// offsets of a chunk starting at the same place), and only the rest is hashed.
-    #[test]
-    fn a_moved_cut_rehashes_the_bytes_after_the_write_not_the_chunks_clean_start() {
+    /// A write over the end of a chunk of more than four pieces, which moves its cut: the stale
+    /// manifest and chunk, the new manifest (checked against a full re-chunk), the re-chunk's
+    /// figures, the write, and the bytes of the chunks that changed.
+    fn moved_cut() -> (Manifest, Entry, Manifest, ScanStats, Range<u64>, u64) {
         let p = ChunkParams::default();
         let mut img = crate::testutil::random(4 << 20, 9);
         let (stale, _) = chunk_full(&img, p).unwrap();
@@ -519,15 +518,36 @@ mod tests {
         assert_eq!(m.root(), chunk_full(&img, p).unwrap().0.root());
         let at = m.entries()[m.index_at(c.offset).unwrap()];
         assert!(at.offset == c.offset && at.len != c.len, "the cut moved");
-        let changed: u64 = crate::manifest::changed_entries(&stale, &m)
+        let changed = crate::manifest::changed_entries(&stale, &m)
             .map(|e| e.len)
             .sum();
+        (stale, c, m, stats, written, changed)
+    }
+
+    /// The scan cuts the chunk again: its clean whole pieces before the write keep their cached
+    /// values (the same bytes at the same offsets of a chunk starting at the same place), and
+    /// only the rest is hashed.
+    #[test]
+    fn a_moved_cut_rehashes_the_bytes_after_the_write_not_the_chunks_clean_start() {
+        let (_, c, _, stats, written, changed) = moved_cut();
         let kept = (written.start - c.offset) / PIECE as u64 * PIECE as u64;
         assert!(kept >= 4 * PIECE as u64);
         assert!(
             stats.bytes_hashed <= changed - kept,
             "hashed {} of {changed} changed bytes; {kept} had cached values",
             stats.bytes_hashed
+        );
+    }
+
+    /// A short scan's reads grow with what it streamed, so it reads little past the chunks it
+    /// cuts (reads that doubled at every step read 2.4 times them here).
+    #[test]
+    fn a_moved_cut_reads_little_more_than_the_chunks_it_cuts() {
+        let (_, _, _, stats, _, changed) = moved_cut();
+        assert!(
+            stats.bytes_read <= changed + changed / 2,
+            "read {} for {changed} bytes of changed chunks",
+            stats.bytes_read
         );
     }
 

@@ -130,8 +130,10 @@ struct Cutting {
 /// itself when nothing is known).
 pub(crate) type ZeroHint<'a> = dyn Fn(u64) -> io::Result<u64> + Sync + 'a;
 
-/// First read of a scan, and after a jump; each read that continues the last doubles, up to
-/// `MAX_READ`.
+/// The least a read asks for. A read reaches as far past what the scan needs as the scan has
+/// streamed since its start or its last jump, from `FIRST_READ` to `MAX_READ`: a long scan
+/// reads in large blocks (and hashes them on all cores), and a re-chunk's short stretch
+/// around a write reads little more than the chunks it cuts.
 const FIRST_READ: u64 = 16 * 1024;
 const MAX_READ: u64 = 8 * 1024 * 1024;
 /// Pending hash work above which chunks are hashed on all cores.
@@ -147,7 +149,8 @@ pub(crate) struct Scanner<'a> {
     buf: Vec<u8>,
     filled: usize,
     base: u64,
-    read_size: u64,
+    /// Where the scan started streaming: its start, or its last jump.
+    streaming_from: u64,
     /// Data chunks emitted but not yet hashed.
     pending: Vec<Pending>,
     pending_bytes: usize,
@@ -168,7 +171,7 @@ impl<'a> Scanner<'a> {
             buf: Vec::new(),
             filled: 0,
             base: 0,
-            read_size: FIRST_READ / 2,
+            streaming_from: 0,
             pending: Vec::new(),
             pending_bytes: 0,
             hits_at: None,
@@ -468,12 +471,13 @@ impl<'a> Scanner<'a> {
         // Keep what is buffered from `pos` on, and read on from there. Reads grow while the scan
         // streams on and start small again after a jump (over a hole, to another run).
         let old_end = self.base + self.filled as u64;
-        if pos >= self.base && pos <= old_end {
-            self.read_size = (self.read_size * 2).min(MAX_READ);
-        } else {
-            self.read_size = FIRST_READ;
+        if pos < self.base || pos > old_end {
+            self.streaming_from = pos;
         }
-        let end = (pos + need.max(self.read_size)).min(self.size);
+        let ahead = pos
+            .saturating_sub(self.streaming_from)
+            .clamp(FIRST_READ, MAX_READ);
+        let end = (pos + need.max(ahead)).min(self.size);
         let keep = if pos >= self.base && pos < old_end {
             let from = (pos - self.base) as usize;
             self.buf.copy_within(from..self.filled, 0);
