@@ -23,13 +23,13 @@ use std::ops::Range;
 
 use std::sync::Arc;
 
+use blake3::hazmat::ChainingValue;
 use rayon::prelude::*;
 
 use super::gear::{Fires, Rule, WINDOW, position};
 use super::pieces::Known;
 use super::{ChunkParams, Source, ZERO_BLOCK, align_down, is_zero};
 use crate::manifest::{Entry, Kind};
-use blake3::hazmat::ChainingValue;
 
 /// Where a scan begins: at an entry start, or inside a zero run that is known to qualify as a
 /// zero extent: `[run_start, pos)` is zero, `pos` is aligned, and the run is at least
