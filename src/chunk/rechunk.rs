@@ -43,7 +43,6 @@ use super::gear::WINDOW;
 use super::inplace::{InPlace, rehash_in_place};
 use super::scan::{End, ScanStats, Scanner, Span, Start};
 use super::{ChunkParams, Source, align_down};
-use crate::dirty::touches;
 use crate::manifest::{Entry, Kind, Manifest};
 
 /// How a re-chunk splits long stretches of work across cores.
@@ -173,8 +172,11 @@ pub fn rechunk_tuned(
         let Some(known) = e.hash().and_then(|id| super::pieces::get(&id)) else {
             return Vec::new();
         };
-        let clean =
-            |r: Range<usize>| !touches(&dirty, start + r.start as u64..start + r.end as u64);
+        let clean = |r: Range<usize>| {
+            let (from, to) = (start + r.start as u64, start + r.end as u64);
+            let i = dirty.partition_point(|d| d.end <= from);
+            dirty.get(i).is_none_or(|d| d.start >= to)
+        };
         super::pieces::same(&known.values, e.len as usize, len, clean)
     };
     let hint = |q: u64| -> io::Result<u64> {

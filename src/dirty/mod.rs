@@ -221,12 +221,6 @@ impl FromIterator<Range<u64>> for RangeSet {
     }
 }
 
-/// Whether `r` overlaps one of `spans` (sorted, disjoint).
-pub fn touches(spans: &[Range<u64>], r: Range<u64>) -> bool {
-    let i = spans.partition_point(|s| s.end <= r.start);
-    spans.get(i).is_some_and(|s| s.start < r.end)
-}
-
 /// The new name of `path` when `from` (an image or a directory) becomes `to`; `None` when
 /// `path` is not `from` or below it.
 pub fn rebase(

@@ -29,7 +29,6 @@ use parking_lot::Mutex;
 
 use super::outside::stamp::Stamp;
 use crate::chunk::Source;
-use crate::dirty::touches;
 
 /// Copy-before-write granularity.
 pub const BLOCK: u64 = 4096;
@@ -249,6 +248,12 @@ impl FrozenImage {
     pub fn frozen_size(&self) -> u64 {
         self.size
     }
+}
+
+/// Whether `r` overlaps one of `spans` (sorted, disjoint).
+fn touches(spans: &[Range<u64>], r: Range<u64>) -> bool {
+    let i = spans.partition_point(|s| s.end <= r.start);
+    spans.get(i).is_some_and(|s| s.start < r.end)
 }
 
 /// Reads as much of `buf` as the file holds at `off` (zeros past its end).
