@@ -84,6 +84,32 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Writes `parts` one after another at `offset`, all of them (`pwritev(2)`): a record's header
+/// and its bytes without first copying both into one buffer.
+pub fn write_parts_at(file: &File, parts: &[&[u8]], mut offset: u64) -> io::Result<()> {
+    let mut parts: Vec<&[u8]> = parts.iter().copied().filter(|p| !p.is_empty()).collect();
+    let mut first = 0;
+    while first < parts.len() {
+        let slices: Vec<io::IoSlice> = parts[first..].iter().map(|p| io::IoSlice::new(p)).collect();
+        let mut n = match rustix::io::pwritev(file, &slices, offset) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        offset += n as u64;
+        // Past what was written: whole parts, then into the next one.
+        while first < parts.len() && n >= parts[first].len() {
+            n -= parts[first].len();
+            first += 1;
+        }
+        if n > 0 {
+            parts[first] = &parts[first][n..];
+        }
+    }
+    Ok(())
+}
+
 /// Bytes a staging file takes before [`Writeback`] starts writing them to disk.
 pub const WRITEBACK_STEP: u64 = 8 << 20;
 
@@ -208,6 +234,32 @@ mod tests {
             "a missing source is an error"
         );
         assert_eq!(fs::read(&to).unwrap(), b"new", "and changes nothing");
+    }
+
+    #[test]
+    fn write_parts_at_writes_every_part_in_order_at_the_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = File::options()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(dir.path().join("f"))
+            .unwrap();
+        let big = vec![7u8; 3 << 20];
+        write_parts_at(&file, &[b"head", b"", &big, b"tail"], 5).unwrap();
+        let got = fs::read(dir.path().join("f")).unwrap();
+        assert_eq!(got.len(), 5 + 4 + big.len() + 4);
+        assert_eq!(&got[..5], &[0; 5], "nothing before the offset");
+        assert_eq!(&got[5..9], b"head");
+        assert!(got[9..9 + big.len()].iter().all(|&b| b == 7));
+        assert_eq!(&got[9 + big.len()..], b"tail");
+        write_parts_at(&file, &[], 0).unwrap();
+        assert_eq!(
+            fs::read(dir.path().join("f")).unwrap(),
+            got,
+            "no parts, no change"
+        );
     }
 
     #[test]

@@ -122,18 +122,17 @@ impl Journal {
         if self.index.contains_key(hash) {
             return Ok(());
         }
-        let mut rec = Vec::with_capacity(HEADER as usize + data.len());
-        rec.extend_from_slice(MAGIC);
-        rec.extend_from_slice(hash);
-        rec.extend_from_slice(&(data.len() as u32).to_le_bytes());
-        rec.extend_from_slice(data);
-        if let Err(e) = self.file.write_all_at(&rec, self.end) {
+        let mut header = [0u8; HEADER as usize];
+        header[..4].copy_from_slice(MAGIC);
+        header[4..36].copy_from_slice(hash);
+        header[36..].copy_from_slice(&(data.len() as u32).to_le_bytes());
+        if let Err(e) = durable::write_parts_at(&self.file, &[&header, data], self.end) {
             let _ = self.file.set_len(self.end);
             return Err(e);
         }
         self.index
             .insert(*hash, (self.end + HEADER, data.len() as u32));
-        self.end += rec.len() as u64;
+        self.end += HEADER + data.len() as u64;
         self.writeback.appended(&self.file, self.end);
         Ok(())
     }

@@ -386,6 +386,9 @@ const EARLY_MAX: u64 = 4 << 20;
 /// makes a batch of frames in one blocking call, then sends them.
 const BATCH_BYTES: u64 = 1 << 20;
 const BATCH_JOBS: usize = 256;
+/// A data frame's bytes beyond its payload, about: its length, kind, hash, flags, and for a
+/// patch its path and each range's offset.
+const FRAME_ROOM: usize = 128;
 
 /// Sends every pending job on [`STREAMS`] data streams.
 async fn send_data(
@@ -423,9 +426,12 @@ async fn send_batch(
     jobs: Vec<Job>,
     how: &Shipment,
 ) -> Result<(), Cause> {
-    let mut bytes = Vec::new();
-    let mut payload = 0;
     let made = make_frames(jobs, how).await?;
+    // Room for the whole batch at once: grown by doubling, the buffer was copied and faulted
+    // in again about as many bytes as it holds.
+    let room = made.iter().map(|(_, m)| m.1 as usize + FRAME_ROOM).sum();
+    let mut bytes = Vec::with_capacity(room);
+    let mut payload = 0;
     for (_, made) in &made {
         let (frame, n) = &**made;
         payload += n;
