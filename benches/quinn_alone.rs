@@ -23,8 +23,7 @@ fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let warm = args.iter().any(|a| a == "--warm");
     args.retain(|a| a != "--warm");
-    let usage =
-        "usage: quinn_alone serve LISTEN KEY_DIR CLIENT_FP | send ADDR KEY_DIR SERVER_FP MIB [CC]";
+    let usage = "usage: quinn_alone serve LISTEN KEY_DIR CLIENT_FP | send ADDR KEY_DIR SERVER_FP MIB [CC] [--warm]";
     let rt = tokio::runtime::Runtime::new().unwrap();
     match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         // `cargo bench` runs every bench with `--bench`: nothing to do without arguments.
@@ -121,7 +120,8 @@ async fn send(
     ep.wait_idle().await;
 }
 
-/// Sends `per` MiB (`block` again and again) on each of the sync's streams and checks the server's count of them.
+/// Sends `per` MiB (`block` again and again) on each of the sync's streams, and checks the
+/// server's count of them.
 async fn transfer(conn: &quinn::Connection, block: &std::sync::Arc<Vec<u8>>, per: u64) {
     let mut writers = Vec::new();
     for _ in 0..DATA_STREAMS {
