@@ -22,10 +22,18 @@ pub use source::{FileSource, Source, hole_end};
 
 pub use crate::manifest::{ChunkParams, ParamsError, ZERO_BLOCK};
 
+use std::ops::Range;
+
 /// Whether chunk `id`'s pieces are cached (tests).
 #[cfg(test)]
 pub(crate) fn pieces_cached(id: &blake3::Hash) -> bool {
     pieces::get(id).is_some()
+}
+
+/// Whether `r` overlaps one of `spans` (sorted, disjoint): a dirty run, a span still needed.
+pub fn touches(spans: &[Range<u64>], r: Range<u64>) -> bool {
+    let i = spans.partition_point(|s| s.end <= r.start);
+    spans.get(i).is_some_and(|s| s.start < r.end)
 }
 
 /// Rounds `x` down to a multiple of [`ZERO_BLOCK`].
@@ -48,6 +56,13 @@ pub(crate) fn is_zero(buf: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn touches_is_any_overlap_with_sorted_spans_ends_excluded() {
+        let spans = [0..1, 10..20];
+        assert!(touches(&spans, 19..30) && touches(&spans, 0..5) && touches(&spans, 12..13));
+        assert!(!touches(&spans, 1..10) && !touches(&spans, 20..40) && !touches(&[], 0..9));
+    }
 
     #[test]
     fn is_zero_finds_a_single_set_byte_anywhere() {

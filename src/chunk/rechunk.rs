@@ -172,11 +172,8 @@ pub fn rechunk_tuned(
         let Some(known) = e.hash().and_then(|id| super::pieces::get(&id)) else {
             return Vec::new();
         };
-        let clean = |r: Range<usize>| {
-            let (from, to) = (start + r.start as u64, start + r.end as u64);
-            let i = dirty.partition_point(|d| d.end <= from);
-            dirty.get(i).is_none_or(|d| d.start >= to)
-        };
+        let clean =
+            |r: Range<usize>| !super::touches(&dirty, start + r.start as u64..start + r.end as u64);
         super::pieces::same(&known.values, e.len as usize, len, clean)
     };
     let hint = |q: u64| -> io::Result<u64> {
