@@ -49,8 +49,11 @@ use crate::manifest::{Entry, Kind, Manifest};
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug)]
 pub struct Tuning {
-    /// A group of dirty runs longer than twice this is scanned in pieces of this length, each
-    /// started speculatively and joined where its boundaries meet the previous piece's.
+    /// The longest piece: a group of dirty runs longer than this is scanned in pieces, each
+    /// started speculatively and joined where its boundaries meet the previous piece's. A
+    /// group is also cut into as many pieces as there are threads to scan them, down to
+    /// [`Tuning::min_piece`]: one long run among many small changes (a VM's 32 MiB write
+    /// beside scattered ones) was otherwise scanned by one thread while the others waited.
     pub split: u64,
     /// How far a piece scans past the start of the next one, to meet its boundaries.
     pub overshoot: u64,
@@ -62,6 +65,23 @@ impl Tuning {
             split: 32 << 20,
             overshoot: 4 * p.max_size as u64 + p.zero_min as u64,
         }
+    }
+
+    /// The shortest piece a group is cut into for more threads: a quarter of the longest, and
+    /// long enough that scanning past its end costs at most an eighth more.
+    pub fn min_piece(&self) -> u64 {
+        (self.split / 4).max(8 * self.overshoot)
+    }
+
+    /// How many pieces a group of `len` bytes is scanned in, with `threads` to scan them: none
+    /// longer than `split`, and a multiple of `threads` (every thread gets as many: 7 pieces
+    /// on 2 threads left the last one running alone), unless that makes them shorter than
+    /// [`Tuning::min_piece`].
+    pub fn pieces(&self, len: u64, threads: usize) -> u64 {
+        let needed = len.div_ceil(self.split.max(1)).max(1);
+        let most = len / self.min_piece().max(1);
+        let t = threads.max(1) as u64;
+        needed.div_ceil(t).saturating_mul(t).min(most).max(needed)
     }
 }
 
@@ -192,13 +212,20 @@ pub fn rechunk_tuned(
         }
     }
     // Split long groups into speculative pieces.
+    let threads = rayon::current_num_threads();
     let mut tasks = Vec::new();
     for (start, until) in groups {
-        let mut from = start.first_offset();
+        let first = start.first_offset();
+        let pieces = tuning.pieces(until.saturating_sub(first), threads);
+        let piece = until.saturating_sub(first) / pieces;
+        let mut from = first;
         let mut task_start = start;
         let mut speculative = false;
-        while until.saturating_sub(from) > 2 * tuning.split {
-            let next = align_down(from + tuning.split);
+        for k in 1..pieces {
+            let next = align_down(first + k * piece);
+            if next <= from {
+                continue;
+            }
             tasks.push(Task {
                 start: task_start,
                 speculative,
@@ -239,7 +266,13 @@ pub fn rechunk_tuned(
             stats: scanner.stats,
         })
     };
-    let results: Vec<io::Result<Done>> = tasks.par_iter().map(|t| run(t.start, t.stop)).collect();
+    // One task per job: a task runs from a few KiB to many MiB, and rayon's default leaves
+    // (runs of adjacent tasks on one thread) kept a long task's pieces together on one thread.
+    let results: Vec<io::Result<Done>> = tasks
+        .par_iter()
+        .with_max_len(1)
+        .map(|t| run(t.start, t.stop))
+        .collect();
 
     // Join the pieces in order. `tail` is the real scan's state where `out` ends.
     let mut out: Vec<Entry> = Vec::with_capacity(stale.entries().len() + 16);
@@ -546,6 +579,23 @@ mod tests {
             "read {} for {changed} bytes of changed chunks",
             stats.bytes_read
         );
+    }
+
+    #[test]
+    fn a_long_group_is_cut_for_every_thread_down_to_the_shortest_piece() {
+        let t = Tuning::for_params(ChunkParams::default());
+        const MIB: u64 = 1 << 20;
+        // Its overshoot is 1 MiB + 16 KiB: no piece is shorter than eight of them.
+        assert_eq!(t.min_piece(), 8 * (MIB + 16 * 1024));
+        // One 32 MiB run: one piece per thread, where it was one piece on one thread.
+        assert_eq!(t.pieces(32 * MIB, 2), 2);
+        assert_eq!(t.pieces(32 * MIB, 4), 3);
+        assert_eq!(t.pieces(32 * MIB, 1), 1);
+        // Short groups stay whole; long ones are cut in pieces of at most `split`.
+        assert_eq!(t.pieces(12 * MIB, 2), 1);
+        assert_eq!(t.pieces(200 * MIB, 2), 8);
+        assert_eq!(t.pieces(200 * MIB, 1), 7);
+        assert_eq!(t.pieces(0, 2), 1);
     }
 
     #[test]
