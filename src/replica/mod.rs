@@ -913,10 +913,9 @@ fn write_changes(
     writes: Writes,
 ) -> Result<()> {
     // Into the page cache only: the disk's work is settling's (after the acknowledgement). So
-    // the work is the CPU's (reading each chunk back from the staging, copying it into the
-    // image; its hash was checked when it was staged, or when the journal was opened after a
-    // restart): a large generation is written by several threads, each a run of entries in
-    // offset order.
+    // the work is the CPU's (reading each chunk back from the staging, checking its hash,
+    // copying it into the image): a large generation is written by several threads, each a
+    // run of entries in offset order.
     let entries: Vec<&Entry> = changed_entries(old, new).collect();
     let bytes: u64 = entries.iter().map(|e| e.len).sum();
     let threads = apply_threads(bytes, entries.len());
@@ -968,7 +967,7 @@ fn write_entry(f: &File, path: &str, e: &Entry, staged: &Staged, writes: Writes)
     match e.kind {
         Kind::Data(h) => {
             let h = h.as_bytes();
-            if let Some(data) = staged.journal.read(h)? {
+            if let Some(data) = staged.journal.get(h)? {
                 f.write_all_at(&data, e.offset)?;
             } else if staged.patches.place(h) == Some((path, e.offset, e.len as u32)) {
                 let p = staged.patches.get(h)?.context("staged patch vanished")?;
