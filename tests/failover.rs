@@ -213,7 +213,7 @@ fn a_killed_primary_is_replaced_by_the_newest_replica_within_twice_the_ttl() {
         c_failover["epoch"].as_u64().unwrap() > epoch_a,
         "{c_failover}"
     );
-    assert_eq!(std::fs::read(s.b.images.join(IMAGE)).unwrap(), image);
+    assert_eq!(std::fs::read(s.b.image(IMAGE)).unwrap(), image);
 
     // A comes back: etcd says C leads, so A fences itself for good: no sync, writes held and
     // then refused.
@@ -426,7 +426,7 @@ fn a_primary_cut_off_fences_itself_within_the_ttl_and_never_commits_after_the_ne
     );
     let (v, ok, err) = common::sync(&new_mnt);
     assert!(ok, "the new primary's first commit: {v} {err}");
-    let first_commit = std::fs::read(s.c.images.join(IMAGE)).unwrap();
+    let first_commit = std::fs::read(s.c.image(IMAGE)).unwrap();
     assert_eq!(first_commit, std::fs::read(&served).unwrap());
 
     // Heal: A learns that B leads, and stays fenced for good.
@@ -449,7 +449,7 @@ fn a_primary_cut_off_fences_itself_within_the_ttl_and_never_commits_after_the_ne
     let e = writer.stop().expect("the writer was stopped by an error");
     assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
     // Nothing of A reached a replica after the new primary's first commit.
-    assert_eq!(std::fs::read(s.c.images.join(IMAGE)).unwrap(), first_commit);
+    assert_eq!(std::fs::read(s.c.image(IMAGE)).unwrap(), first_commit);
     let holder: Value =
         serde_json::from_slice(&std::fs::read(s.c.images.join(".ferry/epoch.json")).unwrap())
             .unwrap();
@@ -562,7 +562,7 @@ fn losing_one_etcd_member_changes_nothing_and_losing_two_fences_without_a_promot
     assert!(ok, "{v} {err}");
     for r in [&s.b, &s.c] {
         assert_eq!(
-            std::fs::read(r.images.join(IMAGE)).unwrap(),
+            std::fs::read(r.image(IMAGE)).unwrap(),
             std::fs::read(s.a.path(IMAGE)).unwrap()
         );
     }

@@ -44,7 +44,7 @@ impl Fanout {
     }
 
     fn has(&self, i: usize, name: &str) -> bool {
-        fs::read(self.replicas[i].images.join(name)).ok()
+        fs::read(self.replicas[i].image(name)).ok()
             == Some(fs::read(self.primary.backing(name)).unwrap())
     }
 

@@ -451,7 +451,7 @@ fn case(point: &str, fault: Fault) -> String {
         2,
         "{point}: the replica did not converge"
     );
-    assert!(fs::read(s.replica.images.join(IMAGE)).unwrap() == want);
+    assert!(fs::read(s.replica.image(IMAGE)).unwrap() == want);
     let seen: Vec<String> = seen.iter().map(|g| g.to_string()).collect();
     let row = format!(
         "| `{point}` | {} | {} | {first} | {} | {} bytes sent, generation {} | {:.1} s |",

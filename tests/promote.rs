@@ -218,7 +218,7 @@ fn a_forced_promotion_of_the_older_replica_keeps_the_newer_generation_aside() {
     let (v, ok, err) = common::sync(&d.b.mnt);
     assert!(ok, "{v} {err}\n{}", d.c.log_text());
     assert_eq!(
-        std::fs::read(d.c.images.join(IMAGE)).unwrap(),
+        std::fs::read(d.c.image(IMAGE)).unwrap(),
         std::fs::read(&served).unwrap()
     );
     assert!(
@@ -362,7 +362,7 @@ fn the_newest_replica_is_promoted_and_the_older_one_follows_it() {
     let (v, ok, err) = common::sync(&d.c.mnt);
     assert!(ok, "{v} {err}\n{}", d.b.log_text());
     assert_eq!(
-        std::fs::read(d.b.images.join(IMAGE)).unwrap(),
+        std::fs::read(d.b.image(IMAGE)).unwrap(),
         std::fs::read(&served).unwrap()
     );
     let sent = v["bytes_sent"].as_u64().unwrap();

@@ -598,7 +598,7 @@ fn a_store_without_room_to_keep_pauses_the_sync_and_loses_no_restore_point() {
         sent < 5 << 20,
         "sent {sent} bytes for a 4 MiB generation: {v}"
     );
-    common::cmp(&p.primary.backing("a.img"), &p.replica.images.join("a.img"));
+    common::cmp(&p.primary.backing("a.img"), &p.replica.image("a.img"));
     assert_eq!(numbers(&generations(&p)), [g1, g2, g3]);
     assert_eq!(fs::read(point(g1)).unwrap(), at1);
     assert_eq!(fs::read(point(g2)).unwrap(), at2);

@@ -177,7 +177,7 @@ fn an_unpinned_primary_is_refused_and_nothing_of_its_lands() {
     }
     let primary_fp = fs::read_to_string(p.primary.dir.path().join("keys/node.crt")).unwrap();
     assert!(!primary_fp.is_empty());
-    assert!(!r2.images.join("a.img").exists());
+    assert!(!r2.image("a.img").exists());
     r2.kill9();
 }
 
@@ -265,11 +265,11 @@ fn a_corrupted_chunk_is_caught_and_nothing_is_applied() {
         other => panic!("a corrupt chunk was not refused: {other:?}"),
     }
     assert!(!armed.load(Ordering::SeqCst));
-    assert!(!r.images.join("a.img").exists(), "nothing applied");
+    assert!(!r.image("a.img").exists(), "nothing applied");
     // The next session ships the same generation intact.
     let acked = attempt(&how).unwrap_or_else(|e| panic!("{e}\n{}", r.log_text()));
     assert_eq!(acked.generation, 1);
-    assert_eq!(fs::read(r.images.join("a.img")).unwrap(), bytes);
+    assert_eq!(fs::read(r.image("a.img")).unwrap(), bytes);
 }
 
 #[test]
@@ -554,7 +554,7 @@ fn a_full_state_directory_keeps_the_vm_writing_and_says_the_sync_cannot_be_cut()
     let (v, ok, err) = sync(&m.mnt);
     assert!(ok, "{v} {err}");
     for name in ["a.img", "b.img"] {
-        common::cmp(&m.backing(name), &r.images.join(name));
+        common::cmp(&m.backing(name), &r.image(name));
     }
 }
 

@@ -341,6 +341,12 @@ struct NsReplica {
 }
 
 impl NsReplica {
+    /// Image `name` once the store has settled (see `common::Replica::image`).
+    fn image(&self, name: &str) -> PathBuf {
+        ferry::replica::wait_settled(&self.images, std::time::Duration::from_secs(10));
+        self.images.join(name)
+    }
+
     fn start(net: &Net, primary: &str) -> NsReplica {
         let dir = tempfile::tempdir().unwrap();
         let store = dir.path().join("store");
@@ -448,7 +454,7 @@ impl NsPair {
     }
 
     fn identical(&self, name: &str) {
-        common::cmp(&self.primary.backing(name), &self.replica.images.join(name));
+        common::cmp(&self.primary.backing(name), &self.replica.image(name));
     }
 
     fn staged(&self) -> u64 {
@@ -600,7 +606,7 @@ fn a_cut_link_mid_transfer_delays_the_sync_but_loses_and_resends_nothing() {
     // 2. A cut that outlasts the sync's timeout: the sync fails, saying so, and the replica
     // keeps generation 1; once the link is back, the next sync sends only what had not arrived.
     write_random(&p.primary.path("vm.img"), MIB as usize, 12);
-    let before = fs::read(p.replica.images.join("vm.img")).unwrap();
+    let before = fs::read(p.replica.image("vm.img")).unwrap();
     let sync = p.sync_bg(8);
     wait_for("a quarter to be staged", Duration::from_secs(60), || {
         p.staged() > size / 4
@@ -610,7 +616,7 @@ fn a_cut_link_mid_transfer_delays_the_sync_but_loses_and_resends_nothing() {
     assert!(!ok, "a sync with the link cut succeeded: {v}");
     assert_ne!(v["replicas"][0]["state"], "committed", "{v} {err}");
     assert!(
-        fs::read(p.replica.images.join("vm.img")).unwrap() == before,
+        fs::read(p.replica.image("vm.img")).unwrap() == before,
         "the replica's image changed without a commit"
     );
     let arrived = p.staged();

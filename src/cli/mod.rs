@@ -562,6 +562,20 @@ fn manifest_cmd(a: ManifestArgs) -> Result<()> {
 
 /// The namespaces of the store a config names (one per primary), read beside the daemon.
 fn replica_namespaces(path: &std::path::Path) -> Result<Vec<crate::replica::site::Namespace>> {
+    namespaces_after(path, std::time::Duration::ZERO)
+}
+
+/// [`replica_namespaces`], each read once it has applied the generation it acknowledged last
+/// (the apply follows the acknowledgement by tens of milliseconds; waited for up to 5 s), so
+/// that what `ferry sync` reported is listed and can be restored.
+fn settled_namespaces(path: &std::path::Path) -> Result<Vec<crate::replica::site::Namespace>> {
+    namespaces_after(path, std::time::Duration::from_secs(5))
+}
+
+fn namespaces_after(
+    path: &std::path::Path,
+    settle: std::time::Duration,
+) -> Result<Vec<crate::replica::site::Namespace>> {
     let config = crate::config::Config::load(path)?;
     let rc = crate::mount::replica_section(&config, path)?;
     let params = config.chunk_params().map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -571,7 +585,7 @@ fn replica_namespaces(path: &std::path::Path) -> Result<Vec<crate::replica::site
             rc.store.display()
         )
     })?;
-    crate::replica::site::read_only(&root, params, crate::mount::policy(&rc))
+    crate::replica::site::read_only(&root, params, crate::mount::policy(&rc), settle)
 }
 
 /// The namespace of `name`'s primary, or an error that lists those there are.
@@ -597,7 +611,7 @@ fn view_of(ns: &crate::replica::site::Namespace) -> Result<&crate::replica::View
 
 /// `ferry generations --config FILE [--primary NAME]`.
 fn generations_cmd(a: &GenerationsArgs) -> Result<()> {
-    let all = replica_namespaces(&a.config)?;
+    let all = settled_namespaces(&a.config)?;
     let chosen: Vec<&crate::replica::site::Namespace> = match &a.primary {
         Some(name) => vec![namespace(&all, name)?],
         None => all.iter().collect(),
@@ -659,7 +673,7 @@ fn generations_cmd(a: &GenerationsArgs) -> Result<()> {
 /// `ferry restore --config FILE IMAGE --generation N --to FILE`.
 fn restore_cmd(a: &RestoreArgs) -> Result<()> {
     use std::os::unix::fs::FileExt;
-    let all = replica_namespaces(&a.config)?;
+    let all = settled_namespaces(&a.config)?;
     let (primary, image) = a.image.split_once('/').ok_or_else(|| {
         anyhow::anyhow!(
             "{}: name the image as the replica mount shows it, PRIMARY/PATH (e.g. \

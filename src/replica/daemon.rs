@@ -495,9 +495,12 @@ async fn session(
                 let _ = tx.blocking_send(f);
             }
             if committed {
-                // The acknowledgement is on its way: now the images' fsync, off the lag.
+                // The acknowledgement is on its way: now the apply and the images' fsync, off
+                // the lag. If they fail, the session ends: the next one finds the store
+                // settling again first, and is refused with the cause if it still fails.
                 if let Err(e) = store.lock().settle() {
                     log::error!("{e:#}");
+                    return lost(&mut s);
                 }
                 crate::heap::give_back();
             }

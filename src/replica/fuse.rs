@@ -141,7 +141,7 @@ impl ReplicaFuse {
         let (number, kind, size) = match node {
             Node::Root => unreachable!("handled above"),
             Node::Live(..) | Node::Meta(_) | Node::Points(_) => {
-                (view.applied(), FileType::Directory, 0)
+                (view.newest(), FileType::Directory, 0)
             }
             Node::PointDir(_, n, _) => (*n, FileType::Directory, 0),
             Node::Image(_, n, p) => match view.find(*n, p) {
@@ -186,7 +186,7 @@ impl ReplicaFuse {
                 Ok((Node::Meta(ns.clone()), FOREVER))
             }
             Node::Live(_, d) => Ok((
-                found(view.applied(), join(d, name), |ns, _, p| Node::Live(ns, p))?,
+                found(view.newest(), join(d, name), |ns, _, p| Node::Live(ns, p))?,
                 NOW,
             )),
             Node::Meta(_) if name == "generations" => Ok((Node::Points(ns.clone()), FOREVER)),
@@ -237,7 +237,7 @@ impl ReplicaFuse {
         };
         match node {
             Node::Root => unreachable!("handled above"),
-            Node::Live(_, d) => listed(view.applied(), d, |ns, _, p| Node::Live(ns, p)),
+            Node::Live(_, d) => listed(view.newest(), d, |ns, _, p| Node::Live(ns, p)),
             Node::Meta(_) => Ok(vec![(
                 Node::Points(ns.clone()),
                 FileType::Directory,

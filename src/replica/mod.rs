@@ -10,15 +10,22 @@
 //!    that image's staged file (`fresh`), completed and fsynced;
 //! 2. the new manifests are written under `.ferry/staging/manifests/`;
 //! 3. the commit record `.ferry/staging/commit` is written atomically: the generation is
-//!    committed;
+//!    committed, and acknowledged after this step (a crash from here on is finished by the
+//!    replay below, so the promise holds);
 //! 4. new images' staged files are renamed where they go; the other images are changed in
 //!    place from the journal and the patches (data written, zero extents punched as holes,
 //!    sizes set), not yet fsynced (a large generation by several threads, each a run of
 //!    entries: into the page cache this is CPU work);
 //! 5. the staged manifests replace the committed ones (hard links), then the generation record
-//!    is replaced: the generation is acknowledged after this step;
-//! 6. *settling*, after the acknowledgement and before anything else touches the store: the
-//!    images are fsynced, then the staging area is emptied.
+//!    is replaced;
+//! 6. then the images are fsynced and the staging area is emptied.
+//!
+//! Steps 4 to 6 are *settling*: after the acknowledgement is on its way, and before anything
+//! else touches the store (a session, a stage, a commit, a scrub). Until then the store answers
+//! for the committed generation as it will be ([`Store::committed`], the images it reports),
+//! and the replica mount serves the previous one, reading what the apply overwrites from the
+//! kept chunks. An apply that fails there is written again from the staging (the replay below)
+//! at the next settle, and the session that finds it failing is refused with the cause.
 //!
 //! On start, a commit record not older than the generation record is replayed from step 4:
 //! every chunk the staging holds is written again at each place the generation's manifests put
@@ -29,8 +36,9 @@
 //! record is kept, so an interrupted transfer resumes without sending those chunks again (and a
 //! new image's staged file, checked by hash first: see `fresh`).
 //!
-//! Settling after the acknowledgement takes the images' fsync (a random write per patch on the
-//! disk) off every sync's lag; the next session, staging or commit waits for it.
+//! Settling after the acknowledgement takes the apply and the images' fsync (a random write
+//! per patch on the disk) off every sync's lag; the next session, staging or commit waits for
+//! it.
 
 pub mod daemon;
 mod fresh;
@@ -113,6 +121,12 @@ impl CommitRecord {
     }
 }
 
+/// A generation committed (step 3) but not yet applied: steps 4 and 5 wait for the settle.
+struct Pending {
+    commit: CommitRecord,
+    images: BTreeMap<String, Manifest>,
+}
+
 /// A generation written into the images but not yet fsynced there (step 6).
 struct Unsettled {
     generation: u64,
@@ -155,6 +169,8 @@ pub struct Store {
     /// a patch check reads a piece or two of its base, and opening the file for each of
     /// thousands of patches cost more than the read.
     readers: parking_lot::Mutex<std::collections::HashMap<String, (u64, Arc<File>)>>,
+    /// The generation committed but not yet applied (steps 4 and 5 of the module comment).
+    pending: Option<Pending>,
     /// The generation applied but not yet settled (step 6 of the module comment).
     unsettled: Option<Unsettled>,
 }
@@ -314,6 +330,7 @@ impl Store {
             verified: None,
             holder,
             readers: Default::default(),
+            pending: None,
             unsettled: None,
         };
         store.replay()?;
@@ -346,7 +363,7 @@ impl Store {
     /// The figures metrics show.
     pub fn figures(&self) -> Figures {
         Figures {
-            generation: self.record.generation,
+            generation: self.committed().0,
             epoch: self.record.epoch,
             images: self.manifests.len(),
             image_bytes: self.manifests.values().map(|m| m.size()).sum(),
@@ -367,9 +384,13 @@ impl Store {
         &self.holder
     }
 
-    /// The committed generation and its group root (hex).
+    /// The committed generation and its group root (hex): the one last acknowledged, applied
+    /// or not yet.
     pub fn committed(&self) -> (u64, &str) {
-        (self.record.generation, &self.record.group_root)
+        match &self.pending {
+            Some(p) => (p.commit.generation, &p.commit.group_root),
+            None => (self.record.generation, &self.record.group_root),
+        }
     }
 
     /// Whether this namespace holds (as its committed generation or a restore point) the
@@ -686,6 +707,27 @@ impl Store {
     /// On an error the generation stays unsettled and the next call writes it again from the
     /// staging.
     pub fn settle(&mut self) -> Result<()> {
+        if let Some(p) = self.pending.take() {
+            let generation = p.commit.generation;
+            if let Err(e) = self.apply_pending(p) {
+                // Written again from the staging at the next settle (`replay`); until then
+                // the mount serves the previous generation.
+                self.view().apply_failed();
+                self.unsettled = Some(Unsettled {
+                    generation,
+                    files: None,
+                });
+                return Err(e).with_context(|| {
+                    format!(
+                        "store {}: generation {generation} is committed and acknowledged but \
+                         cannot be applied to its images (its staging is kept, and applied \
+                         again at the next session or restart); check the disk and the kernel \
+                         log",
+                        self.root.display()
+                    )
+                });
+            }
+        }
         let Some(u) = self.unsettled.take() else {
             return Ok(());
         };
@@ -776,8 +818,30 @@ impl Store {
             );
         }
         self.apply(&commit, &new, Writes::Staged)?;
+        if self.view.as_ref().is_some_and(|v| v.is_applying()) {
+            // A live apply failed: the replica mount still serves the previous generation.
+            self.end_apply(SystemTime::now())?;
+        }
         self.settle()
     }
+}
+
+/// Waits up to `timeout` for the store at `root` (a namespace's directory) to settle: the
+/// replica acknowledges a generation once its commit record is durable and applies it right
+/// after, removing the record when the images hold it. For readers beside the daemon (`ferry
+/// generations`, `ferry restore`), so they see what `ferry sync` reported. False if a commit
+/// record is still there (an apply in progress or failed, or a daemon that stopped before it:
+/// the restart finishes it).
+pub fn wait_settled(root: &Path, timeout: std::time::Duration) -> bool {
+    let commit = root.join(META_DIR).join("staging").join("commit");
+    let t = std::time::Instant::now();
+    while commit.exists() {
+        if t.elapsed() >= timeout {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    true
 }
 
 /// A generation record that cannot be read (bit rot, a torn write the atomic replace should
@@ -1124,17 +1188,29 @@ impl ReplicaStore for Store {
     }
 
     fn generation(&self) -> (u64, Hash) {
-        (
-            self.record.generation,
-            hash_from_hex(&self.record.group_root).unwrap_or([0; 32]),
-        )
+        let (number, root) = self.committed();
+        (number, hash_from_hex(root).unwrap_or([0; 32]))
     }
 
+    /// The images of the committed generation, as they are once it is applied.
     fn images(&self) -> Vec<ImageState> {
-        self.manifests
+        let mut images: BTreeMap<&str, &Manifest> = self
+            .manifests
             .iter()
+            .map(|(p, m)| (p.as_str(), m))
+            .collect();
+        if let Some(p) = &self.pending {
+            for c in &p.commit.changes {
+                if let NsChange::Remove { path } = c {
+                    images.remove(path.as_str());
+                }
+            }
+            images.extend(p.images.iter().map(|(path, m)| (path.as_str(), m)));
+        }
+        images
+            .into_iter()
             .map(|(path, m)| ImageState {
-                path: path.clone(),
+                path: path.to_string(),
                 size: m.size(),
                 root: *m.root().as_bytes(),
             })
@@ -1380,7 +1456,8 @@ impl Store {
         // The staged new images are the commit record's now (renamed by the apply, or by its
         // replay).
         self.fresh.clear();
-        // 4-6, readers of the previous generation reading what changes from the kept chunks.
+        // Until the settle has applied it, readers of the previous generation read what
+        // changes from the kept chunks.
         let mut changes: BTreeMap<String, Option<Arc<Manifest>>> = g
             .changes
             .iter()
@@ -1393,27 +1470,37 @@ impl Store {
             changes.insert(path.clone(), Some(Arc::new(m.clone())));
         }
         view.begin_apply(changes);
-        let applied = self.apply(&commit, &g.images, Writes::Changed);
-        let point = applied.and_then(|()| self.record_point(SystemTime::now()));
-        match point {
-            Ok(p) => view.end_apply(p),
-            Err(e) => {
-                // The images are as the commit record says only after a replay: serve the
-                // previous generation from the kept chunks until then.
-                return Err(e);
-            }
-        }
-        if let Err(e) = view.expire(&writer) {
-            log::warn!("cannot expire restore points: {e:#}");
-        }
         drop(writer);
-        view.expire_if_due();
         log::info!(
             "store {}: generation {} committed ({} images changed)",
             self.root.display(),
             g.number,
             g.images.len()
         );
+        self.pending = Some(Pending {
+            commit,
+            images: g.images.clone(),
+        });
+        Ok(())
+    }
+
+    /// Applies the committed generation (steps 4 and 5) and makes it the replica mount's.
+    fn apply_pending(&mut self, p: Pending) -> Result<()> {
+        self.apply(&p.commit, &p.images, Writes::Changed)?;
+        self.end_apply(SystemTime::now())
+    }
+
+    /// The generation just applied becomes a restore point and what the replica mount's new
+    /// opens read; restore points the policy no longer keeps expire.
+    fn end_apply(&mut self, committed: SystemTime) -> Result<()> {
+        let view = self.view().clone();
+        let writer = view.writer();
+        view.end_apply(self.record_point(committed)?);
+        if let Err(e) = view.expire(&writer) {
+            log::warn!("cannot expire restore points: {e:#}");
+        }
+        drop(writer);
+        view.expire_if_due();
         Ok(())
     }
 }
@@ -1526,6 +1613,7 @@ mod tests {
         drop(f);
 
         store.commit(&g).unwrap();
+        store.settle().unwrap();
         let got = fs::read(dir.path().join("img")).unwrap();
         let mut want = new.clone();
         want[1000] ^= 0xff;
@@ -1543,14 +1631,15 @@ mod tests {
         let mut store = Store::open(dir.path(), params()).unwrap();
         let g = generation(1, vec![("b", &old)]);
         store.commit(&g).unwrap();
+        store.settle().unwrap();
         assert_eq!(fs::read(dir.path().join("b")).unwrap(), old);
         assert_eq!(store.images().len(), 2);
     }
 
     /// A large generation is written into its image by several threads, each a run of its
     /// entries: the image ends byte for byte the generation's, and a chunk that no longer
-    /// matches its hash in the journal, in any thread's run, fails the commit (nothing is
-    /// acknowledged) instead of being skipped.
+    /// matches its hash in the journal, in any thread's run, fails the apply (the settle after
+    /// the acknowledgement, which keeps failing while it is damaged) instead of being skipped.
     #[test]
     fn a_large_generation_is_written_by_several_threads_byte_for_byte() {
         let dir = tempfile::tempdir().unwrap();
@@ -1575,9 +1664,14 @@ mod tests {
         let journal = store.journal.path().to_path_buf();
         let last = *journal_records(&journal).last().unwrap();
         flip_byte(&journal, last.0 + last.1 / 2);
-        let err = store.commit(&g2).unwrap_err();
+        store.commit(&g2).unwrap();
+        let err = store.settle().unwrap_err();
         assert!(format!("{err:#}").contains("corrupt"), "{err:#}");
-        assert_eq!(store.committed().0, 1, "nothing acknowledged");
+        assert!(store.meta().join("staging/commit").exists(), "kept");
+        assert!(
+            store.settle().is_err(),
+            "not settled while the record is damaged"
+        );
     }
 
     /// Receives `g` as a session does: prepared (new images staged in place), then every
@@ -1616,6 +1710,7 @@ mod tests {
             "only img's chunks journaled"
         );
         store.commit(&g).unwrap();
+        apply_only(&mut store);
         assert!(fs::read(dir.path().join("vms/fresh")).unwrap() == fresh);
         assert!(fs::read(dir.path().join("img")).unwrap() == new);
 
@@ -1672,6 +1767,7 @@ mod tests {
         assert_eq!(held, expected);
         stage_missing(&mut store, &g, &BTreeMap::from([("fresh", fresh.clone())]));
         store.commit(&g).unwrap();
+        store.settle().unwrap();
         assert!(fs::read(dir.path().join("fresh")).unwrap() == fresh);
     }
 
@@ -1697,6 +1793,7 @@ mod tests {
             &BTreeMap::from([("fresh", second.clone())]),
         );
         store.commit(&g2).unwrap();
+        store.settle().unwrap();
         assert!(fs::read(dir.path().join("fresh")).unwrap() == second);
     }
 
@@ -1787,14 +1884,18 @@ mod tests {
         assert_eq!(fs::read(dir.path().join("img")).unwrap(), new);
     }
 
-    /// An apply that fails before the generation record is replaced leaves nothing to settle:
-    /// its commit record stays for the replay at the next start, which finishes it.
+    /// A generation is acknowledged once its commit record is durable, and applied by the
+    /// settle after it. An apply that fails there keeps the commit record and the staging;
+    /// every later settle (the next session's first step) writes the generation again from
+    /// the staging, and the replica mount serves the previous generation until one succeeds.
     #[test]
-    fn a_failed_apply_is_not_settled_but_replayed() {
+    fn a_failed_apply_after_the_acknowledgement_is_replayed_by_the_next_settle() {
         let dir = tempfile::tempdir().unwrap();
         let old = random(200_000, 41);
         fs::write(dir.path().join("img"), &old).unwrap();
         let mut store = Store::open(dir.path(), params()).unwrap();
+        let view = store.view().clone();
+        view.serve_mount();
         let mut new = old.clone();
         new[50_000..50_500].fill(8);
         let g = generation(1, vec![("img", &new)]);
@@ -1804,18 +1905,59 @@ mod tests {
             .meta()
             .join(format!(".generation.tmp.{}", std::process::id()));
         fs::create_dir(&tmp).unwrap();
-        assert!(store.commit(&g).is_err());
-        store.settle().unwrap();
+        store.commit(&g).unwrap();
+        let waiter = std::thread::spawn({
+            let view = view.clone();
+            move || (view.newest(), std::time::Instant::now())
+        });
+        let (number, root) = store.generation();
+        assert_eq!(
+            (number, root),
+            (1, g.group_root),
+            "acknowledged as committed"
+        );
+        let img = &store.images()[0];
+        assert_eq!(
+            (img.size, img.root),
+            (new.len() as u64, *g.images["img"].root().as_bytes())
+        );
+        let failed = std::time::Instant::now();
+        let err = store.settle().unwrap_err();
+        assert!(format!("{err:#}").contains("cannot be applied"), "{err:#}");
+        let (newest, answered) = waiter.join().unwrap();
+        assert_eq!(newest, 0, "the mount's newest is the one applied");
+        assert!(
+            answered.duration_since(failed) < std::time::Duration::from_secs(1),
+            "not kept waiting by an apply that failed"
+        );
+        assert!(
+            store.settle().is_err(),
+            "refused again while it still fails"
+        );
         assert!(
             store.meta().join("staging/commit").exists(),
             "kept for the replay"
         );
-        drop(store);
+        assert_eq!(
+            read_view(&view, 0, "img"),
+            old,
+            "the mount serves the previous one"
+        );
+        assert_eq!(store.generation().0, 1);
+
         fs::remove_dir(&tmp).unwrap();
+        store.settle().unwrap();
+        assert!(fs::read(dir.path().join("img")).unwrap() == new);
+        assert!(!store.meta().join("staging/commit").exists());
+        assert_eq!(
+            read_view(&view, 1, "img"),
+            new,
+            "the mount serves the new one"
+        );
+        drop(store);
         let store = Store::open(dir.path(), params()).unwrap();
         assert_eq!(store.generation().0, 1);
         assert!(fs::read(dir.path().join("img")).unwrap() == new);
-        assert!(!store.meta().join("staging/commit").exists());
     }
 
     /// A commit lets go of the cached pieces of the chunks it replaced: the cache holds what
@@ -1855,6 +1997,7 @@ mod tests {
         };
         stage_missing(&mut store, &g, &BTreeMap::from([("img", new.clone())]));
         store.commit(&g).unwrap();
+        store.settle().unwrap();
         let still: Vec<blake3::Hash> = after.iter().map(|(h, _)| *h).collect();
         let replaced: Vec<blake3::Hash> = before
             .iter()
@@ -1900,6 +2043,7 @@ mod tests {
             let patched = stage_as_patches(&mut store, &g, &BTreeMap::from([("img", img.clone())]));
             assert!(patched >= 3, "round {round}: {patched} patches");
             store.commit(&g).unwrap();
+            store.settle().unwrap();
             assert_eq!(
                 fs::read(dir.path().join("img")).unwrap(),
                 img,
@@ -1956,6 +2100,7 @@ mod tests {
         let g = generation(1, vec![("a", &other)]);
         stage_as_patches(&mut store, &g, &BTreeMap::from([("a", other.clone())]));
         store.commit(&g).unwrap();
+        store.settle().unwrap();
         assert!(
             !store
                 .stage_patch(&h, "a", e.offset, e.len, &ranges, Some(base.generation))
@@ -1977,6 +2122,7 @@ mod tests {
         let g = generation(2, vec![("a", &want)]);
         stage_as_patches(&mut store, &g, &BTreeMap::from([("a", want.clone())]));
         store.commit(&g).unwrap();
+        store.settle().unwrap();
         assert_eq!(fs::read(dir.path().join("a")).unwrap(), want);
     }
 
@@ -2013,6 +2159,7 @@ mod tests {
         let bytes = BTreeMap::from([("a", new.clone()), ("b", new.clone())]);
         assert!(stage_as_patches(&mut store, &g, &bytes) >= 1);
         store.commit(&g).unwrap();
+        store.settle().unwrap();
         assert_eq!(fs::read(dir.path().join("a")).unwrap(), new);
         assert_eq!(fs::read(dir.path().join("b")).unwrap(), new);
 
@@ -2028,6 +2175,7 @@ mod tests {
             path: "a".to_string(),
         }];
         store.commit(&g).unwrap();
+        store.settle().unwrap();
         assert!(!dir.path().join("a").exists());
         assert_eq!(fs::read(dir.path().join("c")).unwrap(), next);
         assert_eq!(fs::read(dir.path().join("b")).unwrap(), new);
@@ -2042,12 +2190,13 @@ mod tests {
             path: "b".to_string(),
         }];
         store.commit(&g).unwrap();
+        store.settle().unwrap();
         assert_eq!(fs::read(dir.path().join("b")).unwrap(), again);
     }
 
-    /// A generation is acknowledged before its writes into the images are fsynced: a power
-    /// loss then may lose any of them, after the committed manifests and the generation record
-    /// were replaced. The next open writes every staged chunk and patch again (the patches
+    /// A generation is acknowledged before it is applied to the images, and the apply is not
+    /// fsynced until the settle: a power loss then may lose any of its writes, after the
+    /// committed manifests and the generation record were replaced. The next open writes every staged chunk and patch again (the patches
     /// staged on the generation before, which the record no longer names), and the images are
     /// the acknowledged generation; settling empties the staging.
     #[test]
@@ -2068,6 +2217,11 @@ mod tests {
         assert!(stage_as_patches(&mut store, &g, &bytes) >= 3);
         store.commit(&g).unwrap();
         assert_eq!(store.generation().0, 1);
+        assert!(
+            fs::read(dir.path().join("img")).unwrap() == old,
+            "applied by the settle, after the acknowledgement"
+        );
+        apply_only(&mut store);
         assert!(
             store.figures().staged_chunks > 0,
             "staging kept until settled"
@@ -2187,6 +2341,49 @@ mod tests {
         assert!(stale.iter().all(|h| !store.have(h)));
     }
 
+    /// Between the acknowledgement and the apply, the replica mount reads the applied
+    /// generation's changing chunks from the kept ones: an expiry in that window (a file closed
+    /// on the mount) keeps them.
+    #[test]
+    fn an_expiry_before_the_apply_keeps_what_the_applied_generation_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = random(300_000, 51);
+        fs::write(dir.path().join("img"), &old).unwrap();
+        let mut store = Store::open(dir.path(), params()).unwrap();
+        let view = store.view().clone();
+        view.serve_mount();
+        let mut one = old.clone();
+        one[10_000..10_100].fill(1);
+        let g = generation(1, vec![("img", &one)]);
+        stage_as_patches(&mut store, &g, &BTreeMap::from([("img", one.clone())]));
+        store.commit(&g).unwrap();
+        store.settle().unwrap();
+        let mut two = one.clone();
+        two[100_000..100_100].fill(2);
+        two[250_000..250_100].fill(2);
+        let g2 = generation(2, vec![("img", &two)]);
+        stage_as_patches(&mut store, &g2, &BTreeMap::from([("img", two.clone())]));
+        store.commit(&g2).unwrap();
+        view.expire(&view.writer()).unwrap();
+        assert!(read_view(&view, 1, "img") == one);
+        // The mount's newest generation waits for the apply that follows the acknowledgement.
+        let waiter = std::thread::spawn({
+            let view = view.clone();
+            move || view.newest()
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        store.settle().unwrap();
+        assert_eq!(waiter.join().unwrap(), 2);
+        assert!(read_view(&view, 2, "img") == two);
+    }
+
+    /// Applies the committed generation without settling it: the state a crash between the
+    /// apply and the images' fsync leaves.
+    fn apply_only(store: &mut Store) {
+        let p = store.pending.take().expect("a committed generation");
+        store.apply_pending(p).unwrap();
+    }
+
     fn read_view(view: &View, n: u64, path: &str) -> Vec<u8> {
         let mut buf = vec![0u8; 1 << 20];
         let got = view.read(n, path, 0, &mut buf).unwrap();
@@ -2216,6 +2413,7 @@ mod tests {
             let g = generation(n, vec![("img", &img)]);
             stage_missing(&mut store, &g, &BTreeMap::from([("img", img.clone())]));
             store.commit(&g).unwrap();
+            store.settle().unwrap();
             versions.push(img.clone());
         }
         let view = store.view().clone();
@@ -2264,6 +2462,7 @@ mod tests {
         let g = generation(1, vec![("a", &a)]);
         stage_missing(&mut store, &g, &BTreeMap::from([("a", a.clone())]));
         store.commit(&g).unwrap();
+        store.settle().unwrap();
         let view = store.view().clone();
         let pinned = view.pin_applied();
         assert_eq!(pinned, 1);
@@ -2271,6 +2470,7 @@ mod tests {
         let g = generation(2, vec![("a", &b)]);
         stage_missing(&mut store, &g, &BTreeMap::from([("a", b.clone())]));
         store.commit(&g).unwrap();
+        store.settle().unwrap();
         assert_eq!(read_view(&view, 1, "a"), a);
         assert_eq!(read_view(&view, 2, "a"), b);
         view.unpin(1);
@@ -2298,6 +2498,7 @@ mod tests {
             let bytes = BTreeMap::from([("a", a.clone()), ("b", old.clone())]);
             stage_missing(&mut store, &g, &bytes);
             store.commit(&g).unwrap();
+            store.settle().unwrap();
         }
         let g2 = generation(2, vec![("a", &new), ("b", &old)]);
         let pack = dir.path().join(".ferry/kept/2.pack");
@@ -2373,6 +2574,7 @@ mod tests {
         let bytes = BTreeMap::from([("a", new.clone()), ("b", old.clone())]);
         stage_missing(&mut store, &g3, &bytes);
         store.commit(&g3).unwrap();
+        store.settle().unwrap();
         assert_eq!(fs::read(dir.path().join("a")).unwrap(), new);
 
         // An image gone from the disk is damaged whole; repaired, the store forgets it, so
@@ -2394,6 +2596,7 @@ mod tests {
         let g4 = generation(4, vec![("a", &new), ("b", &old)]);
         stage_missing(&mut store, &g4, &bytes);
         store.commit(&g4).unwrap();
+        store.settle().unwrap();
         assert_eq!(fs::read(dir.path().join("b")).unwrap(), old);
     }
 }

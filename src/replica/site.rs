@@ -275,14 +275,28 @@ fn refuse_flat_layout(root: &Path) -> Result<()> {
 }
 
 /// The namespaces of the store at `root`, each read beside the daemon (which may be running):
-/// name, bound fingerprint, and a read-only view of its generations.
-pub fn read_only(root: &Path, params: ChunkParams, policy: Policy) -> Result<Vec<Namespace>> {
+/// name, bound fingerprint, and a read-only view of its generations. Each is read once it has
+/// applied the generation it acknowledged last, waited for up to `settle` (see
+/// [`super::wait_settled`]).
+pub fn read_only(
+    root: &Path,
+    params: ChunkParams,
+    policy: Policy,
+    settle: std::time::Duration,
+) -> Result<Vec<Namespace>> {
     refuse_flat_layout(root)?;
     let mut out = Vec::new();
     for (name, fingerprint) in read_bindings(root)? {
         let dir = root.join(&name);
         if !dir.join(META_DIR).is_dir() {
             continue; // bound, but its store not created yet
+        }
+        if !settle.is_zero() && !super::wait_settled(&dir, settle) {
+            log::warn!(
+                "namespace {name}: its last acknowledged generation is not applied yet (the \
+                 replica daemon applies it, or its restart does); the generations applied are \
+                 shown"
+            );
         }
         let view = View::open(&dir, params, policy, u64::MAX, true)
             .map_err(|e| format!("namespace {name} cannot be read: {e:#}"));
@@ -740,7 +754,13 @@ mod tests {
         assert_eq!(site.names(), ["site-a", "site-c"]);
         assert!(site.claim(&at("site-a", "cc")).is_err());
         site.claim(&at("site-a", "aa")).unwrap();
-        let ns = read_only(dir.path(), params(), Policy::default()).unwrap();
+        let ns = read_only(
+            dir.path(),
+            params(),
+            Policy::default(),
+            std::time::Duration::ZERO,
+        )
+        .unwrap();
         let seen: Vec<_> = ns.iter().map(|n| (&*n.name, &*n.fingerprint)).collect();
         assert_eq!(seen, [("site-a", "aa"), ("site-c", "cc")]);
     }
@@ -763,7 +783,13 @@ mod tests {
             "{r}"
         );
         // Its restore points are still read beside the daemon (`ferry generations`).
-        let ns = read_only(dir.path(), params(), Policy::default()).unwrap();
+        let ns = read_only(
+            dir.path(),
+            params(),
+            Policy::default(),
+            std::time::Duration::ZERO,
+        )
+        .unwrap();
         assert!(ns.iter().all(|n| n.view.is_ok()));
         // Mended, it opens at the next contact.
         fs::remove_file(&record).unwrap();

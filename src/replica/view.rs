@@ -15,10 +15,10 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
-use parking_lot::{Mutex, MutexGuard, RwLock};
+use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
 
 use super::META_DIR;
 use super::history::{History, Point};
@@ -81,12 +81,26 @@ impl State {
             })
     }
 
-    /// The chunks that held generations other than the applied one need from the packs.
+    /// The chunks that held generations other than the applied one need from the packs, and
+    /// those the applied one reads from them while the next is being applied (what the apply
+    /// overwrites or removes).
     fn needed(&self) -> HashSet<[u8; 32]> {
-        self.gens
+        let mut needed: HashSet<[u8; 32]> = self
+            .gens
             .keys()
             .flat_map(|n| self.read_from_packs(*n))
-            .collect()
+            .collect();
+        for (path, next) in self.applying.iter().flatten() {
+            let Some(now) = self.current().get(path) else {
+                continue;
+            };
+            let overwritten: Box<dyn Iterator<Item = &Entry>> = match next {
+                Some(next) => Box::new(changed_entries(next, now)),
+                None => Box::new(now.entries().iter()),
+            };
+            needed.extend(overwritten.filter_map(|e| e.hash()).map(|h| *h.as_bytes()));
+        }
+        needed
     }
 }
 
@@ -126,11 +140,21 @@ pub struct View {
     /// Generations never expired: an older epoch's, past the base a new primary took over
     /// from (see [`crate::epoch::Fork`]).
     forks: Mutex<BTreeSet<u64>>,
-    /// Held by a commit from keeping chunks to expiring points, and by expiry alone.
+    /// Held by a commit from keeping chunks to the start of its apply (`begin_apply`), at the
+    /// end of the apply while points expire, and by expiry alone. Between those, what the
+    /// applied generation reads from the packs is kept by `State::needed`.
     writer: Mutex<()>,
     /// A file was closed: a generation may have lost its last reader.
     expire_due: AtomicBool,
+    /// A generation is acknowledged and not applied yet: the mount's newest generation is the
+    /// one coming ([`View::newest`] waits for it).
+    settling: Mutex<bool>,
+    settled: Condvar,
 }
+
+/// How long [`View::newest`] waits for an acknowledged generation's apply (tens of
+/// milliseconds as a rule) before it answers with the one applied.
+const NEWEST_WAIT: Duration = Duration::from_secs(5);
 
 fn read_full(f: &File, buf: &mut [u8], mut off: u64) -> io::Result<()> {
     let mut done = 0;
@@ -218,6 +242,8 @@ impl View {
             forks: Mutex::new(BTreeSet::new()),
             writer: Mutex::new(()),
             expire_due: AtomicBool::new(false),
+            settling: Mutex::new(false),
+            settled: Condvar::new(),
         })
     }
 
@@ -240,6 +266,34 @@ impl View {
 
     pub fn applied(&self) -> u64 {
         self.state.read().applied
+    }
+
+    /// The newest generation as the replica mount shows it: once a generation is acknowledged
+    /// (its commit record durable), the one applied after it, waited for (the apply follows
+    /// the acknowledgement at once), so a read after `ferry sync` returns sees what it synced.
+    /// An apply that fails, or takes longer than [`NEWEST_WAIT`], leaves the one applied.
+    pub fn newest(&self) -> u64 {
+        let deadline = Instant::now() + NEWEST_WAIT;
+        let mut settling = self.settling.lock();
+        while *settling {
+            if self.settled.wait_until(&mut settling, deadline).timed_out() {
+                break;
+            }
+        }
+        drop(settling);
+        self.applied()
+    }
+
+    /// The acknowledged generation's apply failed: [`View::newest`] stops waiting for it.
+    pub fn apply_failed(&self) {
+        self.set_settling(false);
+    }
+
+    fn set_settling(&self, on: bool) {
+        *self.settling.lock() = on;
+        if !on {
+            self.settled.notify_all();
+        }
     }
 
     /// The held generations, oldest first.
@@ -504,6 +558,12 @@ impl View {
     /// (`None`: removed).
     pub fn begin_apply(&self, changes: BTreeMap<String, Option<Arc<Manifest>>>) {
         self.state.write().applying = Some(changes);
+        self.set_settling(true);
+    }
+
+    /// Whether a generation is being applied (between `begin_apply` and `end_apply`).
+    pub fn is_applying(&self) -> bool {
+        self.state.read().applying.is_some()
     }
 
     /// Generation `point` is applied: new opens read it.
@@ -530,6 +590,8 @@ impl View {
         }
         st.applied = point.generation;
         st.gens.insert(point.generation, Gen { point, images });
+        drop(st);
+        self.set_settling(false);
     }
 
     /// Expires the restore points the policy no longer keeps and frees the chunks only they

@@ -298,6 +298,14 @@ pub struct Replica {
 }
 
 impl Replica {
+    /// Image `name` of the [`PRIMARY`]'s namespace in the store, once the store has settled:
+    /// the replica acknowledges a generation when its commit record is durable and applies it
+    /// to the images right after (the commit record goes when that is done). Waits up to 10 s.
+    pub fn image(&self, name: &str) -> PathBuf {
+        ferry::replica::wait_settled(&self.images, Duration::from_secs(10));
+        self.images.join(name)
+    }
+
     /// A replica that trusts the primaries with these fingerprints.
     pub fn new(primaries: &[&str]) -> Replica {
         Replica::with(primaries, "")
@@ -548,7 +556,7 @@ impl Pair {
     }
 
     pub fn replica_path(&self, name: &str) -> PathBuf {
-        self.replica.images.join(name)
+        self.replica.image(name)
     }
 }
 
