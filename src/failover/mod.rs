@@ -77,14 +77,21 @@ pub struct Etcd {
     base: Option<u64>,
 }
 
+/// The least interval between HTTP/2 pings to etcd (see [`Etcd::connect`]).
+const ETCD_PING: Duration = Duration::from_secs(10);
+
 impl Etcd {
     /// Connects to the members of `cfg.etcd` (any one that answers will do).
     pub async fn connect(cfg: &Failover) -> Result<Etcd> {
         let within = (cfg.ttl / 4).max(Duration::from_millis(500));
+        // Every request has its own timeout; the HTTP/2 pings only find a connection that died
+        // while idle. etcd (grpc-go) closes a connection whose pings come more often than every
+        // 5 s (its default `--grpc-keepalive-min-time`) with "too_many_pings", which cost a
+        // follower its place in a failover: so no more often than every 10 s.
         let opts = ConnectOptions::new()
             .with_connect_timeout(within)
             .with_timeout(within)
-            .with_keep_alive(within, within);
+            .with_keep_alive(ETCD_PING.max(within), within);
         let client = tokio::time::timeout(within * 2, Client::connect(&cfg.etcd, Some(opts)))
             .await
             .map_err(|_| anyhow!("no etcd member answered within {:?}", within * 2))?
