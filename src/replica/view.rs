@@ -271,12 +271,15 @@ impl View {
     /// The newest generation as the replica mount shows it: once a generation is acknowledged
     /// (its commit record durable), the one applied after it, waited for (the apply follows
     /// the acknowledgement at once), so a read after `ferry sync` returns sees what it synced.
-    /// An apply that fails, or takes longer than [`NEWEST_WAIT`], leaves the one applied.
+    /// An apply that fails, or takes longer than [`NEWEST_WAIT`] (waited for once), leaves the
+    /// one applied.
     pub fn newest(&self) -> u64 {
         let deadline = Instant::now() + NEWEST_WAIT;
         let mut settling = self.settling.lock();
         while *settling {
             if self.settled.wait_until(&mut settling, deadline).timed_out() {
+                // A stalled apply: the lookups after this one do not wait for it either.
+                *settling = false;
                 break;
             }
         }
