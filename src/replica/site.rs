@@ -605,6 +605,11 @@ mod tests {
         }
     }
 
+    /// The namespaces as `ferry generations` reads them beside the daemon.
+    fn beside(root: &Path) -> Vec<Namespace> {
+        read_only(root, params(), Policy::default(), std::time::Duration::ZERO).unwrap()
+    }
+
     #[test]
     fn promotions_take_a_namespace_over_and_fence_every_lower_epoch() {
         let holder = |epoch, node: &str| Holder {
@@ -754,13 +759,7 @@ mod tests {
         assert_eq!(site.names(), ["site-a", "site-c"]);
         assert!(site.claim(&at("site-a", "cc")).is_err());
         site.claim(&at("site-a", "aa")).unwrap();
-        let ns = read_only(
-            dir.path(),
-            params(),
-            Policy::default(),
-            std::time::Duration::ZERO,
-        )
-        .unwrap();
+        let ns = beside(dir.path());
         let seen: Vec<_> = ns.iter().map(|n| (&*n.name, &*n.fingerprint)).collect();
         assert_eq!(seen, [("site-a", "aa"), ("site-c", "cc")]);
     }
@@ -783,13 +782,7 @@ mod tests {
             "{r}"
         );
         // Its restore points are still read beside the daemon (`ferry generations`).
-        let ns = read_only(
-            dir.path(),
-            params(),
-            Policy::default(),
-            std::time::Duration::ZERO,
-        )
-        .unwrap();
+        let ns = beside(dir.path());
         assert!(ns.iter().all(|n| n.view.is_ok()));
         // Mended, it opens at the next contact.
         fs::remove_file(&record).unwrap();
