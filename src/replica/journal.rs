@@ -27,6 +27,8 @@ pub struct Journal {
     index: HashMap<[u8; 32], (u64, u32)>,
     /// Records whose bytes do not match the hash in their header: (hash, data offset, length).
     damaged: Vec<([u8; 32], u64, u32)>,
+    /// Whether opening it cut off a torn or corrupt tail.
+    cut_tail: bool,
     writeback: Writeback,
 }
 
@@ -95,6 +97,7 @@ impl Journal {
             end: pos,
             index,
             damaged,
+            cut_tail: pos < len,
             writeback: Writeback::default(),
         })
     }
@@ -172,6 +175,14 @@ impl Journal {
         Ok(true)
     }
 
+    /// Whether records written before it was opened are not readable now: damaged ones were
+    /// skipped, or a torn or corrupt tail was cut off. Harmless while staging (those chunks are
+    /// asked for again); after a commit record, every record was durable, so a replay may lack
+    /// chunks of a committed generation.
+    pub fn lost_records(&self) -> bool {
+        self.cut_tail || !self.damaged.is_empty()
+    }
+
     /// Re-reads every record: the hashes of those whose bytes no longer match (found damaged
     /// when the journal was opened, or since).
     pub fn verify(&self) -> io::Result<Vec<[u8; 32]>> {
@@ -226,6 +237,7 @@ impl Journal {
         self.writeback = Writeback::default();
         self.index.clear();
         self.damaged.clear();
+        self.cut_tail = false;
         self.end = 0;
         Ok(())
     }

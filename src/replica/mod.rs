@@ -818,6 +818,9 @@ impl Store {
             );
         }
         self.apply(&commit, &new, Writes::Staged)?;
+        if self.journal.lost_records() || self.patches.lost_records() {
+            self.mend_replayed(&commit.images)?;
+        }
         if self.view.as_ref().is_some_and(|v| v.is_applying()) {
             // A live apply failed: the replica mount still serves the previous generation.
             self.end_apply(SystemTime::now())?;
@@ -2339,6 +2342,68 @@ mod tests {
         drop(store);
         let store = Store::open(dir.path(), params()).unwrap();
         assert!(stale.iter().all(|h| !store.have(h)));
+    }
+
+    /// Staged chunks damaged on the disk after the commit record (bit rot), before the apply:
+    /// a journal record in the middle (skipped when the journal is opened), then a patch log
+    /// record (the log is cut there). The replay writes what it finds; the images' manifests
+    /// then describe what the images hold where the staging lost bytes, so the store never
+    /// claims bytes it lacks, and the primary's next session (seeing the roots differ) sends
+    /// them. Before, the replay left the old bytes there under the new manifest.
+    #[test]
+    fn chunks_the_staging_lost_before_the_replay_are_not_claimed() {
+        for as_patches in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let old = random(400_000, 81);
+            fs::write(dir.path().join("img"), &old).unwrap();
+            let mut store = Store::open(dir.path(), params()).unwrap();
+            let mut new = old.clone();
+            if as_patches {
+                for at in [20_000, 120_000, 220_000, 320_000] {
+                    new[at..at + 64].fill(9);
+                }
+            } else {
+                new[100_000..250_000].copy_from_slice(&random(150_000, 82));
+            }
+            let g = generation(1, vec![("img", &new)]);
+            let bytes = BTreeMap::from([("img", new.clone())]);
+            let damaged = if as_patches {
+                assert!(stage_as_patches(&mut store, &g, &bytes) >= 3);
+                dir.path().join(META_DIR).join("staging").join("patches")
+            } else {
+                stage_missing(&mut store, &g, &bytes);
+                assert!(journal_records(store.journal.path()).len() >= 3);
+                store.journal.path().to_path_buf()
+            };
+            store.commit(&g).unwrap();
+            drop(store); // acknowledged, not applied
+            let first_body = if as_patches { 12 + 40 } else { 40 };
+            flip_byte(&damaged, first_body + 5);
+
+            let store = Store::open(dir.path(), params()).unwrap();
+            assert_eq!(store.generation().0, 1);
+            let m = &store.manifests["img"];
+            let f = fs::File::open(dir.path().join("img")).unwrap();
+            for e in m.entries() {
+                assert!(
+                    e.is_held_by(&f, m.size()).unwrap(),
+                    "as patches: {as_patches}: the manifest claims {}..{}",
+                    e.offset,
+                    e.end()
+                );
+            }
+            assert_ne!(m.root(), g.images["img"].root(), "as patches: {as_patches}");
+            let image = fs::read(dir.path().join("img")).unwrap();
+            let lost = m
+                .entries()
+                .iter()
+                .filter(|e| {
+                    image[e.offset as usize..e.end() as usize]
+                        != new[e.offset as usize..e.end() as usize]
+                })
+                .count();
+            assert!(lost >= 1, "as patches: {as_patches}");
+        }
     }
 
     /// Between the acknowledgement and the apply, the replica mount reads the applied

@@ -136,6 +136,8 @@ pub struct PatchLog {
     pending: Vec<u8>,
     end: u64,
     index: HashMap<Hash, Staged>,
+    /// Whether opening it cut off a torn or corrupt tail of records staged on its generation.
+    cut_tail: bool,
     writeback: Writeback,
 }
 
@@ -157,6 +159,7 @@ impl PatchLog {
             pending: Vec::new(),
             end: 0,
             index: HashMap::new(),
+            cut_tail: false,
             writeback: Writeback::default(),
         };
         let len = log.file.metadata()?.len();
@@ -214,6 +217,7 @@ impl PatchLog {
                 len - pos
             );
             log.file.set_len(pos)?;
+            log.cut_tail = true;
         }
         log.written = pos;
         log.end = pos;
@@ -222,6 +226,12 @@ impl PatchLog {
 
     pub fn contains(&self, hash: &Hash) -> bool {
         self.index.contains_key(hash)
+    }
+
+    /// Whether opening it cut off records staged on its generation (see
+    /// `Journal::lost_records`).
+    pub fn lost_records(&self) -> bool {
+        self.cut_tail
     }
 
     /// The chunks staged as patches.
@@ -350,6 +360,7 @@ impl PatchLog {
         durable::empty_behind(&self.path, &mut self.file)?;
         self.writeback = Writeback::default();
         self.index.clear();
+        self.cut_tail = false;
         self.generation = generation;
         self.pending.clear();
         self.written = 0;

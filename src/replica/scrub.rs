@@ -94,27 +94,18 @@ pub fn scrub(store: &Mutex<Store>, repair: bool) -> Result<Report> {
                 confirmed.push(e);
             }
         }
-        let mut resync = Vec::new();
-        for e in &confirmed {
-            let state = if repair {
-                s.mend(&path, e, &confirmed)?
-            } else {
-                State::Found
-            };
-            if state == State::Resync {
-                resync.push(*e);
-            }
+        let states = if repair {
+            s.mend_all(&path, &confirmed)?
+        } else {
+            vec![State::Found; confirmed.len()]
+        };
+        for (e, state) in confirmed.iter().zip(states) {
             log::warn!(
                 "verify: {} bytes {}..{} do not match the manifest ({})",
                 file.display(),
                 e.offset,
                 e.end(),
-                match state {
-                    State::Found => "found; `ferry verify --deep --repair` mends it",
-                    State::Repaired => "repaired from a good copy in the store",
-                    State::Resync => "the primary's next generation brings the right bytes",
-                    State::Lost => "lost",
-                }
+                words(state)
             );
             report.push(Damage {
                 path: Some(path.clone()),
@@ -127,9 +118,6 @@ pub fn scrub(store: &Mutex<Store>, repair: bool) -> Result<Report> {
                 generations: Vec::new(),
                 state,
             });
-        }
-        if !resync.is_empty() {
-            s.describe_as_held(&path, &resync)?;
         }
     }
     report.kept_chunks = view.kept_figures().1;
@@ -177,6 +165,15 @@ pub fn scrub(store: &Mutex<Store>, repair: bool) -> Result<Report> {
     Ok(report)
 }
 
+fn words(state: State) -> &'static str {
+    match state {
+        State::Found => "found; `ferry verify --deep --repair` mends it",
+        State::Repaired => "repaired from a good copy in the store",
+        State::Resync => "the primary's next generation brings the right bytes",
+        State::Lost => "lost",
+    }
+}
+
 /// The entries of `m` whose bytes `file` does not hold.
 fn differing(file: &std::path::Path, m: &Manifest) -> io::Result<Vec<Entry>> {
     let f = File::open(file)?;
@@ -190,6 +187,54 @@ fn differing(file: &std::path::Path, m: &Manifest) -> io::Result<Vec<Entry>> {
 }
 
 impl Store {
+    /// Mends the entries `damaged` of image `path` (their bytes differ from the committed
+    /// manifest's) from good copies here; the manifest describes what the image holds at the
+    /// others, which the primary's next generation brings.
+    fn mend_all(&mut self, path: &str, damaged: &[Entry]) -> Result<Vec<State>> {
+        let states = damaged
+            .iter()
+            .map(|e| self.mend(path, e, damaged))
+            .collect::<Result<Vec<State>>>()?;
+        let resync: Vec<Entry> = damaged
+            .iter()
+            .zip(&states)
+            .filter(|(_, s)| **s == State::Resync)
+            .map(|(e, _)| *e)
+            .collect();
+        if !resync.is_empty() {
+            self.describe_as_held(path, &resync)?;
+        }
+        Ok(states)
+    }
+
+    /// After a replay that could not read every chunk staged for its generation (the staging
+    /// lost records after they were durable: damaged on the disk): the entries of `paths` the
+    /// images do not hold are mended, so no manifest claims bytes its image lacks (the replay
+    /// wrote only what it found staged, and trusts the rest to be in place). Re-hashes those
+    /// images whole; only after such a loss.
+    pub(super) fn mend_replayed(&mut self, paths: &[String]) -> Result<()> {
+        for path in paths {
+            let Some(m) = self.manifests.get(path) else {
+                continue;
+            };
+            let file = self.root.join(path);
+            let damaged = differing(&file, m)
+                .with_context(|| format!("cannot read {} to check it", file.display()))?;
+            let states = self.mend_all(path, &damaged)?;
+            for (e, state) in damaged.iter().zip(states) {
+                log::warn!(
+                    "{}: bytes {}..{} of the replayed generation were lost from the staging \
+                     (damaged on the disk) and do not match its manifest ({})",
+                    file.display(),
+                    e.offset,
+                    e.end(),
+                    words(state)
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Mends damaged entry `e` of `path` from a good copy here (not from the other damaged
     /// entries `damaged`).
     fn mend(&self, path: &str, e: &Entry, damaged: &[Entry]) -> Result<State> {
@@ -228,7 +273,11 @@ impl Store {
         kept: bool,
     ) -> io::Result<Option<Vec<u8>>> {
         let good = |d: &Vec<u8>| blake3::hash(d).as_bytes() == hash;
-        if kept && let Ok(Some(d)) = self.view().kept_chunk(hash) {
+        // (No view yet while a replay runs as the store opens.)
+        if kept
+            && let Some(view) = &self.view
+            && let Ok(Some(d)) = view.kept_chunk(hash)
+        {
             return Ok(Some(d));
         }
         if let Ok(Some(d)) = self.journal.get(hash) {
