@@ -707,6 +707,7 @@ impl Store {
     /// On an error the generation stays unsettled and the next call writes it again from the
     /// staging.
     pub fn settle(&mut self) -> Result<()> {
+        let t = std::time::Instant::now();
         if let Some(p) = self.pending.take() {
             let generation = p.commit.generation;
             if let Err(e) = self.apply_pending(p) {
@@ -732,7 +733,14 @@ impl Store {
             return Ok(());
         };
         let generation = u.generation;
+        let applied = t.elapsed();
         let settled = self.settle_this(u);
+        log::debug!(
+            "store {}: generation {generation} applied in {} ms, durable in its images {} ms later",
+            self.root.display(),
+            applied.as_millis(),
+            (t.elapsed() - applied).as_millis()
+        );
         if settled.is_err() {
             self.unsettled = Some(Unsettled {
                 generation,
