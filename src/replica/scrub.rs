@@ -165,6 +165,7 @@ pub fn scrub(store: &Mutex<Store>, repair: bool) -> Result<Report> {
     Ok(report)
 }
 
+/// What the log says of a damaged entry in state `state`.
 fn words(state: State) -> &'static str {
     match state {
         State::Found => "found; `ferry verify --deep --repair` mends it",
