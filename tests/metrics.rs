@@ -130,7 +130,16 @@ fn both_daemons_serve_metrics_that_agree_with_status() {
     assert_eq!(must(&m, "ferry_rpo_target_seconds"), 3600.0);
     assert_eq!(must(&m, "ferry_replica_rpo_met{replica=\"site-b\"}"), 1.0);
 
-    let rm = scrape(rport);
+    // The replica acknowledges at its commit record and applies right after, holding its
+    // store: a scrape then (which never waits for the store) shows the figures from before.
+    let t = Instant::now();
+    let rm = loop {
+        let rm = scrape(rport);
+        if must(&rm, gen_key) == g || t.elapsed() > Duration::from_secs(20) {
+            break rm;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(must(&rm, "ferry_store_namespaces"), 1.0);
     assert_eq!(must(&rm, gen_key), g);
     assert_eq!(must(&rm, "ferry_store_images{primary=\"test\"}"), 1.0);
