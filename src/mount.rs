@@ -823,7 +823,8 @@ fn control_handler(
             // Writes that bypassed the mount show at once, not at the next poll.
             outside.drain(&tracker, false);
             let ranges = req["ranges"].as_bool().unwrap_or(false);
-            let sync = engine.status();
+            let mut sync = engine.status();
+            sync["rpo_target_s"] = scheduler.interval().map(|d| d.as_secs_f64()).into();
             Ok(serde_json::json!({
                 "pid": std::process::id(),
                 "source": source,

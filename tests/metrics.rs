@@ -129,6 +129,14 @@ fn both_daemons_serve_metrics_that_agree_with_status() {
     assert_eq!(must(&m, "ferry_sync_duration_seconds_count"), 1.0);
     assert_eq!(must(&m, "ferry_rpo_target_seconds"), 3600.0);
     assert_eq!(must(&m, "ferry_replica_rpo_met{replica=\"site-b\"}"), 1.0);
+    // Nothing written since the sync point: the replica holds every write.
+    assert_eq!(
+        must(
+            &m,
+            "ferry_replica_recovery_point_age_seconds{replica=\"site-b\"}"
+        ),
+        0.0
+    );
 
     // The replica acknowledges at its commit record and applies right after, holding its
     // store: a scrape then (which never waits for the store) shows the figures from before.

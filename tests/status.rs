@@ -159,6 +159,82 @@ fn status_after_a_restart_knows_each_replica_from_its_saved_state() {
     assert!(r["since_commit_s"].as_u64().is_some(), "{s}");
 }
 
+/// The recovery point: how old the newest write a replica is sure to hold may be. It is what an
+/// operator would lose if the primary failed now, and it must not read as fine while a replica
+/// falls behind, nor forget a replica's standing when the primary restarts.
+#[test]
+fn the_recovery_point_says_how_much_a_replica_would_lose_now() {
+    common::require_root();
+    let mut p = Pair::new();
+    fs::write(p.primary.path("a.img"), random(1 << 20, 6)).unwrap();
+    p.sync_ok();
+    // Nothing written since the sync point: the replica holds every write.
+    let s = p.primary.status();
+    assert_eq!(replica(&s)["recovery_point_age_s"], 0.0, "{s}");
+    assert!(status_text(&p).contains("current"));
+
+    // Written after the point: the replica lacks what came since, and the age grows.
+    fs::write(p.primary.path("a.img"), random(1 << 20, 7)).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let s = p.primary.status();
+    let age = replica(&s)["recovery_point_age_s"].as_f64().unwrap();
+    assert!((1.5..60.0).contains(&age), "{s}");
+    assert!(status_text(&p).contains(" s ago"));
+
+    // A failed sync point does not move it; nor does a restart of the primary.
+    p.replica.kill9();
+    let (_, ok) = p.sync();
+    assert!(!ok);
+    p.primary.unmount();
+    p.primary.mount();
+    let s = p.primary.status();
+    let after = replica(&s)["recovery_point_age_s"].as_f64().unwrap();
+    assert!(after >= age, "{after} < {age}: {s}");
+    p.replica.start();
+    p.sync_ok();
+    let s = p.primary.status();
+    assert_eq!(replica(&s)["recovery_point_age_s"], 0.0, "{s}");
+}
+
+/// A replica that commits every sync point but whose syncs take longer than `sync_interval`
+/// falls further behind with each one: status says so under its row, with the figures.
+#[test]
+fn status_says_when_syncs_take_longer_than_the_rpo_target() {
+    common::require_root();
+    let p = Pair::with(
+        &[],
+        "[primary]\nsync_interval = \"1s\"\nbandwidth_limit = \"2MiB/s\"\n",
+    );
+    fs::write(p.primary.path("a.img"), random(1 << 20, 8)).unwrap();
+    let t = Instant::now();
+    while !replica(&p.primary.status())["recovery_point_age_s"].is_number() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no sync point committed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Keeping up: nothing said.
+    assert!(!status_text(&p).contains("sync_interval"));
+    // 16 MiB at 2 MiB/s: one sync of about 8 s, while the sync points fall due every second.
+    fs::write(p.primary.path("big.img"), random(16 << 20, 9)).unwrap();
+    let t = Instant::now();
+    let text = loop {
+        let text = status_text(&p);
+        if text.contains("more than twice sync_interval") {
+            break text;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "{text}");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert!(
+        text.contains("syncs take longer than the interval"),
+        "{text}"
+    );
+    let s = p.primary.status();
+    assert_eq!(s["sync"]["rpo_target_s"], 1.0, "{s}");
+}
+
 #[test]
 fn status_without_a_mountpoint_lists_every_mount_and_replica_daemon() {
     common::require_root();

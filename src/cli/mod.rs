@@ -1225,9 +1225,10 @@ fn print_sync(sync: &serde_json::Value) {
         return;
     }
     println!(
-        "  {:<16} {:<26} {:>10} {:>22} {:>13}  SELECTED",
-        "REPLICA", "STATE", "GENERATION", "LAG", "LAST COMMIT"
+        "  {:<16} {:<26} {:>10} {:>22} {:>14} {:>13}  SELECTED",
+        "REPLICA", "STATE", "GENERATION", "LAG", "RECOVERY POINT", "LAST COMMIT"
     );
+    let target = sync["rpo_target_s"].as_f64();
     for r in &replicas {
         let state = match r["state"].as_str().unwrap_or("?") {
             "shipping" => format!(
@@ -1246,15 +1247,25 @@ fn print_sync(sync: &serde_json::Value) {
             .as_u64()
             .map(ago)
             .unwrap_or_else(|| "never".into());
+        let point = match r["recovery_point_age_s"].as_f64() {
+            Some(0.0) => "current".to_string(),
+            Some(s) if s < 120.0 => format!("{s:.1} s ago"),
+            Some(s) => ago(s as u64),
+            None => "unknown".to_string(),
+        };
         println!(
-            "  {:<16} {:<26} {:>10} {:>22} {:>13}  {}",
+            "  {:<16} {:<26} {:>10} {:>22} {:>14} {:>13}  {}",
             r["name"].as_str().unwrap_or("?"),
             state,
             r["generation"].as_u64().unwrap_or(0),
             lag,
+            point,
             last,
             if r["selected"] == true { "yes" } else { "no" }
         );
+        if let Some(line) = target.and_then(|t| rpo_missed(r, t, &sync["last_sync"])) {
+            println!("      {line}");
+        }
         if let Some(line) = lossy_link(&r["last"], &r["rtt_ms"]) {
             println!("      {line}");
         }
@@ -1304,6 +1315,28 @@ fn slow_replica(last: &serde_json::Value) -> Option<String> {
         "it was busy {pct}% of the last sync checking and staging what arrived (waiting for \
          data the rest): its disk or CPU, not the link, sets the pace of syncs to it (see the \
          replica host's load)"
+    ))
+}
+
+/// Why a replica that commits is still further behind than the RPO target `t` (seconds), once
+/// its recovery point is more than two intervals old (`sync::metrics::rpo_met`): its syncs take
+/// longer than the interval. Nothing for a failing replica (its own line says why).
+fn rpo_missed(r: &serde_json::Value, t: f64, last_sync: &serde_json::Value) -> Option<String> {
+    let age = r["recovery_point_age_s"].as_f64()?;
+    if r["state"] == "failing"
+        || crate::sync::metrics::rpo_met(r, std::time::Duration::from_secs_f64(t))
+    {
+        return None;
+    }
+    let took = last_sync["duration_ms"]
+        .as_u64()
+        .map(|ms| format!("; the last sync took {:.1} s", ms as f64 / 1000.0))
+        .unwrap_or_default();
+    Some(format!(
+        "its copy lacks the last {age:.1} s of writes, more than twice sync_interval ({t} s){took}: \
+         syncs take longer than the interval, so each carries more than the last; the write \
+         rate is more than this host, the link and the replica ship within the interval \
+         (see \"What bounds the lag\" in docs/OPERATIONS.md)"
     ))
 }
 

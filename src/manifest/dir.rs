@@ -104,11 +104,15 @@ impl ManifestDir {
     }
 }
 
-/// The generation a directory of manifests makes up: its number and group root (hex).
+/// The generation a directory of manifests makes up: its number and group root (hex), and
+/// when its sync point was cut (milliseconds since the Unix epoch; absent in records written
+/// before it was kept, and where nobody needs it).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GenRecord {
     pub generation: u64,
     pub group_root: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub point_ms: Option<u64>,
 }
 
 impl GenRecord {
@@ -189,9 +193,13 @@ mod tests {
         let r = GenRecord {
             generation: 7,
             group_root: hex(&[9; 32]),
+            point_ms: Some(1_800_000_000_000),
         };
         r.write(&p).unwrap();
         assert_eq!(GenRecord::read(&p).unwrap(), r);
+        // A record written before the sync point's time was kept reads as not knowing it.
+        fs::write(&p, br#"{"generation":3,"group_root":"00"}"#).unwrap();
+        assert_eq!(GenRecord::read(&p).unwrap().point_ms, None);
         assert_eq!(r.root().unwrap(), [9; 32]);
         fs::write(&p, b"{").unwrap();
         assert!(GenRecord::read(&p).is_err());

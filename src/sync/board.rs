@@ -46,6 +46,10 @@ pub struct Replica {
     pub generation: u64,
     pub root: Option<[u8; 32]>,
     pub committed_at: Option<SystemTime>,
+    /// When the sync point of the generation it committed was cut: it holds every write
+    /// acknowledged before then (its recovery point). Unknown until it commits one, when
+    /// the record of the last is older than this.
+    pub point_at: Option<SystemTime>,
     /// Bytes of new content of each image of the last generation cut that it lacks.
     pub behind: BTreeMap<String, u64>,
     pub state: State,
@@ -182,6 +186,11 @@ impl Board {
     }
 }
 
+/// Seconds, to the millisecond.
+fn secs(d: Duration) -> f64 {
+    d.as_millis() as f64 / 1000.0
+}
+
 fn replica_json(r: &Replica, v: &View, now: Instant, wall: SystemTime) -> Value {
     let lag_generations = v.generation.saturating_sub(r.generation);
     let behind: u64 = r.behind.values().sum();
@@ -237,6 +246,7 @@ fn replica_json(r: &Replica, v: &View, now: Instant, wall: SystemTime) -> Value 
         "generation": r.generation,
         "root": r.root.map(|h| hex(&h)),
         "since_commit_s": r.committed_at.map(ago),
+        "recovery_point_age_s": r.point_at.map(|t| secs(wall.duration_since(t).unwrap_or_default())),
         "lag_generations": lag_generations,
         "lag_bytes": behind,
         "behind": r.behind,
@@ -263,6 +273,7 @@ mod tests {
             generation,
             root: None,
             committed_at: None,
+            point_at: None,
             behind: if behind > 0 {
                 BTreeMap::from([("a".to_string(), behind)])
             } else {

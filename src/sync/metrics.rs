@@ -213,6 +213,12 @@ impl Collector for StatusCollector {
             &per(&|r| r["since_commit_s"].as_f64()),
         )?;
         g.family(
+            "ferry_replica_recovery_point_age_seconds",
+            "Seconds since the sync point of the generation each replica holds (0 when nothing \
+             was written since it): the writes it would lose if this primary failed now",
+            &per(&|r| r["recovery_point_age_s"].as_f64()),
+        )?;
+        g.family(
             "ferry_replica_selected",
             "1 when the selection ships to the replica",
             &per(&|r| Some(if r["selected"] == true { 1.0 } else { 0.0 })),
@@ -233,21 +239,22 @@ impl Collector for StatusCollector {
             &states,
         )?;
         if let Some(t) = self.rpo {
-            // Met when the replica committed within the target plus the time the last sync
-            // took to reach it (a replica that commits every sync point is always met).
-            let took = s["last_sync"]["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0;
-            let limit = t.as_secs_f64() + took;
             g.family(
                 "ferry_replica_rpo_met",
-                "1 when the replica committed within the RPO target (plus the last sync's duration)",
-                &per(&|r| {
-                    Some(match r["since_commit_s"].as_f64() {
-                        Some(s) if s <= limit => 1.0,
-                        _ => 0.0,
-                    })
-                }),
+                "1 when the replica's recovery point is within the RPO target: at most two \
+                 sync intervals old",
+                &per(&|r| Some(f64::from(u8::from(rpo_met(r, t))))),
             )?;
         }
         Ok(())
     }
+}
+
+/// Whether replica `r` (its status) holds every write older than two sync intervals `t`: one
+/// interval to the next sync point and one for that point to reach it. A replica whose syncs
+/// take longer than the interval falls further behind with each one, though each commits.
+pub fn rpo_met(r: &Value, t: Duration) -> bool {
+    r["recovery_point_age_s"]
+        .as_f64()
+        .is_some_and(|age| age <= 2.0 * t.as_secs_f64())
 }

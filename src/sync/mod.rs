@@ -162,6 +162,9 @@ struct Work {
     /// Images that cannot be read as regular files now, and why: they keep their last
     /// generation (the replicas keep it too) until they can be read again.
     broken: BTreeMap<String, String>,
+    /// When the last generation's sync point was cut (the freeze): every write acknowledged
+    /// before then is in it. Unknown until this process cuts one.
+    point: Option<SystemTime>,
 }
 
 /// What is told every sync's report.
@@ -348,6 +351,15 @@ fn mtime(p: &Path) -> Option<SystemTime> {
     fs::metadata(p).and_then(|m| m.modified()).ok()
 }
 
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn from_unix_ms(ms: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
+}
+
 /// One replica's shipment of one generation, as the driver saw it end.
 struct Shipped {
     name: String,
@@ -408,6 +420,7 @@ impl Engine {
                 let r = GenRecord {
                     generation,
                     group_root: hex(&group_root(&images)),
+                    point_ms: None,
                 };
                 r.write(&rec_path)?;
                 r
@@ -439,6 +452,10 @@ impl Engine {
                 generation: prec.generation,
                 root: prec.root().ok().filter(|_| prec.generation > 0),
                 committed_at: (prec.generation > 0).then(|| mtime(&rec_path)).flatten(),
+                point_at: prec
+                    .point_ms
+                    .filter(|_| prec.generation > 0)
+                    .map(from_unix_ms),
                 state: State::Behind,
                 behind: lacks,
                 failing_since: None,
@@ -513,6 +530,7 @@ impl Engine {
                 images,
                 peers,
                 broken: BTreeMap::new(),
+                point: None,
             }),
             board,
             on_report: parking_lot::Mutex::new(None),
@@ -604,9 +622,12 @@ impl Engine {
         let root = self.root.clone();
         let spill = self.state.join("cow.spill");
         let mut skipped = Vec::new();
+        let mut point = None;
         let (frozen, window) = self
             .tracker
             .freeze_with(only.as_ref(), || {
+                // No write is in flight here: every one acknowledged so far is in this point.
+                point = Some(SystemTime::now());
                 crate::fault::point("sync.freeze")?;
                 let listing = list_images(&root).map_err(std::io::Error::other)?;
                 skipped = listing.skipped;
@@ -679,6 +700,7 @@ impl Engine {
             scan.bytes_hashed,
             scan.bytes_cut
         );
+        work.point = point;
         self.publish_cut(work);
         let outcomes = self.ship_all(work, &generation, timeout, &window);
         let saved = window.saved_bytes();
@@ -700,6 +722,7 @@ impl Engine {
             GenRecord {
                 generation: n,
                 group_root: hex(&work.group_root),
+                point_ms: None,
             }
             .write(&self.active_record())?;
             self.board.update(|v| v.generation = n);
@@ -779,6 +802,7 @@ impl Engine {
         GenRecord {
             generation: work.generation,
             group_root: hex(&work.group_root),
+            point_ms: None,
         }
         .write(&self.active_record())?;
         Ok((c.changed.len(), c.scan))
@@ -1074,16 +1098,18 @@ impl Engine {
                     peer.throughput = Some(o.bytes_sent as f64 * 1000.0 / o.duration_ms as f64);
                 }
                 let active = (&self.active(), &work.images);
-                peer.confirmed = match remember(&self.state, peer, g, acked.generation, active) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        log::warn!(
-                            "{}: acknowledged, but its state could not be saved: {e:#}",
-                            s.name
-                        );
-                        false
-                    }
-                };
+                let point = work.point;
+                peer.confirmed =
+                    match remember(&self.state, peer, (g, point), acked.generation, active) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            log::warn!(
+                                "{}: acknowledged, but its state could not be saved: {e:#}",
+                                s.name
+                            );
+                            false
+                        }
+                    };
                 log::info!(
                     "{}: committed generation {} ({} bytes in {} chunks and {} patches, {} ms)",
                     s.name,
@@ -1097,6 +1123,7 @@ impl Engine {
                     r.generation = acked.generation;
                     r.root = Some(acked.group_root);
                     r.committed_at = Some(SystemTime::now());
+                    r.point_at = point;
                     r.state = State::Committed;
                     // It holds the generation just cut: it lacks nothing of it.
                     r.behind.clear();
@@ -1219,7 +1246,19 @@ impl Engine {
 
     /// Status for `ferry status`: a copy of the board, never waiting for a sync.
     pub fn status(&self) -> Value {
+        // Read before the view: a sync point cut after this read and shown running, or done,
+        // in the view cannot make the claim below wrong.
+        let nothing_unsynced = self.tracker.dirty_bytes() == 0;
         let mut v = self.board.json();
+        if nothing_unsynced && v["running"].is_null() {
+            // Nothing written since the last sync point: a replica that holds it holds every
+            // write acknowledged so far.
+            for r in v["replicas"].as_array_mut().into_iter().flatten() {
+                if r["state"] == "committed" && r["recovery_point_age_s"].is_number() {
+                    r["recovery_point_age_s"] = 0.0.into();
+                }
+            }
+        }
         if let (Some(pool), Some(replicas)) = (&self.pool, v["replicas"].as_array_mut()) {
             for r in replicas {
                 let open = r["addr"]
@@ -1271,6 +1310,7 @@ pub fn seed(
     let record = GenRecord {
         generation,
         group_root: root.to_string(),
+        point_ms: None,
     };
     let dirs = std::iter::once(state.join("active"))
         .chain(peers.iter().map(|p| state.join("peers").join(p)));
@@ -1320,7 +1360,7 @@ fn narrow(window: &Window, peers: &[Peer], g: &Generation) {
 fn remember(
     state: &Path,
     peer: &mut Peer,
-    g: &Generation,
+    (g, point): (&Generation, Option<SystemTime>),
     number: u64,
     (active_dir, active): (&ManifestDir, &BTreeMap<String, Arc<Manifest>>),
 ) -> Result<()> {
@@ -1347,6 +1387,7 @@ fn remember(
     GenRecord {
         generation: number,
         group_root: hex(&g.group_root),
+        point_ms: point.map(unix_ms),
     }
     .write(&dir.join("generation.json"))?;
     peer.known = PeerKnowledge {

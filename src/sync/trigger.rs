@@ -32,6 +32,7 @@ struct State {
 pub struct Scheduler {
     state: Mutex<State>,
     cv: Condvar,
+    interval: Option<Duration>,
 }
 
 impl Scheduler {
@@ -44,6 +45,7 @@ impl Scheduler {
         let s = Arc::new(Scheduler {
             state: Mutex::new(State::default()),
             cv: Condvar::new(),
+            interval,
         });
         let me = s.clone();
         std::thread::Builder::new()
@@ -53,6 +55,11 @@ impl Scheduler {
                 me.work(&engine, interval, timeout)
             })?;
         Ok(s)
+    }
+
+    /// `sync_interval`: the RPO target, if sync points come by the clock.
+    pub fn interval(&self) -> Option<Duration> {
+        self.interval
     }
 
     fn work(&self, engine: &Engine, interval: Option<Duration>, timeout: Duration) {
