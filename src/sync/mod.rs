@@ -1248,7 +1248,8 @@ impl Engine {
     pub fn status(&self) -> Value {
         // Read before the view: a sync point cut after this read and shown running, or done,
         // in the view cannot make the claim below wrong.
-        let nothing_unsynced = self.tracker.dirty_bytes() == 0;
+        // (Without tracking, `-o notrack`, nothing is known unsynced and nothing replicates.)
+        let nothing_unsynced = self.tracker.enabled() && self.tracker.dirty_bytes() == 0;
         let mut v = self.board.json();
         if nothing_unsynced && v["running"].is_null() {
             // Nothing written since the last sync point: a replica that holds it holds every
