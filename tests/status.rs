@@ -194,6 +194,19 @@ fn the_recovery_point_says_how_much_a_replica_would_lose_now() {
     p.sync_ok();
     let s = p.primary.status();
     assert_eq!(replica(&s)["recovery_point_age_s"], 0.0, "{s}");
+
+    // A sync point of one image leaves the other's writes out: the point stays the last full one.
+    fs::write(p.primary.path("a.img"), random(1 << 20, 10)).unwrap();
+    fs::write(p.primary.path("b.img"), random(1 << 20, 11)).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    run(Command::new(FERRY)
+        .arg("sync")
+        .arg(&p.primary.mnt)
+        .arg("a.img"));
+    let s = p.primary.status();
+    assert_eq!(replica(&s)["state"], "committed", "{s}");
+    let age = replica(&s)["recovery_point_age_s"].as_f64().unwrap();
+    assert!(age >= 1.5, "{s}");
 }
 
 /// A replica that commits every sync point but whose syncs take longer than `sync_interval`

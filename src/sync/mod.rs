@@ -700,7 +700,11 @@ impl Engine {
             scan.bytes_hashed,
             scan.bytes_cut
         );
-        work.point = point;
+        // A sync point of some images only leaves the others' writes out: the recovery
+        // point stays the last one that took every image.
+        if only.is_none() {
+            work.point = point;
+        }
         self.publish_cut(work);
         let outcomes = self.ship_all(work, &generation, timeout, &window);
         let saved = window.saved_bytes();
