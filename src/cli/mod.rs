@@ -58,8 +58,11 @@ pub enum Command {
     /// progress (its phase and the bytes sent of those the replicas asked for); one row per
     /// replica with its state (committed, shipping X of Y, failing with the cause and what to do,
     /// or behind), the generation it committed, its lag (bytes of the last generation it lacks,
-    /// and generations), when it last committed and whether the selection ships to it; the
-    /// bytes changed since the last sync point; and one row per image with unsynced bytes or
+    /// and generations), its recovery point (how long ago the sync point it holds was cut: the
+    /// writes it would lack if this primary failed now, with a line saying why when that is
+    /// more than twice sync_interval), when it last committed and whether the selection ships
+    /// to it; the bytes changed since the last sync point; and one row per image with unsynced
+    /// bytes or
     /// bytes some replica lacks. docs/OPERATIONS.md lists every field of --json and every
     /// failure cause.
     ///
