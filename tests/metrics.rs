@@ -48,6 +48,20 @@ fn both_daemons_serve_metrics_that_agree_with_status() {
         ),
     );
     p.replica.kill9();
+    // The first apply after an acknowledgement holds (under the store's lock) until the test
+    // lets it go.
+    let flags = tempfile::tempdir().unwrap();
+    let held = flags.path().join("replica.settle");
+    p.replica.env = vec![
+        (
+            "FAILPOINTS".to_string(),
+            "replica.settle=1*return(hold)".to_string(),
+        ),
+        (
+            "FERRY_FAILPOINT_DIR".to_string(),
+            flags.path().display().to_string(),
+        ),
+    ];
     let c = fs::read_to_string(&p.replica.config).unwrap().replacen(
         "[node]\n",
         &format!("[node]\nmetrics = \"127.0.0.1:{rport}\"\n"),
@@ -139,14 +153,30 @@ fn both_daemons_serve_metrics_that_agree_with_status() {
     );
 
     // The replica acknowledges at its commit record and applies right after, holding its
-    // store: a scrape then (which never waits for the store) shows the figures from before.
+    // store: a scrape then never waits for it, and shows the generation acknowledged.
     let t = Instant::now();
+    while !held.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the apply never held"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let rm = scrape(rport);
+    assert_eq!(must(&rm, gen_key), g, "{rm}");
+    assert_eq!(
+        must(&rm, "ferry_store_commit_seconds_count{primary=\"test\"}"),
+        1.0
+    );
+    // Once applied (the image in place, the staging emptied), the figures say so.
+    fs::remove_file(&held).unwrap();
     let rm = loop {
         let rm = scrape(rport);
-        if must(&rm, gen_key) == g || t.elapsed() > Duration::from_secs(20) {
+        if must(&rm, "ferry_store_images{primary=\"test\"}") == 1.0 {
             break rm;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        assert!(t.elapsed() < Duration::from_secs(20), "{rm}");
+        std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(must(&rm, "ferry_store_namespaces"), 1.0);
     assert_eq!(must(&rm, gen_key), g);

@@ -1,6 +1,8 @@
 //! The replica daemon's Prometheus metrics: each namespace's figures, labelled with its
-//! primary's node name (read without waiting: while a commit holds a namespace, a scrape shows
-//! its figures of the previous scrape), the store's free space, and how long commits take.
+//! primary's node name, the store's free space, and how long commits take. A scrape never
+//! waits for a store: while a frame, a commit or an apply holds one, it shows the figures the
+//! store published after its last commit or apply (so the generation it shows is never behind
+//! the one it acknowledged).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -16,10 +18,26 @@ use crate::metrics::Gauges;
 
 pub struct StoreCollector {
     site: Arc<Site>,
-    /// Each namespace's figures when it opened, or of the last scrape that found its store
-    /// free (a namespace shows from its first contact, even if every scrape since finds it
-    /// busy with a transfer).
-    last: Arc<parking_lot::Mutex<BTreeMap<String, Figures>>>,
+    /// Each namespace's figures: those its store published last (when it opened, after each
+    /// commit and apply), or those of the last scrape that found it free, whichever came later.
+    last: Latest,
+}
+
+type Latest = Arc<parking_lot::Mutex<BTreeMap<String, Figures>>>;
+
+/// What one store reports to the metrics as it changes.
+pub struct Watch {
+    name: String,
+    latest: Latest,
+    /// Seconds each commit takes.
+    pub commit_seconds: Histogram,
+}
+
+impl Watch {
+    /// The store's figures now.
+    pub fn publish(&self, f: Figures) {
+        self.latest.lock().insert(self.name.clone(), f);
+    }
 }
 
 impl std::fmt::Debug for StoreCollector {
@@ -43,15 +61,16 @@ pub fn registry(site: &Arc<Site>) -> Registry {
         "Time to commit a generation: verify, journal, apply, up to its acknowledgement (the images' fsync follows it)",
         apply.clone(),
     );
-    let last: Arc<parking_lot::Mutex<BTreeMap<String, Figures>>> = Arc::default();
-    let opened = last.clone();
+    let last = Latest::default();
+    let latest = last.clone();
     site.on_open(move |name, s| {
-        opened.lock().insert(name.to_string(), s.figures());
-        s.time_commits(
-            apply
+        s.watch(Watch {
+            name: name.to_string(),
+            latest: latest.clone(),
+            commit_seconds: apply
                 .get_or_create(&vec![("primary".to_string(), name.to_string())])
                 .clone(),
-        )
+        })
     });
     reg.register_collector(Box::new(StoreCollector {
         site: site.clone(),

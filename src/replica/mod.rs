@@ -159,8 +159,8 @@ pub struct Store {
     fresh: Fresh,
     /// Every held generation, read by the replica mount (set once the store is open).
     view: Option<Arc<View>>,
-    /// Seconds each commit took (metrics), when someone watches.
-    apply_seconds: Option<prometheus_client::metrics::histogram::Histogram>,
+    /// The metrics, when someone watches: each commit's time, the figures after each change.
+    watch: Option<metrics::Watch>,
     /// When the last deep verify ended, and the damaged chunks it left.
     verified: Option<(SystemTime, u64)>,
     /// The epoch this namespace accepts and who holds it (`.ferry/epoch.json`).
@@ -326,7 +326,7 @@ impl Store {
             patches,
             fresh: Fresh::new(&root_meta_images)?,
             view: None,
-            apply_seconds: None,
+            watch: None,
             verified: None,
             holder,
             readers: Default::default(),
@@ -412,8 +412,18 @@ impl Store {
     }
 
     /// Observes the duration of every commit (verify, journal, apply) in `h`.
-    pub fn time_commits(&mut self, h: prometheus_client::metrics::histogram::Histogram) {
-        self.apply_seconds = Some(h);
+    /// Reports to `w` from now on (the figures as they are now, first).
+    pub fn watch(&mut self, w: metrics::Watch) {
+        w.publish(self.figures());
+        self.watch = Some(w);
+    }
+
+    /// Tells the metrics the store's figures: after every change a scrape must see (a scrape
+    /// never waits for the store, which a commit or an apply can hold for seconds).
+    fn publish(&self) {
+        if let Some(w) = &self.watch {
+            w.publish(self.figures());
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -707,6 +717,12 @@ impl Store {
     /// On an error the generation stays unsettled and the next call writes it again from the
     /// staging.
     pub fn settle(&mut self) -> Result<()> {
+        let r = self.settle_all();
+        self.publish();
+        r
+    }
+
+    fn settle_all(&mut self) -> Result<()> {
         let t = std::time::Instant::now();
         if let Some(p) = self.pending.take() {
             let generation = p.commit.generation;
@@ -1325,9 +1341,10 @@ impl ReplicaStore for Store {
     fn commit(&mut self, g: &Generation) -> Result<()> {
         let t = std::time::Instant::now();
         let r = self.commit_timed(g);
-        if let Some(h) = &self.apply_seconds {
-            h.observe(t.elapsed().as_secs_f64());
+        if let Some(w) = &self.watch {
+            w.commit_seconds.observe(t.elapsed().as_secs_f64());
         }
+        self.publish();
         r
     }
 }
