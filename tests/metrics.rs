@@ -164,15 +164,20 @@ fn both_daemons_serve_metrics_that_agree_with_status() {
     }
     let rm = scrape(rport);
     assert_eq!(must(&rm, gen_key), g, "{rm}");
+    assert_eq!(must(&rm, "ferry_store_images{primary=\"test\"}"), 1.0);
+    assert_eq!(
+        must(&rm, "ferry_store_image_bytes{primary=\"test\"}"),
+        (48 << 20) as f64
+    );
     assert_eq!(
         must(&rm, "ferry_store_commit_seconds_count{primary=\"test\"}"),
         1.0
     );
-    // Once applied (the image in place, the staging emptied), the figures say so.
+    // Once applied, the staging is empty.
     fs::remove_file(&held).unwrap();
     let rm = loop {
         let rm = scrape(rport);
-        if must(&rm, "ferry_store_images{primary=\"test\"}") == 1.0 {
+        if must(&rm, "ferry_store_staged_bytes{primary=\"test\"}") == 0.0 {
             break rm;
         }
         assert!(t.elapsed() < Duration::from_secs(20), "{rm}");

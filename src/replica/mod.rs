@@ -362,11 +362,25 @@ impl Store {
 
     /// The figures metrics show.
     pub fn figures(&self) -> Figures {
+        // The committed generation's images: an acknowledged one not applied yet included.
+        let mut sizes: BTreeMap<&str, u64> = self
+            .manifests
+            .iter()
+            .map(|(p, m)| (p.as_str(), m.size()))
+            .collect();
+        if let Some(p) = &self.pending {
+            for c in &p.commit.changes {
+                if let NsChange::Remove { path } = c {
+                    sizes.remove(path.as_str());
+                }
+            }
+            sizes.extend(p.images.iter().map(|(p, m)| (p.as_str(), m.size())));
+        }
         Figures {
             generation: self.committed().0,
             epoch: self.record.epoch,
-            images: self.manifests.len(),
-            image_bytes: self.manifests.values().map(|m| m.size()).sum(),
+            images: sizes.len(),
+            image_bytes: sizes.values().sum(),
             staged_bytes: self.journal.bytes() + self.patches.bytes() + self.fresh.staged().1,
             staged_chunks: self.journal.len() + self.patches.len() + self.fresh.staged().0,
             chunks: self.index.len(),
