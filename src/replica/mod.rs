@@ -425,7 +425,6 @@ impl Store {
         Ok(())
     }
 
-    /// Observes the duration of every commit (verify, journal, apply) in `h`.
     /// Reports to `w` from now on (the figures as they are now, first).
     pub fn watch(&mut self, w: metrics::Watch) {
         w.publish(self.figures());
@@ -731,6 +730,10 @@ impl Store {
     /// On an error the generation stays unsettled and the next call writes it again from the
     /// staging.
     pub fn settle(&mut self) -> Result<()> {
+        // Called before every frame is staged: most often there is nothing to do.
+        if self.pending.is_none() && self.unsettled.is_none() {
+            return Ok(());
+        }
         let r = self.settle_all();
         self.publish();
         r
