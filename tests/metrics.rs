@@ -48,14 +48,14 @@ fn both_daemons_serve_metrics_that_agree_with_status() {
         ),
     );
     p.replica.kill9();
-    // The first apply after an acknowledgement holds (under the store's lock) until the test
-    // lets it go.
+    // The first apply after an acknowledgement holds at its first write into an image (under
+    // the store's lock) until the test lets it go.
     let flags = tempfile::tempdir().unwrap();
-    let held = flags.path().join("replica.settle");
+    let held = flags.path().join("replica.image.write");
     p.replica.env = vec![
         (
             "FAILPOINTS".to_string(),
-            "replica.settle=1*return(hold)".to_string(),
+            "replica.image.write=1*return(hold)".to_string(),
         ),
         (
             "FERRY_FAILPOINT_DIR".to_string(),
@@ -173,6 +173,32 @@ fn both_daemons_serve_metrics_that_agree_with_status() {
         must(&rm, "ferry_store_commit_seconds_count{primary=\"test\"}"),
         1.0
     );
+    // `ferry status` on the replica host shows the restore point the mount serves, and says
+    // the acknowledged generation is being applied.
+    let status = |r: &common::Replica| -> serde_json::Value {
+        let out = common::run(
+            Command::new(common::FERRY)
+                .args(["status", "--json", "--config"])
+                .arg(&r.config),
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let rs = status(&p.replica);
+    let ns = &rs["primaries"][0];
+    assert_eq!(ns["applying"].as_f64(), Some(g), "{rs}");
+    assert!(ns["generation"].as_f64().unwrap() < g, "{rs}");
+    let text = common::run(
+        Command::new(common::FERRY)
+            .args(["status", "--config"])
+            .arg(&p.replica.config),
+    );
+    assert!(
+        String::from_utf8_lossy(&text.stdout)
+            .contains(&format!("generation {g} is acknowledged and being applied")),
+        "{}",
+        String::from_utf8_lossy(&text.stdout)
+    );
+
     // Once applied, the staging is empty.
     fs::remove_file(&held).unwrap();
     let rm = loop {
@@ -185,6 +211,19 @@ fn both_daemons_serve_metrics_that_agree_with_status() {
     };
     assert_eq!(must(&rm, "ferry_store_namespaces"), 1.0);
     assert_eq!(must(&rm, gen_key), g);
+    // The apply's end records the restore point, then removes the commit record.
+    let t = Instant::now();
+    while !status(&p.replica)["primaries"][0]["applying"].is_null() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the apply never ended"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        status(&p.replica)["primaries"][0]["generation"].as_f64(),
+        Some(g)
+    );
     assert_eq!(must(&rm, "ferry_store_images{primary=\"test\"}"), 1.0);
     assert_eq!(
         must(&rm, "ferry_store_image_bytes{primary=\"test\"}"),

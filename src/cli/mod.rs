@@ -922,7 +922,10 @@ fn replica_status(config: &std::path::Path, pid: serde_json::Value) -> Result<se
             };
             let points = view.points();
             let newest = points.last();
-            let staged = crate::replica::staged_on_disk(&rc.store.join(&ns.name));
+            let root = rc.store.join(&ns.name);
+            let staged = crate::replica::staged_on_disk(&root);
+            let applying = crate::replica::applying(&root)
+                .filter(|&a| newest.is_none_or(|p| p.generation < a));
             serde_json::json!({
                 "primary": ns.name,
                 "fingerprint": ns.fingerprint,
@@ -935,6 +938,7 @@ fn replica_status(config: &std::path::Path, pid: serde_json::Value) -> Result<se
                 "restore_points": points.iter().map(|p| p.generation).collect::<Vec<_>>(),
                 "kept_bytes": view.kept_figures().0,
                 "staged_bytes": staged,
+                "applying": applying,
             })
         })
         .collect();
@@ -1010,6 +1014,12 @@ fn print_replica_status(r: &serde_json::Value) {
             p["epoch"],
             p["images"]
         );
+        if let Some(a) = p["applying"].as_u64() {
+            println!(
+                "    generation {a} is acknowledged and being applied (a promotion or restart \
+                 finishes it; the mount serves it once applied)"
+            );
+        }
         println!(
             "    restore points {} ({} of kept chunks); {} staged for the next generation",
             p["restore_points"],

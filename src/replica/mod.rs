@@ -870,6 +870,16 @@ impl Store {
     }
 }
 
+/// The generation the store at `root` (a namespace's directory) acknowledged and is applying
+/// now (or will apply when its daemon starts), if any: its restore points, recorded when an
+/// apply ends, do not hold it yet. For readers beside the daemon (`ferry status --config`).
+pub fn applying(root: &Path) -> Option<u64> {
+    CommitRecord::read(&root.join(META_DIR))
+        .ok()
+        .flatten()
+        .map(|c| c.generation)
+}
+
 /// Waits up to `timeout` for the store at `root` (a namespace's directory) to settle: the
 /// replica acknowledges a generation once its commit record is durable and applies it right
 /// after, removing the record when the images hold it. For readers beside the daemon (`ferry
