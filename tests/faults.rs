@@ -208,17 +208,6 @@ impl Drop for Site {
     }
 }
 
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !cond() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "waited 30 s for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 fn alive(pid: i32) -> bool {
     let zombie = fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| s[s.rfind(')').unwrap() + 1..].trim_start().starts_with('Z'))

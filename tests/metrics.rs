@@ -154,14 +154,7 @@ fn both_daemons_serve_metrics_that_agree_with_status() {
 
     // The replica acknowledges at its commit record and applies right after, holding its
     // store: a scrape then never waits for it, and shows the generation acknowledged.
-    let t = Instant::now();
-    while !held.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "the apply never held"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    common::wait_for("the apply to hold", || held.exists());
     let rm = scrape(rport);
     assert_eq!(must(&rm, gen_key), g, "{rm}");
     assert_eq!(must(&rm, "ferry_store_images{primary=\"test\"}"), 1.0);
@@ -201,25 +194,17 @@ fn both_daemons_serve_metrics_that_agree_with_status() {
 
     // Once applied, the staging is empty.
     fs::remove_file(&held).unwrap();
-    let rm = loop {
-        let rm = scrape(rport);
-        if must(&rm, "ferry_store_staged_bytes{primary=\"test\"}") == 0.0 {
-            break rm;
-        }
-        assert!(t.elapsed() < Duration::from_secs(20), "{rm}");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let mut rm = String::new();
+    common::wait_for("the staging to empty", || {
+        rm = scrape(rport);
+        must(&rm, "ferry_store_staged_bytes{primary=\"test\"}") == 0.0
+    });
     assert_eq!(must(&rm, "ferry_store_namespaces"), 1.0);
     assert_eq!(must(&rm, gen_key), g);
     // The apply's end records the restore point, then removes the commit record.
-    let t = Instant::now();
-    while !status(&p.replica)["primaries"][0]["applying"].is_null() {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "the apply never ended"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_for("the apply to end", || {
+        status(&p.replica)["primaries"][0]["applying"].is_null()
+    });
     assert_eq!(
         status(&p.replica)["primaries"][0]["generation"].as_f64(),
         Some(g)

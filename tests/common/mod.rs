@@ -10,6 +10,18 @@ use serde_json::Value;
 
 pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 
+/// Waits until `cond` holds, polling every 10 ms; fails the test after 30 s, naming `what`.
+pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !cond() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "waited 30 s for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 #[allow(unused_imports)]
 pub use ferry::testutil::random;
 
