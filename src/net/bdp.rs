@@ -67,8 +67,9 @@ enum Mode {
 pub struct Model {
     mtu: u64,
     mode: Mode,
-    /// Delivery rate samples (bytes/s) of the last rounds, newest last.
+    /// Delivery rate samples (bytes/s) of the last rounds, newest last, and their maximum.
     rates: VecDeque<f64>,
+    rate_max: f64,
     /// The round in progress: its start and the bytes acked since.
     round_start: Option<Instant>,
     round_acked: u64,
@@ -85,6 +86,9 @@ pub struct Model {
     epoch_start: Option<Instant>,
     epoch_acked: u64,
     excess: VecDeque<u64>,
+    /// The largest of `excess` (quinn asks for the window a few times per packet sent, so the
+    /// maxima change once a round, not per call).
+    excess_max: u64,
     round_excess: u64,
     /// Bytes acked in the current batch of acks.
     batch_acked: u64,
@@ -96,6 +100,7 @@ impl Model {
             mtu: u64::from(mtu),
             mode: Mode::Startup,
             rates: VecDeque::with_capacity(ROUNDS),
+            rate_max: 0.0,
             round_start: None,
             round_acked: 0,
             round_app_limited: false,
@@ -108,6 +113,7 @@ impl Model {
             epoch_start: None,
             epoch_acked: 0,
             excess: VecDeque::with_capacity(ROUNDS),
+            excess_max: 0,
             round_excess: 0,
             batch_acked: 0,
         }
@@ -115,7 +121,7 @@ impl Model {
 
     /// The bottleneck rate estimate in bytes per second (0 before the first round ends).
     pub fn rate(&self) -> f64 {
-        self.rates.iter().copied().fold(0.0, f64::max)
+        self.rate_max
     }
 
     /// The minimum RTT of the last 5 to 10 s.
@@ -148,12 +154,8 @@ impl Model {
         }
         let bdp = rate * min_rtt.as_secs_f64();
         let aggregation = self
-            .excess
-            .iter()
-            .copied()
-            .chain([self.round_excess])
-            .max()
-            .unwrap_or(0)
+            .excess_max
+            .max(self.round_excess)
             .min((rate * MAX_AGGREGATION.as_secs_f64()) as u64);
         let w = (self.gain() * bdp) as u64 + aggregation + HEADROOM_PACKETS * self.mtu;
         match self.mode {
@@ -190,12 +192,14 @@ impl Model {
                 self.rates.pop_front();
             }
             self.rates.push_back(sample);
+            self.rate_max = self.rates.iter().copied().fold(0.0, f64::max);
         }
         if self.excess.len() == ROUNDS {
             self.excess.pop_front();
         }
         self.excess
             .push_back(std::mem::take(&mut self.round_excess));
+        self.excess_max = self.excess.iter().copied().max().unwrap_or(0);
         self.end_round();
         self.start_round(now);
     }
@@ -342,5 +346,30 @@ impl ControllerFactory for BdpConfig {
         Box::new(Bdp {
             model: Model::new(current_mtu),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The maxima the window reads are those of the rounds remembered, as the rounds roll.
+    #[test]
+    fn the_remembered_maxima_follow_the_rounds() {
+        let mut m = Model::new(1200);
+        let t0 = Instant::now();
+        let srtt = Duration::from_millis(2);
+        for step in 0..400u64 {
+            let now = t0 + Duration::from_micros(500 * step);
+            // Bursts of varying size, so rates and excesses rise and fall.
+            let bytes = 1200 * (1 + (step * 7919) % 23);
+            m.on_ack(now, now - srtt, bytes, srtt);
+            m.on_end_acks(now, step % 17 == 0);
+            let rate = m.rates.iter().copied().fold(0.0, f64::max);
+            assert_eq!(m.rate(), rate, "step {step}");
+            assert_eq!(m.excess_max, m.excess.iter().copied().max().unwrap_or(0));
+        }
+        assert_eq!(m.rates.len(), ROUNDS, "the rounds rolled over");
+        assert!(m.rate() > 0.0 && m.window() > INITIAL_WINDOW);
     }
 }
