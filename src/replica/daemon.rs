@@ -502,7 +502,7 @@ async fn session(
                     log::error!("{e:#}");
                     return lost(&mut s);
                 }
-                crate::heap::give_back();
+                crate::heap::give_back_soon();
             }
             if s.is_closed() {
                 closed.notify_one();

@@ -585,7 +585,7 @@ impl Engine {
         });
         let r = self.sync_locked(&mut work, only, timeout, t0);
         self.board.update(|v| v.running = None);
-        crate::heap::give_back();
+        crate::heap::give_back_soon();
         r
     }
 
