@@ -79,10 +79,7 @@ pub fn give_back_soon() {
     TRIMMER.call_once(|| {
         let spawned = std::thread::Builder::new()
             .name("heap-give-back".into())
-            .spawn(|| {
-                crate::priority::background();
-                trimmer()
-            });
+            .spawn(trimmer);
         if let Err(e) = spawned {
             log::warn!("cannot start the heap's give-back thread ({e}): the heap is given back only every {} s of sync points", EVERY.as_secs());
         }
