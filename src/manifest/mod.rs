@@ -15,6 +15,7 @@ pub use merkle::{FANOUT, LEAF_SPAN, Tree, leaf_count};
 pub use params::{ChunkParams, ParamsError, ZERO_BLOCK};
 
 use blake3::Hash;
+use std::sync::Arc;
 
 /// What an entry holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -104,13 +105,15 @@ pub enum InvalidManifest {
     Size { end: u64, size: u64 },
 }
 
-/// The chunk list of one image at one generation, with its Merkle tree.
+/// The chunk list of one image at one generation, with its Merkle tree. Immutable once built,
+/// so the list and the tree are shared: a clone (a commit's pending copy, a reader's view, the
+/// committed map's) costs a reference count, not a copy of every entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Manifest {
     params: ChunkParams,
     size: u64,
-    entries: Vec<Entry>,
-    tree: Tree,
+    entries: Arc<Vec<Entry>>,
+    tree: Arc<Tree>,
 }
 
 /// Figures about a manifest, for `ferry manifest` and status output.
@@ -200,8 +203,8 @@ impl Manifest {
         Ok(Manifest {
             params,
             size,
-            entries,
-            tree,
+            entries: Arc::new(entries),
+            tree: Arc::new(tree),
         })
     }
 
@@ -245,7 +248,7 @@ impl Manifest {
             min_chunk: u64::MAX,
             ..Stats::default()
         };
-        for e in &self.entries {
+        for e in self.entries.iter() {
             if e.is_zero() {
                 s.zero_extents += 1;
                 s.zero_bytes += e.len;
