@@ -197,13 +197,15 @@ pub(super) fn same(
         .collect()
 }
 
-/// The id of a chunk of `len` bytes that is chunk `base`'s bytes (read through `read`: offset in
+/// The id of a chunk of `len` bytes that is the bytes at a place (read through `read`: offset in
 /// the chunk, buffer) with `ranges` (offset in the chunk, bytes; inside it) laid over: what a
-/// replica checks a patch by. With `base`'s piece values cached, only the pieces the ranges
-/// touch are read and hashed; otherwise the whole chunk. The result's values are cached, so the
-/// next patch of the same chunk is cheap too. Returns the id and the bytes read.
+/// replica checks a patch by. `base` is the chunk that started at that place before, and its
+/// length: with its piece values cached, only the pieces the ranges touch, and those it did not
+/// cover alike (a patch whose chunk's end moved, see [`same`]), are read and hashed; otherwise
+/// the whole chunk. The result's values are cached, so the next patch of the same chunk is cheap
+/// too. Returns the id and the bytes read.
 pub fn overlay_id(
-    base: Option<&Hash>,
+    base: Option<(&Hash, usize)>,
     len: usize,
     ranges: &[(usize, &[u8])],
     read: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
@@ -222,31 +224,36 @@ pub fn overlay_id(
         lay(0, &mut buf);
         return Ok((blake3::hash(&buf), len as u64));
     }
+    let clean = |p: Range<usize>| {
+        ranges
+            .iter()
+            .all(|(r, bytes)| bytes.is_empty() || r + bytes.len() <= p.start || *r >= p.end)
+    };
+    let known = base
+        .and_then(|(id, old_len)| Some(same(&get(id)?.values, old_len, len, clean)))
+        .unwrap_or_default();
     let n = count(len);
-    let cached = base.and_then(get).filter(|k| k.values.len() == n);
-    let mut touched = vec![cached.is_none(); n];
-    for (r, bytes) in ranges.iter().filter(|(_, b)| !b.is_empty()) {
-        for t in &mut touched[r / PIECE..=(r + bytes.len() - 1) / PIECE] {
-            *t = true;
-        }
-    }
-    let mut values = cached.map_or_else(|| vec![[0; 32]; n], |k| k.values.to_vec());
+    let mut values = vec![[0; 32]; n];
     let mut buf = vec![0u8; PIECE];
     let mut read_bytes = 0;
-    for i in (0..n).filter(|&i| touched[i]) {
+    for (i, v) in values.iter_mut().enumerate() {
+        if let Some(Some(known)) = known.get(i) {
+            *v = *known;
+            continue;
+        }
         let at = i * PIECE;
         let piece = &mut buf[..PIECE.min(len - at)];
         read(at as u64, piece)?;
         read_bytes += piece.len() as u64;
         lay(at, piece);
-        values[i] = value(i, piece);
+        *v = value(i, piece);
     }
     let id = root(&values, len);
     put(id, values, None);
     // The base's bytes are superseded at this place: keep the cache to the chunks that are
     // (its size then follows the images, not the number of sync points). The same bytes
     // elsewhere are hashed whole at their next change, once.
-    if let Some(base) = base.filter(|b| **b != id) {
+    if let Some((base, _)) = base.filter(|(b, _)| **b != id) {
         forget(base);
     }
     Ok((id, read_bytes))
@@ -340,7 +347,7 @@ mod tests {
         };
         let change: &[u8] = &[7; 100];
         let (new, n) = overlay_id(
-            Some(&id),
+            Some((&id, bytes.len())),
             bytes.len(),
             &[(3 * PIECE + 5, change)],
             &mut read,
@@ -350,6 +357,38 @@ mod tests {
         want[3 * PIECE + 5..3 * PIECE + 105].copy_from_slice(change);
         assert_eq!(new, blake3::hash(&want));
         assert_eq!(n, PIECE as u64, "only the touched piece is read");
+    }
+
+    /// A patch of a chunk whose end moved (a write that moved its cut) reuses the cached values
+    /// of the pieces it covers like the chunk that started at its place did, and reads the
+    /// others: the touched ones, and those where the two chunks end differently.
+    #[test]
+    fn an_overlay_whose_end_moved_reads_the_pieces_it_does_not_share_with_its_base() {
+        let image = random(3 * 65_536, 41);
+        let mut read = |at: u64, buf: &mut [u8]| {
+            buf.copy_from_slice(&image[at as usize..at as usize + buf.len()]);
+            Ok(())
+        };
+        let patch: &[u8] = &[9; 100];
+        let laid = |len: usize| {
+            let mut v = image[..len].to_vec();
+            v[20_000..20_100].copy_from_slice(patch);
+            v
+        };
+        // Shorter: pieces 0, 1, 3 shared; 2 holds the patch, 4 ends at 40,000, not 40,960.
+        let old_len = 65_536 + 300;
+        let old = hash(&image[..old_len]);
+        let (id, n) =
+            overlay_id(Some((&old, old_len)), 40_000, &[(20_000, patch)], &mut read).unwrap();
+        assert_eq!(id, blake3::hash(&laid(40_000)));
+        assert_eq!(n, (PIECE + 40_000 - 4 * PIECE) as u64);
+        // Longer: only the pieces before the old end, and clean, are shared.
+        let old = hash(&image[..40_000]);
+        let new_len = 65_536 + 300;
+        let (id, n) =
+            overlay_id(Some((&old, 40_000)), new_len, &[(20_000, patch)], &mut read).unwrap();
+        assert_eq!(id, blake3::hash(&laid(new_len)));
+        assert_eq!(n, (new_len - 3 * PIECE) as u64);
     }
 
     /// A patch's id from the cached pieces of its base equals the hash of the patched bytes,
@@ -377,7 +416,8 @@ mod tests {
         }
         let base_id = blake3::hash(&base);
         // The base never seen: everything is read.
-        let (id1, n) = overlay_id(Some(&base_id), len, &as_ranges(&patch1), &mut read).unwrap();
+        let (id1, n) =
+            overlay_id(Some((&base_id, len)), len, &as_ranges(&patch1), &mut read).unwrap();
         let one = laid(&base, &patch1);
         assert_eq!(id1, blake3::hash(&one));
         assert_eq!(n, len as u64);
@@ -386,7 +426,8 @@ mod tests {
             buf.copy_from_slice(&one[at as usize..at as usize + buf.len()]);
             Ok(())
         };
-        let (id2, n) = overlay_id(Some(&id1), len, &as_ranges(&patch2), &mut read_one).unwrap();
+        let (id2, n) =
+            overlay_id(Some((&id1, len)), len, &as_ranges(&patch2), &mut read_one).unwrap();
         let two = laid(&one, &patch2);
         assert_eq!(id2, blake3::hash(&two));
         assert_eq!(n, (len - 8 * PIECE) as u64);
@@ -398,11 +439,12 @@ mod tests {
             Ok(())
         };
         let p3 = vec![(2 * PIECE - 3, vec![4; 6])];
-        let (id3, n) = overlay_id(Some(&id2), len, &as_ranges(&p3), &mut read_two).unwrap();
+        let (id3, n) = overlay_id(Some((&id2, len)), len, &as_ranges(&p3), &mut read_two).unwrap();
         assert_eq!(id3, blake3::hash(&laid(&two, &p3)));
         assert_eq!(n, 2 * PIECE as u64);
         // A patch over the forgotten base is still right, read whole.
-        let (again, n) = overlay_id(Some(&id1), len, &as_ranges(&p3), &mut read_one).unwrap();
+        let (again, n) =
+            overlay_id(Some((&id1, len)), len, &as_ranges(&p3), &mut read_one).unwrap();
         assert_eq!(again, blake3::hash(&laid(&one, &p3)));
         assert_eq!(n, len as u64);
         // A small chunk is hashed whole.

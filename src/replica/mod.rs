@@ -1109,8 +1109,9 @@ pub struct PatchBase {
     size: u64,
     offset: u64,
     len: u64,
-    /// The committed chunk at the patch's place, when it has the patch's length.
-    base: Option<blake3::Hash>,
+    /// The committed chunk starting at the patch's place, and its length (which differs from
+    /// the patch's when the chunk's end moved).
+    base: Option<(blake3::Hash, u64)>,
     /// The generation whose bytes these are.
     pub generation: u64,
 }
@@ -1140,10 +1141,13 @@ impl PatchBase {
             .iter()
             .map(|(at, b)| (*at as usize, b.as_slice()))
             .collect();
-        Ok(
-            crate::chunk::overlay_id(self.base.as_ref(), self.len as usize, &parts, &mut read)
-                .is_ok_and(|(id, _)| id.as_bytes() == hash),
+        Ok(crate::chunk::overlay_id(
+            self.base.as_ref().map(|(h, l)| (h, *l as usize)),
+            self.len as usize,
+            &parts,
+            &mut read,
         )
+        .is_ok_and(|(id, _)| id.as_bytes() == hash))
     }
 }
 
@@ -1158,9 +1162,7 @@ impl Store {
         let m = self.manifests.get(path)?;
         let base = m
             .index_starting_at(offset)
-            .map(|i| m.entries()[i])
-            .filter(|e| e.len == len)
-            .and_then(|e| e.hash());
+            .and_then(|i| Some((m.entries()[i].hash()?, m.entries()[i].len)));
         let generation = self.record.generation;
         let file = {
             let mut readers = self.readers.lock();
