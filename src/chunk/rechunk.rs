@@ -26,7 +26,9 @@
 //!   arbitrary aligned offset; a piece scans on past the next one's start, and the two are
 //!   joined at the first entry boundary they share (from an entry start the scan depends only on
 //!   what follows). Inside a long zero run a piece stops at its limit, and the next piece, which
-//!   then starts with a zero extent, is joined by extending that extent back to the run's start.
+//!   then starts with a zero extent, is joined by extending that extent back to the run's start;
+//!   if that run began after the piece's start (a write just past it), the two are joined at
+//!   the run's start, an entry start of both.
 //!   Pieces that fail to meet are rescanned from the real scan's state, so the result never
 //!   depends on the split.
 //!
@@ -288,6 +290,11 @@ pub fn rechunk_tuned(
                 Some(done)
             }
             (true, Start::Data(_)) => join_at_common_boundary(&mut out, first, done),
+            // The real scan's zero run began after this piece's start: it is in the state of
+            // an entry start there, as the piece is if it has an entry starting there.
+            (true, Start::Zero { run_start, .. }) if run_start > first => {
+                join_at_common_boundary(&mut out, first, done)
+            }
             (true, Start::Zero { run_start, pos }) => {
                 join_in_zero_run(&mut out, run_start, pos, first, p.zero_min as u64, done)
             }
@@ -578,6 +585,44 @@ mod tests {
             stats.bytes_read <= changed + changed / 2,
             "read {} for {changed} bytes of changed chunks",
             stats.bytes_read
+        );
+    }
+
+    /// Writes scattered over one long zero extent form one group (each one's scan would start
+    /// at the extent's start), scanned in speculative pieces. A piece that starts where the
+    /// real scan is inside a zero run that began after the piece's start (a write just past it)
+    /// is joined at their common entry start, not scanned again (which read 2.4 times what one
+    /// scan reads here; the pieces' overshoots read 1.4 times).
+    #[test]
+    fn pieces_of_a_long_zero_extent_join_past_the_writes_near_their_starts() {
+        const MIB: usize = 1 << 20;
+        let p = ChunkParams::default();
+        let mut img = crate::testutil::random(MIB, 11);
+        img.resize(129 * MIB, 0);
+        let (stale, _) = chunk_full(&img, p).unwrap();
+        let mut dirty = Vec::new();
+        for i in 0..128 {
+            let at = MIB + i * MIB + 64 * 1024;
+            img[at..at + 4096].fill(i as u8 | 1);
+            dirty.push(at as u64..at as u64 + 4096);
+        }
+        let whole = Tuning {
+            split: u64::MAX,
+            ..Tuning::for_params(p)
+        };
+        let pieces = Tuning {
+            split: 4 << 20,
+            ..whole
+        };
+        let (m, one) = rechunk_tuned(&stale, &img, &dirty, whole).unwrap();
+        let (n, split) = rechunk_tuned(&stale, &img, &dirty, pieces).unwrap();
+        assert_eq!(m.root(), chunk_full(&img, p).unwrap().0.root());
+        assert_eq!(n.root(), m.root());
+        assert!(
+            split.bytes_read <= one.bytes_read + one.bytes_read / 2,
+            "read {} in pieces, {} in one scan",
+            split.bytes_read,
+            one.bytes_read
         );
     }
 
