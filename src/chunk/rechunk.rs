@@ -128,6 +128,80 @@ struct Done {
     stats: ScanStats,
 }
 
+impl Stop {
+    /// Where the task's work ends (it may scan a little further to meet the stale manifest).
+    fn bound(self) -> u64 {
+        match self {
+            Stop::Stale { until } => until,
+            Stop::Past { limit } => limit,
+        }
+    }
+}
+
+/// An estimate of a scan's work by the dirty runs it covers: their bytes, and a fixed cost per
+/// run (a write's seeks, reads and hash calls).
+struct Work {
+    runs: Vec<(u64, u64)>,
+    /// The bytes of the runs before each run.
+    before: Vec<u64>,
+}
+
+impl Work {
+    const PER_RUN: u64 = 16 * 1024;
+
+    fn new(runs: &[Range<u64>]) -> Work {
+        let mut before = Vec::with_capacity(runs.len() + 1);
+        let mut sum = 0;
+        for r in runs {
+            before.push(sum);
+            sum += r.end - r.start;
+        }
+        before.push(sum);
+        Work {
+            runs: runs.iter().map(|r| (r.start, r.end)).collect(),
+            before,
+        }
+    }
+
+    /// The work of the dirty bytes in `[a, b)`.
+    fn within(&self, a: u64, b: u64) -> u64 {
+        let i = self.runs.partition_point(|r| r.1 <= a);
+        let j = self.runs.partition_point(|r| r.0 < b);
+        if i >= j {
+            return 0;
+        }
+        let head = a.saturating_sub(self.runs[i].0);
+        let tail = self.runs[j - 1].1.saturating_sub(b);
+        self.before[j] - self.before[i] - head - tail + (j - i) as u64 * Work::PER_RUN
+    }
+}
+
+/// `f` of every item on all of rayon's threads, the heaviest (by `weight`) first, each thread
+/// taking the next when it is free; the results in the items' order.
+fn heaviest_first<T: Sync, R: Send>(
+    items: &[T],
+    weight: impl Fn(&T) -> u64,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(weight(&items[i])));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let slots: Vec<parking_lot::Mutex<Option<R>>> = items
+        .iter()
+        .map(|_| parking_lot::Mutex::new(None))
+        .collect();
+    let threads = rayon::current_num_threads().min(items.len());
+    (0..threads).into_par_iter().for_each(|_| {
+        while let Some(&i) = order.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
+            *slots[i].lock() = Some(f(&items[i]));
+        }
+    });
+    slots
+        .into_iter()
+        .map(|s| s.into_inner().expect("every item ran"))
+        .collect()
+}
+
 #[doc(hidden)]
 pub fn rechunk_tuned(
     stale: &Manifest,
@@ -246,10 +320,14 @@ pub fn rechunk_tuned(
         });
     }
 
+    // A scan stops at most one chunk past its bound, unless it has not met the stale
+    // manifest there: its reads ahead go no further.
+    let past = p.max_size as u64 + p.zero_min as u64 + 2;
     let run = |start: Start, stop: Stop| -> io::Result<Done> {
         let mut scanner = Scanner::new(src, &hint, p)
             .with_hits(&hits_at)
-            .with_same_pieces(&same_pieces);
+            .with_same_pieces(&same_pieces)
+            .with_read_limit(stop.bound().saturating_add(past));
         let mut entries = Vec::new();
         let end = match stop {
             Stop::Stale { until } => scanner.scan(
@@ -268,13 +346,16 @@ pub fn rechunk_tuned(
             stats: scanner.stats,
         })
     };
-    // One task per job: a task runs from a few KiB to many MiB, and rayon's default leaves
-    // (runs of adjacent tasks on one thread) kept a long task's pieces together on one thread.
-    let results: Vec<io::Result<Done>> = tasks
-        .par_iter()
-        .with_max_len(1)
-        .map(|t| run(t.start, t.stop))
-        .collect();
+    // A task runs from a few KiB to many MiB: the heaviest first, each thread taking the next
+    // when it is free. In rayon's order a 32 MiB write's piece among a hundred short ones began
+    // halfway through and ran on alone at the end (and its adjacent tasks were kept together on
+    // one thread by rayon's default leaves).
+    let work = Work::new(&runs);
+    let results: Vec<io::Result<Done>> = heaviest_first(
+        &tasks,
+        |t| work.within(t.start.first_offset(), t.stop.bound()),
+        |t| run(t.start, t.stop),
+    );
 
     // Join the pieces in order. `tail` is the real scan's state where `out` ends.
     let mut out: Vec<Entry> = Vec::with_capacity(stale.entries().len() + 16);
@@ -538,10 +619,12 @@ mod tests {
 
     /// A write over the end of a chunk of more than four pieces, which moves its cut (the new
     /// manifest is checked against a full re-chunk): the stale chunk, the re-chunk's figures, the
-    /// write, and the bytes of the chunks that changed.
-    fn moved_cut() -> (Entry, ScanStats, Range<u64>, u64) {
+    /// write, and the bytes of the chunks that changed. Tests running at once pass their own
+    /// `seed`: a re-chunk forgets the cached pieces of the chunk it replaced, which another test
+    /// of the same image may be about to use.
+    fn moved_cut(seed: u64) -> (Entry, ScanStats, Range<u64>, u64) {
         let p = ChunkParams::default();
-        let mut img = crate::testutil::random(4 << 20, 9);
+        let mut img = crate::testutil::random(4 << 20, seed);
         let (stale, _) = chunk_full(&img, p).unwrap();
         let c = *stale
             .entries()
@@ -566,7 +649,7 @@ mod tests {
     /// only the rest is hashed.
     #[test]
     fn a_moved_cut_rehashes_the_bytes_after_the_write_not_the_chunks_clean_start() {
-        let (c, stats, written, changed) = moved_cut();
+        let (c, stats, written, changed) = moved_cut(9);
         let kept = (written.start - c.offset) / PIECE as u64 * PIECE as u64;
         assert!(kept >= 4 * PIECE as u64);
         assert!(
@@ -580,7 +663,7 @@ mod tests {
     /// cuts (reads that doubled at every step read 2.4 times them here).
     #[test]
     fn a_moved_cut_reads_little_more_than_the_chunks_it_cuts() {
-        let (_, stats, _, changed) = moved_cut();
+        let (_, stats, _, changed) = moved_cut(13);
         assert!(
             stats.bytes_read <= changed + changed / 2,
             "read {} for {changed} bytes of changed chunks",
@@ -624,6 +707,73 @@ mod tests {
             split.bytes_read,
             one.bytes_read
         );
+    }
+
+    /// A write into a long zero extent is read, cut and hashed as its own block: the zeros
+    /// around it are known from the stale manifest (or the file's holes), not read (each write
+    /// read 24 KiB before: its block, the zero check's 16 KiB after it, and a first read's
+    /// minimum).
+    #[test]
+    fn writes_into_a_zero_extent_read_their_blocks_not_the_zeros_around_them() {
+        const MIB: usize = 1 << 20;
+        let p = ChunkParams::default();
+        let mut img = crate::testutil::random(MIB, 12);
+        img.resize(65 * MIB, 0);
+        let (stale, _) = chunk_full(&img, p).unwrap();
+        let mut dirty = Vec::new();
+        for i in 0..60 {
+            let at = 2 * MIB + i * MIB + 40 * 1024;
+            img[at..at + 4096].fill(i as u8 | 1);
+            dirty.push(at as u64..at as u64 + 4096);
+        }
+        let (m, stats) = rechunk(&stale, &img, &dirty).unwrap();
+        assert_eq!(m.root(), chunk_full(&img, p).unwrap().0.root());
+        let written = 60 * 4096;
+        assert!(
+            stats.bytes_read <= written + written / 2,
+            "read {} for {written} bytes written into zeros",
+            stats.bytes_read
+        );
+        // A block may be hashed twice where a piece's overshoot reaches into the next one.
+        assert!(stats.bytes_hashed <= written + written / 8);
+    }
+
+    /// Scan tasks run heaviest first, each thread taking the next when it is free; results come
+    /// back in the tasks' order.
+    #[test]
+    fn tasks_run_heaviest_first_and_return_in_order() {
+        let weights = [3u64, 9, 1, 7, 7, 0];
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let ran = parking_lot::Mutex::new(Vec::new());
+        let out = one.install(|| {
+            heaviest_first(
+                &weights,
+                |&w| w,
+                |&w| {
+                    ran.lock().push(w);
+                    w * 10
+                },
+            )
+        });
+        assert_eq!(out, vec![30, 90, 10, 70, 70, 0]);
+        assert_eq!(ran.into_inner(), vec![9, 7, 7, 3, 1, 0]);
+        assert!(heaviest_first(&[] as &[u64], |&w| w, |&w| w).is_empty());
+    }
+
+    /// A task's work: the dirty bytes within its range, and a fixed cost per run it reaches.
+    #[test]
+    fn a_tasks_work_counts_the_dirty_bytes_it_covers() {
+        let w = Work::new(&[10..20, 100..200, 1000..1004]);
+        let k = Work::PER_RUN;
+        assert_eq!(w.within(0, 5), 0);
+        assert_eq!(w.within(0, 2000), 114 + 3 * k);
+        assert_eq!(w.within(15, 150), 5 + 50 + 2 * k);
+        assert_eq!(w.within(20, 100), 0);
+        assert_eq!(w.within(150, 1002), 50 + 2 + 2 * k);
+        assert_eq!(w.within(120, 130), 10 + k);
     }
 
     #[test]

@@ -134,7 +134,7 @@ pub(crate) type ZeroHint<'a> = dyn Fn(u64) -> io::Result<u64> + Sync + 'a;
 /// streamed since its start or its last jump, from `FIRST_READ` to `MAX_READ`: a long scan
 /// reads in large blocks (and hashes them on all cores), and a re-chunk's short stretch
 /// around a write reads little more than the chunks it cuts.
-const FIRST_READ: u64 = 16 * 1024;
+const FIRST_READ: u64 = 4 * 1024;
 const MAX_READ: u64 = 8 * 1024 * 1024;
 /// Pending hash work above which chunks are hashed on all cores.
 const PARALLEL_HASH: usize = 4 * 1024 * 1024;
@@ -151,6 +151,8 @@ pub(crate) struct Scanner<'a> {
     base: u64,
     /// Where the scan started streaming: its start, or its last jump.
     streaming_from: u64,
+    /// Reads ahead stop here (what the scan needs is read wherever it lies).
+    read_limit: u64,
     /// Data chunks emitted but not yet hashed.
     pending: Vec<Pending>,
     pending_bytes: usize,
@@ -172,6 +174,7 @@ impl<'a> Scanner<'a> {
             filled: 0,
             base: 0,
             streaming_from: 0,
+            read_limit: u64::MAX,
             pending: Vec::new(),
             pending_bytes: 0,
             hits_at: None,
@@ -195,6 +198,13 @@ impl<'a> Scanner<'a> {
     /// `pieces::same`), instead of hashing them.
     pub(crate) fn with_same_pieces(mut self, same_pieces: &'a SamePieces<'a>) -> Self {
         self.same_pieces = Some(same_pieces);
+        self
+    }
+
+    /// Lets the scan read ahead only up to `limit`: where its caller expects it to stop, so that
+    /// a scan streaming over a long write does not read megabytes past it.
+    pub(crate) fn with_read_limit(mut self, limit: u64) -> Self {
+        self.read_limit = limit;
         self
     }
 
@@ -249,6 +259,9 @@ impl<'a> Scanner<'a> {
     fn data_chunk(&mut self, pos: u64, out: &mut [Entry]) -> io::Result<Option<Entry>> {
         let z = self.p.zero_min as u64;
         let limit = (pos + self.p.max_size as u64).min(self.size);
+        if let Some(known) = self.known_zeros_ahead(pos, out)? {
+            return Ok(known);
+        }
         if pos % ZERO_BLOCK == 0 {
             self.ensure(pos, z, out)?;
             if self.zero_run_at(pos) {
@@ -290,6 +303,43 @@ impl<'a> Scanner<'a> {
             want = (want * 2).min(limit - pos + z);
         };
         Ok(Some(self.data_entry(pos, len, out)))
+    }
+
+    /// At an entry start whose bytes are not buffered yet: the entry when known zeros (a hole,
+    /// a clean stale zero extent: the hint) decide it without reading them. A zero extent starts
+    /// at aligned `pos` if the hint covers `zero_min` bytes there; else, if the hint covers
+    /// `zero_min` bytes from the next aligned offset `q`, a zero extent may start at `q`, so the
+    /// segment, and the chunk, end there, and only `[pos, q)` is read (a write into a hole
+    /// reads its own block, not the zeros around it). `None` when the hint does not decide.
+    fn known_zeros_ahead(
+        &mut self,
+        pos: u64,
+        out: &mut [Entry],
+    ) -> io::Result<Option<Option<Entry>>> {
+        let z = self.p.zero_min as u64;
+        let q = align_down(pos) + ZERO_BLOCK;
+        let buffered_to = self.base + self.filled as u64;
+        if (pos >= self.base && q + z <= buffered_to) || q + z > self.size {
+            return Ok(None);
+        }
+        let zero_from = |s: &Self, at: u64| -> io::Result<bool> {
+            Ok(at + z <= s.size && (s.hint)(at)?.min(s.size) >= at + z)
+        };
+        let aligned = pos % ZERO_BLOCK == 0;
+        if aligned && zero_from(self, pos)? {
+            return Ok(Some(None));
+        }
+        if !zero_from(self, q)? {
+            return Ok(None);
+        }
+        self.ensure_upto(pos, q - pos, q, out)?;
+        let from = (pos - self.base) as usize;
+        if aligned && is_zero(&self.buf[from..from + (q - pos) as usize]) {
+            // `[pos, q)` and the `zero_min` bytes from `q` are zero.
+            return Ok(Some(None));
+        }
+        let len = self.cut(pos, q);
+        Ok(Some(Some(self.data_entry(pos, len, out))))
     }
 
     /// Records a data chunk for hashing at the next flush and returns its entry; the caller
@@ -463,6 +513,17 @@ impl<'a> Scanner<'a> {
     /// Makes `[pos, pos + need)` (clipped to the image) buffered, hashing what is pending first
     /// if the buffer must move.
     fn ensure(&mut self, pos: u64, need: u64, out: &mut [Entry]) -> io::Result<()> {
+        self.ensure_upto(pos, need, self.read_limit, out)
+    }
+
+    /// [`Scanner::ensure`], reading ahead at most up to `limit`.
+    fn ensure_upto(
+        &mut self,
+        pos: u64,
+        need: u64,
+        limit: u64,
+        out: &mut [Entry],
+    ) -> io::Result<()> {
         let want_end = (pos + need).min(self.size);
         if pos >= self.base && want_end <= self.base + self.filled as u64 {
             return Ok(());
@@ -476,7 +537,8 @@ impl<'a> Scanner<'a> {
         }
         let ahead = pos
             .saturating_sub(self.streaming_from)
-            .clamp(FIRST_READ, MAX_READ);
+            .clamp(FIRST_READ, MAX_READ)
+            .min(limit.saturating_sub(pos));
         let end = (pos + need.max(ahead)).min(self.size);
         let keep = if pos >= self.base && pos < old_end {
             let from = (pos - self.base) as usize;
