@@ -671,6 +671,27 @@ mod tests {
         );
     }
 
+    /// An image of 1 MiB of random bytes (`seed`) and `n + skip` MiB of zeros, its manifest, and
+    /// the image with a 4 KiB write at `at` into each MiB of zeros after the first `skip`.
+    fn writes_into_zeros(
+        seed: u64,
+        n: usize,
+        skip: usize,
+        at: usize,
+    ) -> (Manifest, Vec<u8>, Vec<Range<u64>>) {
+        const MIB: usize = 1 << 20;
+        let mut img = crate::testutil::random(MIB, seed);
+        img.resize((1 + skip + n) * MIB, 0);
+        let (stale, _) = chunk_full(&img, ChunkParams::default()).unwrap();
+        let mut dirty = Vec::new();
+        for i in 0..n {
+            let at = (1 + skip + i) * MIB + at;
+            img[at..at + 4096].fill(i as u8 | 1);
+            dirty.push(at as u64..at as u64 + 4096);
+        }
+        (stale, img, dirty)
+    }
+
     /// Writes scattered over one long zero extent form one group (each one's scan would start
     /// at the extent's start), scanned in speculative pieces. A piece that starts where the
     /// real scan is inside a zero run that began after the piece's start (a write just past it)
@@ -678,17 +699,8 @@ mod tests {
     /// scan reads here; the pieces' overshoots read 1.4 times).
     #[test]
     fn pieces_of_a_long_zero_extent_join_past_the_writes_near_their_starts() {
-        const MIB: usize = 1 << 20;
         let p = ChunkParams::default();
-        let mut img = crate::testutil::random(MIB, 11);
-        img.resize(129 * MIB, 0);
-        let (stale, _) = chunk_full(&img, p).unwrap();
-        let mut dirty = Vec::new();
-        for i in 0..128 {
-            let at = MIB + i * MIB + 64 * 1024;
-            img[at..at + 4096].fill(i as u8 | 1);
-            dirty.push(at as u64..at as u64 + 4096);
-        }
+        let (stale, img, dirty) = writes_into_zeros(11, 128, 0, 64 * 1024);
         let whole = Tuning {
             split: u64::MAX,
             ..Tuning::for_params(p)
@@ -715,17 +727,8 @@ mod tests {
     /// minimum).
     #[test]
     fn writes_into_a_zero_extent_read_their_blocks_not_the_zeros_around_them() {
-        const MIB: usize = 1 << 20;
         let p = ChunkParams::default();
-        let mut img = crate::testutil::random(MIB, 12);
-        img.resize(65 * MIB, 0);
-        let (stale, _) = chunk_full(&img, p).unwrap();
-        let mut dirty = Vec::new();
-        for i in 0..60 {
-            let at = 2 * MIB + i * MIB + 40 * 1024;
-            img[at..at + 4096].fill(i as u8 | 1);
-            dirty.push(at as u64..at as u64 + 4096);
-        }
+        let (stale, img, dirty) = writes_into_zeros(12, 60, 1, 40 * 1024);
         let (m, stats) = rechunk(&stale, &img, &dirty).unwrap();
         assert_eq!(m.root(), chunk_full(&img, p).unwrap().0.root());
         let written = 60 * 4096;
