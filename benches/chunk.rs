@@ -3,11 +3,13 @@
 //!
 //! `cargo bench --bench chunk`; figures are recorded in docs/BENCHMARKS.md.
 
+use std::cell::RefCell;
 use std::hint::black_box;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
 
-use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ferry::chunk::{ChunkParams, FileSource, Source, chunk_full, rechunk};
 use ferry::manifest::Manifest;
 
@@ -170,19 +172,47 @@ fn compare(
     let p = stale.params();
     let mut g = c.benchmark_group(format!("rechunk {name}"));
     g.sample_size(10);
+    // Each sample's time per iteration, to print the ratio the issue asks for.
+    let (full, inc) = (RefCell::new(Vec::new()), RefCell::new(Vec::new()));
+    let timed = |times: &RefCell<Vec<Duration>>, iters: u64, run: &dyn Fn() -> Duration| {
+        let total: Duration = (0..iters).map(|_| run()).sum();
+        times.borrow_mut().push(total / iters as u32);
+        total
+    };
     g.bench_function("full", |b| {
-        b.iter(|| black_box(chunk_full(new, p).unwrap()))
+        b.iter_custom(|iters| {
+            timed(&full, iters, &|| {
+                let t = Instant::now();
+                black_box(chunk_full(new, p).unwrap());
+                t.elapsed()
+            })
+        })
     });
     let cached = || assert_eq!(chunk_full(old, p).unwrap().0, *stale);
     g.bench_function("incremental (2000 x 4 KiB + 32 MiB)", |b| {
-        b.iter_batched(
-            cached,
-            |()| black_box(rechunk(stale, new, dirty).unwrap()),
-            BatchSize::PerIteration,
-        )
+        b.iter_custom(|iters| {
+            timed(&inc, iters, &|| {
+                cached();
+                let t = Instant::now();
+                black_box(rechunk(stale, new, dirty).unwrap());
+                t.elapsed()
+            })
+        })
     });
     g.finish();
     cached();
+    let median = |v: &RefCell<Vec<Duration>>| {
+        let mut v = v.borrow().clone();
+        v.sort();
+        v[v.len() / 2].as_secs_f64()
+    };
+    let (f, i) = (median(&full), median(&inc));
+    println!(
+        "incremental re-chunk {:.1} ms against full {:.1} ms: {:.1}x (medians of the samples)",
+        i * 1e3,
+        f * 1e3,
+        f / i
+    );
     let (inc, stats) = rechunk(stale, new, dirty).unwrap();
     assert_eq!(inc, chunk_full(new, p).unwrap().0, "incremental != full");
     println!(
