@@ -272,10 +272,13 @@ pub fn rechunk_tuned(
             |r: Range<usize>| !super::touches(&dirty, start + r.start as u64..start + r.end as u64);
         super::pieces::same(&known.values, e.len as usize, len, clean)
     };
+    // The stale manifest first: where it knows zeros, asking the file (a `SEEK_DATA`, which
+    // both threads' scans serialise on the descriptor's position lock) would add little.
     let hint = |q: u64| -> io::Result<u64> {
-        Ok(src
-            .known_zero_until(q)?
-            .max(stale_zero_until(stale, &runs, q)))
+        match stale_zero_until(stale, &runs, q) {
+            z if z > q => Ok(z),
+            _ => src.known_zero_until(q),
+        }
     };
 
     // Group runs whose restart falls before the end of the previous run.
