@@ -140,16 +140,16 @@ impl Stop {
 
 /// An estimate of a scan's work by the dirty runs it covers: their bytes, and a fixed cost per
 /// run (a write's seeks, reads and hash calls).
-struct Work {
-    runs: Vec<(u64, u64)>,
+struct Work<'a> {
+    runs: &'a [Range<u64>],
     /// The bytes of the runs before each run.
     before: Vec<u64>,
 }
 
-impl Work {
+impl Work<'_> {
     const PER_RUN: u64 = 16 * 1024;
 
-    fn new(runs: &[Range<u64>]) -> Work {
+    fn new(runs: &[Range<u64>]) -> Work<'_> {
         let mut before = Vec::with_capacity(runs.len() + 1);
         let mut sum = 0;
         for r in runs {
@@ -157,21 +157,18 @@ impl Work {
             sum += r.end - r.start;
         }
         before.push(sum);
-        Work {
-            runs: runs.iter().map(|r| (r.start, r.end)).collect(),
-            before,
-        }
+        Work { runs, before }
     }
 
     /// The work of the dirty bytes in `[a, b)`.
     fn within(&self, a: u64, b: u64) -> u64 {
-        let i = self.runs.partition_point(|r| r.1 <= a);
-        let j = self.runs.partition_point(|r| r.0 < b);
+        let i = self.runs.partition_point(|r| r.end <= a);
+        let j = self.runs.partition_point(|r| r.start < b);
         if i >= j {
             return 0;
         }
-        let head = a.saturating_sub(self.runs[i].0);
-        let tail = self.runs[j - 1].1.saturating_sub(b);
+        let head = a.saturating_sub(self.runs[i].start);
+        let tail = self.runs[j - 1].end.saturating_sub(b);
         self.before[j] - self.before[i] - head - tail + (j - i) as u64 * Work::PER_RUN
     }
 }
