@@ -75,6 +75,10 @@ pub struct Node {
     /// Where to serve Prometheus metrics (opt-in), e.g. 127.0.0.1:9477.
     #[serde(default)]
     pub metrics: Option<std::net::SocketAddr>,
+    /// The CPUs a daemon's background threads (a sync's re-chunking and shipping, a replica's
+    /// checking and applying) may run on, e.g. "2-3"; the request threads keep every CPU.
+    #[serde(default, deserialize_with = "cpu_list_opt")]
+    pub background_cpus: Option<Vec<usize>>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -210,6 +214,7 @@ impl Default for Node {
             key_dir: default_key_dir(),
             state_dir: default_state_dir(),
             metrics: None,
+            background_cpus: None,
         }
     }
 }
@@ -279,6 +284,51 @@ fn rate_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
         ))
     })?;
     parse_size(body).map(Some).map_err(serde::de::Error::custom)
+}
+
+/// The highest CPU number a list may name: the kernel's CPU sets of sched_setaffinity(2) as
+/// glibc sizes them (`CPU_SETSIZE`).
+pub const MAX_CPU: usize = 1023;
+
+/// A CPU list as taskset -c and cpuset(7) write it: numbers and ranges, comma separated
+/// ("0-3,8"). Sorted, without repeats.
+pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
+    let bad = |why: &str| {
+        format!("bad CPU list {s:?} ({why}); write it as taskset -c does, e.g. \"2-3\" or \"0,2\"")
+    };
+    let num = |t: &str| -> Result<usize, String> {
+        let n: usize = t
+            .trim()
+            .parse()
+            .map_err(|_| bad(&format!("{:?} is not a CPU number", t.trim())))?;
+        if n > MAX_CPU {
+            return Err(bad(&format!("CPU {n} is past the highest, {MAX_CPU}")));
+        }
+        Ok(n)
+    };
+    let mut cpus = Vec::new();
+    for part in s.split(',') {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (num(a)?, num(b)?);
+                if a > b {
+                    return Err(bad(&format!("the range {a}-{b} runs backwards")));
+                }
+                cpus.extend(a..=b);
+            }
+            None => cpus.push(num(part)?),
+        }
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    Ok(cpus)
+}
+
+fn cpu_list_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<usize>>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_cpu_list(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 impl Config {
@@ -476,6 +526,20 @@ cluster = "vm-images"
         );
         let eager = parse("[primary]\nintent_linger = \"0s\"").unwrap();
         assert_eq!(eager.primary.intent_linger, Duration::ZERO);
+        assert_eq!(parse("").unwrap().node.background_cpus, None);
+    }
+
+    #[test]
+    fn cpu_lists_read_as_taskset_writes_them() {
+        assert_eq!(parse_cpu_list("1"), Ok(vec![1]));
+        assert_eq!(parse_cpu_list("2-3"), Ok(vec![2, 3]));
+        assert_eq!(parse_cpu_list("6, 0-2,1"), Ok(vec![0, 1, 2, 6]));
+        assert_eq!(parse_cpu_list("1023"), Ok(vec![1023]));
+        for bad in ["", "a", "1-", "-1", "2-1", "1024", "0,,1", "1.5"] {
+            assert!(parse_cpu_list(bad).is_err(), "{bad:?}");
+        }
+        let c = parse("[node]\nbackground_cpus = \"0-1\"").unwrap();
+        assert_eq!(c.node.background_cpus, Some(vec![0, 1]));
     }
 
     #[test]
@@ -494,6 +558,10 @@ cluster = "vm-images"
             ("[node]\nnmae = \"a\"", "nmae"),
             ("[primary]\ncongestion = \"reno\"", "congestion"),
             ("[primary]\nintent_linger = \"a while\"", "intent_linger"),
+            ("[node]\nbackground_cpus = \"one\"", "background_cpus"),
+            ("[node]\nbackground_cpus = \"3-1\"", "runs backwards"),
+            ("[node]\nbackground_cpus = \"0,5000\"", "past the highest"),
+            ("[node]\nbackground_cpus = \"\"", "is not a CPU number"),
             (
                 "[chunking]\nmin = \"64KiB\"\navg = \"16KiB\"",
                 "min < avg < max",

@@ -212,7 +212,11 @@ pub fn run(req: MountRequest) -> Result<()> {
         return run_replica(req);
     }
     let config = match &req.options.config {
-        Some(p) => Config::load(p)?,
+        Some(p) => {
+            let c = Config::load(p)?;
+            confine(&c, p)?;
+            c
+        }
         None => Config::default(),
     };
     let source = req
@@ -273,6 +277,16 @@ pub fn run(req: MountRequest) -> Result<()> {
     })
 }
 
+/// Keeps this daemon's background threads on the CPUs `[node] background_cpus` of `config`
+/// (read from `path`) names, if it names any.
+pub fn confine(config: &Config, path: &Path) -> Result<()> {
+    match &config.node.background_cpus {
+        Some(cpus) => crate::priority::confine_background(cpus)
+            .map_err(|e| anyhow!("config {}: [node] background_cpus: {e}", path.display())),
+        None => Ok(()),
+    }
+}
+
 /// `mount -t fuse.ferry STORE MNT -o replica,config=FILE`: the replica daemon of that config,
 /// serving its read-only mount at MNT; returns once both listen (without `-f`). Its log goes
 /// to STATE_DIR/replica.log.
@@ -281,6 +295,7 @@ fn run_replica(req: MountRequest) -> Result<()> {
         anyhow!("-o replica needs config=FILE: the replica's config file with a [replica] section")
     })?;
     let config = Config::load(config_path)?;
+    confine(&config, config_path)?;
     let mut opts = replica_options(&config, config_path, Some(req.mountpoint.clone()))?;
     opts.stop_on_unmount = true;
     let same = |a: &Path, b: &Path| a.canonicalize().ok() == b.canonicalize().ok();

@@ -10,12 +10,16 @@
 //! - **background threads** (a sync's re-chunking, hashing and shipping; a replica's checking
 //!   and applying) run at nice [`NICE`]: under contention they get about a tenth of the CPU
 //!   time a nice 0 thread wants, so the VMs are served first, yet the work still progresses
-//!   on a busy host. A sync's threads also put their I/O in the idle class.
+//!   on a busy host. A sync's threads also put their I/O in the idle class;
+//! - where the operator names CPUs for them (`[node] background_cpus`, [`confine_background`]),
+//!   background threads run only there, so a woken request thread or guest vCPU on the other
+//!   CPUs never waits behind them (libvirt's `emulatorpin` and DRBD's `cpu-mask` do the like).
 //!
 //! Measured with scripts/bench-cow: docs/BENCHMARKS.md, "Write latency during syncs".
 
 use std::cell::Cell;
 use std::io;
+use std::sync::OnceLock;
 
 /// The nice value of a background thread.
 const NICE: libc::c_int = 10;
@@ -91,8 +95,85 @@ pub fn request_thread() {
     }
 }
 
-/// Lowers the calling thread's CPU priority to [`NICE`].
+/// The CPUs background threads run on, once [`confine_background`] named them.
+static BACKGROUND_CPUS: OnceLock<libc::cpu_set_t> = OnceLock::new();
+
+/// The CPUs the calling thread may run on (its affinity: the machine's, or a cgroup's or
+/// taskset's share of them).
+fn allowed() -> io::Result<Vec<usize>> {
+    // SAFETY: a zeroed cpu_set_t is an empty set; the kernel fills one of the size passed.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    if unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((0..libc::CPU_SETSIZE as usize)
+        // SAFETY: every index is below CPU_SETSIZE.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect())
+}
+
+/// `cpus` if each is one of `allowed`, else why not.
+fn within(cpus: &[usize], allowed: &[usize]) -> Result<(), String> {
+    if cpus.is_empty() {
+        return Err("no CPUs named".into());
+    }
+    match cpus.iter().find(|c| !allowed.contains(c)) {
+        None => Ok(()),
+        Some(c) => Err(format!(
+            "CPU {c} is not one this process may run on (it may use {}): name CPUs from that \
+             list",
+            list(allowed)
+        )),
+    }
+}
+
+/// `cpus` as taskset -c writes them ("0-3,6").
+fn list(cpus: &[usize]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let mut j = i;
+        while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
+            j += 1;
+        }
+        out.push(match j > i {
+            true => format!("{}-{}", cpus[i], cpus[j]),
+            false => cpus[i].to_string(),
+        });
+        i = j + 1;
+    }
+    out.join(",")
+}
+
+/// Keeps this process's background threads on `cpus` from now on: each applies it as it
+/// starts ([`background_cpu`]), and the threads they start inherit it. Call it before any
+/// starts, once (a second call keeps the first set). Fails, saying which CPUs the process
+/// may use, if one of `cpus` is not among them.
+pub fn confine_background(cpus: &[usize]) -> Result<(), String> {
+    let allowed = allowed().map_err(|e| format!("cannot read this process's CPUs: {e}"))?;
+    within(cpus, &allowed)?;
+    // SAFETY: a zeroed cpu_set_t is an empty set, and every CPU was checked to be below
+    // CPU_SETSIZE (it is one of the process's).
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    let _ = BACKGROUND_CPUS.set(set);
+    Ok(())
+}
+
+/// Lowers the calling thread's CPU priority to [`NICE`], and keeps it on the background CPUs
+/// if [`confine_background`] named them.
 pub fn background_cpu() {
+    if let Some(set) = BACKGROUND_CPUS.get() {
+        // SAFETY: the calling thread (0) and a whole cpu_set_t.
+        if unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), set) } != 0 {
+            log::warn!(
+                "cannot keep a background thread on [node] background_cpus: {}",
+                io::Error::last_os_error()
+            );
+        }
+    }
     // SAFETY: a plain system call on the calling thread's own id.
     let tid = unsafe { libc::gettid() };
     if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, NICE) } != 0 {
@@ -159,5 +240,28 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn background_cpus_must_be_the_process_s_own() {
+        assert_eq!(within(&[1], &[0, 1]), Ok(()));
+        assert_eq!(within(&[0, 1], &[0, 1, 2, 3]), Ok(()));
+        let e = within(&[2], &[0, 1, 4, 5, 6]).unwrap_err();
+        assert!(
+            e.contains("CPU 2 is not one") && e.contains("(it may use 0-1,4-6)"),
+            "{e}"
+        );
+        assert!(within(&[], &[0]).is_err());
+        assert_eq!(list(&[3]), "3");
+        assert_eq!(list(&[0, 2, 3, 4, 7, 8]), "0,2-4,7-8");
+        // This machine's own: the thread may run on at least one CPU, and on those it names.
+        let mine = allowed().unwrap();
+        assert!(!mine.is_empty());
+        assert_eq!(within(&mine, &mine), Ok(()));
     }
 }

@@ -331,6 +331,24 @@ fn fails(args: &[&std::ffi::OsStr]) -> String {
 }
 
 #[test]
+fn background_cpus_the_daemon_may_not_use_are_refused_and_nothing_is_mounted() {
+    let m = Mount::prepare_with("", "background_cpus = \"1023\"\n");
+    let e = fails(&[
+        "mount".as_ref(),
+        m.source.as_ref(),
+        m.mnt.as_ref(),
+        "-o".as_ref(),
+        m.options.as_ref(),
+    ]);
+    assert!(
+        e.contains("[node] background_cpus")
+            && e.contains("CPU 1023 is not one this process may run on (it may use "),
+        "{e}"
+    );
+    assert!(!m.is_mounted());
+}
+
+#[test]
 fn bad_input_is_refused_with_a_clear_error() {
     let m = Mount::prepare("");
     let o = m.options.as_str();

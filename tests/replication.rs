@@ -9,7 +9,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Pair, Replica, keygen, random, require, run, threads_where};
+use common::{Pair, Replica, keygen, random, require, run, thread_cpus, threads_where};
 
 fn identical(p: &Pair, name: &str) {
     common::cmp(&p.primary.backing(name), &p.replica_path(name));
@@ -803,6 +803,52 @@ fn a_kernel_that_caps_the_socket_buffers_slows_nothing_silently() {
         )),
         "the replica's status does not say why syncs may be slow:\n{text}"
     );
+}
+
+#[test]
+fn background_cpus_keep_both_daemons_background_threads_there_and_requests_everywhere() {
+    // `[node] background_cpus`: a sync's and a replica's work stays on the CPUs named, and the
+    // threads that serve a guest's requests keep every CPU the daemon was given.
+    let everywhere = common::cpus_of(std::process::id() as i32, &std::process::id().to_string());
+    if everywhere == "0" {
+        eprintln!("skipped: this process may run on CPU 0 only, so confinement cannot show");
+        return;
+    }
+    let mut p = Pair::with(&[], "background_cpus = \"0\"\n");
+    let config = fs::read_to_string(&p.replica.config).unwrap();
+    let confined = config.replacen("[node]\n", "[node]\nbackground_cpus = \"0\"\n", 1);
+    assert_ne!(config, confined);
+    fs::write(&p.replica.config, confined).unwrap();
+    p.replica.stop();
+    p.replica.start();
+    fs::write(p.primary.path("vm.img"), random(4 << 20, 3)).unwrap();
+    p.sync_ok();
+    identical(&p, "vm.img");
+
+    let mount = thread_cpus(p.primary.pid());
+    let of = |threads: &[(String, String)], pick: &dyn Fn(&str) -> bool| -> Vec<String> {
+        let picked: Vec<_> = threads
+            .iter()
+            .filter(|t| pick(&t.0))
+            .map(|t| t.1.clone())
+            .collect();
+        assert!(!picked.is_empty(), "none picked among {threads:?}");
+        picked
+    };
+    for sync in [
+        of(&mount, &|n| n.starts_with("ferry-chunk")),
+        of(&mount, &|n| n == "sync-points"),
+        of(&mount, &|n| n.starts_with("ferry-net")),
+    ] {
+        assert!(sync.iter().all(|c| c == "0"), "{mount:?}");
+    }
+    let workers = of(&mount, &|n| n.starts_with("fuser"));
+    assert!(workers.iter().all(|c| *c == everywhere), "{mount:?}");
+    let replica = thread_cpus(p.replica.pid() as i32);
+    let runtime = of(&replica, &|n| n.starts_with("ferry-replica"));
+    assert!(runtime.iter().all(|c| c == "0"), "{replica:?}");
+    let pid = p.replica.pid().to_string();
+    assert_eq!(common::cpus_of(p.replica.pid() as i32, &pid), everywhere);
 }
 
 #[test]

@@ -741,6 +741,7 @@ fn restore_cmd(a: &RestoreArgs) -> Result<()> {
 /// `ferry replica --config FILE`: the replica daemon with what the config file says.
 fn replica_cmd(a: &ReplicaArgs) -> Result<()> {
     let config = crate::config::Config::load(&a.config)?;
+    crate::mount::confine(&config, &a.config)?;
     let mut opts = crate::mount::replica_options(&config, &a.config, a.mount.clone())?;
     if a.no_mount {
         opts.mount = None;

@@ -809,6 +809,28 @@ pub fn threads_of(pid: i32) -> Vec<(String, i64, Option<u64>)> {
     out
 }
 
+/// The CPUs thread `tid` of `pid` may run on, as `Cpus_allowed_list` of proc(5) gives them
+/// ("0-1").
+pub fn cpus_of(pid: i32, tid: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("Cpus_allowed_list:"));
+    line.unwrap().split(':').nth(1).unwrap().trim().to_string()
+}
+
+/// The threads of `pid` as (name, the CPUs it may run on), [`cpus_of`].
+pub fn thread_cpus(pid: i32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let tid = t.file_name().to_string_lossy().into_owned();
+        out.push((comm.trim().to_string(), cpus_of(pid, &tid)));
+    }
+    out
+}
+
 /// The threads of `pid` whose name `pick` accepts, as [`threads_of`] gives them; fails the test,
 /// naming `what`, when there is none.
 pub fn threads_where(
