@@ -241,11 +241,6 @@ mod tests {
         .join()
         .unwrap();
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
 
     #[test]
     fn background_cpus_must_be_the_process_s_own() {
