@@ -13,7 +13,9 @@
 //!   on a busy host. A sync's threads also put their I/O in the idle class;
 //! - where the operator names CPUs for them (`[node] background_cpus`, [`confine_background`]),
 //!   background threads run only there, so a woken request thread or guest vCPU on the other
-//!   CPUs never waits behind them (libvirt's `emulatorpin` and DRBD's `cpu-mask` do the like).
+//!   CPUs does not wait for a CPU behind them (libvirt's `emulatorpin` and DRBD's `cpu-mask` do
+//!   the like). A lock such a thread shares with the request path then waits for its CPU too:
+//!   docs/BENCHMARKS.md, "Background threads on their own CPU".
 //!
 //! Measured with scripts/bench-cow: docs/BENCHMARKS.md, "Write latency during syncs".
 
