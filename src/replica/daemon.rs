@@ -494,17 +494,22 @@ async fn session(
                 }
                 let _ = tx.blocking_send(f);
             }
+            let ended = s.is_closed();
             if committed {
                 // The acknowledgement is on its way: now the apply and the images' fsync, off
-                // the lag. If they fail, the session ends: the next one finds the store
-                // settling again first, and is refused with the cause if it still fails.
+                // the lag, and without the session's lock (seconds for a large generation):
+                // the session's task, which takes it for a moment when the primary finishes
+                // the session, goes on to the next session, which waits for the store's lock.
+                // If they fail, the session ends: the next one finds the store settling again
+                // first, and is refused with the cause if it still fails.
+                drop(s);
                 if let Err(e) = store.lock().settle() {
                     log::error!("{e:#}");
-                    return lost(&mut s);
+                    return lost(&mut session.lock());
                 }
                 crate::heap::give_back_soon();
             }
-            if s.is_closed() {
+            if ended {
                 closed.notify_one();
                 return false;
             }
@@ -516,7 +521,8 @@ async fn session(
         let session = session.clone();
         let closed = closed.clone();
         move |tx: &mpsc::Sender<Frame>, reason: String| {
-            let mut s = session.lock();
+            // Called on the runtime: the session's lock may be held by a frame's staging.
+            let mut s = tokio::task::block_in_place(|| session.lock());
             if !s.is_closed() {
                 log::warn!("primary {fp}: session refused: {reason}");
                 s.close();
@@ -529,7 +535,7 @@ async fn session(
 
     // Data streams: every frame goes to the same session. Once it is closed, they are
     // stopped, so the primary stops sending and reads the refusal.
-    let max_chunk = store.lock().params().max_size as usize;
+    let max_chunk = tokio::task::block_in_place(|| store.lock().params().max_size as usize);
     let data = {
         let conn = conn.clone();
         let tx = tx.clone();
@@ -599,7 +605,7 @@ async fn session(
         loop {
             tokio::select! {
                 r = read_frame(&mut recv) => match r {
-                    Ok(Some(Frame::Scrub { repair })) if session.lock().is_ready() => {
+                    Ok(Some(Frame::Scrub { repair })) if ready(&session) => {
                         let _ = tx.send(scrub(store.clone(), repair, &fp).await).await;
                     }
                     Ok(Some(f)) => {
@@ -618,7 +624,7 @@ async fn session(
                     // The primary is done with this session (it finishes the stream only after
                     // an acknowledgement); one that stopped midway left the session open, and is
                     // not given another on this connection.
-                    Ok(None) if session.lock().is_ready() => break Ok(Ended::Finished),
+                    Ok(None) if ready(&session) => break Ok(Ended::Finished),
                     Ok(None) => break Ok(Ended::Closed),
                     Err(e) => {
                         refuse(&tx, format!("bad control frame: {e:#}"));
@@ -665,6 +671,14 @@ impl Busy {
             .checked_div(busy as u128 + wait as u128)
             .unwrap_or(0) as u8
     }
+}
+
+/// Whether the session is between generations (nothing staged and not committed), asked on
+/// the runtime: its lock may be held by a frame's staging, and a runtime thread that blocks on
+/// it could be the one that polls the sockets, so every connection of this daemon would fall
+/// silent, acknowledgements and keep-alives included, and its primaries take it for gone.
+fn ready(session: &parking_lot::Mutex<ReplicaSession>) -> bool {
+    tokio::task::block_in_place(|| session.lock().is_ready())
 }
 
 /// A data frame's costly check, done on the thread that read it and without the store's lock
