@@ -36,12 +36,26 @@ pub const BLOCK: u64 = 4096;
 /// Backing file identity: (device, inode).
 pub type FileKey = (u64, u64);
 
-/// A saved block. Never replaced once saved, so a copy taken under the lock stays valid.
-#[derive(Clone)]
+/// Where a saved block is. Never replaced once saved, so a copy taken under the lock stays
+/// valid.
+#[derive(Clone, Copy)]
 enum Saved {
-    Memory(Arc<[u8]>),
+    /// Offset in the window's memory slabs.
+    Memory(u64),
     /// Offset in the spill file.
     Spilled(u64),
+}
+
+/// Memory for saved blocks, allocated a slab at a time: a block is copied into the next free
+/// slot, and all of them are freed with the window. (A block of its own per save cost the
+/// guest's write a `malloc`, and the thread that dropped the window, often a network thread,
+/// tens of thousands of `free`s into the writers' arenas.)
+const SLAB: u64 = 1 << 20;
+
+#[derive(Default)]
+struct Slabs {
+    slabs: Vec<Box<[u8]>>,
+    end: u64,
 }
 
 struct Spill {
@@ -64,6 +78,7 @@ pub struct FrozenImage {
 struct Shared {
     memory_used: AtomicU64,
     memory_limit: u64,
+    memory: Mutex<Slabs>,
     spill: Mutex<Spill>,
     saved_bytes: AtomicU64,
 }
@@ -90,6 +105,7 @@ impl Window {
         let shared = Arc::new(Shared {
             memory_used: AtomicU64::new(0),
             memory_limit,
+            memory: Mutex::new(Slabs::default()),
             spill: Mutex::new(Spill {
                 path: spill.to_path_buf(),
                 file: None,
@@ -217,23 +233,11 @@ impl FrozenImage {
         }
         let mut saved = self.saved.lock();
         for (b, s) in stored {
-            let len = match &s {
-                Saved::Memory(m) => m.len() as u64,
-                Saved::Spilled(_) => BLOCK.min(self.size - b * BLOCK),
-            };
-            match saved.entry(b) {
-                std::collections::btree_map::Entry::Vacant(slot) => {
-                    slot.insert(s);
-                    self.window.saved_bytes.fetch_add(len, Ordering::Relaxed);
-                }
-                std::collections::btree_map::Entry::Occupied(_) => {
-                    // Another writer saved it first; a spilled copy's 4 KiB stay unused.
-                    if let Saved::Memory(m) = s {
-                        self.window
-                            .memory_used
-                            .fetch_sub(m.len() as u64, Ordering::Relaxed);
-                    }
-                }
+            // Another writer may have saved it first: then this copy's 4 KiB stay unused.
+            if let std::collections::btree_map::Entry::Vacant(slot) = saved.entry(b) {
+                slot.insert(s);
+                let len = BLOCK.min(self.size - b * BLOCK);
+                self.window.saved_bytes.fetch_add(len, Ordering::Relaxed);
             }
         }
         Ok(())
@@ -268,12 +272,21 @@ fn read_full(file: &File, buf: &mut [u8], off: u64) -> io::Result<()> {
 }
 
 impl Shared {
+    /// Saves one block's old bytes (at most [`BLOCK`]): in memory while within the bound, else
+    /// in the spill file.
     fn store(&self, buf: &[u8]) -> io::Result<Saved> {
-        let len = buf.len() as u64;
-        if self.memory_used.fetch_add(len, Ordering::Relaxed) + len <= self.memory_limit {
-            return Ok(Saved::Memory(buf.into()));
+        if self.memory_used.fetch_add(BLOCK, Ordering::Relaxed) + BLOCK <= self.memory_limit {
+            let mut m = self.memory.lock();
+            let off = m.end;
+            if off % SLAB == 0 {
+                m.slabs.push(vec![0u8; SLAB as usize].into_boxed_slice());
+            }
+            m.end += BLOCK;
+            let at = (off % SLAB) as usize;
+            m.slabs[(off / SLAB) as usize][at..at + buf.len()].copy_from_slice(buf);
+            return Ok(Saved::Memory(off));
         }
-        self.memory_used.fetch_sub(len, Ordering::Relaxed);
+        self.memory_used.fetch_sub(BLOCK, Ordering::Relaxed);
         let (file, off) = {
             let mut sp = self.spill.lock();
             if sp.file.is_none() {
@@ -300,7 +313,12 @@ impl Shared {
 
     fn load(&self, s: &Saved, out: &mut [u8]) -> io::Result<()> {
         match s {
-            Saved::Memory(b) => out.copy_from_slice(&b[..out.len()]),
+            Saved::Memory(off) => {
+                let at = (off % SLAB) as usize;
+                out.copy_from_slice(
+                    &self.memory.lock().slabs[(off / SLAB) as usize][at..at + out.len()],
+                );
+            }
             Saved::Spilled(off) => {
                 let file = self.spill.lock().file.clone();
                 file.expect("a spilled block has a spill file")
