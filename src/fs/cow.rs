@@ -344,7 +344,7 @@ impl Source for FrozenImage {
             .saved
             .lock()
             .range(offset / BLOCK..end.div_ceil(BLOCK))
-            .map(|(&b, s)| (b, s.clone()))
+            .map(|(&b, s)| (b, *s))
             .collect();
         for (b, s) in overlay {
             let bs = b * BLOCK;
