@@ -50,18 +50,8 @@ fn both_daemons_serve_metrics_that_agree_with_status() {
     p.replica.kill9();
     // The first apply after an acknowledgement holds at its first write into an image (under
     // the store's lock) until the test lets it go.
-    let flags = tempfile::tempdir().unwrap();
+    let flags = p.replica.failpoints("replica.image.write=1*return(hold)");
     let held = flags.path().join("replica.image.write");
-    p.replica.env = vec![
-        (
-            "FAILPOINTS".to_string(),
-            "replica.image.write=1*return(hold)".to_string(),
-        ),
-        (
-            "FERRY_FAILPOINT_DIR".to_string(),
-            flags.path().display().to_string(),
-        ),
-    ];
     let c = fs::read_to_string(&p.replica.config).unwrap().replacen(
         "[node]\n",
         &format!("[node]\nmetrics = \"127.0.0.1:{rport}\"\n"),

@@ -163,18 +163,10 @@ fn a_replica_settling_the_last_generation_keeps_answering_on_the_kept_connection
     p.replica.kill9();
     // The first apply after an acknowledgement holds before it makes the images durable
     // (with the store's lock) until the test lets it go.
-    let flags = tempfile::tempdir().unwrap();
+    let flags = p
+        .replica
+        .failpoints("replica.journal.append=sleep(10);replica.settle=1*return(hold)");
     let held = flags.path().join("replica.settle");
-    p.replica.env = vec![
-        (
-            "FAILPOINTS".to_string(),
-            "replica.journal.append=sleep(10);replica.settle=1*return(hold)".to_string(),
-        ),
-        (
-            "FERRY_FAILPOINT_DIR".to_string(),
-            flags.path().display().to_string(),
-        ),
-    ];
     p.replica.start();
     // Each chunk's staging is slowed, so the replica is still staging data frames when the
     // commit comes (as with a large generation): the last one it stages completes the

@@ -448,6 +448,21 @@ impl Replica {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The daemon's next [`Replica::start`] runs with failpoints `spec` (`FAILPOINTS`' syntax);
+    /// returns the directory where a point set to `return(hold)` puts a file of its name while
+    /// it holds (remove the file to let it go).
+    pub fn failpoints(&mut self, spec: &str) -> tempfile::TempDir {
+        let flags = tempfile::tempdir().unwrap();
+        self.env = vec![
+            ("FAILPOINTS".to_string(), spec.to_string()),
+            (
+                "FERRY_FAILPOINT_DIR".to_string(),
+                flags.path().display().to_string(),
+            ),
+        ];
+        flags
+    }
+
     pub fn is_mounted(&self) -> bool {
         std::fs::read_to_string("/proc/self/mounts")
             .unwrap()
