@@ -359,11 +359,14 @@ pub fn rechunk_tuned(
 
     // Join the pieces in order. `tail` is the real scan's state where `out` ends.
     let mut out: Vec<Entry> = Vec::with_capacity(stale.entries().len() + 16);
+    // Every chunk the scans hashed (they remembered its pieces), kept or not by the joins.
+    let mut hashed: Vec<Entry> = Vec::new();
     let mut tail = Some(Start::Data(0));
     for (task, result) in tasks.iter().zip(results) {
         let Some(state) = tail else { break };
         let done = result?;
         stats += done.stats;
+        hashed.extend_from_slice(&done.entries);
         let first = task.start.first_offset();
         let joined = match (task.speculative, state) {
             (false, Start::Data(c)) if first >= c => {
@@ -387,6 +390,7 @@ pub fn rechunk_tuned(
             None => {
                 let d = run(state, task.stop)?;
                 stats += d.stats;
+                hashed.extend_from_slice(&d.entries);
                 d
             }
         };
@@ -407,15 +411,20 @@ pub fn rechunk_tuned(
         _ => {}
     }
     // Chunks re-hashed in place kept their bounds; where the scan did not pass over them, `out`
-    // holds their stale entries (where it did, the same bounds and the same new id).
+    // holds their stale entries (where it did, the same bounds and the same new id, unless a
+    // cut the scan moved reached into them: then the scan's chunks stand there).
     for (i, hash) in rehashed {
         let e = stale.entries()[i];
         let k = out.partition_point(|o| o.offset < e.offset);
-        if let Some(o) = out
+        match out
             .get_mut(k)
             .filter(|o| o.offset == e.offset && o.len == e.len)
         {
-            o.kind = Kind::Data(hash);
+            Some(o) => o.kind = Kind::Data(hash),
+            None => hashed.push(Entry {
+                kind: Kind::Data(hash),
+                ..e
+            }),
         }
     }
     let m = Manifest::new_over(stale, p, new_size, out).map_err(|e| {
@@ -424,9 +433,21 @@ pub fn rechunk_tuned(
         ))
     })?;
     // The pieces' values of the chunks replaced (re-hashed in place or cut again) are
-    // forgotten, as a replica's patch check forgets its base: the cache holds what is in place.
+    // forgotten, as a replica's patch check forgets its base, and so are those of chunks hashed
+    // on the way that the new manifest does not hold (a scan's stretch the joins dropped, a
+    // chunk re-hashed in place that a moved cut then reached): the cache holds what is in
+    // place. (Left there, they were never looked up again, and grew the mount's memory under a
+    // steady load until the cache's bound, 64 MiB of values.)
     for e in crate::manifest::changed_entries(&m, stale) {
         if let Some(h) = e.hash() {
+            super::pieces::forget(&h);
+        }
+    }
+    for e in hashed {
+        let kept = m
+            .index_starting_at(e.offset)
+            .is_some_and(|k| m.entries()[k] == e);
+        if let (false, Some(h)) = (kept, e.hash()) {
             super::pieces::forget(&h);
         }
     }
@@ -615,6 +636,46 @@ mod tests {
             .hash()
             .unwrap();
         assert!(super::super::pieces::get(&new).is_some());
+    }
+
+    /// A chunk re-hashed in place, whose bounds a cut moved by a write in the chunk before then
+    /// changed, leaves nothing in the pieces cache: nothing would look its values up again, and
+    /// under a steady load such leftovers grew the mount's memory to the cache's whole bound.
+    #[test]
+    fn a_chunk_rehashed_in_place_then_cut_again_leaves_nothing_cached() {
+        let p = ChunkParams::default();
+        let base = crate::testutil::random(4 << 20, 21);
+        let (stale, _) = chunk_full(&base, p).unwrap();
+        let es = stale.entries();
+        let middle = |e: &Entry| e.offset + e.len / 2..e.offset + e.len / 2 + 4096;
+        // A write in the middle of chunk `i` (re-hashed in place on its own) and one with other
+        // bytes in the middle of chunk `i - 1`, until that one moves a cut so that the scan's
+        // chunks cover chunk `i` with other bounds.
+        let found = (2..es.len() - 1)
+            .flat_map(|i| (0..16u64).map(move |w| (i, w)))
+            .find_map(|(i, w)| {
+                let (a, b) = (es[i - 1], es[i]);
+                let mut img = base.clone();
+                let (ra, rb) = (middle(&a), middle(&b));
+                img[rb.start as usize..rb.end as usize].fill(0x5A);
+                let (alone, _) = rechunk(&stale, &img, std::slice::from_ref(&rb)).unwrap();
+                let id = alone.entries()[alone.index_starting_at(b.offset)?].hash()?;
+                img[ra.start as usize..ra.end as usize]
+                    .copy_from_slice(&crate::testutil::random(4096, 1000 + w));
+                let (m, _) = rechunk(&stale, &img, &[ra, rb]).unwrap();
+                let moved = !m
+                    .entries()
+                    .iter()
+                    .any(|e| e.offset == b.offset && e.len == b.len);
+                moved.then_some((img, m, id))
+            });
+        let (img, m, id) = found.expect("a write that moves a cut over the next chunk");
+        assert_eq!(m.entries(), chunk_full(&img, p).unwrap().0.entries());
+        assert!(!m.entries().iter().any(|e| e.hash() == Some(id)));
+        assert!(
+            super::super::pieces::get(&id).is_none(),
+            "the in-place chunk the scan cut again is still cached"
+        );
     }
 
     /// A write over the end of a chunk of more than four pieces, which moves its cut (the new
