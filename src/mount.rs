@@ -805,7 +805,10 @@ fn control_handler(
             // A sync already running when this request came may hold it up to its own timeout.
             scheduler
                 .wait(ticket, timeout * 2 + std::time::Duration::from_secs(5))
-                .map_err(|e| anyhow!(e))
+                .map_err(|e| match crate::sync::board::held_up(&engine.status()) {
+                    Some(why) => anyhow!("{e}: {why}; `ferry status` shows more"),
+                    None => anyhow!(e),
+                })
         }
         Some("verify") => {
             let repair = req["repair"].as_bool().unwrap_or(false);

@@ -535,7 +535,23 @@ fn a_full_replica_store_pauses_the_sync_which_resumes_when_space_returns() {
     );
     identical(&p, "a.img");
     assert!(!p.replica_path("b.img").exists());
-    std::thread::sleep(Duration::from_secs(2));
+    // Another caller who waits less long is told why no sync point finished: the one in
+    // progress, and the replica's refusal in its words.
+    let out = Command::new(common::FERRY)
+        .args(["sync", "--timeout", "1"])
+        .arg(&p.primary.mnt)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("no sync point finished within")
+            && said.contains("is still shipping after")
+            && said.contains("replica site-b: failing for")
+            && said.contains("no space in the store")
+            && said.contains("ferry status"),
+        "{said}"
+    );
     assert!(
         !sync.is_finished(),
         "a full store ends the sync instead of pausing it"

@@ -186,6 +186,32 @@ impl Board {
     }
 }
 
+/// Why a sync point a caller waited for has not finished, read from the view as
+/// [`Board::json`] shows it (pure): the sync point in progress, and each selected replica that
+/// does not hold the last generation, with what status says of it. `None` when neither is
+/// there to blame.
+pub fn held_up(sync: &Value) -> Option<String> {
+    let mut why = Vec::new();
+    if let Some(r) = sync["running"].as_object() {
+        why.push(format!(
+            "sync point {} is still {} after {} s",
+            r["generation"],
+            r["phase"].as_str().unwrap_or("running"),
+            r["elapsed_ms"].as_u64().unwrap_or(0) / 1000
+        ));
+    }
+    for r in sync["replicas"].as_array().into_iter().flatten() {
+        if r["selected"] == true && r["state"] != "committed" {
+            why.push(format!(
+                "replica {}: {}",
+                r["name"].as_str().unwrap_or("?"),
+                r["state_text"].as_str().unwrap_or("?")
+            ));
+        }
+    }
+    (!why.is_empty()).then(|| why.join("; "))
+}
+
 /// Seconds, to the millisecond.
 fn secs(d: Duration) -> f64 {
     d.as_millis() as f64 / 1000.0
@@ -333,5 +359,53 @@ mod tests {
             "{j}"
         );
         assert!(j["running"].is_null());
+    }
+
+    #[test]
+    fn a_wait_that_timed_out_names_the_sync_in_progress_and_each_selected_replica_short_of_it() {
+        let mut failing = replica(1, 3 << 20);
+        failing.selected = true;
+        failing.state = State::Failing {
+            since: SystemTime::now() - Duration::from_secs(90),
+            cause: Cause::Unreachable("no answer".into()),
+        };
+        let mut idle = replica(1, 0);
+        idle.name = "c".into();
+        let mut done = replica(2, 0);
+        done.name = "d".into();
+        done.selected = true;
+        let b = Board::new(View {
+            generation: 2,
+            replicas: vec![failing, idle, done],
+            running: Some(Running {
+                phase: "shipping",
+                generation: 2,
+                dirty_bytes: 1 << 20,
+                started: Instant::now() - Duration::from_secs(95),
+            }),
+            ..Default::default()
+        });
+        let why = held_up(&b.json()).unwrap();
+        assert!(
+            why.starts_with("sync point 2 is still shipping after 95 s; "),
+            "{why}"
+        );
+        assert!(why.contains("replica b: failing for 90 s: "), "{why}");
+        assert!(why.contains("no answer"), "{why}");
+        // Neither one not selected nor one that holds the generation is to blame.
+        assert!(
+            !why.contains("replica c") && !why.contains("replica d"),
+            "{why}"
+        );
+
+        let mut d = replica(2, 0);
+        d.selected = true;
+        d.settle(2);
+        let quiet = Board::new(View {
+            generation: 2,
+            replicas: vec![d],
+            ..Default::default()
+        });
+        assert_eq!(held_up(&quiet.json()), None);
     }
 }
