@@ -1,4 +1,4 @@
-//! The process heap, given back, and its arenas few.
+//! The process heap, given back.
 //!
 //! A sync's or a transfer's buffers (chunks read and in flight, QUIC's buffers, the re-chunk
 //! workers' reads, the copy-before-write window's saved blocks) are freed when it ends, but
@@ -17,47 +17,6 @@ use std::sync::{LazyLock, Once};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
-
-/// The most malloc arenas a ferry process keeps. glibc's default, eight per CPU, let each of
-/// the threads a sync's buffers pass through (FUSE workers saving blocks for the window, the
-/// chunkers, the network's) grow an arena of its own to its own high-water mark: under
-/// bench-rpo's steady load the mount's memory climbed for minutes (peak 193 MiB in the first
-/// third of the load, 232 in the last) where with two arenas it held at 130-160 MiB
-/// (docs/BENCHMARKS.md, "The pieces cache's leftovers, and the arenas"). Small allocations stay
-/// off the arenas' locks in glibc's per-thread cache.
-pub const MOST_ARENAS: usize = 4;
-
-/// The arenas for a process that may run on `cpus` CPUs (pure): one per CPU, at most
-/// [`MOST_ARENAS`].
-pub fn arenas(cpus: usize) -> usize {
-    cpus.clamp(1, MOST_ARENAS)
-}
-
-/// True when the environment already chose the arenas (`MALLOC_ARENA_MAX`, or
-/// `glibc.malloc.arena_max` in `GLIBC_TUNABLES`): the operator's choice stands (pure).
-pub fn arenas_chosen(malloc_arena_max: Option<&std::ffi::OsStr>, tunables: Option<&str>) -> bool {
-    malloc_arena_max.is_some() || tunables.is_some_and(|t| t.contains("glibc.malloc.arena_max"))
-}
-
-/// Limits this process's malloc arenas to [`arenas`] for its CPUs, unless the environment chose.
-/// Called first thing in `main`, before any thread is started.
-pub fn limit_arenas() {
-    #[cfg(target_env = "gnu")]
-    {
-        let tunables = std::env::var("GLIBC_TUNABLES").ok();
-        if arenas_chosen(
-            std::env::var_os("MALLOC_ARENA_MAX").as_deref(),
-            tunables.as_deref(),
-        ) {
-            return;
-        }
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        // SAFETY: mallopt only sets a glibc malloc parameter; no thread has started yet.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, arenas(cpus) as libc::c_int);
-        }
-    }
-}
 
 /// The least time between two give-backs asked for by recurring work.
 pub const EVERY: Duration = Duration::from_secs(10);
@@ -150,21 +109,6 @@ fn trimmer() {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_process_keeps_an_arena_per_cpu_up_to_the_most_unless_the_environment_chose() {
-        assert_eq!(arenas(1), 1);
-        assert_eq!(arenas(2), 2);
-        assert_eq!(arenas(64), MOST_ARENAS);
-        let some = Some(std::ffi::OsStr::new("8"));
-        assert!(arenas_chosen(some, None));
-        assert!(arenas_chosen(
-            None,
-            Some("glibc.malloc.arena_max=8:glibc.malloc.tcache_count=0")
-        ));
-        assert!(!arenas_chosen(None, Some("glibc.malloc.tcache_count=0")));
-        assert!(!arenas_chosen(None, None));
-    }
 
     #[test]
     fn recurring_work_gives_back_once_in_a_while_and_never_leaves_it_owed() {

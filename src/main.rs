@@ -1,7 +1,6 @@
 use clap::Parser;
 
 fn main() {
-    ferry::heap::limit_arenas();
     let mut log =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
     // Under systemd the journal stamps every line itself: no second timestamp.
