@@ -802,9 +802,8 @@ fn control_handler(
                 return Ok(serde_json::json!({"queued": true}));
             }
             let ticket = scheduler.request_within(Some(timeout));
-            // A sync already running when this request came may hold it up to its own timeout.
             scheduler
-                .wait(ticket, timeout * 2 + std::time::Duration::from_secs(5))
+                .wait(ticket, crate::sync::trigger::Scheduler::wait_bound(timeout))
                 .map_err(|e| match crate::sync::board::held_up(&engine.status()) {
                     Some(why) => anyhow!("{e}: {why}; `ferry status` shows more"),
                     None => anyhow!(e),

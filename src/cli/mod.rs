@@ -236,7 +236,9 @@ pub struct SyncArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
-    /// Give up waiting for the replicas after this many seconds.
+    /// Give up waiting for the replicas after this many seconds. A sync point already in
+    /// progress when this one is asked for may hold it up: then it waits up to twice as long,
+    /// plus 5 s, and if none finished says what holds it up.
     #[arg(long, value_name = "S", default_value_t = 3600.0)]
     pub timeout: f64,
     /// Only ask for a sync point and return at once (it is merged with one already pending).
@@ -1551,7 +1553,13 @@ fn sync_cmd(a: SyncArgs) -> Result<()> {
             "timeout": a.timeout,
             "no_wait": a.no_wait,
         }),
-        Some(std::time::Duration::from_secs_f64(a.timeout + 30.0)),
+        // The daemon answers within its own bound: this one only guards against a daemon that
+        // never answers.
+        Some(
+            crate::sync::trigger::Scheduler::wait_bound(std::time::Duration::from_secs_f64(
+                a.timeout,
+            )) + std::time::Duration::from_secs(30),
+        ),
     );
     if let Some(b) = bar {
         b.finish_and_clear();

@@ -129,6 +129,13 @@ impl Scheduler {
         st.started + 1
     }
 
+    /// How long a caller that asked for a sync point with `timeout` waits for it: a sync point
+    /// already in progress when it asked may hold it up for as long again (its own timeout,
+    /// no longer than the caller's as `request_within` asks), plus 5 s to settle.
+    pub fn wait_bound(timeout: Duration) -> Duration {
+        timeout * 2 + Duration::from_secs(5)
+    }
+
     /// Waits until a sync that started at or after `ticket` has finished; its outcome.
     pub fn wait(&self, ticket: u64, timeout: Duration) -> Result<Value, String> {
         let deadline = Instant::now() + timeout;
