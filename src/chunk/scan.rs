@@ -300,7 +300,16 @@ impl<'a> Scanner<'a> {
             if final_in_window && (pos + len + 2).min(limit) <= q.min(limit) {
                 break len;
             }
-            want = (want * 2).min(limit - pos + z);
+            // A cut final in the window waits only for the zero check past it: read just that.
+            // Else the window grows by `zero_min` (the search goes on from where it stopped):
+            // a window that doubled read up to twice the chunk (a 75 KiB chunk's 160 KiB), and a
+            // re-chunk's short scan is mostly such last chunks. Long scans read ahead anyway.
+            want = if final_in_window {
+                want.max(len + 2 + z)
+            } else {
+                want + z
+            }
+            .min(limit - pos + z);
         };
         Ok(Some(self.data_entry(pos, len, out)))
     }
