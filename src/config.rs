@@ -102,6 +102,11 @@ pub struct Primary {
     /// extent needs no append); "0s" forgets them at each commit.
     #[serde(default = "default_intent_linger", deserialize_with = "duration")]
     pub intent_linger: Duration,
+    /// How much of the extents written before the linger stays marked (a guest coming back
+    /// to them after a quiet spell waits for no append); after a crash the next mount re-reads
+    /// up to this much more. "0" keeps none.
+    #[serde(default = "default_intent_hot", deserialize_with = "size")]
+    pub intent_hot: u64,
     /// A selected replica failing for longer than this is replaced by another (which is then
     /// seeded), when more peers are configured than `replicas`.
     #[serde(default = "default_failover_after", deserialize_with = "duration")]
@@ -197,6 +202,10 @@ fn default_intent_extent() -> u64 {
 fn default_intent_linger() -> Duration {
     Duration::from_secs(10)
 }
+/// The intent log's own default (`dirty::HOT`).
+fn default_intent_hot() -> u64 {
+    4 << 30
+}
 fn default_min() -> u64 {
     ChunkParams::default().min_size as u64
 }
@@ -228,6 +237,7 @@ impl Default for Primary {
             bandwidth_limit: None,
             intent_extent: default_intent_extent(),
             intent_linger: default_intent_linger(),
+            intent_hot: default_intent_hot(),
             sync_timeout: default_sync_timeout(),
             congestion: Congestion::default(),
             failover_after: default_failover_after(),
@@ -526,6 +536,11 @@ cluster = "vm-images"
         );
         let eager = parse("[primary]\nintent_linger = \"0s\"").unwrap();
         assert_eq!(eager.primary.intent_linger, Duration::ZERO);
+        assert_eq!(parse("").unwrap().primary.intent_hot, crate::dirty::HOT);
+        let cold = parse("[primary]\nintent_hot = \"0\"").unwrap();
+        assert_eq!(cold.primary.intent_hot, 0);
+        let hot = parse("[primary]\nintent_hot = \"16GiB\"").unwrap();
+        assert_eq!(hot.primary.intent_hot, 16 << 30);
         assert_eq!(parse("").unwrap().node.background_cpus, None);
     }
 
@@ -558,6 +573,7 @@ cluster = "vm-images"
             ("[node]\nnmae = \"a\"", "nmae"),
             ("[primary]\ncongestion = \"reno\"", "congestion"),
             ("[primary]\nintent_linger = \"a while\"", "intent_linger"),
+            ("[primary]\nintent_hot = \"lots\"", "intent_hot"),
             ("[node]\nbackground_cpus = \"one\"", "background_cpus"),
             ("[node]\nbackground_cpus = \"3-1\"", "runs backwards"),
             ("[node]\nbackground_cpus = \"0,5000\"", "past the highest"),

@@ -484,7 +484,9 @@ fn serve(
     } else {
         let path = state.join("intent.log");
         let (log, recovery) = open_intent_log(&path, state, config.primary.intent_extent)?;
-        let log = log.lingering(config.primary.intent_linger);
+        let log = log
+            .lingering(config.primary.intent_linger)
+            .hot(config.primary.intent_hot);
         let bytes: u64 = recovery.dirty.values().map(|r| r.covered_bytes()).sum();
         if recovery.clean {
             log::info!(

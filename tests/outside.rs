@@ -412,6 +412,32 @@ fn after_an_unclean_stop_the_intent_log_and_the_stamps_each_do_their_part() {
     identical(&p, "edited.img");
 }
 
+/// A guest that writes again after a quiet spell longer than `intent_linger` waits for no
+/// intent-log append where it wrote before (`intent_hot`): those extents are still in the log,
+/// so an unclean stop then re-reads them; with `intent_hot = "0"` they are forgotten.
+#[test]
+fn past_the_linger_the_hot_extents_stay_in_the_intent_log() {
+    for (hot, kept) in [("", 8 * MIB as u64), ("intent_hot = \"0\"\n", 0)] {
+        let p = Pair::with(&[], &format!("[primary]\nintent_linger = \"1s\"\n{hot}"));
+        write_through_mount(&p, "vm.img", &random(8 * MIB, 74));
+        p.sync_ok();
+        // Sync points with nothing to ship, well past the linger.
+        for _ in 0..3 {
+            std::thread::sleep(std::time::Duration::from_millis(1100));
+            p.sync_ok();
+        }
+        p.primary.kill9();
+        p.primary.mount();
+        let dirty: u64 = p
+            .primary
+            .dirty("vm.img")
+            .iter()
+            .map(|r| r.end - r.start)
+            .sum();
+        assert_eq!(dirty, kept, "{hot:?}");
+    }
+}
+
 /// With `allow_other`, a hypervisor's user (here uid 65534) writing through the mount is the
 /// mount's own write, never an outside one; the same user writing the backing file directly is.
 #[test]

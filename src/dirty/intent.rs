@@ -17,6 +17,12 @@
 //!   the marks still live or lingering (compaction); if that fails the old marks stay on disk,
 //!   which costs a re-read after a crash and loses nothing. A lingering mark costs the same: the
 //!   re-read of an extent written in the last seconds before the last commit.
+//! * Past the linger, committed marks stay *hot* (DRBD's activity log keeps its hot extents
+//!   the same way, by count and not by time) while the hot marks fit a limit of extents
+//!   ([`HOT`] bytes' worth unless set): a guest that writes again after a quiet spell, to the
+//!   extents it wrote before, waits for no append. When the marks leaving the linger would take
+//!   the hot ones past the limit, the hot set starts again from those marks alone (the older
+//!   ones are forgotten and the file compacted). With no linger nothing stays hot.
 //! * An append that fails leaves nothing a later open would misread: the next append starts at
 //!   the same offset, a partial record is cut off, and after a failed `fdatasync` (when the
 //!   kernel may have dropped the pages) the whole log is rewritten before the next append.
@@ -55,6 +61,10 @@ pub const DEFAULT_EXTENT_SIZE: u64 = 4 << 20;
 pub const FILE_NAME: &str = "intent.log";
 /// How long a committed sync's marks stay in the file (see the rules above).
 pub const LINGER: Duration = Duration::from_secs(10);
+/// How many bytes' worth of extents stay marked past the linger (see the rules above): after a
+/// crash, the next mount re-reads at most this much more than the extents written in the last
+/// linger.
+pub const HOT: u64 = 4 << 30;
 /// Smallest extent size accepted (one page).
 const MIN_EXTENT_SIZE: u64 = 4096;
 /// Room kept allocated past the log's end (its size unchanged), so that marks are still
@@ -245,17 +255,43 @@ struct State {
     closed: bool,
 }
 
-/// Committed marks kept in the file: `young` since `since`, `old` from the period before it.
-/// At a commit `linger / 2` or more after `since`, `old` is forgotten and `young` becomes it.
+/// Committed marks kept in the file: `young` since `since`, `old` from the period before it,
+/// `hot` from before that. At a commit `linger / 2` or more after `since`, `old` cools into
+/// `hot` and `young` becomes it.
 struct Lingering {
     young: Marks,
     old: Marks,
+    hot: Marks,
     since: Instant,
 }
 
 impl Lingering {
+    fn sets(&self) -> [&Marks; 3] {
+        [&self.young, &self.old, &self.hot]
+    }
+
+    fn sets_mut(&mut self) -> [&mut Marks; 3] {
+        [&mut self.young, &mut self.old, &mut self.hot]
+    }
+
     fn covers(&self, image: &Path, extents: &Range<u64>) -> bool {
-        covers(&self.young, image, extents) || covers(&self.old, image, extents)
+        self.sets().iter().any(|m| covers(m, image, extents))
+    }
+
+    /// `old`, leaving the linger, joins the hot marks if they all fit in `limit` extents;
+    /// otherwise the hot marks become `old` alone (none if it does not fit either). Whether
+    /// any mark was forgotten.
+    fn cool(&mut self, old: Marks, limit: u64) -> bool {
+        merge(&mut self.hot, &old);
+        if count(&self.hot) <= limit {
+            return false;
+        }
+        self.hot = if count(&old) <= limit {
+            old
+        } else {
+            Marks::new()
+        };
+        true
     }
 }
 
@@ -275,6 +311,8 @@ pub struct IntentLog {
     path: PathBuf,
     extent_size: u64,
     linger: Duration,
+    /// How many extents may stay hot.
+    hot: u64,
     state: Mutex<State>,
     cond: Condvar,
     file: Mutex<LogFile>,
@@ -322,12 +360,14 @@ impl IntentLog {
             path: path.to_path_buf(),
             extent_size,
             linger: LINGER,
+            hot: HOT / extent_size,
             state: Mutex::new(State {
                 current: Marks::new(),
                 syncs: BTreeMap::new(),
                 lingering: Lingering {
                     young: Marks::new(),
                     old: Marks::new(),
+                    hot: Marks::new(),
                     since: Instant::now(),
                 },
                 next_sync: 0,
@@ -355,6 +395,13 @@ impl IntentLog {
     /// forgets its marks at once).
     pub fn lingering(mut self, linger: Duration) -> IntentLog {
         self.linger = linger;
+        self
+    }
+
+    /// How many bytes' worth of extents stay marked past the linger ([`HOT`] unless set here;
+    /// zero: none, a mark is forgotten once it stops lingering).
+    pub fn hot(mut self, bytes: u64) -> IntentLog {
+        self.hot = bytes / self.extent_size;
         self
     }
 
@@ -472,8 +519,8 @@ impl IntentLog {
             return Err(self.closed());
         }
         let mut moved = Marks::new();
-        for marks in [&st.current, &st.lingering.young, &st.lingering.old]
-            .into_iter()
+        for marks in std::iter::once(&st.current)
+            .chain(st.lingering.sets())
             .chain(st.syncs.values())
         {
             for (image, set) in marks {
@@ -494,14 +541,10 @@ impl IntentLog {
             st.forgotten += 1;
         }
         let st = &mut **st;
-        for marks in [
-            &mut st.current,
-            &mut st.lingering.young,
-            &mut st.lingering.old,
-        ]
-        .into_iter()
-        .chain(st.syncs.values_mut())
-        .chain(std::iter::once(&mut st.pending.marks))
+        for marks in std::iter::once(&mut st.current)
+            .chain(st.lingering.sets_mut())
+            .chain(st.syncs.values_mut())
+            .chain(std::iter::once(&mut st.pending.marks))
         {
             remap(marks, &new_name);
         }
@@ -558,7 +601,7 @@ impl IntentLog {
         if now.duration_since(l.since) >= self.linger / 2 {
             let old = std::mem::replace(&mut l.old, std::mem::take(&mut l.young));
             l.since = now;
-            forgot |= !old.values().all(|s| s.is_empty());
+            forgot |= l.cool(old, self.hot);
         }
         if forgot {
             st.forgotten += 1;
@@ -926,6 +969,11 @@ fn covers(marks: &Marks, image: &Path, extents: &Range<u64>) -> bool {
         .is_some_and(|s| s.contains_range(extents.clone()))
 }
 
+/// How many extents `marks` holds.
+fn count(marks: &Marks) -> u64 {
+    marks.values().map(|s| s.covered_bytes()).sum()
+}
+
 fn merge(into: &mut Marks, from: &Marks) {
     for (image, set) in from {
         into.entry(image.clone())
@@ -938,8 +986,9 @@ fn merge(into: &mut Marks, from: &Marks) {
 /// those too), and `extra`.
 fn on_disk(st: &State, extra: Option<&Marks>) -> Marks {
     let mut all = live(st, extra);
-    merge(&mut all, &st.lingering.young);
-    merge(&mut all, &st.lingering.old);
+    for marks in st.lingering.sets() {
+        merge(&mut all, marks);
+    }
     all
 }
 

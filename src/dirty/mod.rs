@@ -8,7 +8,9 @@
 
 mod intent;
 
-pub use intent::{DEFAULT_EXTENT_SIZE, FILE_NAME, IntentError, IntentLog, Recovery, SyncToken};
+pub use intent::{
+    DEFAULT_EXTENT_SIZE, FILE_NAME, HOT, IntentError, IntentLog, Recovery, SyncToken,
+};
 
 use std::collections::BTreeMap;
 use std::ops::Range;

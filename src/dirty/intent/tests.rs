@@ -33,8 +33,13 @@ fn open(path: &Path) -> (IntentLog, Recovery) {
 }
 
 fn open_lingering(path: &Path, linger: Duration) -> (IntentLog, Recovery) {
+    open_hot(path, linger, 0)
+}
+
+/// A log whose committed marks linger for `linger`, and past it while they fit in `hot` extents.
+fn open_hot(path: &Path, linger: Duration, hot: u64) -> (IntentLog, Recovery) {
     let (log, rec) = IntentLog::open(path, ES).unwrap();
-    (log.lingering(linger), rec)
+    (log.lingering(linger).hot(hot * ES), rec)
 }
 
 fn dirty_of(r: &Recovery) -> Vec<(String, Vec<Range<u64>>)> {
@@ -294,6 +299,67 @@ fn a_committed_sync_s_marks_linger_and_a_write_there_needs_no_append() {
     let len = file_len(&path);
     log.mark(p("a"), 0..1).unwrap();
     assert!(file_len(&path) > len);
+}
+
+#[test]
+fn a_quiet_spell_forgets_no_marks_that_fit_the_hot_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(FILE_NAME);
+    let (log, _) = open_hot(&path, Duration::from_secs(10), 3);
+    let start = Instant::now();
+    let at = |s: u64| start + Duration::from_secs(s);
+    let commit = |log: &IntentLog, s| log.commit_sync_at(log.begin_sync(), at(s)).unwrap();
+    log.mark(p("a"), 0..1).unwrap();
+    log.mark(p("b"), 0..1).unwrap();
+    commit(&log, 0);
+    // A minute of sync points with nothing written: the linger is long over, but two extents
+    // fit the limit of three, so they stay marked and a guest coming back to them needs no
+    // append (and no fdatasync).
+    for s in (6..=60).step_by(6) {
+        commit(&log, s);
+    }
+    let len = file_len(&path);
+    log.mark(p("a"), 0..1).unwrap();
+    log.mark(p("b"), ES - 1..ES).unwrap();
+    assert_eq!(file_len(&path), len, "no append for the hot extents");
+    commit(&log, 66);
+    // Two new extents take the hot marks past the limit once the linger leaves them behind:
+    // the older ones go (a and b, last written at 60 s), the newer ones (c, d) stay.
+    log.mark(p("c"), 0..1).unwrap();
+    log.mark(p("d"), 0..1).unwrap();
+    commit(&log, 72);
+    let before = file_len(&path);
+    for s in (78..=120).step_by(6) {
+        commit(&log, s);
+    }
+    assert!(file_len(&path) < before, "compacted");
+    drop(log);
+    let (log, rec) = open_hot(&path, Duration::from_secs(10), 3);
+    assert_eq!(
+        dirty_of(&rec),
+        vec![("c".into(), vec![0..ES]), ("d".into(), vec![0..ES])]
+    );
+    let len = file_len(&path);
+    log.mark(p("a"), 0..1).unwrap();
+    assert!(
+        file_len(&path) > len,
+        "a forgotten extent is appended again"
+    );
+}
+
+#[test]
+fn with_no_linger_a_commit_forgets_its_marks_whatever_the_hot_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(FILE_NAME);
+    let (log, _) = open_hot(&path, Duration::ZERO, 3);
+    log.mark(p("a"), 0..1).unwrap();
+    log.commit_sync(log.begin_sync()).unwrap();
+    let len = file_len(&path);
+    log.mark(p("a"), 0..1).unwrap();
+    assert!(file_len(&path) > len, "appended again");
+    drop(log);
+    let (_, rec) = open(&path);
+    assert_eq!(dirty_of(&rec), vec![("a".into(), vec![0..ES])]);
 }
 
 #[test]
