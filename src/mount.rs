@@ -850,6 +850,7 @@ fn control_handler(
                 "mountpoint": mountpoint,
                 "tracking": tracker.enabled(),
                 "dirty_bytes": tracker.dirty_bytes(),
+                "intent_log_bytes": tracker.logged_bytes(),
                 "images": image_status(&tracker, &sync, ranges),
                 "sync": sync,
             }))

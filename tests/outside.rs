@@ -414,7 +414,8 @@ fn after_an_unclean_stop_the_intent_log_and_the_stamps_each_do_their_part() {
 
 /// A guest that writes again after a quiet spell longer than `intent_linger` waits for no
 /// intent-log append where it wrote before (`intent_hot`): those extents are still in the log,
-/// so an unclean stop then re-reads them; with `intent_hot = "0"` they are forgotten.
+/// so an unclean stop then re-reads them (as `ferry status` says before it); with `intent_hot =
+/// "0"` they are forgotten.
 #[test]
 fn past_the_linger_the_hot_extents_stay_in_the_intent_log() {
     for (hot, kept) in [("", 8 * MIB as u64), ("intent_hot = \"0\"\n", 0)] {
@@ -426,6 +427,9 @@ fn past_the_linger_the_hot_extents_stay_in_the_intent_log() {
             std::thread::sleep(std::time::Duration::from_millis(1100));
             p.sync_ok();
         }
+        // `ferry status` says what a crash would re-read now.
+        let status = p.primary.status();
+        assert_eq!(status["intent_log_bytes"], kept, "{hot:?}: {status}");
         p.primary.kill9();
         p.primary.mount();
         let dirty: u64 = p

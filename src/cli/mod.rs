@@ -1149,6 +1149,12 @@ fn print_status(v: &serde_json::Value) {
         "  unsynced {} (changed since the last sync point)",
         iec(v["dirty_bytes"].as_u64().unwrap_or(0))
     );
+    if v["tracking"] == true {
+        println!(
+            "  intent log marks {} (what the next mount re-reads after a crash, at most)",
+            iec(v["intent_log_bytes"].as_u64().unwrap_or(0))
+        );
+    }
     for b in v["sync"]["broken"].as_array().into_iter().flatten() {
         println!(
             "  NOT REPLICATING {}: {} (the replicas keep its last generation)",

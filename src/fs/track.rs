@@ -315,6 +315,12 @@ impl Tracker {
         s.dirty.values().map(|r| r.covered_bytes()).sum()
     }
 
+    /// Bytes of the extents the intent log marks (0 without one): what an unclean stop now
+    /// makes the next mount re-read, at most.
+    pub fn logged_bytes(&self) -> u64 {
+        self.log.as_ref().map_or(0, |l| l.logged_bytes())
+    }
+
     /// A sync point: takes the dirty ranges and events so far; later changes start afresh.
     pub fn freeze(&self) -> Frozen {
         self.freeze_only(None)
