@@ -121,6 +121,10 @@ fn both_daemons_serve_metrics_that_agree_with_status() {
         1.0
     );
     assert_eq!(must(&m, "ferry_sync_running"), 0.0);
+    // The synced image's extents still linger in the intent log.
+    let logged = s["intent_log_bytes"].as_f64().unwrap();
+    assert!(logged > 0.0, "{s}");
+    assert_eq!(must(&m, "ferry_intent_log_bytes"), logged);
     assert_eq!(must(&m, "ferry_syncs_total{result=\"committed\"}"), 1.0);
     assert_eq!(
         must(&m, "ferry_sent_bytes_total{replica=\"site-b\"}"),

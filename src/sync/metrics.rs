@@ -171,6 +171,12 @@ impl Collector for StatusCollector {
             &unsynced,
         )?;
         g.one(
+            "ferry_intent_log_bytes",
+            "Bytes of the extents the intent log marks: what the next mount re-reads after a \
+             crash now, at most",
+            self.engine.intent_log_bytes() as f64,
+        )?;
+        g.one(
             "ferry_images_broken",
             "Images that cannot be read as regular files (not replicating)",
             s["broken"].as_array().map_or(0, |a| a.len()) as f64,

@@ -549,6 +549,12 @@ impl Engine {
         *self.on_report.lock() = Some(f);
     }
 
+    /// Bytes of the extents the intent log marks: what a crash would make the next mount
+    /// re-read now, at most.
+    pub fn intent_log_bytes(&self) -> u64 {
+        self.tracker.logged_bytes()
+    }
+
     /// Bytes changed since the last sync point, per image.
     pub fn unsynced(&self) -> Vec<(String, u64)> {
         self.tracker
