@@ -348,6 +348,26 @@ fn a_quiet_spell_forgets_no_marks_that_fit_the_hot_limit() {
 }
 
 #[test]
+fn marks_leaving_the_linger_beyond_the_hot_limit_are_all_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(FILE_NAME);
+    let (log, _) = open_hot(&path, Duration::from_secs(10), 1);
+    let start = Instant::now();
+    let at = |s: u64| start + Duration::from_secs(s);
+    log.mark(p("a"), 0..1).unwrap();
+    log.mark(p("b"), 0..1).unwrap();
+    log.commit_sync_at(log.begin_sync(), at(0)).unwrap();
+    // Past the linger: two extents do not fit a limit of one, so neither stays hot.
+    for s in [6, 12] {
+        log.commit_sync_at(log.begin_sync(), at(s)).unwrap();
+    }
+    assert_eq!(log.logged_bytes(), 0);
+    drop(log);
+    let (_, rec) = open(&path);
+    assert_eq!(dirty_of(&rec), vec![]);
+}
+
+#[test]
 fn with_no_linger_a_commit_forgets_its_marks_whatever_the_hot_limit() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(FILE_NAME);
