@@ -42,6 +42,12 @@ fn open_hot(path: &Path, linger: Duration, hot: u64) -> (IntentLog, Recovery) {
     (log.lingering(linger).hot(hot * ES), rec)
 }
 
+/// Begins and commits a sync `secs` after `start` (nothing written in it but what is live).
+fn commit_at(log: &IntentLog, start: Instant, secs: u64) {
+    log.commit_sync_at(log.begin_sync(), start + Duration::from_secs(secs))
+        .unwrap();
+}
+
 fn dirty_of(r: &Recovery) -> Vec<(String, Vec<Range<u64>>)> {
     r.dirty
         .iter()
@@ -307,8 +313,7 @@ fn a_quiet_spell_forgets_no_marks_that_fit_the_hot_limit() {
     let path = dir.path().join(FILE_NAME);
     let (log, _) = open_hot(&path, Duration::from_secs(10), 3);
     let start = Instant::now();
-    let at = |s: u64| start + Duration::from_secs(s);
-    let commit = |log: &IntentLog, s| log.commit_sync_at(log.begin_sync(), at(s)).unwrap();
+    let commit = |log: &IntentLog, s| commit_at(log, start, s);
     log.mark(p("a"), 0..1).unwrap();
     log.mark(p("b"), 0..1).unwrap();
     commit(&log, 0);
@@ -353,13 +358,11 @@ fn marks_leaving_the_linger_beyond_the_hot_limit_are_all_forgotten() {
     let path = dir.path().join(FILE_NAME);
     let (log, _) = open_hot(&path, Duration::from_secs(10), 1);
     let start = Instant::now();
-    let at = |s: u64| start + Duration::from_secs(s);
     log.mark(p("a"), 0..1).unwrap();
     log.mark(p("b"), 0..1).unwrap();
-    log.commit_sync_at(log.begin_sync(), at(0)).unwrap();
     // Past the linger: two extents do not fit a limit of one, so neither stays hot.
-    for s in [6, 12] {
-        log.commit_sync_at(log.begin_sync(), at(s)).unwrap();
+    for s in [0, 6, 12] {
+        commit_at(&log, start, s);
     }
     assert_eq!(log.logged_bytes(), 0);
     drop(log);
